@@ -1,0 +1,237 @@
+"""What radistill knows about a teacher's architecture: one place, used by scan, build and distill.
+
+A *Llama-like* decoder is any HF causal LM whose decoder layers live in ``model.model.layers`` and whose
+attention has ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` with the usual head-major layout
+(Llama-2/3.x, Qwen2/2.5, Qwen3, Mistral, Nanbeige, ...). Query head ``h`` reads rows
+``h*head_dim:(h+1)*head_dim`` of ``q_proj`` and writes the same columns of ``o_proj``'s input; it shares
+key/value head ``h // (num_heads // num_kv_heads)`` with the rest of its GQA group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radistill.utils.errors import RadistillError
+
+
+class UnsupportedModelError(RadistillError):
+    """The model loads, but is not a decoder radistill can take apart head by head."""
+
+
+class ModelLoadError(RadistillError):
+    """The model id or path cannot be loaded at all."""
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Head bookkeeping of a Llama-like decoder (all counts per layer unless named otherwise)."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def total_heads(self) -> int:
+        return self.num_layers * self.num_heads
+
+    def kv_head(self, head: int) -> int:
+        return head // self.group_size
+
+    def query_heads_of(self, kv_head: int) -> list[int]:
+        return list(range(kv_head * self.group_size, (kv_head + 1) * self.group_size))
+
+    def o_proj_slice(self, head: int) -> slice:
+        """Columns of ``o_proj.weight`` (= positions of the ``o_proj`` input) that belong to ``head``."""
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def check_head(self, layer: int, head: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise RadistillError(
+                f"layer {layer} is out of range: this {self.model_type} model has layers 0..{self.num_layers - 1}"
+            )
+        if not 0 <= head < self.num_heads:
+            raise RadistillError(
+                f"head {head} (layer {layer}) is out of range: this {self.model_type} model has query heads "
+                f"0..{self.num_heads - 1} per layer"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layout_from_config(config) -> HeadLayout:
+    """Read the head layout off an HF config (no weights needed)."""
+    config = getattr(config, "text_config", None) or config
+    model_type = getattr(config, "model_type", type(config).__name__)
+    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size") if not hasattr(config, k)]
+    if missing:
+        raise UnsupportedModelError(
+            f"'{model_type}' configs lack {', '.join(missing)}: radistill handles Llama-like decoders "
+            "(Llama, Qwen2/2.5/3, Mistral and models built like them)"
+        )
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"'{model_type}': {heads} query heads do not split into {kv_heads} KV groups")
+    return HeadLayout(
+        model_type=model_type,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-like causal LM, checked for the projections radistill needs."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    name = type(model).__name__
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModelError(
+            f"{name} has no `model.layers`: radistill handles Llama-like decoders whose layers are "
+            "`model.model.layers[i].self_attn.{q,k,v,o}_proj` (Llama, Qwen2/2.5/3, Mistral, ...)"
+        )
+    attn = getattr(layers[0], "self_attn", None)
+    missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not isinstance(getattr(attn, p, None), nn.Linear)]
+    if attn is None or missing:
+        raise UnsupportedModelError(
+            f"{name}: its layers' attention lacks separate {', '.join(missing) or 'self_attn'} linear layers "
+            "(fused QKV or a different attention design); radistill needs `self_attn.{q,k,v,o}_proj`"
+        )
+    return layers
+
+
+def attention_of(model: nn.Module, layer: int) -> nn.Module:
+    return decoder_layers(model)[layer].self_attn
+
+
+def model_layout(model: nn.Module) -> HeadLayout:
+    """Layout of a loaded model, with its weights checked against the config's head counts."""
+    layers = decoder_layers(model)
+    layout = layout_from_config(model.config)
+    attn = layers[0].self_attn
+    q_out, o_in = attn.q_proj.out_features, attn.o_proj.in_features
+    kv_out = attn.k_proj.out_features
+    if q_out != layout.num_heads * layout.head_dim or o_in != q_out:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: q_proj has {q_out} outputs and o_proj {o_in} inputs, expected "
+            f"{layout.num_heads} heads x {layout.head_dim} = {layout.num_heads * layout.head_dim}"
+        )
+    if kv_out != layout.num_kv_heads * layout.head_dim:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: k_proj has {kv_out} outputs, expected {layout.num_kv_heads} KV heads x "
+            f"{layout.head_dim}"
+        )
+    return layout
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise RadistillError(f"unknown dtype '{dtype}': use one of fp32, bf16, fp16, auto")
+    return table[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RadistillError(f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def load_config(model_id: str | os.PathLike):
+    """The HF config of a model id or local directory, or a clear error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_id))
+    except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError, ...
+        raise ModelLoadError(_load_hint(model_id, exc)) from exc
+
+
+def _load_hint(model_id, exc: Exception) -> str:
+    where = Path(str(model_id))
+    if where.exists() and where.is_dir() and not (where / "config.json").exists():
+        return f"'{model_id}' is a directory without config.json: point at a saved HF model directory"
+    if where.exists():
+        return f"could not load '{model_id}': {exc}"
+    return (
+        f"could not load '{model_id}': it is not a local directory and the hub could not provide it "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Pass a local path, or set "
+        "HF_HOME to a cache that holds the model when offline"
+    )
+
+
+def load_model(
+    model_id: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    attn_implementation: str | None = None,
+):
+    """Load a causal LM and its tokenizer from an HF id or local directory.
+
+    Returns ``(model, tokenizer)``, the model in eval mode on ``device``. Raises :class:`ModelLoadError`
+    when nothing can be loaded and :class:`UnsupportedModelError` when the model is not Llama-like.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import radistill.hybrid  # noqa: F401  (registers the hybrid classes with the Auto factories)
+
+    device = resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    config = load_config(model_id)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_id), config=config, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(_load_hint(model_id, exc)) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_id))
+    except Exception as exc:
+        raise ModelLoadError(f"'{model_id}' has no usable tokenizer: {exc}") from exc
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
+    """A short, cheap fingerprint of the weights: sha256 over names, shapes and a strided sample of values.
+
+    Two different checkpoints of one architecture get different fingerprints; it is not a full content hash.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        values = flat[::step][:sample].float().cpu().numpy().tobytes()
+        digest.update(json.dumps([name, list(param.shape), str(param.dtype)]).encode())
+        digest.update(values)
+    return digest.hexdigest()[:16]

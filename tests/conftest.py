@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TEACHER_19M = SHARED / "fixtures" / "teacher-19m"
+CORPUS = SHARED / "fixtures" / "corpus" / "prose-train.txt.xz"
+
+requires_shared = pytest.mark.skipif(not TEACHER_19M.exists(), reason="../shared fixtures are absent")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if "shared" in item.keywords and not TEACHER_19M.exists():
+            item.add_marker(pytest.mark.skip(reason="../shared fixtures are absent"))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def teacher_19m_path() -> Path:
+    if not TEACHER_19M.exists():
+        pytest.skip("../shared fixtures are absent")
+    return TEACHER_19M
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
