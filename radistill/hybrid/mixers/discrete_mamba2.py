@@ -1,0 +1,237 @@
+"""DiscreteMamba2 heads (Llamba / MOHAWK; public reference: goombalab/phi-mamba), built from the attention heads
+they replace.
+
+Per head, from the layer's normed hidden state u_t (P = head_dim, N = state_size):
+    [x, b, c, z, A_log] = in_proj(u_t)                         x, z: [P];  b, c: [N];  A_log: scalar
+    x, b, c <- causal depthwise conv over time (width 4, bias, no activation)
+    a_t = exp(-softplus(A_log_t));  h_t = a_t h_{t-1} + b_t x_tᵀ;  y_t = (c_tᵀ h_t + D x_t) · silu(z_t)
+No out_proj: the layer's o_proj columns of the replaced heads map y back to the hidden size.
+
+Initialisation (from_attention), each choice so that the fresh mixer is the replaced head minus what a linear
+recurrence cannot carry (softmax normalisation and RoPE):
+- x <- the head's V rows, b <- its K rows, c <- its Q rows / sqrt(P) (biases too; GQA: the K/V rows of its KV head).
+  Then c_t·b_s is the head's own attention logit q_t·k_s/sqrt(P) without RoPE, and with decay 1, gate 1 and D 0 the
+  mixer is exactly the head's un-normalised causal linear attention (tests/test_mixers.py checks this identity).
+  RoPE is dropped: the logit is the one at relative distance 0, which is what position-free keys can match.
+- N < P: b and c are the best rank-N factorisation of the head's bilinear score form. With u' = [u, 1] (so biases
+  are included) the logit is u'ᵀ M u'' with M = W_qᵀ W_k / sqrt(P), of rank <= P; its truncated SVD
+  M ≈ U_N S_N V_Nᵀ (Eckart-Young: optimal in Frobenius norm, i.e. for isotropic inputs) gives
+  c-rows = S_N^½ U_Nᵀ and b-rows = S_N^½ V_Nᵀ, so c_t·b_s is the closest rank-N score to q_t·k_s.
+  N >= P: the rows are copied and the extra N - P rows are zero (exact).
+- conv: identity (last tap 1, bias 0), so it starts as a no-op and learns local mixing.
+- decay: A_log weights 0 and a per-head bias giving half-lives spread geometrically over the layer's heads between
+  min_half_life and max_half_life (default 8 to 1024 tokens): a data-independent, recency-biased start (most
+  non-retrieval heads are local) that training makes selective; `set_half_lives` lets a builder set them per head.
+- gate: z weights 0, bias Z_OPEN with silu(Z_OPEN) = 1, so the gate starts at exactly 1 and is trainable.
+- D: 0, so the start is the head's linear attention and nothing else (Llamba's D = 1 suits a random init, where the
+  skip is the only clean signal path; here it would add the raw value x_t at a scale unrelated to attention's).
+
+Padding (attention_mask 0): the conv inputs, x, b, c and log_a are zeroed there, so a padded position neither
+writes to nor decays the state and its output is 0; the conv state kept is the last conv_width - 1 real inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from radistill.hybrid.mixers.base import RecurrentMixer
+from radistill.ops.ssd import BACKENDS, ssd, ssd_matrix
+from radistill.ops.ssd.naive import wide
+from radistill.utils.errors import RadistillError
+
+Z_OPEN = 1.278464542761074  # the root of z·sigmoid(z) = 1: silu(Z_OPEN) = 1
+
+
+class DiscreteMamba2(RecurrentMixer):
+    """num_heads DiscreteMamba2 heads of head_dim values and state_size keys each (module docstring)."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, head_dim: int, state_size: int = 64, conv_width: int = 4,
+        chunk_size: int = 64, backend: str = "auto", min_half_life: float = 8.0, max_half_life: float = 1024.0,
+    ):
+        super().__init__(
+            hidden_size, num_heads, head_dim, state_size=state_size, conv_width=conv_width, chunk_size=chunk_size,
+            backend=backend, min_half_life=min_half_life, max_half_life=max_half_life,
+        )
+        if min(num_heads, head_dim, state_size, conv_width, chunk_size) < 1:
+            raise RadistillError(
+                f"DiscreteMamba2 needs num_heads, head_dim, state_size, conv_width and chunk_size >= 1, got "
+                f"{num_heads}, {head_dim}, {state_size}, {conv_width}, {chunk_size}: fix the mixer settings"
+            )
+        if backend not in BACKENDS:
+            raise RadistillError(
+                f"unknown ssd backend {backend!r} in the mixer settings: use one of {', '.join(BACKENDS)}"
+            )
+        if not 0 < min_half_life <= max_half_life:
+            raise RadistillError(
+                f"half-lives must satisfy 0 < min_half_life <= max_half_life, got {min_half_life}, {max_half_life}"
+            )
+        H, P, N = num_heads, head_dim, state_size
+        self.state_size, self.conv_width, self.chunk_size, self.backend = N, conv_width, chunk_size, backend
+        self.sizes = {"x": H * P, "b": H * N, "c": H * N, "z": H * P, "a": H}  # in_proj's output, in this order
+        self.conv_channels = H * (P + 2 * N)  # x, b and c go through the conv
+        self.in_proj = nn.Linear(hidden_size, sum(self.sizes.values()))
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, conv_width, groups=self.conv_channels)
+        self.D = nn.Parameter(torch.zeros(H))
+        self.reset_parameters()
+
+    def _rows(self, name: str) -> slice:
+        """The in_proj output rows of one part ("x", "b", "c", "z" or "a")."""
+        names = list(self.sizes)
+        start = sum(self.sizes[n] for n in names[: names.index(name)])
+        return slice(start, start + self.sizes[name])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random x/b/c projections (nn.Linear's init) and the structural init of everything else (docstring)."""
+        self.in_proj.reset_parameters()
+        self.in_proj.bias.zero_()
+        for part in ("z", "a"):
+            self.in_proj.weight[self._rows(part)] = 0.0
+        self.in_proj.bias[self._rows("z")] = Z_OPEN
+        position = (torch.arange(self.num_heads, dtype=torch.float64) + 0.5) / self.num_heads
+        lo, hi = self.settings["min_half_life"], self.settings["max_half_life"]
+        self.set_half_lives(lo * (hi / lo) ** position)
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0
+        self.conv1d.bias.zero_()
+        self.D.zero_()
+
+    @torch.no_grad()
+    def set_half_lives(self, half_lives: Tensor) -> None:
+        """Set each head's initial decay through its A_log bias: a^half_life = 1/2, i.e. softplus(bias) = ln2/half_life.
+        half_lives [heads] in tokens (> 0)."""
+        rate = math.log(2.0) / torch.as_tensor(half_lives, dtype=torch.float64)
+        self.in_proj.bias[self._rows("a")] = torch.log(torch.expm1(rate)).to(self.in_proj.bias)
+
+    def _project(
+        self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """-> x [B, T, H, P], log_a [B, T, H] float32/64, b/c [B, T, H, N], z [B, T, H, P], and the conv's input window
+        [B, channels, conv_width - 1 + T] (past inputs, then these)."""
+        B, T, _ = hidden_states.shape
+        H, P, N = self.num_heads, self.head_dim, self.state_size
+        xbc, z, a_log = self.in_proj(hidden_states).split(
+            [self.conv_channels, self.sizes["z"], self.sizes["a"]], dim=-1
+        )
+        pad = None if attention_mask is None else ~attention_mask[:, -T:].bool().unsqueeze(-1)  # [B, T, 1]
+        if pad is not None:
+            xbc = xbc.masked_fill(pad, 0.0)
+        if conv_state is None:
+            conv_state = xbc.new_zeros(B, self.conv_channels, self.conv_width - 1)
+        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
+        # the depthwise causal conv as conv_width shifted multiply-adds: the same code for a prefill and for one
+        # token, fusable by torch.compile, and free of F.conv1d's seconds-long first call on CPU
+        T_out, taps = window.shape[-1] - self.conv_width + 1, self.conv1d.weight[:, 0, :, None]
+        xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] for k in range(self.conv_width))
+        xbc = xbc.transpose(1, 2)
+        log_a = -F.softplus(a_log.to(wide(a_log.dtype)))
+        if pad is not None:  # the conv bias would make padded x, b, c nonzero again
+            xbc, log_a = xbc.masked_fill(pad, 0.0), log_a.masked_fill(pad, 0.0)
+        x, b, c = xbc.split([H * P, H * N, H * N], dim=-1)
+        return x.view(B, T, H, P), log_a, b.view(B, T, H, N), c.view(B, T, H, N), z.view(B, T, H, P), window
+
+    def _last_real_inputs(self, window: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The next conv state: the last conv_width - 1 columns of window [B, channels, W - 1 + T] that are real
+        tokens (the past columns count as real), so padding anywhere leaves it as if the padding were absent."""
+        keep = self.conv_width - 1
+        if attention_mask is None:
+            return window[..., window.shape[-1] - keep :]
+        B, length = window.shape[0], window.shape[-1]
+        real = torch.cat([attention_mask.new_ones(B, keep), attention_mask[:, keep - length :]], dim=-1).bool()
+        latest = real * torch.arange(1, length + 1, device=window.device)  # later real columns rank higher
+        index = latest.topk(keep, dim=-1).indices.sort(dim=-1).values
+        return window.gather(-1, index.unsqueeze(1).expand(-1, window.shape[1], -1))
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]: its last T columns are used), 1 =
+        token, 0 = padding; state from empty_state() or None. -> (y [B, T, H, P], state advanced in place or None)."""
+        conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
+        x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state)
+        y, final = ssd(x, log_a, b, c, ssm_state, backend=self.backend, chunk_size=self.chunk_size)
+        y = (y + self.D[:, None] * x) * F.silu(z)
+        if state is not None:
+            state["ssm"].copy_(final)
+            state["conv"].copy_(self._last_real_inputs(window, attention_mask))
+        return y, state
+
+    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """[B, H, T, T]: M with y_t = sum_s M[t, s] x_s, x being the conv'd value stream, before the D skip and the
+        gate (what MOHAWK stage 1 aligns with the teacher's attention). Padded rows and columns are 0."""
+        _, log_a, b, c, _, _ = self._project(hidden_states, attention_mask, None)
+        return ssd_matrix(log_a, b, c)
+
+    def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
+        """{"conv": [B, channels = H (P + 2N), conv_width - 1] past conv inputs, "ssm": [B, H, N, P]}, zeros."""
+        return {
+            "conv": torch.zeros(batch_size, self.conv_channels, self.conv_width - 1, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch_size, self.num_heads, self.state_size, self.head_dim, device=device, dtype=dtype),
+        }
+
+    @staticmethod
+    def state_bytes(
+        num_heads: int, head_dim: int, dtype_bytes: int, state_size: int = 64, conv_width: int = 4, **_: object
+    ) -> dict[str, int]:
+        """Bytes of one sequence's state (as empty_state allocates it); other settings do not matter here."""
+        return {
+            "ssm": num_heads * state_size * head_dim * dtype_bytes,
+            "conv": num_heads * (head_dim + 2 * state_size) * (conv_width - 1) * dtype_bytes,
+        }
+
+    @classmethod
+    def from_attention(
+        cls, hidden_size: int, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
+        q_bias: Tensor | None = None, k_bias: Tensor | None = None, v_bias: Tensor | None = None, **settings: object,
+    ) -> DiscreteMamba2:
+        """q/k/v_weight [heads, head_dim, hidden] of the replaced query heads (k/v repeated per query head under
+        GQA), biases [heads, head_dim] or None; settings as __init__. Parameters take q_weight's device and dtype."""
+        H, P, D = q_weight.shape
+        for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
+            if w.shape != q_weight.shape:
+                raise RadistillError(f"{name} has shape {tuple(w.shape)}, q_weight {tuple(q_weight.shape)}: pass the "
+                                     "K/V rows of each replaced query head's KV head, repeated per query head")
+        if D != hidden_size:
+            raise RadistillError(
+                f"q_weight's input size {D} is not hidden_size {hidden_size}: pass [heads, head_dim, hidden]"
+            )
+        for name, bias in (("q_bias", q_bias), ("k_bias", k_bias), ("v_bias", v_bias)):
+            if bias is not None and bias.shape != (H, P):
+                raise RadistillError(f"{name} has shape {tuple(bias.shape)}, expected {(H, P)}")
+        mixer = cls(hidden_size, H, P, **settings).to(device=q_weight.device, dtype=q_weight.dtype)
+        mixer.reset_parameters()  # again, in the target dtype: Z_OPEN and the half-lives are then exact there
+
+        def with_bias(w: Tensor, bias: Tensor | None) -> Tensor:  # [H, P, D] -> [H, P, D + 1]: the input gets a 1
+            return torch.cat([w, (bias if bias is not None else w.new_zeros(H, P)).unsqueeze(-1)], dim=-1).double()
+
+        c_rows, b_rows = score_factors(with_bias(q_weight, q_bias) / math.sqrt(P), with_bias(k_weight, k_bias),
+                                       mixer.state_size)
+        with torch.no_grad():
+            w, bias = mixer.in_proj.weight, mixer.in_proj.bias
+            for part, rows in (("x", with_bias(v_weight, v_bias)), ("b", b_rows), ("c", c_rows)):
+                rows = rows.reshape(-1, D + 1).to(w)
+                w[mixer._rows(part)], bias[mixer._rows(part)] = rows[:, :D], rows[:, D]
+        return mixer
+
+
+def score_factors(q: Tensor, k: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The best rank-`rank` factorisation of the bilinear forms qᵀk, per head: q/k [H, P, D] -> c, b [H, rank, D]
+    with cᵀb ≈ qᵀk optimally (truncated SVD, split as S^½ on each side); rank >= P: q and k zero-padded (exact).
+
+    qᵀk = Qq (Rq Rkᵀ) Qkᵀ from the thin QRs qᵀ = Qq Rq, kᵀ = Qk Rk, so only the P x P core needs an SVD.
+    """
+    P = q.shape[1]
+    if rank >= P:
+        return F.pad(q, (0, 0, 0, rank - P)), F.pad(k, (0, 0, 0, rank - P))
+    q_basis, q_tri = torch.linalg.qr(q.transpose(1, 2))
+    k_basis, k_tri = torch.linalg.qr(k.transpose(1, 2))
+    u, s, vh = torch.linalg.svd(q_tri @ k_tri.transpose(1, 2))
+    root = s[:, :rank].sqrt().unsqueeze(-1)
+    c = root * (q_basis @ u[:, :, :rank]).transpose(1, 2)
+    b = root * (k_basis @ vh[:, :rank].transpose(1, 2)).transpose(1, 2)
+    return c, b

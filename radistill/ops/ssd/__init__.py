@@ -1,0 +1,79 @@
+"""The scalar-decay recurrence of the recurrent heads, one set of inputs, several implementations.
+
+    h_t = exp(log_a_t) h_{t-1} + b_t x_tᵀ,   y_t = c_tᵀ h_t     (layout [batch, seq, heads, dim])
+
+naive.py: the oracles (materialised matrix `ssd_matrix`/`ssd_naive`, step loop `ssd_recurrent`, one token
+`ssd_step`); chunk.py: the chunked scan in plain PyTorch; fla.py: flash-linear-attention's kernels. `ssd()` picks one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from radistill.ops.ssd.chunk import ssd_chunk
+from radistill.ops.ssd.fla import chunk_backward_ok, fla_installed, ssd_fla
+from radistill.ops.ssd.naive import segsum, ssd_matrix, ssd_naive, ssd_recurrent, ssd_step
+from radistill.utils.errors import RadistillError
+
+__all__ = ["BACKENDS", "segsum", "ssd", "ssd_chunk", "ssd_fla", "ssd_matrix", "ssd_naive", "ssd_recurrent", "ssd_step"]
+
+BACKENDS = ("auto", "torch", "fla")
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_ssd_chunk():
+    """ssd_chunk under torch.compile (built on first use; on CUDA only: on CPU it would need a C++ toolchain)."""
+    return torch.compile(ssd_chunk)
+
+
+def ssd(
+    x: Tensor, log_a: Tensor, b: Tensor, c: Tensor, initial_state: Tensor | None = None,
+    backend: str = "auto", chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """x [B, T, H, P], log_a [B, T, H] (<= 0), b/c [B, T, H, N], initial_state [B, H, N, P] or None
+    -> (y [B, T, H, P] in x's dtype, final_state [B, H, N, P] float32).
+
+    backend "torch": the chunked PyTorch scan (compiled on CUDA). "fla": fla's chunked kernel; where its backward
+    is unreliable (Hopper, Triton < 3.7.1) and gradients are needed, fla's fused-recurrent kernel instead.
+    "auto": fla's chunked kernel on CUDA when installed and usable for this call, else the compiled PyTorch scan
+    (faster than fla's fused-recurrent backward), with one logged warning per reason per process.
+    A single token (T = 1) always takes the step form.
+    """
+    if backend not in BACKENDS:
+        raise RadistillError(f"unknown ssd backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if x.shape[1] == 1:
+        B, _, H, P = x.shape
+        h = initial_state if initial_state is not None else x.new_zeros(B, H, b.shape[-1], P)
+        y, final = ssd_step(x[:, 0], log_a[:, 0], b[:, 0], c[:, 0], h)
+        return y.unsqueeze(1), final
+    if backend != "torch" and x.is_cuda:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, log_a, b, c, initial_state)
+        )
+        if not fla_installed():
+            if backend == "fla":
+                raise RadistillError("backend 'fla' needs flash-linear-attention: pip install 'radistill[gpu]', "
+                                     "or use backend 'torch'")
+            _log_once("flash-linear-attention is not installed: the recurrent heads use the compiled PyTorch "
+                      "chunked scan (pip install 'radistill[gpu]' for fla's kernels)")
+        elif not needs_grad or chunk_backward_ok(x.device):
+            return ssd_fla(x, log_a, b, c, initial_state)
+        elif backend == "fla":
+            return ssd_fla(x, log_a, b, c, initial_state, recurrent=True)
+        else:
+            _log_once("fla's chunked backward is unreliable on Hopper with Triton < 3.7.1 (fla #640): with "
+                      "gradients, the recurrent heads use the compiled PyTorch chunked scan; fla serves the rest")
+    elif backend == "fla":
+        raise RadistillError("backend 'fla' runs on CUDA tensors only: move the model to a GPU or use backend 'torch'")
+    chunk = compiled_ssd_chunk() if x.is_cuda else ssd_chunk
+    return chunk(x, log_a, b, c, initial_state, chunk_size)
