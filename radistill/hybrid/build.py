@@ -1,0 +1,541 @@
+"""teacher + scan -> student: ``radistill build`` and :func:`build_student`.
+
+Steps: choose the kept heads (the scan's top K, or ``--heads``), derive the :class:`HybridConfig` from the teacher,
+copy the teacher's weights (embeddings, norms, MLPs, ``o_proj``, the kept heads' q rows and their KV heads' k/v
+rows), initialise every layer's recurrent heads with ``MixerClass.from_attention`` from those heads' own q/k/v
+rows, calibrate the static normaliser on calibration text, and write the HF checkpoint plus ``selection.json``
+into a temporary directory that is renamed onto ``--out`` at the end (a reader never sees half a student).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radistill.hybrid.configuration import HybridConfig
+from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
+from radistill.hybrid.normalizer import ChannelMoments
+from radistill.models.access import (
+    HeadLayout,
+    UnsupportedModelError,
+    decoder_layers,
+    load_model,
+    model_layout,
+    weights_fingerprint,
+)
+from radistill.utils.errors import RadistillError
+from radistill.utils.io import write_json_atomic
+
+Head = tuple[int, int]  # (layer, query head)
+
+# A few sentences of varied register so the default calibration is not only probe prompts; no network needed.
+BUILTIN_TEXT = (
+    "The committee met on Tuesday to review the budget, and after a long discussion it approved the new plan.",
+    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes it boils at a lower temperature.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "She opened the letter slowly, read the first line twice, and then put it back in the drawer without a word.",
+    "In 1969, Apollo 11 landed on the Moon; Neil Armstrong and Buzz Aldrin walked on its surface for two hours.",
+    "Q: What is the capital of France?\nA: Paris.\nQ: What is 12 times 12?\nA: 144.",
+    "Photosynthesis turns light, water and carbon dioxide into glucose and oxygen inside the chloroplasts.",
+    "The train to the airport leaves every fifteen minutes from platform four; tickets are sold at the machines.",
+)
+
+
+@dataclass
+class Selection:
+    """Which heads the student keeps, and why (written to ``selection.json``)."""
+
+    heads: list[Head]  # in selection order (scan rank order, or as given)
+    source: str  # "scan" or "heads"
+    scan_path: str | None = None
+    scan_model: str | None = None
+    scan_metric: str | None = None
+    rank: dict[Head, int] = field(default_factory=dict)  # 1-based scan rank
+    score: dict[Head, float] = field(default_factory=dict)
+
+    def kept_per_layer(self, num_layers: int) -> list[list[int]]:
+        kept = [[] for _ in range(num_layers)]
+        for layer, head in self.heads:
+            kept[layer].append(head)
+        return [sorted(heads) for heads in kept]
+
+
+# ---- head selection -----------------------------------------------------------------------------------------------
+
+
+def parse_heads(spec: str, layout: HeadLayout) -> list[Head]:
+    """``"8.3,0.6"`` -> ``[(8, 3), (0, 6)]``, checked against ``layout``."""
+    heads: list[Head] = []
+    for piece in (p.strip() for p in spec.split(",")):
+        if not piece:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d+)", piece)
+        if match is None:
+            raise RadistillError(
+                f"--heads: '{piece}' is not a head; write heads as LAYER.HEAD separated by commas, e.g. 8.3,0.6"
+            )
+        head = (int(match.group(1)), int(match.group(2)))
+        layout.check_head(*head)
+        if head in heads:
+            raise RadistillError(f"--heads names {piece} twice: list each head once")
+        heads.append(head)
+    return heads
+
+
+def _same_layout(a: HeadLayout, b: HeadLayout) -> bool:
+    keys = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _fingerprint_matches(model: nn.Module, fingerprint: str) -> bool:
+    """Whether the scan's fingerprint is this model's, in any of the dtypes the scan may have loaded it in
+    (``weights_fingerprint`` hashes the dtype and the values: a bf16 GPU scan of an fp32-loaded teacher differs)."""
+    if weights_fingerprint(model) == fingerprint:
+        return True
+
+    class _Cast:  # weights_fingerprint only calls state_dict(); the cast copy lives in CPU memory, not the GPU's
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def state_dict(self):
+            return {k: v.to("cpu", self.dtype) for k, v in model.state_dict().items()}
+
+    current = next(model.parameters()).dtype
+    return any(
+        weights_fingerprint(_Cast(dtype)) == fingerprint
+        for dtype in (torch.bfloat16, torch.float32, torch.float16)
+        if dtype != current
+    )
+
+
+def select_heads(
+    model: nn.Module,
+    *,
+    scan: str | os.PathLike | None = None,
+    keep: int | None = None,
+    heads: str | Sequence[Head] | None = None,
+) -> Selection:
+    """The heads to keep: the scan's top ``keep``, or ``heads`` (``"8.3,0.6"`` or pairs), checked against ``model``."""
+    layout = model_layout(model)
+    if heads is not None and keep is not None:
+        raise RadistillError("give either --keep K (top K of the scan) or --heads L.H,... (by hand), not both")
+    if heads is None and (scan is None or keep is None):
+        raise RadistillError("say which heads to keep: --scan DIR/scan.json with --keep K, or --heads L.H,...")
+
+    result = None
+    if scan is not None:
+        from radistill.scan.result import load_scan
+
+        result = load_scan(scan)
+        if not _same_layout(result.layout, layout):
+            raise RadistillError(
+                f"{scan} is a scan of another model ({result.model}: {result.layout.num_layers} layers x "
+                f"{result.layout.num_heads} heads, {result.layout.num_kv_heads} KV heads, head_dim "
+                f"{result.layout.head_dim}), but the teacher has {layout.num_layers} x {layout.num_heads}, "
+                f"{layout.num_kv_heads} KV heads, head_dim {layout.head_dim}: scan this teacher first "
+                "(`radistill scan TEACHER --out DIR`)"
+            )
+        if not _fingerprint_matches(model, result.fingerprint):
+            raise RadistillError(
+                f"{scan} was made on other weights ({result.model}, fingerprint {result.fingerprint}) than this "
+                f"teacher's (fingerprint {weights_fingerprint(model)}); the ranking may not hold for it: scan this "
+                "teacher (`radistill scan TEACHER --out DIR`) and build from that scan.json"
+            )
+
+    if heads is not None:
+        chosen = parse_heads(heads, layout) if isinstance(heads, str) else [tuple(h) for h in heads]
+        for layer, head in chosen:
+            layout.check_head(layer, head)
+        if len(set(chosen)) != len(chosen):
+            raise RadistillError("the heads to keep name a head twice: list each head once")
+    else:
+        if keep < 0 or keep > layout.total_heads:
+            raise RadistillError(
+                f"--keep {keep} is out of range: the teacher has {layout.total_heads} heads "
+                f"({layout.num_layers} layers x {layout.num_heads}); choose 0..{layout.total_heads}"
+            )
+        if keep > len(result.heads):
+            raise RadistillError(
+                f"--keep {keep} but {scan} ranks only {len(result.heads)} heads: keep fewer, or rescan all heads"
+            )
+        chosen = [(h.layer, h.head) for h in result.top(keep)]
+
+    selection = Selection(heads=list(chosen), source="heads" if heads is not None else "scan")
+    if result is not None:
+        selection.scan_path, selection.scan_model, selection.scan_metric = str(scan), result.model, result.metric
+        for rank, h in enumerate(result.heads, start=1):
+            selection.rank[(h.layer, h.head)] = rank
+            selection.score[(h.layer, h.head)] = h.score
+    return selection
+
+
+# ---- config and weights -------------------------------------------------------------------------------------------
+
+
+def student_config(
+    teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None
+) -> HybridConfig:
+    """The student's config: the teacher's architecture fields, read off its config and its modules."""
+    t = teacher.config
+    layout = model_layout(teacher)
+    if len(set(getattr(t, "layer_types", None) or ["full_attention"])) > 1:
+        raise UnsupportedModelError(
+            f"this {layout.model_type} teacher mixes attention types across layers ({sorted(set(t.layer_types))}); "
+            "radistill builds students of teachers whose layers all use the same (full or one sliding) attention"
+        )
+    settings = mixer_settings_with_defaults(mixer, t.hidden_size, layout.head_dim, mixer_settings or {})
+    attn = decoder_layers(teacher)[0].self_attn
+    mlp = decoder_layers(teacher)[0].mlp
+    return HybridConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=layout.num_layers,
+        num_attention_heads=layout.num_heads,
+        num_key_value_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        hidden_act=getattr(t, "hidden_act", "silu"),
+        max_position_embeddings=t.max_position_embeddings,
+        initializer_range=getattr(t, "initializer_range", 0.02),
+        rms_norm_eps=t.rms_norm_eps,
+        pad_token_id=t.pad_token_id,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+        tie_word_embeddings=bool(getattr(t, "tie_word_embeddings", False)),
+        rope_parameters=copy.deepcopy(t.rope_parameters),
+        attention_bias=attn.q_proj.bias is not None,
+        o_proj_bias=attn.o_proj.bias is not None,
+        qk_norm=getattr(attn, "q_norm", None) is not None,
+        mlp_bias=getattr(mlp.gate_proj, "bias", None) is not None,
+        attention_dropout=float(getattr(t, "attention_dropout", 0.0) or 0.0),
+        sliding_window=getattr(t, "sliding_window", None),
+        teacher_model_type=layout.model_type,
+        kept_heads=kept_heads,
+        mixer=mixer,
+        mixer_settings=settings,
+    )
+
+
+def mixer_settings_with_defaults(mixer: str, hidden_size: int, head_dim: int, settings: dict) -> dict:
+    """``settings`` checked by the mixer and completed with its defaults, so a saved student does not change when
+    a mixer's defaults do (a one-head mixer is built to ask it)."""
+    try:
+        return dict(mixer_class(mixer)(hidden_size, 1, head_dim, **settings).settings)
+    except TypeError as exc:
+        raise RadistillError(f"mixer '{mixer}' does not take the settings {sorted(settings)} ({exc}): drop or "
+                             "rename them") from exc
+
+
+def _rows(weight: torch.Tensor, heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    """Rows of a q/k/v weight [heads*hd, ...] or bias [heads*hd] belonging to ``heads``, in that order."""
+    return weight.view(-1, head_dim, *weight.shape[1:])[list(heads)].reshape(-1, *weight.shape[1:])
+
+
+@torch.no_grad()
+def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
+    """A student with the teacher's weights and freshly initialised recurrent heads (normaliser = identity).
+
+    The student has the teacher's device and dtype; recurrent heads come from ``from_attention`` on their own
+    q/k/v rows (k/v: their GQA KV head's rows, repeated per query head).
+    """
+    param = next(teacher.parameters())
+    hd, group = config.head_dim, config.num_attention_heads // config.num_key_value_heads
+    with torch.device(param.device):
+        student = HybridForCausalLM(config).to(param.dtype)
+    teacher_state = teacher.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        state[name] = teacher_state[name]
+
+    mixer_cls = mixer_class(config.mixer)
+    for i, layer in enumerate(decoder_layers(teacher)):
+        prefix, attn = f"model.layers.{i}.", layer.self_attn
+        for sub in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            for key, value in getattr(layer, sub).state_dict().items():
+                state[f"{prefix}{sub}.{key}"] = value
+        for key, value in attn.o_proj.state_dict().items():
+            state[f"{prefix}self_attn.o_proj.{key}"] = value
+
+        kept, kv_kept, recurrent = config.kept_heads[i], config.kept_kv_heads(i), config.recurrent_heads(i)
+        if kept:
+            target = f"{prefix}self_attn.attention."
+            for proj, heads in (("q_proj", kept), ("k_proj", kv_kept), ("v_proj", kv_kept)):
+                for key, value in getattr(attn, proj).state_dict().items():
+                    state[f"{target}{proj}.{key}"] = _rows(value, heads, hd)
+            if config.qk_norm:
+                state[f"{target}q_norm.weight"] = attn.q_norm.weight
+                state[f"{target}k_norm.weight"] = attn.k_norm.weight
+        if recurrent:
+            kv_of = [h // group for h in recurrent]
+            qkv = {
+                "q": (attn.q_proj, recurrent),
+                "k": (attn.k_proj, kv_of),
+                "v": (attn.v_proj, kv_of),
+            }
+            weights = {f"{n}_weight": _rows(p.weight, h, hd).view(len(recurrent), hd, -1) for n, (p, h) in qkv.items()}
+            biases = {
+                f"{n}_bias": None if p.bias is None else _rows(p.bias, h, hd).view(len(recurrent), hd)
+                for n, (p, h) in qkv.items()
+            }
+            mixer = mixer_cls.from_attention(config.hidden_size, **weights, **biases, **config.mixer_settings)
+            for key, value in mixer.state_dict().items():
+                state[f"{prefix}self_attn.recurrent.{key}"] = value
+
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    # The normaliser's statistics are the only student state not taken from the teacher (calibrate() sets them).
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [k for k in missing if ".normalizer." not in k and k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"teacher -> student weight mapping is incomplete: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        student.tie_weights()
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.eval()
+
+
+# ---- calibration of the static normaliser -------------------------------------------------------------------------
+
+
+def calibration_texts(tokenizer, text_file: str | os.PathLike | None = None, probe_samples: int = 8) -> list[str]:
+    """The calibration text: ``text_file`` split at blank lines, or the built-in sentences + KV probe prompts."""
+    if text_file is not None:
+        path = Path(text_file)
+        if not path.is_file():
+            raise RadistillError(f"--calibration-text {path} does not exist: pass a UTF-8 text file")
+        texts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if t.strip()]
+        if not texts:
+            raise RadistillError(f"--calibration-text {path} is empty: pass a file with some prose")
+        return texts
+    from radistill.probes.kv import KVProbeConfig, kv_items
+
+    probes = kv_items(tokenizer, KVProbeConfig(pairs=12, samples=probe_samples, seed=1234))
+    return list(BUILTIN_TEXT) + [item.prompt for item in probes]
+
+
+def calibration_batches(
+    tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches ``{"input_ids", "attention_mask"}`` [B, T] of the texts (each cut to max_length)."""
+    encoded = [tokenizer(t, add_special_tokens=True).input_ids[:max_length] for t in texts]
+    encoded = [ids for ids in encoded if ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Set every recurrent head's static normaliser from the teacher's activations; returns the tokens used.
+
+    Per layer, on the same (teacher) normed layer input: the teacher statistics are those of the replaced heads'
+    attention output (their slice of the ``o_proj`` input), the student statistics those of the fresh mixer's
+    output. Only real tokens count (the batches are padded).
+    """
+    config = student.config
+    hd = config.head_dim
+    blocks = [layer.self_attn for layer in student.model.layers]
+    moments = {
+        i: (ChannelMoments(len(b.recurrent_heads), hd), ChannelMoments(len(b.recurrent_heads), hd))
+        for i, b in enumerate(blocks)
+        if b.recurrent is not None
+    }
+    current: dict[str, torch.Tensor] = {}
+
+    def mixer_hook(i):
+        def hook(module, args, kwargs):  # the teacher attention's normed input -> the student mixer's output
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y, _ = blocks[i].recurrent(hidden, attention_mask=current["mask"])  # [B, T, r, hd]
+            moments[i][0].add(y, current["mask"])
+
+        return hook
+
+    def o_proj_hook(i):
+        def hook(module, args):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
+            heads = args[0].view(*args[0].shape[:-1], -1, hd)[:, :, blocks[i].recurrent_heads]
+            moments[i][1].add(heads, current["mask"])
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(decoder_layers(teacher)):
+        if i in moments:
+            handles.append(layer.self_attn.register_forward_pre_hook(mixer_hook(i), with_kwargs=True))
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_proj_hook(i)))
+    device = next(teacher.parameters()).device
+    tokens = 0
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].to(device)
+            teacher(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False,
+                    logits_to_keep=1)
+            tokens += int(batch["attention_mask"].sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, (student_moments, teacher_moments) in moments.items():
+        blocks[i].normalizer.calibrate(student_moments, teacher_moments)
+    return tokens
+
+
+# ---- the whole build ----------------------------------------------------------------------------------------------
+
+
+def selection_record(selection: Selection, config: HybridConfig, teacher_id: str, fingerprint: str, **extra) -> dict:
+    """The content of ``selection.json``."""
+    layout = config.layout
+    kv_per_layer = [config.kept_kv_heads(i) for i in range(config.num_hidden_layers)]
+    return {
+        "teacher": teacher_id,
+        "teacher_fingerprint": fingerprint,
+        "source": selection.source,
+        "scan": selection.scan_path,
+        "scan_model": selection.scan_model,
+        "scan_metric": selection.scan_metric,
+        "keep": len(selection.heads),
+        "kept_heads": [
+            {
+                "name": f"{layer}.{head}",
+                "layer": layer,
+                "head": head,
+                "kv_head": layout.kv_head(head),
+                "rank": selection.rank.get((layer, head)),
+                "score": selection.score.get((layer, head)),
+            }
+            for layer, head in selection.heads
+        ],
+        "layers": [
+            {
+                "layer": i,
+                "kept_heads": config.kept_heads[i],
+                "kv_heads_cached": kv_per_layer[i],
+                "recurrent_heads": len(config.recurrent_heads(i)),
+            }
+            for i in range(config.num_hidden_layers)
+        ],
+        "kv_heads_cached": {
+            "total": sum(len(kv) for kv in kv_per_layer),
+            "teacher_total": layout.num_layers * layout.num_kv_heads,
+        },
+        "mixer": config.mixer,
+        "mixer_settings": config.mixer_settings,
+        **extra,
+    }
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` directory onto ``out``; an existing ``out`` is swapped out, then deleted."""
+    if out.exists():
+        if not overwrite:
+            raise RadistillError(f"{out} already exists: choose another --out or pass --overwrite")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def build_student(
+    teacher: str | os.PathLike | nn.Module,
+    out: str | os.PathLike,
+    *,
+    scan: str | os.PathLike | None = None,
+    keep: int | None = None,
+    heads: str | Sequence[Head] | None = None,
+    mixer: str = "discrete_mamba2",
+    state_size: int | None = None,
+    mixer_settings: dict | None = None,
+    tokenizer=None,
+    calibration_text: str | os.PathLike | None = None,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Build a student directory from a teacher (HF id, path, or loaded model + ``tokenizer``); returns ``out``.
+
+    Heads: the scan's top ``keep`` (``scan`` + ``keep``) or ``heads`` (``"8.3,0.6"`` or ``[(8, 3), ...]``; a
+    ``scan`` alongside only adds ranks and scores to ``selection.json``). ``state_size`` is a shortcut for
+    ``mixer_settings["state_size"]``.
+    """
+    if isinstance(teacher, nn.Module):
+        if tokenizer is None:
+            raise RadistillError("build_student got a loaded teacher but no tokenizer: pass tokenizer=...")
+        model, teacher_id = teacher.eval(), getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+    else:
+        model, tokenizer = load_model(teacher, dtype=dtype, device=device)
+        teacher_id = str(teacher)
+    settings = dict(mixer_settings or {})
+    if state_size is not None:
+        settings["state_size"] = state_size
+
+    selection = select_heads(model, scan=scan, keep=keep, heads=heads)
+    layout = model_layout(model)
+    config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings)
+    student = convert(model, config)
+    texts = calibration_texts(tokenizer, calibration_text)
+    tokens = calibrate(student, model, calibration_batches(tokenizer, texts))
+
+    record = selection_record(
+        selection,
+        config,
+        teacher_id,
+        weights_fingerprint(model),
+        calibration={"source": str(calibration_text) if calibration_text else "builtin", "texts": len(texts),
+                     "tokens": tokens},
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "selection.json", record)
+        _publish(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_selection(student_dir: str | os.PathLike) -> dict:
+    """``selection.json`` of a student directory."""
+    path = Path(student_dir) / "selection.json"
+    if not path.exists():
+        raise RadistillError(f"{path} does not exist: is {student_dir} a student built by `radistill build`?")
+    return json.loads(path.read_text())
+
+
+__all__ = [
+    "BUILTIN_TEXT",
+    "Selection",
+    "build_student",
+    "calibrate",
+    "calibration_batches",
+    "calibration_texts",
+    "convert",
+    "load_selection",
+    "parse_heads",
+    "select_heads",
+    "student_config",
+]

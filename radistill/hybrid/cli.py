@@ -1,0 +1,96 @@
+"""``radistill build`` (teacher + scan -> student) and ``radistill memory`` (cache bytes per sequence)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from radistill.utils.console import console
+from radistill.utils.errors import RadistillError
+
+
+def _lengths(spec: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as exc:
+        raise RadistillError(
+            f"--lengths '{spec}' is not a comma-separated list of token counts, e.g. 128,2048"
+        ) from exc
+
+
+def _memory_table(rows, dtype: str) -> Table:
+    teacher = {r.length: r.total_bytes for r in rows if r.model.startswith("teacher")}
+    table = Table(title=f"cache per sequence ({dtype}, MB = 10^6 bytes; total = KV + SSM, conv shown apart)")
+    for column in ("model", "length", "KV MB", "SSM MB", "conv MB", "total MB", "teacher / this"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
+    for r in rows:
+        ratio = teacher.get(r.length, 0) / r.total_bytes if r.total_bytes else float("inf")
+        table.add_row(r.model, str(r.length), f"{r.kv_bytes / 1e6:.2f}", f"{r.ssm_bytes / 1e6:.2f}",
+                      f"{r.conv_bytes / 1e6:.2f}", f"{r.total_bytes / 1e6:.2f}", f"{ratio:.2f}x")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("build")
+    def build(
+        teacher: str = typer.Argument(..., help="HF model id or local directory of the teacher"),
+        out: Path = typer.Option(..., "--out", help="directory for the student checkpoint and selection.json"),
+        scan: Optional[Path] = typer.Option(None, "--scan", help="scan.json of this teacher (`radistill scan`)"),
+        keep: Optional[int] = typer.Option(None, "--keep", help="keep the scan's top K heads as attention"),
+        heads: Optional[str] = typer.Option(
+            None, "--heads", help="keep these heads instead: L.H,L.H,... (e.g. 8.3,0.6)"
+        ),
+        state_size: Optional[int] = typer.Option(None, "--state-size", help="recurrent state size N [mixer default]"),
+        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="recurrent mixer of the other heads"),
+        calibration_text: Optional[Path] = typer.Option(
+            None, "--calibration-text", help="text file for the normaliser's statistics [built-in text + probes]"
+        ),
+        device: str = typer.Option("auto", help="cuda, cuda:1, cpu or auto"),
+        dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
+    ) -> None:
+        """Build the head-level hybrid student: kept heads stay attention, the rest become recurrent heads."""
+        from radistill.hybrid.build import build_student, load_selection
+
+        with console.status("building the student"):
+            path = build_student(teacher, out, scan=scan, keep=keep, heads=heads, mixer=mixer,
+                                 state_size=state_size, calibration_text=calibration_text, device=device,
+                                 dtype=dtype, overwrite=overwrite)
+        record = load_selection(path)
+        table = Table(title=f"{record['keep']} kept heads ({record['source']})")
+        for column in ("layer", "kept heads", "KV heads cached", "recurrent heads"):
+            table.add_column(column, justify="right")
+        for layer in record["layers"]:
+            table.add_row(str(layer["layer"]), ",".join(map(str, layer["kept_heads"])) or "-",
+                          ",".join(map(str, layer["kv_heads_cached"])) or "-", str(layer["recurrent_heads"]))
+        console.print(table)
+        cached = record["kv_heads_cached"]
+        console.print(f"KV heads cached: {cached['total']} of the teacher's {cached['teacher_total']}; "
+                      f"wrote {path} (selection.json says why each head was kept)")
+
+    @app.command("memory")
+    def memory(
+        model: str = typer.Argument(..., help="teacher or student directory, config.json, HF id, or a shape name "
+                                               "(llama-3.2-1b, nanbeige4.1-3b)"),
+        lengths: str = typer.Option("128,2048,4096", "--lengths", help="sequence lengths, comma-separated"),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16 or fp32"),
+        keep: Optional[int] = typer.Option(None, "--keep", help="teacher config: also a student keeping K heads"),
+        state_size: Optional[int] = typer.Option(None, "--state-size", help="that student's state size N"),
+        baseline: Optional[list[str]] = typer.Option(
+            None, "--baseline", help="layer-level hybrid to compare with: mil-P (P% attention layers), repeatable"
+        ),
+        as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+    ) -> None:
+        """Cache bytes per sequence (KV, SSM state, conv state) from the config alone: student vs teacher."""
+        from radistill.hybrid.memory import memory_rows
+
+        rows = memory_rows(model, _lengths(lengths), dtype=dtype, keep=keep, state_size=state_size,
+                           baselines=baseline)
+        if as_json:
+            typer.echo(json.dumps({"rows": [r.to_dict() for r in rows]}, indent=2))
+        else:
+            console.print(_memory_table(rows, dtype))

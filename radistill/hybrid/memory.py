@@ -1,0 +1,253 @@
+"""Cache bytes per sequence -- KV cache, SSM state, conv state -- from a config alone, and measured from a real cache.
+
+Accounting (docs/hybrid.md, /work/shared/notes/method.md):
+- KV: per cached KV head and token, K and V of ``head_dim`` values: ``2 * head_dim * dtype_bytes``.
+- recurrent heads: whatever the mixer's ``state_bytes`` says (DiscreteMamba2: SSM ``heads * state_size * head_dim``,
+  conv ``heads * (head_dim + 2 * state_size) * (conv_width - 1)`` values), independent of the length.
+- ``total_bytes`` = KV + SSM, as in the paper's table; the conv state is real memory too and has its own column
+  (it is small: ~1/3 of the SSM state at state_size 64, but larger than it at state_size 8).
+
+Rows:
+- ``teacher``: every KV head of every layer.
+- a built student (a ``radistill_hybrid`` config): exactly what :class:`HybridCache` allocates -- the kept KV heads
+  of each layer (GQA: shared by the kept heads of one group) and the state of the recurrent heads.
+- a hypothetical student of a teacher config (``keep``/``state_size``): which heads are kept is not known yet, so
+  every kept head is counted with its own KV head (an upper bound that GQA sharing can only lower) and the
+  ``total - keep`` recurrent heads carry state. The ``paper`` variant counts like the paper's table: the SSM state of
+  *every* head (the authors' student runs a full-width SSM branch beside the kept heads), which reproduces its
+  Llama-3.2-1B numbers (10 heads, d_state 8: 0.85 / 5.77 / 11.01 MB at 128 / 2048 / 4096, bf16).
+- ``mil-P``: a layer-level hybrid baseline (Mamba-in-Llama style): round(P% of the layers) keep full attention
+  (all KV heads), the others are DiscreteMamba2 layers of all heads at d_state 64 (Llama-3.2-1B, ``mil-50``:
+  4.19 / 35.65 / 69.21 MB).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from radistill.models.access import HeadLayout, layout_from_config
+from radistill.utils.errors import RadistillError
+
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+BASELINE_STATE_SIZE = 64  # the paper's layer-level baseline: DiscreteMamba2 layers with d_state 64
+DEFAULT_MIXER = "discrete_mamba2"
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """Cache bytes of one sequence of ``length`` tokens for one model."""
+
+    model: str
+    length: int
+    kv_bytes: int
+    ssm_bytes: int
+    conv_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """KV + SSM (the paper's total; conv has its own column)."""
+        return self.kv_bytes + self.ssm_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    if dtype not in DTYPE_BYTES:
+        raise RadistillError(f"unknown --dtype '{dtype}': use bf16, fp16 or fp32")
+    return DTYPE_BYTES[dtype]
+
+
+def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, settings: dict) -> dict[str, int]:
+    """The mixer's per-sequence state bytes for ``num_heads`` recurrent heads (0 heads: nothing)."""
+    if num_heads == 0:
+        return {"ssm": 0, "conv": 0}
+    from radistill.hybrid.modeling import mixer_class
+
+    sizes = mixer_class(mixer).state_bytes(num_heads, head_dim, nbytes, **settings)
+    return {"ssm": sizes.get("ssm", 0), "conv": sizes.get("conv", 0)}
+
+
+def _kv_bytes(kv_heads: int, head_dim: int, nbytes: int, length: int) -> int:
+    return kv_heads * 2 * head_dim * nbytes * length
+
+
+def teacher_rows(layout: HeadLayout, lengths: list[int], nbytes: int, name: str = "teacher") -> list[MemoryRow]:
+    kv_heads = layout.num_layers * layout.num_kv_heads
+    return [MemoryRow(name, n, _kv_bytes(kv_heads, layout.head_dim, nbytes, n), 0, 0) for n in lengths]
+
+
+def student_rows(config, lengths: list[int], nbytes: int, name: str = "student") -> list[MemoryRow]:
+    """Rows for a built student's :class:`~radistill.hybrid.HybridConfig` (what its HybridCache allocates)."""
+    kv_heads = sum(len(config.kept_kv_heads(i)) for i in range(config.num_hidden_layers))
+    ssm = conv = 0
+    for i in range(config.num_hidden_layers):
+        sizes = _state_bytes(
+            config.mixer, len(config.recurrent_heads(i)), config.head_dim, nbytes, config.mixer_settings
+        )
+        ssm, conv = ssm + sizes["ssm"], conv + sizes["conv"]
+    return [MemoryRow(name, n, _kv_bytes(kv_heads, config.head_dim, nbytes, n), ssm, conv) for n in lengths]
+
+
+def planned_student_rows(
+    layout: HeadLayout,
+    lengths: list[int],
+    nbytes: int,
+    keep: int,
+    mixer: str = DEFAULT_MIXER,
+    settings: dict | None = None,
+    paper: bool = False,
+) -> list[MemoryRow]:
+    """Rows for a student of ``layout`` keeping ``keep`` heads (not yet chosen): see the module docstring."""
+    if not 0 <= keep <= layout.total_heads:
+        raise RadistillError(f"--keep {keep} is out of range: the model has {layout.total_heads} heads")
+    settings = dict(settings or {})
+    recurrent = layout.total_heads if paper else layout.total_heads - keep
+    sizes = _state_bytes(mixer, recurrent, layout.head_dim, nbytes, settings)
+    label = f"student K={keep}" + (f" N={settings['state_size']}" if "state_size" in settings else "")
+    label += " (paper accounting)" if paper else ""
+    return [
+        MemoryRow(label, n, _kv_bytes(keep, layout.head_dim, nbytes, n), sizes["ssm"], sizes["conv"])
+        for n in lengths
+    ]
+
+
+def baseline_rows(layout: HeadLayout, lengths: list[int], nbytes: int, spec: str) -> list[MemoryRow]:
+    """A layer-level hybrid baseline ``mil-P`` (P% attention layers, the rest DiscreteMamba2 d_state 64)."""
+    match = re.fullmatch(r"mil-(\d+(?:\.\d+)?)", spec)
+    if match is None or not 0 <= float(match.group(1)) <= 100:
+        raise RadistillError(
+            f"unknown --baseline '{spec}': use mil-P, a layer-level hybrid with P% attention layers (e.g. mil-50)"
+        )
+    attention_layers = round(layout.num_layers * float(match.group(1)) / 100)
+    ssm_layers = layout.num_layers - attention_layers
+    sizes = _state_bytes(DEFAULT_MIXER, layout.num_heads, layout.head_dim, nbytes,
+                         {"state_size": BASELINE_STATE_SIZE})
+    kv_heads = attention_layers * layout.num_kv_heads
+    return [
+        MemoryRow(spec, n, _kv_bytes(kv_heads, layout.head_dim, nbytes, n), ssm_layers * sizes["ssm"],
+                  ssm_layers * sizes["conv"])
+        for n in lengths
+    ]
+
+
+def load_any_config(model_or_config: str | os.PathLike):
+    """An HF config from a model directory/id, a config.json path, or a shape name from presets (llama-3.2-1b)."""
+    from radistill.models import presets
+    from radistill.models.access import load_config
+
+    path = Path(str(model_or_config))
+    if not path.exists() and str(model_or_config) in presets.SHAPES:
+        return presets.shape_config(str(model_or_config))
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    import radistill.hybrid  # noqa: F401  (registers the student config type)
+
+    return load_config(path if path.exists() else model_or_config)
+
+
+def memory_rows(
+    model_or_config,
+    lengths: list[int],
+    dtype: str | torch.dtype = "bf16",
+    keep: int | None = None,
+    state_size: int | None = None,
+    mixer: str = DEFAULT_MIXER,
+    baselines: list[str] | None = None,
+) -> list[MemoryRow]:
+    """All rows of ``radistill memory``: the teacher, the student (built, or planned with ``keep``), baselines.
+
+    ``model_or_config``: a path/id/shape name, or an HF config object.
+    """
+    config = model_or_config if hasattr(model_or_config, "to_dict") else load_any_config(model_or_config)
+    if not lengths or any(n < 0 for n in lengths):
+        raise RadistillError("--lengths must be a comma-separated list of non-negative token counts, e.g. 128,2048")
+    nbytes = dtype_bytes(dtype)
+    rows: list[MemoryRow] = []
+    if getattr(config, "model_type", None) == "radistill_hybrid":
+        if keep is not None or state_size is not None:
+            raise RadistillError(
+                "--keep/--state-size describe a student yet to be built; this is a built student, whose config "
+                "already says both: drop them (or pass its teacher's config)"
+            )
+        layout = config.layout
+        rows += teacher_rows(layout, lengths, nbytes, name=f"teacher ({config.teacher_model_type})")
+        state = config.mixer_settings.get("state_size")
+        rows += student_rows(config, lengths, nbytes,
+                             name=f"student K={config.num_kept_heads}" + (f" N={state}" if state else ""))
+    else:
+        layout = layout_from_config(config)
+        rows += teacher_rows(layout, lengths, nbytes)
+        if keep is not None:
+            settings = {} if state_size is None else {"state_size": state_size}
+            rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings)
+            rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings, paper=True)
+        elif state_size is not None:
+            raise RadistillError("--state-size needs --keep K (the student's kept heads) for a teacher config")
+    for spec in baselines or []:
+        rows += baseline_rows(layout, lengths, nbytes, spec)
+    return rows
+
+
+# ---- measured --------------------------------------------------------------------------------------------------------
+
+
+def cache_nbytes(cache) -> dict[str, int]:
+    """Bytes held by a cache object, by kind: HybridCache ``{"kv", "ssm", "conv", "total"}``; a transformers
+    KV cache ``{"kv", "total"}``."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    kv = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                kv += t.numel() * t.element_size()
+    return {"kv": kv, "total": kv}
+
+
+@torch.no_grad()
+def measure_cache_bytes(model, length: int, batch_size: int = 1) -> dict[str, int]:
+    """Bytes per sequence of the cache a real prefill of ``length`` tokens leaves, by kind (``cache_nbytes``).
+
+    On CUDA also ``"allocated"``: the growth of ``torch.cuda.memory_allocated`` across the prefill once
+    everything but the cache is freed (includes allocator rounding), per sequence. A first, unmeasured prefill
+    lets one-time allocations (cuBLAS workspaces, compiled kernels' buffers) happen outside the measurement.
+    """
+    from radistill.hybrid.modeling import output_cache
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, length), device=device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = output_cache(output)
+    del output
+    sizes = {k: v // batch_size for k, v in cache_nbytes(cache).items()}
+    if cuda:
+        torch.cuda.synchronize(device)
+        sizes["allocated"] = (torch.cuda.memory_allocated(device) - before) // batch_size
+    return sizes
+
+
+__all__ = [
+    "MemoryRow",
+    "baseline_rows",
+    "cache_nbytes",
+    "dtype_bytes",
+    "load_any_config",
+    "measure_cache_bytes",
+    "memory_rows",
+    "planned_student_rows",
+    "student_rows",
+    "teacher_rows",
+]
