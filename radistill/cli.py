@@ -31,13 +31,14 @@ COMMAND_MODULES = (
     "radistill.report.cli",
     "radistill.pipeline",
     "radistill.memplan.cli",
+    "radistill.finetune.cli",
 )
 
 for _name in COMMAND_MODULES:
     try:
         _module = importlib.import_module(_name)
     except ModuleNotFoundError as exc:
-        if exc.name != _name:
+        if not (exc.name == _name or _name.startswith(f"{exc.name}.")):
             raise
         continue
     _module.register(app)
