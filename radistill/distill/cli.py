@@ -1,0 +1,95 @@
+"""``radistill distill STUDENT --teacher TEACHER --data SRC --out RUN``: the MOHAWK stages on a hybrid student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from radistill.distill.recipe import STAGES, DistillRecipe, merge, read_recipe_file
+from radistill.utils.errors import RadistillError
+
+
+def overrides_from_flags(*, stages: str | None = None, data: str | None = None, seq_len: int | None = None,
+                         batch_size: int | None = None, grad_accum: int | None = None, seed: int | None = None,
+                         dtype: str | None = None, compile: bool | None = None, tensorboard: bool | None = None,
+                         checkpoint_every: int | None = None, tokens: dict[int, int | None] | None = None,
+                         lr: dict[int, float | None] | None = None) -> dict[str, Any]:
+    """CLI flags as a partial recipe (``None`` = not given); per-stage settings apply to every stage."""
+    out: dict[str, Any] = {}
+    per_stage: dict[int, dict[str, Any]] = {s: {} for s in STAGES}
+    if stages is not None:
+        try:
+            chosen = {int(s) for s in stages.split(",") if s.strip()}
+        except ValueError as exc:
+            raise RadistillError(f"--stages {stages!r}: give stage numbers separated by commas, e.g. 2,3") from exc
+        if not chosen or not chosen <= set(STAGES):
+            raise RadistillError(f"--stages {stages!r}: choose from 1, 2, 3 (e.g. --stages 2,3)")
+        for s in STAGES:
+            per_stage[s]["enabled"] = s in chosen
+    shared = dict(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, checkpoint_every=checkpoint_every)
+    for s in STAGES:
+        per_stage[s].update({k: v for k, v in shared.items() if v is not None})
+        if (tokens or {}).get(s) is not None:
+            per_stage[s]["tokens"] = tokens[s]
+        if (lr or {}).get(s) is not None:
+            per_stage[s]["lr"] = lr[s]
+    out["stages"] = {s: v for s, v in per_stage.items() if v}
+    if data is not None:  # a local file is recorded absolute, so that --resume works from any directory
+        out["data"] = {"source": str(Path(data).resolve()) if Path(data).exists() else data}
+    for key, value in dict(seed=seed, dtype=dtype, compile=compile, tensorboard=tensorboard).items():
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def resolve_recipe(run_dir: Path, recipe_file: Path | None, flags: dict[str, Any], resume: bool) -> DistillRecipe:
+    """Defaults <- RUN/recipe.json (when resuming) <- --recipe FILE <- flags."""
+    recipe = DistillRecipe()
+    saved = run_dir / "recipe.json"
+    if resume and saved.exists():
+        recipe = DistillRecipe.load(saved)
+    if recipe_file is not None:
+        recipe = merge(recipe, read_recipe_file(recipe_file))
+    return merge(recipe, flags)
+
+
+def distill(
+    student: Path = typer.Argument(..., help="Hybrid student directory (from `radistill build`)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model id or directory."),
+    data: Optional[str] = typer.Option(None, "--data", help=".txt/.txt.xz/.jsonl/.parquet file or HF dataset id."),
+    out: Path = typer.Option(..., "--out", help="Run directory (recipe.json, metrics.jsonl, stageN/, checkpoints/)."),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="Recipe file (JSON or YAML); flags win."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages to run, e.g. 2,3 (default: the recipe's)."),
+    tokens_stage1: Optional[int] = typer.Option(None, "--tokens-stage1", help="Token budget of stage 1."),
+    tokens_stage2: Optional[int] = typer.Option(None, "--tokens-stage2", help="Token budget of stage 2."),
+    tokens_stage3: Optional[int] = typer.Option(None, "--tokens-stage3", help="Token budget of stage 3."),
+    lr_stage1: Optional[float] = typer.Option(None, "--lr-stage1", help="Peak learning rate of stage 1."),
+    lr_stage2: Optional[float] = typer.Option(None, "--lr-stage2", help="Peak learning rate of stage 2."),
+    lr_stage3: Optional[float] = typer.Option(None, "--lr-stage3", help="Peak learning rate of stage 3."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed sequence (all stages)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 (autocast on CUDA) or fp32."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the layers (CUDA)."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per rank)."),
+) -> None:
+    """Distill a hybrid student from its teacher: MOHAWK stages 1-3 (stage 1 off by default), resumable."""
+    from radistill.distill.run import run_distill
+
+    flags = overrides_from_flags(
+        stages=stages, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+        dtype=dtype, compile=compile, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
+        tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3}, lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3},
+    )
+    recipe = resolve_recipe(out, recipe_file, flags, resume)
+    run_distill(student, teacher, recipe, out, device=device, resume=resume)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(distill)

@@ -1,0 +1,257 @@
+"""Training text: documents from a file or an HF dataset, tokenised and packed into fixed-length sequences.
+
+Order and resumption (what makes a run reproducible):
+
+* A source yields *documents* in its own order: ``.txt`` / ``.txt.xz`` files are split on
+  ``\\n<|endoftext|>\\n``; ``.jsonl`` / ``.jsonl.xz`` and ``.parquet`` give one document per row (the
+  ``text_field`` column); anything else is taken as an HF ``datasets`` id and streamed.
+* Held out for perplexity: every ``heldout_stride``-th document from the start, ``heldout_docs`` of them. The
+  rest are training documents.
+* Shuffling happens within consecutive windows of ``shuffle_window`` training documents, with a permutation
+  drawn from ``(seed, epoch, window)``: the order is fixed by the seed, costs no more memory than one window,
+  and needs no pass over the whole corpus. Each epoch reshuffles.
+* Each document is tokenised with the teacher's tokenizer (no special tokens), followed by EOS, and appended to
+  a buffer that is cut into ``seq_len``-token sequences; documents run across sequence boundaries (no padding).
+* The position is ``{"epoch", "docs_done", "buffer", "sequences"}``: documents consumed in this epoch's
+  order, the tokens left over after the last emitted sequence, and the number of sequences emitted. Resuming
+  skips ``docs_done`` documents without tokenising them, re-tokenises the current window, and restores the
+  buffer, so it yields exactly the sequences an uninterrupted stream would have.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radistill.distill.recipe import DataConfig
+from radistill.utils.errors import RadistillError
+
+DOC_SEPARATOR = "\n<|endoftext|>\n"
+_READ_CHARS = 1 << 20
+
+
+# --- documents --------------------------------------------------------------------------------------------
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """All documents of the source, in its order (held-out ones included)."""
+    source = cfg.source
+    if not source:
+        raise RadistillError("no training data: pass --data FILE_OR_DATASET_ID")
+    path = Path(source)
+    name = path.name
+    if name.endswith((".txt", ".txt.xz")):
+        yield from _text_documents(path)
+    elif name.endswith((".jsonl", ".jsonl.xz")):
+        yield from _jsonl_documents(path, cfg.text_field)
+    elif name.endswith(".parquet"):
+        yield from _parquet_documents(path, cfg.text_field)
+    elif path.exists():
+        raise RadistillError(
+            f"--data {source}: unknown file type; use .txt, .txt.xz, .jsonl, .jsonl.xz, .parquet or an HF dataset id"
+        )
+    else:
+        yield from _hf_documents(cfg)
+
+
+def _open_text(path: Path):
+    if not path.exists():
+        raise RadistillError(f"--data {path} does not exist")
+    return lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    with _open_text(path) as fh:
+        tail = ""
+        while chunk := fh.read(_READ_CHARS):
+            parts = (tail + chunk).split(DOC_SEPARATOR)
+            tail = parts.pop()
+            yield from (p for p in parts if p.strip())
+        # a file may end with the separator minus its final newline
+        tail = tail.removesuffix(DOC_SEPARATOR.rstrip("\n"))
+        if tail.strip():
+            yield tail
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with _open_text(path) as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[field]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RadistillError(
+                    f"{path}:{number}: expected a JSON object with a '{field}' string ({exc})"
+                ) from exc
+            if text:
+                yield str(text)
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise RadistillError(f"--data {path} does not exist")
+    parquet = pq.ParquetFile(path)
+    if field not in parquet.schema_arrow.names:
+        raise RadistillError(f"{path} has no column '{field}' (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _hf_documents(cfg: DataConfig) -> Iterator[str]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(cfg.source, cfg.name, split=cfg.split, streaming=True)
+    except Exception as exc:
+        raise RadistillError(
+            f"--data {cfg.source}: not a local file, and the HF hub could not stream it "
+            f"({type(exc).__name__}: {exc}). Check the id, or pass a local .txt/.jsonl/.parquet file"
+        ) from exc
+    for row in stream:
+        if cfg.text_field not in row:
+            raise RadistillError(f"dataset {cfg.source} has no '{cfg.text_field}' field: set data.text_field")
+        if row[cfg.text_field]:
+            yield row[cfg.text_field]
+
+
+def is_heldout(index: int, cfg: DataConfig) -> bool:
+    return index % cfg.heldout_stride == 0 and index // cfg.heldout_stride < cfg.heldout_docs
+
+
+def heldout_documents(cfg: DataConfig) -> list[str]:
+    """The held-out documents (read from the start of the source; stops once all are found)."""
+    docs = []
+    last = (cfg.heldout_docs - 1) * cfg.heldout_stride
+    for index, doc in enumerate(iter_documents(cfg)):
+        if index > last:
+            break
+        if is_heldout(index, cfg):
+            docs.append(doc)
+    return docs
+
+
+def _training_documents(cfg: DataConfig) -> Iterator[str]:
+    return (doc for i, doc in enumerate(iter_documents(cfg)) if not is_heldout(i, cfg))
+
+
+# --- tokens -----------------------------------------------------------------------------------------------
+def eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise RadistillError("the teacher's tokenizer has no EOS token to separate documents with")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize(tokenizer, docs: list[str]) -> list[np.ndarray]:
+    """Each document's token ids followed by EOS (one batched call: fast tokenizers parallelise it)."""
+    if not docs:
+        return []
+    eos = eos_id(tokenizer)
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    return [np.asarray([*row, eos], dtype=np.int64) for row in ids]
+
+
+def heldout_sequences(cfg: DataConfig, tokenizer, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """The held-out documents packed into ``[n, seq_len]`` (the last partial sequence is dropped)."""
+    tokens = np.concatenate(tokenize(tokenizer, heldout_documents(cfg)) or [np.zeros(0, np.int64)])
+    n = len(tokens) // seq_len
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    if n == 0:
+        raise RadistillError(
+            f"the held-out documents hold fewer than {seq_len} tokens: raise data.heldout_docs or lower --seq-len"
+        )
+    return torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len).copy())
+
+
+class PackedStream:
+    """Endless packed sequences ``[seq_len]`` of training documents, deterministic given the seed, resumable.
+
+    ``next_batch(n)`` returns ``[n, seq_len]`` int64; ``state_dict()`` / ``load_state_dict()`` save and restore
+    the exact position. Epochs follow one another without end; the trainer stops at its token budget.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, seed: int):
+        if seq_len < 1:
+            raise RadistillError("seq_len must be at least 1")
+        self.cfg, self.tokenizer, self.seq_len, self.seed = cfg, tokenizer, seq_len, seed
+        self.epoch = 0
+        self.docs_done = 0
+        self.sequences = 0
+        self._buffer = np.zeros(0, dtype=np.int64)
+        self._docs: Iterator[np.ndarray] | None = None
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "docs_done": self.docs_done,
+            "buffer": self._buffer.tolist(),
+            "sequences": self.sequences,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seq_len"] != self.seq_len or state["seed"] != self.seed:
+            raise RadistillError(
+                f"the saved data position is for seq_len {state['seq_len']} / seed {state['seed']}, but this run "
+                f"uses {self.seq_len} / {self.seed}: resume with the recipe the run was started with"
+            )
+        self.epoch, self.docs_done, self.sequences = state["epoch"], state["docs_done"], state["sequences"]
+        self._buffer = np.asarray(state["buffer"], dtype=np.int64)
+        self._docs = None
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self._next_sequence() for _ in range(n)]))
+
+    def _next_sequence(self) -> np.ndarray:
+        pieces, have = [self._buffer], len(self._buffer)
+        while have < self.seq_len:
+            doc = self._next_document()
+            pieces.append(doc)
+            have += len(doc)
+        joined = np.concatenate(pieces)
+        self._buffer = joined[self.seq_len :]
+        self.sequences += 1
+        return joined[: self.seq_len]
+
+    def _next_document(self) -> np.ndarray:
+        if self._docs is None:
+            self._docs = self._epoch_documents(self.epoch, self.docs_done)
+        doc = next(self._docs, None)
+        if doc is not None:
+            self.docs_done += 1
+            return doc
+        if self.docs_done == 0:
+            raise RadistillError(f"--data {self.cfg.source} holds no training documents (all held out or empty)")
+        self.epoch, self.docs_done = self.epoch + 1, 0
+        self._docs = self._epoch_documents(self.epoch, 0)
+        return self._next_document()
+
+    def _epoch_documents(self, epoch: int, skip: int) -> Iterator[np.ndarray]:
+        """Tokenised training documents of ``epoch`` in shuffled order, starting after the first ``skip``."""
+        window_size = self.cfg.shuffle_window
+        window: list[str] = []
+        position = 0  # training documents of this epoch before the current window
+        for doc in _training_documents(self.cfg):
+            window.append(doc)
+            if len(window) == window_size:
+                yield from self._window(window, epoch, position, skip)
+                position += len(window)
+                window = []
+        if window:
+            yield from self._window(window, epoch, position, skip)
+
+    def _window(self, docs: list[str], epoch: int, position: int, skip: int) -> Iterator[np.ndarray]:
+        if position + len(docs) <= skip:  # consumed before the resume point: no tokenising needed
+            return
+        order = list(range(len(docs)))
+        random.Random(f"{self.seed}/{epoch}/{position}").shuffle(order)
+        order = order[max(0, skip - position) :]
+        yield from tokenize(self.tokenizer, [docs[i] for i in order])

@@ -1,0 +1,192 @@
+"""The distillation recipe: every setting of a run, typed, round-tripping through JSON and YAML.
+
+A recipe is what a user keeps beside their results: ``RUN/recipe.json`` is the resolved recipe (file + CLI
+flags) a run actually used, and ``--resume`` reads it back. Defaults are for a ~1B-parameter student and
+follow the authors' released code (goombalab/mohawk) and MOHAWK; ``docs/distill.md`` lists each with its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radistill.utils.errors import RadistillError
+from radistill.utils.io import write_json_atomic
+
+STAGES = (1, 2, 3)
+SCHEDULES = ("wsd", "cosine", "constant")
+TRAINABLE = ("recurrent", "mixer", "all")
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass
+class LossConfig:
+    """Stage 3 only: ``kl_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(student, next token)``."""
+
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    chunk_tokens: int = 2048  # logits are materialised for this many positions at a time (bounds vocab memory)
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    tokens: int = 1_000_000  # budget: steps = tokens // (seq_len * batch_size * grad_accum * world_size)
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    warmup: float = 0.1  # fraction of the steps
+    decay: float = 0.1  # WSD only: fraction of the steps spent decaying at the end
+    schedule: str = "wsd"
+    trainable: str = "all"
+    seq_len: int = 2048
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 16
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0  # max grad norm (per layer in stages 1/2, global in stage 3); 0 = off
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint_every: int = 500  # optimizer steps; a checkpoint is also written at the end of the stage
+    log_every: int = 10
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut; see ``radistill/distill/data.py``."""
+
+    source: str = ""
+    text_field: str = "text"
+    split: str = "train"  # HF datasets only
+    name: str | None = None  # HF dataset config name
+    shuffle_window: int = 1024  # documents are shuffled within consecutive windows of this many
+    heldout_docs: int = 200  # documents kept out of training, for perplexity
+    heldout_stride: int = 50  # ... taken as every stride-th document from the start
+
+
+def _default_stages() -> dict[int, StageConfig]:
+    return {
+        1: StageConfig(enabled=False, tokens=80_000_000, lr=1e-4, trainable="recurrent"),
+        2: StageConfig(tokens=5_000_000_000, lr=1e-4, trainable="all"),
+        3: StageConfig(tokens=20_000_000_000, lr=1e-5, trainable="all"),
+    }
+
+
+@dataclass
+class DistillRecipe:
+    stages: dict[int, StageConfig] = field(default_factory=_default_stages)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    dtype: str = "bf16"  # compute dtype under autocast on CUDA; master weights are always fp32. CPU runs fp32.
+    compile: bool = False  # torch.compile the student's layers (CUDA)
+    tensorboard: bool = False
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk (the newest ones)
+
+    def __post_init__(self):
+        self.validate()
+
+    def stage(self, number: int) -> StageConfig:
+        return self.stages[number]
+
+    def enabled_stages(self) -> list[int]:
+        return [s for s in STAGES if self.stages[s].enabled]
+
+    def validate(self) -> None:
+        if set(self.stages) != set(STAGES):
+            raise RadistillError(f"a recipe has stages 1, 2 and 3 (got {sorted(self.stages)})")
+        if self.dtype not in DTYPES:
+            raise RadistillError(f"recipe dtype '{self.dtype}' is not one of {', '.join(DTYPES)}")
+        for number, st in self.stages.items():
+            where = f"stage {number}"
+            if st.schedule not in SCHEDULES:
+                raise RadistillError(f"{where}: schedule '{st.schedule}' is not one of {', '.join(SCHEDULES)}")
+            if st.trainable not in TRAINABLE:
+                raise RadistillError(f"{where}: trainable '{st.trainable}' is not one of {', '.join(TRAINABLE)}")
+            for name in ("tokens", "seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+                if getattr(st, name) < 1:
+                    raise RadistillError(f"{where}: {name} must be at least 1 (got {getattr(st, name)})")
+            if st.lr <= 0 or not 0 <= st.warmup < 1 or not 0 <= st.decay <= 1 or st.warmup + st.decay > 1:
+                raise RadistillError(
+                    f"{where}: need lr > 0, 0 <= warmup < 1, 0 <= decay <= 1 and warmup + decay <= 1 "
+                    f"(got lr {st.lr}, warmup {st.warmup}, decay {st.decay})"
+                )
+            if st.loss.temperature <= 0 or st.loss.chunk_tokens < 1 or st.loss.kl_weight < 0 or st.loss.ce_weight < 0:
+                raise RadistillError(f"{where}: loss needs temperature > 0, chunk_tokens >= 1, weights >= 0")
+            if number == 3 and st.loss.kl_weight == 0 and st.loss.ce_weight == 0:
+                raise RadistillError("stage 3: kl_weight and ce_weight are both 0, so nothing would be learned")
+        if self.keep_checkpoints < 1:
+            raise RadistillError("keep_checkpoints must be at least 1")
+
+    # --- serialisation --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stages"] = {str(k): {**v, "betas": list(v["betas"])} for k, v in out["stages"].items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DistillRecipe":
+        return merge(cls(), data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DistillRecipe":
+        return cls.from_dict(read_recipe_file(path))
+
+
+def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file's contents as a dict (JSON, or YAML for ``.yaml``/``.yml``)."""
+    path = Path(path)
+    if not path.exists():
+        raise RadistillError(f"recipe file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise RadistillError(f"recipe file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RadistillError(f"recipe file {path} must hold a mapping at the top level")
+    return data
+
+
+def merge(recipe: DistillRecipe, overrides: dict[str, Any]) -> DistillRecipe:
+    """A new recipe: ``recipe`` with ``overrides`` (a partial nested dict, as in a recipe file) applied.
+
+    Stage keys may be ints or strings ("2"). Unknown keys raise, naming the key and the valid ones.
+    """
+    base = recipe.to_dict()
+    _merge_into(base, overrides, "recipe")
+    stages = {int(k): _build(StageConfig, v, f"stages.{k}") for k, v in base.pop("stages").items()}
+    data = _build(DataConfig, base.pop("data"), "data")
+    return DistillRecipe(stages=stages, data=data, **base)
+
+
+def _merge_into(base: dict, overrides: dict, where: str) -> None:
+    for key, value in overrides.items():
+        key = str(key)
+        if key not in base:
+            raise RadistillError(f"unknown recipe key '{where}.{key}': valid keys are {', '.join(map(str, base))}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            _merge_into(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+def _build(cls, values: dict, where: str):
+    values = dict(values)
+    if cls is StageConfig:
+        values["betas"] = tuple(values["betas"])
+        values["loss"] = LossConfig(**values["loss"])
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise RadistillError(f"recipe section '{where}': {exc}") from exc

@@ -1,0 +1,39 @@
+"""Load the teacher and student a run needs and hand them to the :class:`Trainer` (what the CLI calls)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from radistill.distill.recipe import DistillRecipe
+from radistill.distill.trainer import StageResult, Trainer
+from radistill.models.access import load_model, resolve_device
+from radistill.scan.distributed import init_from_env
+from radistill.utils.console import console, is_main_process
+from radistill.utils.errors import RadistillError
+
+
+def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: DistillRecipe, run_dir: str | Path,
+                device: str = "auto", resume: bool = False) -> list[StageResult]:
+    """Distill ``student_dir`` from ``teacher_id`` into ``run_dir`` following ``recipe``.
+
+    Under ``torchrun`` each rank takes its GPU (``LOCAL_RANK``) and joins the process group. The student is
+    trained in fp32 (master weights); the teacher is kept in bf16 on CUDA when the recipe computes in bf16.
+    """
+    if not recipe.enabled_stages():
+        raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
+    device = init_from_env() or resolve_device(device)
+    teacher_dtype = "bf16" if device.startswith("cuda") and recipe.dtype == "bf16" else "fp32"
+    student, _ = load_model(student_dir, dtype="fp32", device=device)
+    teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device=device)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise RadistillError(
+            f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
+            f"({teacher.config.vocab_size}): build the student from this teacher"
+        )
+    selection = Path(student_dir) / "selection.json"
+    extra = (selection,) if selection.exists() else ()
+    trainer = Trainer(student, teacher, tokenizer, recipe, Path(run_dir), device, export_files=extra)
+    results = trainer.run(resume=resume)
+    for r in results if is_main_process() else ():
+        console.print(f"stage {r.stage}: {r.steps:,} steps, {r.tokens:,} tokens, loss {r.loss:.4f}, {r.seconds:.0f} s")
+    return results

@@ -1,0 +1,271 @@
+"""The three MOHAWK stages as *objectives*: given a micro-batch of token ids, run forward and backward.
+
+An objective owns which student parameters train (``units``: groups clipped independently — one per layer in
+stages 1/2, where layers are independent problems, one for the whole model in stage 3) and how their gradients
+are made. It knows nothing of optimisers, schedules or checkpoints (``trainer.py``).
+
+Stages 1 and 2 take the teacher's per-layer inputs from forward hooks on a normal teacher forward, so they
+see exactly what the teacher's layers saw (masks and RoPE included) and each layer gets its own backward,
+so only one layer's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from radistill.distill.losses import (
+    attention_probs, distillation_loss, hidden_alignment_loss, matrix_orientation_loss,
+)
+from radistill.distill.recipe import StageConfig
+from radistill.models.access import decoder_layers, layout_from_config
+from radistill.utils.errors import RadistillError
+
+HEAD_CHUNK = 8  # teacher heads whose [seq, seq] probabilities are materialised at once in stage 1
+
+
+def student_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a student (a hybrid, or any HF decoder with ``base.layers``)."""
+    layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise RadistillError(
+            f"{type(model).__name__} has no decoder layers at `model.layers`: is it a radistill student?"
+        )
+    return layers
+
+
+# --- which parameters train -------------------------------------------------------------------------------
+def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """``all``: the whole decoder layer; ``mixer``: its token mixer (attention + recurrent heads + o_proj);
+    ``recurrent``: only its recurrent heads (empty for a layer without any)."""
+    if trainable == "all":
+        return list(layer.parameters())
+    mixer = layer.self_attn
+    if trainable == "mixer":
+        return list(mixer.parameters())
+    recurrent = getattr(mixer, "recurrent", None)
+    return [] if recurrent is None else list(recurrent.parameters())
+
+
+def model_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    if trainable == "all":
+        return list(model.parameters())
+    return [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
+
+
+# --- teacher taps -----------------------------------------------------------------------------------------
+@dataclass
+class LayerTap:
+    """What one teacher layer saw and produced in the last forward."""
+
+    layer_input: Tensor | None = None  # [batch, seq, hidden]
+    attn_input: Tensor | None = None  # the normed input of self_attn [batch, seq, hidden]
+    kwargs: dict | None = None  # position_embeddings, attention_mask, position_ids as the layer got them
+    output: Tensor | None = None  # [batch, seq, hidden]
+
+
+@contextlib.contextmanager
+def teacher_taps(teacher: nn.Module, layers: list[int]):
+    """Hooks that fill one :class:`LayerTap` per layer in ``layers`` on every teacher forward."""
+    taps = {i: LayerTap() for i in layers}
+    handles = []
+    all_layers = decoder_layers(teacher)
+
+    def first(args, kwargs, name="hidden_states"):
+        return args[0] if args else kwargs[name]
+
+    for i, tap in taps.items():
+        def pre(module, args, kwargs, tap=tap):
+            tap.layer_input = first(args, kwargs)
+            names = ("position_embeddings", "attention_mask", "position_ids")
+            tap.kwargs = {k: kwargs[k] for k in names if k in kwargs}
+
+        def post(module, args, kwargs, output, tap=tap):
+            tap.output = output[0] if isinstance(output, tuple) else output
+
+        def attn_pre(module, args, kwargs, tap=tap):
+            tap.attn_input = first(args, kwargs)
+
+        handles.append(all_layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(all_layers[i].register_forward_hook(post, with_kwargs=True))
+        handles.append(all_layers[i].self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_teacher(teacher: nn.Module, input_ids: Tensor) -> None:
+    with torch.no_grad():
+        getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
+
+
+# --- objectives -------------------------------------------------------------------------------------------
+class Objective:
+    """Forward + backward of one micro-batch; ``units`` name the independently clipped parameter groups."""
+
+    stage: int
+    units: dict[str, list[nn.Parameter]]
+    unit_count: int  # units across all ranks (stage 1/2 layers are spread over ranks)
+
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
+        """Accumulate ``scale`` x the loss gradient into ``.grad``; return the (unscaled) loss summed over units,
+        detached, on the device (reading it would wait for the GPU: the trainer does so once per optimizer step)."""
+        raise NotImplementedError
+
+
+class _LayerwiseObjective(Objective):
+    """Stages 1 and 2: each of ``layers`` is trained against the teacher on its own, with the teacher's input."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], cfg: StageConfig):
+        self.student_base = getattr(student, student.base_model_prefix)
+        self.student_layers = student_layers(student)
+        self.teacher = teacher
+        trained = [i for i, layer in enumerate(self.student_layers) if self.trains(layer, cfg.trainable)]
+        if not trained:
+            raise RadistillError(
+                f"stage {self.stage}: trainable '{cfg.trainable}' selects no parameters in any layer; "
+                "use trainable 'all' or 'mixer'"
+            )
+        self.unit_count = len(trained)
+        self.layers = [i for i in layers if i in trained]
+        self.units = {f"layer{i}": layer_parameters(self.student_layers[i], cfg.trainable) for i in self.layers}
+
+    def trains(self, layer: nn.Module, trainable: str) -> bool:
+        return bool(layer_parameters(layer, trainable))
+
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
+        total = torch.zeros((), device=input_ids.device)
+        with teacher_taps(self.teacher, self.layers) as taps:
+            _run_teacher(self.teacher, input_ids)
+        context = self.batch_context(taps[self.layers[0]]) if self.layers else None
+        for i in self.layers:
+            loss = self.layer_loss(i, taps[i], context)
+            (loss * scale).backward()
+            total += loss.detach()
+        return total
+
+    def batch_context(self, tap: LayerTap):
+        """Whatever every layer's loss needs from this batch, made once (see ``HiddenAlignment``)."""
+        return None
+
+    def layer_loss(self, index: int, tap: LayerTap, context) -> Tensor:
+        raise NotImplementedError
+
+
+class MatrixOrientation(_LayerwiseObjective):
+    """Stage 1: each recurrent head's mixing matrix vs the teacher head's causal attention probabilities."""
+
+    stage = 1
+
+    def __init__(self, student, teacher, layers, cfg):
+        super().__init__(student, teacher, layers, cfg)
+        self.group_size = layout_from_config(teacher.config).group_size
+        self.teacher_layers = decoder_layers(teacher)
+
+    def trains(self, layer: nn.Module, trainable: str) -> bool:
+        # a layer whose heads are all kept has no mixing matrix to orient
+        return getattr(layer.self_attn, "recurrent", None) is not None and super().trains(layer, trainable)
+
+    def layer_loss(self, index: int, tap: LayerTap, context=None) -> Tensor:
+        mixer = self.student_layers[index].self_attn
+        heads = list(mixer.recurrent_heads)
+        student = mixer.recurrent.mixing_matrix(tap.attn_input.detach())
+        teacher_attn = self.teacher_layers[index].self_attn
+        total, start = 0.0, 0
+        targets = attention_probs(teacher_attn, tap.attn_input, tap.kwargs["position_embeddings"], heads,
+                                  self.group_size, HEAD_CHUNK)
+        for target in targets:  # the head-weighted mean of per-chunk means
+            size = target.shape[1]
+            total = total + matrix_orientation_loss(student[:, start : start + size], target) * size
+            start += size
+        return total / len(heads)
+
+
+class HiddenAlignment(_LayerwiseObjective):
+    """Stage 2: the student layer's output vs the teacher layer's, both given the teacher layer's input."""
+
+    stage = 2
+
+    def batch_context(self, tap: LayerTap) -> dict:
+        """The layers' keyword arguments (mask, RoPE). The hybrid builds them itself (its kept-head attention may use
+        another attention implementation than the teacher); a plain HF student takes the teacher's."""
+        make_kwargs = getattr(self.student_base, "layer_kwargs", None)
+        return make_kwargs(tap.layer_input) if make_kwargs is not None else tap.kwargs
+
+    def layer_loss(self, index: int, tap: LayerTap, context: dict) -> Tensor:
+        out = self.student_layers[index](tap.layer_input.detach(), **context)
+        out = out[0] if isinstance(out, tuple) else out
+        return hidden_alignment_loss(out, tap.output)
+
+
+class _DistillationModule(nn.Module):
+    """Student + frozen teacher -> stage-3 loss, as one module so DDP sees the whole student forward."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig):
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)  # a tuple hides it from DDP (no broadcast, no gradient buckets)
+        self.loss_cfg = cfg.loss
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        teacher = self._teacher[0]
+        with torch.no_grad():
+            teacher_hidden = _final_hidden(teacher, input_ids)
+        student_hidden = _final_hidden(self.student, input_ids)
+        return distillation_loss(
+            student_hidden, _head_weight(self.student), teacher_hidden, _head_weight(teacher), input_ids,
+            self.loss_cfg,
+        )
+
+
+def _final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """[batch, seq, hidden]: the final-norm output that the LM head reads."""
+    return getattr(model, model.base_model_prefix)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def _head_weight(model: nn.Module) -> Tensor:
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise RadistillError(f"{type(model).__name__}'s LM head has a bias; stage 3 supports bias-free heads only")
+    return head.weight
+
+
+class Distillation(Objective):
+    """Stage 3: KL(teacher || student) on next-token distributions (+ optional CE), all layers together."""
+
+    stage = 3
+    unit_count = 1
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig, ddp_device: str | None = None):
+        self.module = _DistillationModule(student, teacher, cfg)
+        params = model_parameters(student, cfg.trainable)
+        if not params:
+            raise RadistillError(f"stage 3: trainable '{cfg.trainable}' selects no parameters; use 'all'")
+        self.units = {"model": params}
+        if ddp_device is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [torch.device(ddp_device).index] if ddp_device.startswith("cuda") else None
+            self.module = DistributedDataParallel(self.module, device_ids=ids)
+
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
+        no_sync = getattr(self.module, "no_sync", None)
+        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+            loss = self.module(input_ids)
+            (loss * scale).backward()
+        return loss.detach()
+
+
+def make_objective(stage: int, student: nn.Module, teacher: nn.Module, cfg: StageConfig, layers: list[int],
+                   ddp_device: str | None = None) -> Objective:
+    """The objective of ``stage``; ``layers`` are this rank's layers (stages 1/2), ``ddp_device`` turns on DDP (3)."""
+    if stage == 1:
+        return MatrixOrientation(student, teacher, layers, cfg)
+    if stage == 2:
+        return HiddenAlignment(student, teacher, layers, cfg)
+    return Distillation(student, teacher, cfg, ddp_device)

@@ -1,0 +1,327 @@
+"""The distillation loop: stages in order, each a token budget of optimizer steps, resumable at any checkpoint.
+
+Per optimizer step: ``grad_accum`` micro-batches (bf16 autocast on CUDA, fp32 master weights), per-unit
+gradient clipping (per layer in stages 1/2, whole model in stage 3), a NaN/inf guard, AdamW, the lr from
+:func:`lr_multiplier`. Every ``checkpoint_every`` steps and at each stage's end a checkpoint is published
+(``checkpoint.py``); at each stage's end the student is also exported as an HF checkpoint ``RUN/stageN/``.
+
+Several processes (``torchrun``): stages 1/2 give each rank a block of layers (every rank reads the same
+batches, so the result equals one process's) and broadcast the layers back before every checkpoint; stage 3
+is DDP, each rank taking its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from radistill.distill import checkpoint as ckpt
+from radistill.distill.data import PackedStream
+from radistill.distill.parallel import all_reduce_sum, barrier, broadcast_layers, broadcast_object, owned_layers
+from radistill.distill.recipe import DistillRecipe, StageConfig
+from radistill.distill.schedule import lr_multiplier
+from radistill.distill.stages import Objective, make_objective, student_layers
+from radistill.models.access import decoder_layers
+from radistill.scan.distributed import rank, world_size
+from radistill.utils.console import console, is_main_process, progress
+from radistill.utils.errors import RadistillError
+from radistill.utils.io import write_text_atomic
+
+StepHook = Callable[[int, int], None]  # (stage, step) after every optimizer step; tests use it to interrupt
+
+
+class NonFiniteLossError(RadistillError):
+    """The loss or gradient norm became NaN/inf; training stopped before the bad update."""
+
+
+@dataclass
+class Position:
+    """Where a resumed run continues: ``step`` optimizer steps of ``stage`` are done."""
+
+    stage: int
+    step: int
+    tokens: int
+    data: dict
+    checkpoint: Path
+
+
+@dataclass
+class StageResult:
+    stage: int
+    steps: int
+    tokens: int
+    loss: float
+    seconds: float
+
+
+class Trainer:
+    """Runs the recipe's enabled stages on ``student`` (trained in place) against the frozen ``teacher``.
+
+    ``device``: where both models live; ``export_files``: files copied into every ``RUN/stageN/`` beside the HF
+    checkpoint (e.g. the student's ``selection.json``).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, recipe: DistillRecipe, run_dir: Path,
+                 device: str, export_files: tuple[Path, ...] = (), step_hook: StepHook | None = None):
+        self.student, self.teacher, self.tokenizer, self.recipe = student, teacher, tokenizer, recipe
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.export_files = export_files
+        self.step_hook = step_hook
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.autocast = device.startswith("cuda") and recipe.dtype == "bf16"
+        teacher.requires_grad_(False).eval()
+        if recipe.compile and device.startswith("cuda"):
+            for layer in [*student_layers(student), *decoder_layers(teacher)]:
+                layer.compile()
+        self._tensorboard = None
+        if recipe.tensorboard and is_main_process():  # up front: a missing package fails before any training
+            self._tensorboard = _summary_writer(self.run_dir / "tensorboard")
+
+    # --- the run ------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> list[StageResult]:
+        position = self._restore() if resume else self._check_fresh()
+        if is_main_process():
+            self.recipe.save(self.run_dir / "recipe.json")
+            if position is None:  # nothing to continue: drop records of an attempt that never checkpointed
+                self.metrics_path.unlink(missing_ok=True)
+        results = []
+        for stage in self.recipe.enabled_stages():
+            if position is not None and stage < position.stage:
+                continue
+            here = position if position is not None and position.stage == stage else None
+            results.append(self._train_stage(stage, here))
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        return results
+
+    def _check_fresh(self) -> None:
+        if ckpt.latest(self.ckpt_root) is not None:
+            raise RadistillError(
+                f"{self.run_dir} already holds a distillation run: pass --resume to continue it, or choose a new --out"
+            )
+        return None
+
+    def _restore(self) -> Position | None:
+        path = ckpt.latest(self.ckpt_root)
+        if path is None:
+            if is_main_process():
+                console.print(f"[yellow]{self.run_dir} has no checkpoint yet: starting from the beginning[/]")
+            return None
+        # rank 0 hashes the files; the others learn the verdict (and raise the same error) from it
+        verdict = None
+        if is_main_process():
+            try:
+                ckpt.verify(path)
+            except ckpt.CheckpointError as exc:
+                verdict = str(exc)
+        verdict = broadcast_object(verdict)
+        if verdict is not None:
+            raise ckpt.CheckpointError(verdict)
+        state = ckpt.load_file(path / "trainer.pt")
+        if state["world_size"] != world_size():
+            raise RadistillError(
+                f"{path} was written by {state['world_size']} processes; resume it with the same number "
+                f"(this run has {world_size()})"
+            )
+        if state["recipe"] != self.recipe.to_dict():
+            raise RadistillError(
+                f"the recipe differs from the one {self.run_dir} was started with ({self.run_dir / 'recipe.json'}): "
+                "resume without changing settings, or start a new --out"
+            )
+        self.student.load_state_dict(ckpt.load_file(path / "model.pt"))
+        self._truncate_metrics(state["stage"], state["step"])
+        if is_main_process():
+            console.print(f"resuming from {path.name} ({state['tokens']:,} tokens into stage {state['stage']})")
+        return Position(state["stage"], state["step"], state["tokens"], state["data"], path)
+
+    # --- one stage ----------------------------------------------------------------------------------------
+    def _train_stage(self, stage: int, position: Position | None) -> StageResult:
+        cfg = self.recipe.stage(stage)
+        layers = student_layers(self.student)
+        layerwise = stage in (1, 2)
+        data_shards = 1 if layerwise else world_size()
+        mine = owned_layers(len(layers)) if layerwise else list(range(len(layers)))
+        ddp = self.device if stage == 3 and world_size() > 1 else None
+        objective = make_objective(stage, self.student, self.teacher, cfg, mine, ddp_device=ddp)
+        optimizer = self.make_optimizer(objective, cfg)
+        self.student.train()
+        stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len, seed=self.recipe.seed * 1000 + stage)
+        tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * data_shards
+        total = max(1, cfg.tokens // tokens_per_step)
+        step, tokens = 0, 0
+        if position is not None:
+            step, tokens = position.step, position.tokens
+            stream.load_state_dict(position.data)
+            mine_state = ckpt.load_file(position.checkpoint / f"rank{rank()}.pt")
+            _set_rng_state(mine_state["rng"])
+            optimizer.load_state_dict(
+                mine_state["optimizer"] if mine_state["optimizer"] is not None
+                else ckpt.load_file(position.checkpoint / "rank0.pt")["optimizer"]
+            )
+        if is_main_process() and step < total:
+            console.print(
+                f"stage {stage}: {total - step:,} steps of {tokens_per_step:,} tokens "
+                f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum} accum x {data_shards} ranks)"
+            )
+        started, last_loss = time.perf_counter(), float("nan")
+        window_start, window_tokens = started, 0
+        with progress() as bar:
+            task = bar.add_task(f"stage {stage}", total=total, completed=step, status="")
+            while step < total:
+                loss, grad_norm, lr = self.step(objective, optimizer, stream, cfg, stage, step, total, data_shards)
+                step += 1
+                tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                last_loss = loss
+                if step % cfg.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    rate = window_tokens / max(now - window_start, 1e-9)
+                    self._log(dict(stage=stage, step=step, steps=total, tokens=tokens, loss=loss, lr=lr,
+                                   grad_norm=grad_norm, tokens_per_s=rate, elapsed=now - started))
+                    bar.update(task, completed=step, status=f"loss {loss:.4f} · {rate:,.0f} tok/s")
+                    window_start, window_tokens = now, 0
+                if step % cfg.checkpoint_every == 0 or step == total:
+                    self._save(stage, step, tokens, stream, optimizer, layerwise)
+                if self.step_hook is not None:
+                    self.step_hook(stage, step)
+        if layerwise:
+            broadcast_layers(layers)
+        self._export(stage)
+        self.student.requires_grad_(True).eval()
+        return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
+
+    def make_optimizer(self, objective: Objective, cfg: StageConfig) -> torch.optim.Optimizer:
+        self.student.requires_grad_(False)
+        params = list({id(p): p for unit in objective.units.values() for p in unit}.values())
+        for p in params:
+            p.requires_grad_(True)
+        # no weight decay on gains and biases (1-D), as usual for Transformers
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        fused = self.device.startswith("cuda")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+    def step(self, objective: Objective, optimizer, stream: PackedStream, cfg: StageConfig, stage: int, step: int,
+              total: int, data_shards: int) -> tuple[float, float, float]:
+        lr = cfg.lr * lr_multiplier(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = stream.next_batch(cfg.batch_size * data_shards)
+            if data_shards > 1:
+                batch = batch[rank() * cfg.batch_size : (rank() + 1) * cfg.batch_size]
+            # a blocking copy to the GPU would wait for the kernels queued before it
+            cuda = self.device.startswith("cuda")
+            batch = (batch.pin_memory() if cuda else batch).to(self.device, non_blocking=cuda)
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
+                final = micro == cfg.grad_accum - 1  # DDP syncs gradients on the last micro-batch only
+                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final)
+        max_norm = cfg.clip if cfg.clip > 0 else float("inf")
+        norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm) for ps in objective.units.values()]
+        squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), device=self.device)
+        # stage 3 (DDP): each rank's loss is its shard's mean, grads are already averaged; stages 1/2: each rank
+        # sums its own layers' losses and grad norms. One reduction, and the step's only wait for the GPU.
+        loss_total, squares = all_reduce_sum(torch.stack([loss_sum.double() / cfg.grad_accum, squares]))
+        loss = loss_total / (data_shards if stage == 3 else objective.unit_count)
+        grad_norm = (squares / (data_shards if stage == 3 else 1)) ** 0.5
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            last = ckpt.latest(self.ckpt_root)
+            raise NonFiniteLossError(
+                f"stage {stage}, step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); stopped before "
+                f"applying it. The last good checkpoint is {last or 'none (nothing was saved yet)'}: lower the "
+                f"learning rate (--lr-stage{stage}) or the clip, then --resume"
+            )
+        optimizer.step()
+        return loss, grad_norm, lr
+
+    # --- files --------------------------------------------------------------------------------------------
+    def _save(self, stage: int, step: int, tokens: int, stream: PackedStream, optimizer, layerwise: bool) -> None:
+        if layerwise:
+            broadcast_layers(student_layers(self.student))
+        name = ckpt.checkpoint_name(stage, step)
+        partial = ckpt.partial_dir(self.ckpt_root, name)
+        if is_main_process():
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            ckpt.save_file(self.student.state_dict(), partial / "model.pt")
+            ckpt.save_file(dict(stage=stage, step=step, tokens=tokens, data=stream.state_dict(),
+                                world_size=world_size(), recipe=self.recipe.to_dict()), partial / "trainer.pt")
+        barrier()
+        sharded = layerwise and world_size() > 1  # in stage 3 every rank's optimizer state is the same
+        own = optimizer.state_dict() if sharded or is_main_process() else None
+        ckpt.save_file({"rng": _rng_state(), "optimizer": own}, partial / f"rank{rank()}.pt")
+        barrier()
+        if is_main_process():
+            meta = dict(stage=stage, step=step, tokens=tokens, world_size=world_size())
+            ckpt.publish(self.ckpt_root, name, meta, self.recipe.keep_checkpoints)
+        barrier()
+
+    def _export(self, stage: int) -> None:
+        """``RUN/stageN/``: the student as a loadable HF checkpoint, published by rename."""
+        if is_main_process():
+            final = self.run_dir / f"stage{stage}"
+            partial = self.run_dir / f".stage{stage}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            self.student.save_pretrained(partial)
+            self.tokenizer.save_pretrained(partial)
+            for extra in self.export_files:
+                shutil.copy2(extra, partial / Path(extra).name)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+        barrier()
+
+    def _log(self, record: dict) -> None:
+        if not is_main_process():
+            return
+        with open(self.metrics_path, "a") as fh:  # append-only log; a resume trims it back to the checkpoint
+            fh.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self._tensorboard.add_scalar(f"stage{record['stage']}/{key}", record[key], record["tokens"])
+
+    def _truncate_metrics(self, stage: int, step: int) -> None:
+        """Drop log records written after the checkpoint being resumed (they will be logged again)."""
+        if not is_main_process() or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and (json.loads(line)["stage"], json.loads(line)["step"]) <= (stage, step)]
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise RadistillError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop the flag; "
+                             "metrics.jsonl has the same numbers)") from exc
+    return SummaryWriter(path)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

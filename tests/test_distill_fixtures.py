@@ -1,0 +1,68 @@
+"""Shared pieces of the distillation tests: a tiny corpus, a character tokenizer, a tiny teacher and student."""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from radistill.distill.recipe import DistillRecipe, merge
+from radistill.models.presets import random_model, tiny_config
+
+EOS = "<|endoftext|>"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP's spinning threads
+    make them ~20x slower under load. Import this fixture into a test module to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def char_tokenizer():
+    """An HF fast tokenizer with one token per printable ASCII character (no network, no training)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS: 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(string.printable)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, unk_token="<unk>", pad_token=EOS)
+
+
+def write_corpus(path: Path, docs: int = 60, seed: int = 0) -> list[str]:
+    """A .txt corpus of ``docs`` short documents separated as the project's corpora are."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "kernel", "page", "lock", "queue", "the", "a", "of", "and"]
+    texts = [f"doc {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) for i in range(docs)]
+    path.write_text("\n<|endoftext|>\n".join(texts) + "\n<|endoftext|>\n")
+    return texts
+
+
+def tiny_teacher(seed: int = 0):
+    return random_model(tiny_config("llama", num_hidden_layers=2), seed=seed)
+
+
+def tiny_student(teacher, kept=((1,), (2,)), state_size: int = 8):
+    """The hybrid student of ``teacher`` keeping ``kept[layer]`` query heads (in memory, uncalibrated)."""
+    from radistill.hybrid.build import convert, student_config
+
+    config = student_config(teacher, [list(k) for k in kept], "discrete_mamba2", {"state_size": state_size})
+    return convert(teacher, config)
+
+
+def tiny_recipe(corpus: Path, stages=(2, 3), **stage_overrides) -> DistillRecipe:
+    stage = {**dict(tokens=16 * 4 * 6, seq_len=16, batch_size=2, grad_accum=2, lr=3e-3, warmup=0.0, decay=0.0,
+                    schedule="constant", checkpoint_every=2, log_every=1), **stage_overrides}
+    overrides = {
+        "stages": {s: {**stage, "enabled": s in stages} for s in (1, 2, 3)},
+        "data": {"source": str(corpus), "shuffle_window": 8, "heldout_docs": 2, "heldout_stride": 10},
+        "dtype": "fp32",
+    }
+    return merge(DistillRecipe(), overrides)

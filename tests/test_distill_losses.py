@@ -1,0 +1,97 @@
+"""The MOHAWK losses and their pieces against independent references (exact checks where they exist)."""
+
+import math
+
+import pytest
+import torch
+
+from radistill.distill.losses import (attention_probs, distillation_loss, hidden_alignment_loss,
+                                      matrix_orientation_loss, reference_distillation_loss)
+from radistill.distill.recipe import LossConfig, StageConfig
+from radistill.distill.schedule import lr_multiplier
+from radistill.distill.stages import MatrixOrientation, teacher_taps
+from radistill.models.access import decoder_layers
+from test_distill_fixtures import one_thread, tiny_student, tiny_teacher  # noqa: F401 (autouse fixture)
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(chunk_tokens=5), LossConfig(ce_weight=0.5, temperature=2.0, chunk_tokens=7),
+                                 LossConfig(kl_weight=0.0, ce_weight=1.0, chunk_tokens=64)])
+def test_fused_distillation_loss_matches_whole_logits(cfg):
+    torch.manual_seed(0)
+    batch, seq, hidden, vocab = 2, 9, 8, 23
+    h = torch.randn(batch, seq, hidden, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, hidden, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(batch, seq, hidden, dtype=torch.float64), torch.randn(vocab, hidden, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (batch, seq))
+
+    fused = distillation_loss(h, w, th, tw, ids, cfg)
+    g_h, g_w = torch.autograd.grad(fused * 3.0, (h, w))
+    ref = reference_distillation_loss(h @ w.t(), th @ tw.t(), ids, cfg).double()
+    r_h, r_w = torch.autograd.grad(ref * 3.0, (h, w))
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_h, r_h, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-6, atol=1e-7)
+
+
+def test_kl_is_zero_for_identical_models():
+    h, w = torch.randn(1, 6, 4), torch.randn(11, 4)
+    loss = distillation_loss(h, w, h, w, torch.zeros(1, 6, dtype=torch.long), LossConfig(chunk_tokens=4))
+    assert abs(loss.item()) < 1e-6
+
+
+def test_attention_probs_equal_the_teachers_own_attention_weights():
+    teacher = tiny_teacher()
+    teacher.config._attn_implementation = "eager"
+    ids = torch.randint(0, 256, (2, 12))
+    layer = 1
+    with teacher_taps(teacher, [layer]) as taps:
+        out = teacher(ids, output_attentions=True)
+    want = out.attentions[layer]  # [batch, heads, seq, seq]
+    heads = [3, 0, 2]  # any subset, any order; GQA groups of 2
+    chunks = attention_probs(decoder_layers(teacher)[layer].self_attn, taps[layer].attn_input,
+                             taps[layer].kwargs["position_embeddings"], heads, group_size=2, head_chunk=2)
+    torch.testing.assert_close(torch.cat(list(chunks), dim=1), want[:, heads], rtol=1e-5, atol=1e-6)
+
+
+def test_stage1_loss_is_exactly_zero_when_the_mixer_reproduces_attention(monkeypatch):
+    """Stage 1 end to end (taps, head chunking, GQA): a mixer whose matrix *is* the teacher's attention scores 0."""
+    import radistill.distill.stages as stages
+
+    monkeypatch.setattr(stages, "HEAD_CHUNK", 2)  # 3 recurrent heads per layer -> chunks of 2 + 1
+    teacher = tiny_teacher()
+    student = tiny_student(teacher)
+    objective = MatrixOrientation(student, teacher, [0, 1], StageConfig(trainable="recurrent"))
+    ids = torch.randint(0, 256, (2, 10))
+    with teacher_taps(teacher, [0, 1]) as taps:
+        teacher(ids)
+    for i in (0, 1):
+        mixer = objective.student_layers[i].self_attn
+        exact = torch.cat(list(attention_probs(decoder_layers(teacher)[i].self_attn, taps[i].attn_input,
+                                               taps[i].kwargs["position_embeddings"], mixer.recurrent_heads, 2, 2)), 1)
+        monkeypatch.setattr(mixer.recurrent, "mixing_matrix", lambda x, m=None, exact=exact: exact.clone())
+        assert objective.layer_loss(i, taps[i]).item() == 0.0
+        off = exact.clone()
+        off[0, 1, 4, :5] = 0.0  # a row of one head's matrix wiped: loss = its norm / (batch * heads)
+        monkeypatch.setattr(mixer.recurrent, "mixing_matrix", lambda x, m=None, off=off: off)
+        want = exact[0, 1, 4, :5].norm() / (2 * len(mixer.recurrent_heads))
+        torch.testing.assert_close(objective.layer_loss(i, taps[i]), want.float())
+
+
+def test_matrix_and_hidden_losses_by_hand():
+    a = torch.zeros(1, 2, 3, 3)
+    b = torch.zeros(1, 2, 3, 3)
+    b[0, 0, 0, 0], b[0, 1] = 3.0, 1.0  # head norms 3 and 3
+    assert matrix_orientation_loss(a, b).item() == pytest.approx(3.0)
+    x = torch.zeros(1, 2, 2)
+    y = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])  # token norms 5 and 1 (not squared)
+    assert hidden_alignment_loss(x, y).item() == pytest.approx(3.0)
+
+
+def test_schedules():
+    cfg = StageConfig(schedule="wsd", warmup=0.1, decay=0.2, min_lr_ratio=0.0)
+    lrs = [lr_multiplier(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[80] == pytest.approx(1 - 1 / 20) and lrs[99] == pytest.approx(0.0)
+    cos = StageConfig(schedule="cosine", warmup=0.0, decay=0.0, min_lr_ratio=0.1)
+    assert lr_multiplier(0, 11, cos) == 1.0 and lr_multiplier(10, 11, cos) == pytest.approx(0.1)
+    assert lr_multiplier(5, 11, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))

@@ -1,0 +1,84 @@
+"""Recipes: defaults, JSON/YAML round trips, CLI overrides, and the `radistill distill` command end to end."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from radistill.distill.cli import overrides_from_flags, register, resolve_recipe
+from radistill.distill.recipe import DistillRecipe, merge
+from radistill.utils.errors import RadistillError
+from test_distill_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
+    char_tokenizer, one_thread, tiny_student, tiny_teacher, write_corpus,
+)
+
+
+def test_defaults_follow_the_authors():
+    recipe = DistillRecipe()
+    assert recipe.enabled_stages() == [2, 3]  # stage 1 off for hybrids, as the paper
+    s2, s3 = recipe.stage(2), recipe.stage(3)
+    assert (s2.tokens, s2.lr, s3.tokens, s3.lr) == (5_000_000_000, 1e-4, 20_000_000_000, 1e-5)
+    assert (s3.seq_len, s3.batch_size * s3.grad_accum, s3.betas, s3.weight_decay) == (2048, 128, (0.9, 0.95), 0.1)
+    assert (s3.schedule, s3.warmup, s3.decay) == ("wsd", 0.1, 0.1)
+
+
+def test_round_trips_through_json_and_yaml(tmp_path):
+    recipe = merge(DistillRecipe(), {"stages": {"3": {"lr": 3e-5, "loss": {"ce_weight": 0.2}}}, "seed": 7})
+    recipe.save(tmp_path / "r.json")
+    assert DistillRecipe.load(tmp_path / "r.json") == recipe
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    assert DistillRecipe.load(tmp_path / "r.yaml") == recipe
+    assert json.loads((tmp_path / "r.json").read_text())["stages"]["3"]["loss"]["ce_weight"] == 0.2
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"stages": {"2": {"lr_max": 1}}}, "unknown recipe key 'recipe.stages.2.lr_max'"),
+    ({"stages": {"3": {"schedule": "linear"}}}, "schedule 'linear'"),
+    ({"stages": {"2": {"trainable": "heads"}}}, "trainable 'heads'"),
+    ({"stages": {"2": {"warmup": 0.7, "decay": 0.5}}}, "warmup"),
+    ({"dtype": "fp8"}, "dtype 'fp8'"),
+])
+def test_invalid_recipes_are_rejected(bad, match):
+    with pytest.raises(RadistillError, match=match):
+        merge(DistillRecipe(), bad)
+
+
+def test_flags_override_the_recipe_file(tmp_path):
+    (tmp_path / "r.yaml").write_text("stages:\n  3:\n    lr: 2.0e-5\n    seq_len: 512\nseed: 3\n")
+    flags = overrides_from_flags(stages="1,3", seq_len=1024, tokens={3: 1000}, lr={1: 5e-4}, data="x.txt")
+    recipe = resolve_recipe(tmp_path / "run", tmp_path / "r.yaml", flags, resume=False)
+    assert recipe.enabled_stages() == [1, 3]
+    assert (recipe.stage(3).lr, recipe.stage(3).seq_len, recipe.stage(3).tokens) == (2e-5, 1024, 1000)
+    assert (recipe.stage(1).lr, recipe.seed, recipe.data.source) == (5e-4, 3, "x.txt")
+    with pytest.raises(RadistillError, match="--stages"):
+        overrides_from_flags(stages="2,4")
+
+
+def test_distill_command_end_to_end(tmp_path):
+    teacher = tiny_teacher()
+    tokenizer = char_tokenizer()
+    tiny_student(teacher).save_pretrained(tmp_path / "student")
+    for model in ("teacher", "student"):
+        tokenizer.save_pretrained(tmp_path / model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, docs=40)
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps typer's subcommand form
+    args = ["distill", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data", str(corpus),
+            "--out", str(tmp_path / "run"), "--stages", "2,3", "--tokens-stage2", "128", "--tokens-stage3", "128",
+            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
+    assert saved["stages"]["3"]["tokens"] == 128 and saved["data"]["source"] == str(corpus)
+    for stage in (2, 3):
+        assert (tmp_path / "run" / f"stage{stage}" / "config.json").exists()
+    # resuming a finished run does nothing more; resuming with other settings is refused
+    assert CliRunner().invoke(app, [*args, "--resume"]).exit_code == 0
+    changed = CliRunner().invoke(app, [*args, "--resume", "--lr-stage3", "1e-3"])
+    assert isinstance(changed.exception, RadistillError) and "recipe differs" in str(changed.exception)
