@@ -1,0 +1,59 @@
+"""``radistill finetune STUDENT --data FILE --out DIR``: LoRA on the recurrent heads and kept heads (or all)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from radistill.utils.console import console
+from radistill.utils.errors import RadistillError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    def finetune(
+        student: Path = typer.Argument(..., help="student directory (from `radistill build` or `distill`)"),
+        out: Path = typer.Option(..., "--out", help="directory for the adapter (and merged/ with --merge)"),
+        data: Optional[str] = typer.Option(None, "--data", help="JSONL of {prompt, answer} pairs, or text "
+                                                                 "(.txt/.txt.xz/.jsonl/.parquet/HF dataset id)"),
+        targets: str = typer.Option("recurrent,kept-heads", "--targets",
+                                    help="recurrent, kept-heads, o-proj, mlp (comma-separated), or all"),
+        rank: int = typer.Option(16, "--rank", help="LoRA rank"),
+        alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha (scale = alpha / rank)"),
+        dropout: float = typer.Option(0.0, "--dropout"),
+        steps: int = typer.Option(100, "--steps"),
+        lr: float = typer.Option(2e-4, "--lr"),
+        batch_size: int = typer.Option(8, "--batch-size"),
+        seq_len: int = typer.Option(512, "--seq-len", help="longest pair / packed text length in tokens"),
+        optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit"),
+        checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing",
+                                           help="activation checkpointing of the decoder layers"),
+        seed: int = typer.Option(0, "--seed"),
+        merge: bool = typer.Option(False, "--merge", help="also write OUT/merged: adapters folded into the weights"),
+        adapter: Optional[Path] = typer.Option(None, "--adapter", help="merge this saved adapter (no training) "
+                                                                        "into STUDENT, written to OUT"),
+        device: str = typer.Option("auto", "--device"),
+        overwrite: bool = typer.Option(False, "--overwrite"),
+    ) -> None:
+        """LoRA fine-tuning of a student: adapters on the recurrent heads and kept heads only (default) or on
+        every linear layer; save, reload with PeftModel.from_pretrained, merge into a plain checkpoint."""
+        from radistill.finetune.lora import LoraSpec
+        from radistill.finetune.run import finetune_student, merge_adapter
+        from radistill.finetune.train import FinetuneConfig
+
+        if adapter is not None:
+            if data is not None:
+                raise RadistillError("--adapter merges an existing adapter; drop --data (or drop --adapter to train)")
+            console.print(f"merged {adapter} into {merge_adapter(student, adapter, out)}")
+            return
+        if data is None:
+            raise RadistillError("say what to train on: --data FILE (or --adapter DIR to merge a saved adapter)")
+        cfg = FinetuneConfig(lora=LoraSpec(targets=targets, rank=rank, alpha=alpha, dropout=dropout), steps=steps,
+                             lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                             checkpointing=checkpointing, seed=seed)
+        result = finetune_student(student, data, out, cfg, device=device, merge=merge, overwrite=overwrite)
+        console.print(f"{result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+                      f"{result.tokens_per_s:,.0f} target tokens/s; adapter in {out}"
+                      + (f", merged student in {out / 'merged'}" if merge else ""))

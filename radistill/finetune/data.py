@@ -1,0 +1,121 @@
+"""Fine-tuning data: prompt/answer pairs (loss on the answer only) or plain text (loss on every token).
+
+``--data FILE``: a ``.jsonl`` whose records have ``prompt`` and ``answer`` is a teaching task; anything else is
+text, read and packed by :class:`radistill.distill.data.PackedStream` (``.txt``, ``.txt.xz``, ``.jsonl`` with a
+``text`` field, ``.parquet``, HF dataset ids).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from radistill.utils.errors import RadistillError
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    answer: str
+
+
+def is_pairs_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a JSONL file whose first record has ``prompt`` and ``answer``."""
+    path = Path(path)
+    if not path.name.endswith(".jsonl") or not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                return isinstance(record, dict) and {"prompt", "answer"} <= set(record)
+    return False
+
+
+def load_pairs(path: str | os.PathLike) -> list[Pair]:
+    """One ``{"prompt": ..., "answer": ...}`` object per line (the answer is appended to the prompt as is)."""
+    pairs = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                pairs.append(Pair(str(record["prompt"]), str(record["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RadistillError(f"{path}:{number}: expected {{\"prompt\": ..., \"answer\": ...}} ({exc})") from exc
+    if not pairs:
+        raise RadistillError(f"{path} holds no prompt/answer pairs")
+    return pairs
+
+
+def encode_pair(tokenizer, pair: Pair, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels are the ids on the answer's tokens and IGNORE on the prompt's."""
+    prompt = tokenizer(pair.prompt).input_ids
+    whole = tokenizer(pair.prompt + pair.answer).input_ids
+    if whole[: len(prompt)] != prompt:  # a token merged across the boundary: encode the answer on its own
+        whole = prompt + tokenizer(pair.answer, add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is not None:
+        whole = whole + [tokenizer.eos_token_id]  # teaches the model to stop after the answer
+    if len(whole) > max_length:
+        raise RadistillError(f"a prompt/answer pair is {len(whole)} tokens, over --seq-len {max_length}: raise "
+                             "--seq-len or shorten the pair")
+    return whole, [IGNORE] * len(prompt) + whole[len(prompt):]
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``{"input_ids", "attention_mask", "labels"}`` [batch, longest]."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (row_ids, row_labels) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids)
+        labels[r, : len(row_labels)] = torch.tensor(row_labels)
+        mask[r, : len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pair_batches(tokenizer, pairs: list[Pair], batch_size: int, max_length: int, seed: int = 0
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of pairs (a new order every epoch)."""
+    encoded = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        size = min(batch_size, len(order))  # fewer pairs than a batch: every batch is all of them
+        for start in range(0, len(order) - size + 1, size):
+            yield collate([encoded[i] for i in order[start : start + size]], pad)
+
+
+def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless packed text batches (every token is a target; documents are separated by EOS)."""
+    from radistill.distill.data import PackedStream
+    from radistill.distill.recipe import DataConfig
+
+    stream = PackedStream(DataConfig(source=source, heldout_docs=0), tokenizer, seq_len, seed=seed)
+    while True:
+        ids = stream.next_batch(batch_size)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Pairs or text batches, by what ``source`` holds (module docstring)."""
+    if is_pairs_file(source):
+        return pair_batches(tokenizer, load_pairs(source), batch_size, seq_len, seed)
+    return text_batches(tokenizer, source, batch_size, seq_len, seed)
+
+
+__all__ = ["IGNORE", "Pair", "batches", "collate", "encode_pair", "is_pairs_file", "load_pairs", "pair_batches",
+           "text_batches"]

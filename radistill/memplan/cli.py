@@ -1,0 +1,90 @@
+"""``radistill plan TEACHER_OR_CONFIG --gpu-memory 24GiB``: every step's estimated peak and the strategy that fits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from radistill.utils.console import console
+
+PARTS = ("weights", "trainable", "activations", "teacher", "logits", "caches")
+SHORT = {"trainable": "grads+opt", "activations": "activ."}
+
+
+def plan_table(plan) -> Table:
+    from radistill.memplan.estimate import GiB
+
+    table = Table(title=f"memory plan for {plan.model} in {plan.gpu_memory / GiB:.1f} GiB "
+                        f"({plan.budget / GiB:.1f} GiB usable), GiB")
+    table.add_column("step", no_wrap=True)
+    for part in PARTS:
+        table.add_column(SHORT.get(part, part), justify="right")
+    table.add_column("peak", justify="right")
+    for s in plan.steps:
+        peak = f"[{'green' if s.fits else 'bold red'}]{s.memory.total / GiB:.2f}[/]"
+        table.add_row(s.step, *(f"{getattr(s.memory, p) / GiB:.2f}" for p in PARTS), peak)
+    return table
+
+
+def strategy_lines(plan) -> str:
+    """One line per step: the strategy chosen, then its notes (too long for table cells)."""
+    lines = []
+    for s in plan.steps:
+        lines.append(f"[bold]{s.step}[/]: {s.strategy.describe()}")
+        lines += [f"    [dim]{n}[/]" for n in s.notes]
+    return "\n".join(lines)
+
+
+def serving_table(plan) -> Table:
+    table = Table(title=f"serving in {plan.budget / (1 << 30):.1f} GiB (bf16, prefill in chunks)")
+    for column in ("model", "KV B/token", "state B/seq", "max context (batch 1)", "max batch"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, s in plan.serving.items():
+        over = s.max_positions and s.max_context_b1 > s.max_positions
+        context = f"{s.max_context_b1:,}" + (" (> model's max)" if over else "")
+        table.add_row(name, f"{s.kv_bytes_per_token:,}", f"{s.state_bytes:,}", context,
+                      f"{s.max_batch} at {s.batch_context:,}")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan(
+        model: str = typer.Argument(..., help="teacher or student directory, config.json, HF id, or a shape name "
+                                               "(llama-3.2-1b, nanbeige4.1-3b)"),
+        gpu_memory: str = typer.Option(..., "--gpu-memory", help="GPU memory to plan for, e.g. 24GiB"),
+        keep: Optional[int] = typer.Option(None, "--keep", help="teacher: heads the student keeps"),
+        state_size: Optional[int] = typer.Option(None, "--state-size", help="teacher: the student's state size"),
+        seq_len: int = typer.Option(2048, "--seq-len", help="training sequence length"),
+        batch_size: int = typer.Option(8, "--batch-size", help="sequences per optimizer step (per process)"),
+        eval_batch: int = typer.Option(8, "--eval-batch", help="sequences per eval forward"),
+        lora_rank: int = typer.Option(16, "--lora-rank"),
+        lora_targets: str = typer.Option("recurrent,kept-heads", "--lora-targets"),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16 (mixed precision) or fp32"),
+        reserve: float = typer.Option(0.05, "--reserve", help="fraction of the GPU kept free for fragmentation"),
+        out: Optional[Path] = typer.Option(None, "--out", help="also write the plan as JSON here"),
+        as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
+    ) -> None:
+        """Estimate each pipeline step's peak GPU memory (weights, trainable state, activations, teacher, logits,
+        caches) and choose how it fits: layer-at-a-time stages, checkpointing, chunked logits, 8-bit or LoRA."""
+        from radistill.memplan.plan import make_plan
+        from radistill.memplan.estimate import Workload
+
+        work = Workload(seq_len=seq_len, batch_size=batch_size, dtype=dtype, lora_rank=lora_rank,
+                        lora_targets=lora_targets, eval_batch=eval_batch, eval_context=seq_len)
+        result = make_plan(model, gpu_memory, keep=keep, state_size=state_size, workload=work, reserve=reserve)
+        if out is not None:
+            result.save(out)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        console.print(plan_table(result))
+        console.print(strategy_lines(result))
+        console.print(serving_table(result))
+        if not result.fits:
+            bad = ", ".join(s.step for s in result.steps if not s.fits)
+            console.print(f"[bold red]does not fit:[/] {bad} (red); the row shows its leanest strategy")

@@ -1,0 +1,51 @@
+"""The plan of a distillation run, from its recipe: what ``radistill distill --gpu-memory`` checks and applies.
+
+``plan_distill`` plans each enabled stage with that stage's own sequence length and batch; ``recipe_overrides``
+turns the chosen strategies into recipe settings the trainer already has (micro-batch, gradient accumulation,
+logit chunk). The other choices (layers at a time, a streamed teacher, LoRA, checkpointing, 8-bit AdamW) are in
+each :class:`StepPlan`'s strategy for the trainer to act on.
+"""
+
+from __future__ import annotations
+
+from radistill.memplan.estimate import Estimator, Workload
+from radistill.memplan.plan import Plan, eight_bit_optimizer, parse_size, plan_step
+from radistill.memplan.shapes import Shapes
+
+
+def stage_workload(recipe, stage: int) -> Workload:
+    cfg = recipe.stage(stage)
+    return Workload(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=recipe.dtype)
+
+
+def plan_distill(model, recipe, gpu_memory: str | int, reserve: float = 0.05) -> Plan:
+    """Plan the recipe's enabled stages for ``model`` (a student directory/config, or a teacher config with the
+    student's ``keep`` unknown: pass the student)."""
+    from radistill.hybrid.memory import load_any_config
+
+    config = model if hasattr(model, "to_dict") else load_any_config(model)
+    gpu = parse_size(gpu_memory)
+    budget = int(gpu * (1 - reserve))
+    shapes = Shapes(config)
+    eight_bit = eight_bit_optimizer()
+    steps = [plan_step(Estimator(shapes, stage_workload(recipe, s)), f"distill stage {s}", budget, eight_bit)
+             for s in recipe.enabled_stages()]
+    return Plan(str(model), gpu, budget, stage_workload(recipe, recipe.enabled_stages()[-1]), steps, {}, eight_bit)
+
+
+def recipe_overrides(plan: Plan, recipe) -> dict:
+    """A partial recipe (for ``radistill.distill.recipe.merge``): each planned stage's micro-batch, with gradient
+    accumulation raised so the sequences per step stay the same, and stage 3's logit chunk."""
+    stages: dict[int, dict] = {}
+    for step in plan.steps:
+        number = int(step.step.rsplit(" ", 1)[1])
+        cfg = recipe.stage(number)
+        micro = step.strategy.micro_batch
+        override = {"batch_size": micro, "grad_accum": cfg.grad_accum * max(1, cfg.batch_size // micro)}
+        if number == 3 and step.strategy.logits_chunk:
+            override["loss"] = {"chunk_tokens": step.strategy.logits_chunk}
+        stages[number] = override
+    return {"stages": stages}
+
+
+__all__ = ["plan_distill", "recipe_overrides", "stage_workload"]
