@@ -26,6 +26,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test process: the test models are tiny, pytest-xdist runs one process per core,
+    and OpenMP's spinning threads make tiny models many times slower on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def teacher_19m_path() -> Path:
     if not TEACHER_19M.exists():

@@ -31,16 +31,6 @@ from radistill.utils.errors import RadistillError
 VOCAB = 260  # 256 bytes + 3 special tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on the shared 2-core CI box (and fairer to its
-    neighbours). Belongs in conftest.py once that file's owner agrees."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (no merges, no files, no network): 256 byte tokens + <eos>, <pad>, <bos>."""
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}

@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 
 from radistill.distill.recipe import merge
 from radistill.distill.trainer import Trainer
-from test_distill_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
-    char_tokenizer, one_thread, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
+from test_distill_fixtures import (
+    char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
 )
 
 

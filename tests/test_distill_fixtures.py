@@ -15,16 +15,6 @@ from radistill.models.presets import random_model, tiny_config
 EOS = "<|endoftext|>"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine OpenMP's spinning threads
-    make them ~20x slower under load. Import this fixture into a test module to apply it there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def char_tokenizer():
     """An HF fast tokenizer with one token per printable ASCII character (no network, no training)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from radistill.distill.cli import overrides_from_flags, register, resolve_recipe
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
-    char_tokenizer, one_thread, tiny_student, tiny_teacher, write_corpus,
+from test_distill_fixtures import (
+    char_tokenizer, tiny_student, tiny_teacher, write_corpus,
 )
 
 

@@ -12,8 +12,8 @@ from radistill.distill.data import PackedStream
 from radistill.distill.stages import make_objective
 from radistill.distill.trainer import NonFiniteLossError, Trainer
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
-    char_tokenizer, one_thread, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
+from test_distill_fixtures import (
+    char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
 )
 
 

@@ -20,16 +20,6 @@ MIXED = [[0, 1, 3], [], [2], [0, 1, 2, 3]]
 SETTINGS = {"state_size": 8, "chunk_size": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on the shared 2-core CI box (and fairer to its
-    neighbours). Belongs in conftest.py once that file's owner agrees."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (biases and norm weights included, which HF's init leaves at 0 / 1)."""

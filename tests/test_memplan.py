@@ -33,14 +33,6 @@ B, T = 4, 128
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_parse_size():
     assert parse_size("24GiB") == 24 << 30
     assert parse_size("24 GB") == 24 * 10**9
