@@ -9,7 +9,7 @@ import torch
 from radistill.distill.data import PackedStream, heldout_documents, heldout_sequences, is_heldout, iter_documents
 from radistill.distill.recipe import DataConfig
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import char_tokenizer, write_corpus
+from distill_helpers import char_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from radistill.distill.recipe import merge
 from radistill.distill.trainer import Trainer
-from test_distill_fixtures import (
+from distill_helpers import (
     char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
 )
 

@@ -11,7 +11,7 @@ from radistill.distill.recipe import LossConfig, StageConfig
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import MatrixOrientation, teacher_taps
 from radistill.models.access import decoder_layers
-from test_distill_fixtures import tiny_student, tiny_teacher
+from distill_helpers import tiny_student, tiny_teacher
 
 
 @pytest.mark.parametrize("cfg", [LossConfig(chunk_tokens=5), LossConfig(ce_weight=0.5, temperature=2.0, chunk_tokens=7),

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from radistill.distill.cli import overrides_from_flags, register, resolve_recipe
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import (
+from distill_helpers import (
     char_tokenizer, tiny_student, tiny_teacher, write_corpus,
 )
 

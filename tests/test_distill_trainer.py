@@ -12,7 +12,7 @@ from radistill.distill.data import PackedStream
 from radistill.distill.stages import make_objective
 from radistill.distill.trainer import NonFiniteLossError, Trainer
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import (
+from distill_helpers import (
     char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
 )
 
@@ -176,7 +176,7 @@ _KILLABLE_RUN = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from test_distill_fixtures import char_tokenizer, tiny_recipe, tiny_student, tiny_teacher
+from distill_helpers import char_tokenizer, tiny_recipe, tiny_student, tiny_teacher
 from radistill.distill.trainer import Trainer
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ from radistill.finetune.run import save_merged
 from radistill.finetune.targets import parse_targets, target_modules
 from radistill.finetune.train import FinetuneConfig, causal_lm_loss, train
 from radistill.utils.errors import RadistillError
-from test_distill_fixtures import char_tokenizer, tiny_student, tiny_teacher
+from distill_helpers import char_tokenizer, tiny_student, tiny_teacher
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -15,7 +15,7 @@ from radistill.hybrid.build import build_student, load_selection
 from radistill.memplan import Workload, make_plan, require_fit
 from radistill.models.presets import SHAPES, random_model, tiny_config
 from radistill.scan.run import probe_items, scan_model
-from test_distill_fixtures import char_tokenizer, tiny_recipe, write_corpus
+from distill_helpers import char_tokenizer, tiny_recipe, write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 NANBEIGE = SHAPES["nanbeige4.1-3b"]

@@ -6,8 +6,6 @@ import random
 import string
 from pathlib import Path
 
-import pytest
-import torch
 
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.models.presets import random_model, tiny_config
