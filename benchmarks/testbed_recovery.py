@@ -1,8 +1,9 @@
 """The method's effect on a real model: does keeping the scan's top heads let a distilled hybrid keep retrieval?
 
-    python benchmarks/testbed_recovery.py                      # one GPU, unattended, < ~9 minutes
-    python benchmarks/testbed_recovery.py --budget-tokens 20e6 # cap the tokens per student
-    python benchmarks/testbed_recovery.py --quick              # CPU smoke run (tiny budget, few probe items)
+    python benchmarks/testbed_recovery.py                          # one GPU: 20M tokens per student (fixed budget)
+    python benchmarks/testbed_recovery.py --budget-tokens 50e6     # another fixed budget per student
+    python benchmarks/testbed_recovery.py --time-limit 540         # the largest budget (<= 50M) that fits 540 s
+    python benchmarks/testbed_recovery.py --quick                  # CPU smoke run (tiny budget, few probe items)
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus ``../shared/fixtures/corpus/prose-train.txt.xz`` as the
 only training text (no retrieval data; the students' normaliser is calibrated on prose too):
@@ -10,19 +11,28 @@ only training text (no retrieval data; the students' normaliser is calibrated on
 1. scan the teacher's 80 heads with the KV-retrieval probe (or read ``--scan scan.json``);
 2. build four students: the top 4 heads with state 64 and with state 8, no heads, and 4 random heads from the
    lower half of the ranking (state 64);
-3. distill each with the same recipe and token budget (stage 2 then stage 3, the trainer of ``radistill distill``);
-4. report KV-retrieval accuracy at 5/10/20/40 pairs (log-likelihood over the dictionary's values) and held-out
-   prose perplexity, beside the teacher's.
+3. distill each with the same recipe and token budget (stage 2 on 20% of the tokens, then stage 3 on 80%, as the
+   authors' 5B + 20B; the trainer of ``radistill distill``);
+4. report KV-retrieval accuracy at 5/10/20/40 pairs (log-likelihood over the dictionary's values, items seeded
+   apart from the scan's) and held-out prose perplexity, beside the teacher's, and each student's numbers before
+   distillation.
 
-The budget is the same for every student: ``--budget-tokens`` (default 50M), lowered if a short throughput
-measurement says four students would not fit in ``--time-limit``. If training still runs over (a slower
-machine than measured), each student stops at its share of the time and its actual tokens are reported.
+Budget. Without ``--time-limit`` every student gets ``--budget-tokens`` (default 20M; --quick 2,048) and training
+is never cut short. With ``--time-limit``, throughput is measured *after* a warm-up (compilation, autotuning), the
+evaluation cost is measured on a real (untrained) student, and the budget is the largest that fits the time left
+after the measured per-student costs (capped at ``--budget-tokens``, default 50M there). If it clearly cannot fit
+(an explicit ``--budget-tokens`` over the limit, or fewer than ``MIN_TOKENS`` tokens), the run stops before
+training with the numbers that say why. A student that still overruns its predicted time by 50% is stopped and
+flagged in red, in the table ("time cap") and the JSON (``truncated``).
+
+Every phase is timed (``timings`` in the JSON; a table at the end), so the next run's budget can be trusted.
 Writes ``benchmarks/results/testbed_recovery.json`` and ``.md`` (only ``testbed_recovery-quick.json`` with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import platform
@@ -40,12 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from distill import time_steps  # noqa: E402  (benchmarks/distill.py)
-from radistill.distill.data import (  # noqa: E402
-    DOC_SEPARATOR, PackedStream, heldout_documents, is_heldout, iter_documents,
-)
+from radistill.distill.data import PackedStream, heldout_sequences, is_heldout, iter_documents  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
+from radistill.probes.items import EncodedItem, encode_items  # noqa: E402
+from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
+from radistill.probes.scoring import choice_logprobs, summarize  # noqa: E402
 from radistill.utils.console import console  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fixtures"
@@ -53,22 +64,68 @@ TEACHER = SHARED / "teacher-19m"
 CORPUS = SHARED / "corpus" / "prose-train.txt.xz"
 PAIRS = (5, 10, 20, 40)
 STAGE2_SHARE = 0.2  # of each student's tokens (the authors' repo: 5B of 25B)
+KV_SEED = 1234  # evaluation items: not the scan's seed (0), heads are not judged on the items that ranked them
+DEFAULT_BUDGET = 20_000_000  # tokens per student without --time-limit
+MAX_AUTO_BUDGET = 50_000_000  # with --time-limit and no --budget-tokens: the issue's ceiling
+MIN_TOKENS = {"cuda": 2_000_000, "cpu": 1_024}  # below this a student learns nothing worth reporting: stop instead
+OVERRUN = 1.5  # a student stops at this many times its predicted training time (time-limited runs only)
 
 
 class OutOfTime(Exception):
-    """Raised from the trainer's step hook when a student has used its share of the time."""
+    """Raised from the trainer's step hook when a student overruns its predicted time."""
+
+
+class BudgetError(SystemExit):
+    """The requested budget cannot fit: stop before training, loudly."""
+
+
+class Timings:
+    """Wall seconds per named phase, in the order they first ran (a phase run twice adds up)."""
+
+    def __init__(self, sync):
+        self.seconds: dict[str, float] = {}
+        self.sync = sync
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def to_dict(self) -> dict[str, float]:
+        out = {k: round(v, 2) for k, v in self.seconds.items()}
+        out["other"] = round(self.elapsed() - sum(self.seconds.values()), 2)
+        out["total"] = round(self.elapsed(), 2)
+        return out
+
+    def table(self) -> str:
+        rows = self.to_dict()
+        total = rows["total"]
+        width = max(len(k) for k in rows)
+        lines = [f"{'phase':<{width}}  seconds  share"]
+        lines += [f"{k:<{width}}  {v:7.1f}  {v / max(total, 1e-9):5.1%}" for k, v in rows.items()]
+        return "\n".join(lines)
 
 
 def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: float = 3e-4) -> DistillRecipe:
-    """The recipe every student gets: stage 2 then stage 3, cosine schedules, seq 512 (the teacher's context).
+    """The recipe every student gets: stage 2 then stage 3, cosine schedules, seq 512 (--quick: 128).
 
     Learning rates are those of a small model (the teacher-19m was trained at ~1e-3), not the 1B defaults."""
     batch, accum = (4, 1) if quick else (64, 1)
     seq = 128 if quick else 512
     shared = dict(seq_len=seq, batch_size=batch, grad_accum=accum, schedule="cosine", warmup=0.05, decay=0.0,
-                  min_lr_ratio=0.1, checkpoint_every=10**9, log_every=10, clip=1.0)
-    stage2 = max(int(tokens * STAGE2_SHARE), seq * batch * accum)
-    stage3 = max(tokens - stage2, seq * batch * accum)
+                  min_lr_ratio=0.1, checkpoint_every=10**9, log_every=5 if quick else 20, clip=1.0)
+    per_step = seq * batch * accum
+    stage2 = max(int(tokens * STAGE2_SHARE) // per_step, 1) * per_step
+    stage3 = max((tokens - stage2) // per_step, 1) * per_step
     return merge(DistillRecipe(), {
         "stages": {1: {"enabled": False},
                    2: {**shared, "tokens": stage2, "lr": lr2, "trainable": "all"},
@@ -99,50 +156,113 @@ def scan_heads(args, device: str, work: Path):
     return [(h.layer, h.head) for h in result.heads]
 
 
-def evaluate(model, tokenizer, heldout_file: Path, quick: bool) -> dict:
-    from radistill.eval.kv import KVEvalConfig, kv_retrieval
-    from radistill.eval.perplexity import PerplexityConfig, perplexity
+# --- evaluation: one prompt forward per item, big batches, a bounded held-out set ---------------------------
+class EvalSet:
+    """KV items (tokenised once) per dictionary size and held-out windows [n, seq], shared by every model."""
 
+    def __init__(self, tokenizer, recipe: DistillRecipe, kv_items_per_size: int, ppl_tokens: int, seq_len: int):
+        self.kv: dict[int, list[EncodedItem]] = {
+            p: encode_items(tokenizer, kv_items(tokenizer, KVProbeConfig(pairs=p, samples=kv_items_per_size,
+                                                                          seed=KV_SEED)))
+            for p in PAIRS
+        }
+        self.heldout = heldout_sequences(recipe.data, tokenizer, seq_len, max(1, ppl_tokens // seq_len))
+
+
+@torch.inference_mode()
+def kv_accuracy(model, items: list[EncodedItem], batch: int, device: str) -> float:
+    """Log-likelihood multiple choice over the dictionary's values. Single-token values (this tokenizer): every
+    choice is read off ONE forward of the prompt (right-padded rows; a causal model's last real position does
+    not see the padding), for attention and recurrent models alike. Otherwise ``choice_logprobs``."""
+    if not all(len(c) == 1 for item in items for c in item.choice_ids):
+        return summarize(choice_logprobs(model, items, batch_size=batch), [i.answer for i in items]).accuracy
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    correct = 0
+    order = sorted(items, key=lambda i: len(i.prompt_ids))
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        width = max(len(i.prompt_ids) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, item in enumerate(rows):
+            ids[r, : len(item.prompt_ids)] = torch.tensor(item.prompt_ids)
+        last = torch.tensor([len(i.prompt_ids) - 1 for i in rows], device=device)
+        with _autocast(device):
+            hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state
+            logits = head(hidden[torch.arange(len(rows), device=device), last]).float()  # [rows, vocab]
+        for r, item in enumerate(rows):
+            correct += int(logits[r, [c[0] for c in item.choice_ids]].argmax()) == item.answer
+    return correct / len(items)
+
+
+@torch.inference_mode()
+def heldout_perplexity(model, windows: torch.Tensor, batch: int, device: str) -> float:
+    """exp(mean next-token NLL) over packed held-out windows [n, seq] (each predicts its seq - 1 next tokens)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(windows), batch):
+        ids = windows[start : start + batch].to(device)
+        with _autocast(device):
+            logits = head(decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]).float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    return float(torch.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def evaluate(model, evalset: EvalSet, device: str, batch: int) -> dict:
     model.eval()
-    config = KVEvalConfig(pairs=PAIRS, samples=16 if quick else 200, generate=False)
-    kv = {t.name.split("@")[1]: t.value for t in kv_retrieval(model, tokenizer, config) if "@" in t.name}
-    ppl = perplexity(model, tokenizer, PerplexityConfig(str(heldout_file), seq_len=512,
-                                                         max_tokens=4096 if quick else 65536))
-    return {"kv_retrieval": kv, "heldout_ppl": ppl.value}
+    kv = {str(p): kv_accuracy(model, items, batch, device) for p, items in evalset.kv.items()}
+    return {"kv_retrieval": kv, "heldout_ppl": heldout_perplexity(model, evalset.heldout, max(1, batch // 4), device)}
 
 
-def measure_rates(student_dir: Path, teacher, tokenizer, recipe: DistillRecipe, device: str) -> dict[int, float]:
-    """Tokens/s of stages 2 and 3 for one student over a few steps (what sizes the budget)."""
-    student, _ = load_model(student_dir, dtype="fp32", device=device)
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+# --- training -----------------------------------------------------------------------------------------------
+def measure_costs(student, teacher, tokenizer, recipe: DistillRecipe, device: str, run_dir: Path):
+    """What sizes the budget, measured on a throwaway copy of a real student:
+
+    - tokens/s of stages 2 and 3 timed AFTER warm-up steps (torch.compile, autotuning, allocator; the compiled
+      graphs are kept for the real runs, one cache per process);
+    - the trainer's fixed cost per student (streams starting, checkpoints, exports, first steps): a full
+      ``Trainer.run`` of one step per stage, minus those two steps at the measured rates.
+    Returns ({stage: tokens/s}, fixed seconds)."""
     rates = {}
     for stage in (2, 3):
         stream = PackedStream(recipe.data, tokenizer, recipe.stage(stage).seq_len, seed=0)
-        seconds, _ = time_steps(stage, student, teacher, recipe, stream, device, steps=2 if device == "cpu" else 8,
-                                warmup=2)
+        warmup, steps = (1, 2) if device == "cpu" else (3, 10)
+        seconds, _ = time_steps(stage, student, teacher, recipe, stream, device, steps=steps, warmup=warmup)
         rates[stage] = _tokens_per_step(recipe, stage) / seconds
-    return rates
+    one_step = merge(recipe, {"stages": {k: {"tokens": _tokens_per_step(recipe, k)} for k in (2, 3)}})
+    start = time.perf_counter()
+    Trainer(student, teacher, tokenizer, one_step, run_dir, device).run()
+    fixed = time.perf_counter() - start - sum(_tokens_per_step(recipe, k) / rates[k] for k in (2, 3))
+    return rates, max(fixed, 0.0)
 
 
-def distill_student(student_dir: Path, run_dir: Path, teacher, tokenizer, recipe: DistillRecipe, device: str,
-                    seconds: float):
-    """Train one student (stage 2 then 3); stop early when ``seconds`` run out. Returns (model, tokens, seconds)."""
-    student, _ = load_model(student_dir, dtype="fp32", device=device)
-    deadline = time.perf_counter() + seconds
-    started = time.perf_counter()
+def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillRecipe, device: str,
+                    deadline_seconds: float | None, timings: Timings, name: str) -> tuple[int, bool, dict]:
+    """Train ``student`` in place (stage 2 then 3). Returns (tokens, truncated, {stage: seconds})."""
     steps_done: dict[int, int] = {}
+    stage_clock: dict[int, float] = {}
+    deadline = None if deadline_seconds is None else time.perf_counter() + deadline_seconds
 
-    def guard(stage: int, step: int) -> None:
+    def hook(stage: int, step: int) -> None:
+        if stage not in stage_clock:
+            stage_clock[stage] = time.perf_counter()
         steps_done[stage] = step
-        if time.perf_counter() > deadline:
+        if deadline is not None and time.perf_counter() > deadline:
             raise OutOfTime
 
     truncated = False
-    try:
-        Trainer(student, teacher, tokenizer, recipe, run_dir, device, step_hook=guard).run()
-    except OutOfTime:
-        truncated = True
+    stage_seconds: dict[int, float] = {}
+    with timings(f"{name}: train"):
+        try:
+            for result in Trainer(student, teacher, tokenizer, recipe, run_dir, device, step_hook=hook).run():
+                stage_seconds[result.stage] = result.seconds
+        except OutOfTime:
+            truncated = True
     tokens = sum(step * _tokens_per_step(recipe, stage) for stage, step in steps_done.items())
-    return student, tokens, time.perf_counter() - started, truncated
+    return tokens, truncated, stage_seconds
 
 
 def _tokens_per_step(recipe: DistillRecipe, stage: int) -> int:
@@ -150,47 +270,76 @@ def _tokens_per_step(recipe: DistillRecipe, stage: int) -> int:
     return cfg.seq_len * cfg.batch_size * cfg.grad_accum
 
 
+def _compiled_graphs() -> int | None:
+    """Graphs torch.compile has built in this process (each recompilation adds one)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 (a private counter: report what we can)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny budget, few probe items")
-    parser.add_argument("--budget-tokens", type=float, default=None, help="tokens per student (default 50M; quick 40k)")
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run (default 480)")
+    parser.add_argument("--budget-tokens", type=float, default=None,
+                        help=f"tokens per student (default {DEFAULT_BUDGET:,}; with --time-limit: at most this, "
+                             f"default {MAX_AUTO_BUDGET:,}; quick 2,048)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds for the whole run: size the budget from measured costs (default: no limit)")
+    parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all)")
+    parser.add_argument("--kv-items", type=int, default=None, help="KV items per dictionary size (200; quick 16)")
+    parser.add_argument("--ppl-tokens", type=int, default=None,
+                        help="held-out tokens for perplexity (65,536; quick 4,096)")
+    parser.add_argument("--eval-batch", type=int, default=None, help="rows per evaluation forward (256; quick 16)")
     parser.add_argument("--scan", type=Path, default=None, help="use this scan.json instead of scanning")
     parser.add_argument("--lr-stage2", type=float, default=1e-3)
     parser.add_argument("--lr-stage3", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default 1: on a shared machine oversubscribed OpenMP is 10-20x slower)")
     parser.add_argument("--work", type=Path, default=None, help="where students and runs go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    started = time.perf_counter()
     if not TEACHER.exists() or not CORPUS.exists():
         console.print(f"[red]needs {TEACHER} and {CORPUS}[/]")
         return 2
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     quick = args.quick or device == "cpu"
-    budget = int(args.budget_tokens or (40_000 if quick else 50_000_000))
-    time_limit = args.time_limit or (1200.0 if quick else 480.0)
+    if device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    timings = Timings(torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    graphs_at_start = _compiled_graphs()
+    kv_per_size = args.kv_items or (16 if quick else 200)
+    ppl_tokens = args.ppl_tokens or (4096 if quick else 65536)
+    eval_batch = args.eval_batch or (16 if quick else 256)
+    limited = args.time_limit is not None
+    if args.budget_tokens is not None:
+        budget = int(args.budget_tokens)
+    else:
+        budget = 2048 if quick else (MAX_AUTO_BUDGET if limited else DEFAULT_BUDGET)
     out = args.out or ROOT / "benchmarks" / "results" / ("testbed_recovery-quick.json" if quick else
                                                          "testbed_recovery.json")
     work = args.work or Path(tempfile.mkdtemp(prefix="testbed-recovery-"))
     work.mkdir(parents=True, exist_ok=True)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     from radistill.hybrid.build import build_student
 
-    teacher, tokenizer = load_model(TEACHER, dtype="bf16" if device == "cuda" else "fp32", device=device)
-    recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3)
-    heldout = heldout_documents(recipe.data)
-    heldout_file = work / "heldout.txt"
-    heldout_file.write_text(DOC_SEPARATOR.join(heldout))
-    # the normaliser's statistics come from training prose too: the students never see a retrieval-format text
-    calibration_file = work / "calibration.txt"
-    calibration_file.write_text(calibration_text(recipe, 8 if quick else 64))
+    with timings("setup (teacher, held-out, probe items)"):
+        teacher, tokenizer = load_model(TEACHER, dtype="bf16" if device == "cuda" else "fp32", device=device)
+        recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3)
+        evalset = EvalSet(tokenizer, recipe, kv_per_size, ppl_tokens, recipe.stage(3).seq_len)
+        # the normaliser's statistics come from training prose too: the students never see a retrieval-format text
+        calibration_file = work / "calibration.txt"
+        calibration_file.write_text(calibration_text(recipe, 8 if quick else 64))
 
     console.print("scanning the teacher's heads ...")
-    ranked = scan_heads(args, device, work)
+    with timings("scan"):
+        ranked = scan_heads(args, device, work)
     lower_half = ranked[len(ranked) // 2 :]
     random_low = sorted(random.Random(args.seed).sample(lower_half, 4))
     students = [
@@ -199,62 +348,121 @@ def main(argv: list[str] | None = None) -> int:
         {"name": "none-s64", "kept_heads": [], "state_size": 64},
         {"name": "random-low4-s64", "kept_heads": random_low, "state_size": 64},
     ]
-    for s in students:
-        build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
-                      tokenizer=tokenizer, calibration_text=calibration_file, overwrite=True)
+    if args.students:
+        wanted = [s.strip() for s in args.students.split(",")]
+        unknown = sorted(set(wanted) - {s["name"] for s in students})
+        if unknown:
+            parser.error(f"unknown students {unknown}: choose from {', '.join(s['name'] for s in students)}")
+        students = [s for s in students if s["name"] in wanted]
+    with timings("build students"):
+        for s in students:
+            build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
+                          tokenizer=tokenizer, calibration_text=calibration_file, overwrite=True)
 
     console.print("evaluating the teacher ...")
-    eval_start = time.perf_counter()
-    teacher_result = {"name": "teacher", **evaluate(teacher, tokenizer, heldout_file, quick)}
-    eval_seconds = time.perf_counter() - eval_start
+    with timings("eval: teacher"):
+        teacher_result = {"name": "teacher", **evaluate(teacher, evalset, device, eval_batch)}
+    console.print(_row_line(teacher_result))
 
-    rates = measure_rates(work / students[0]["name"], teacher, tokenizer, recipe, device)
-    # reserve per student: its evaluation (slower than the teacher's: first calls compile the recurrence), export
-    remaining = time_limit - (time.perf_counter() - started) - len(students) * (max(3 * eval_seconds, 30) + 10)
-    per_student = max(remaining / len(students), 1.0)
+    # measured costs: throughput after warm-up, and one real student's evaluation (its "before" numbers)
+    console.print(f"measuring throughput after warm-up on {students[0]['name']} ...")
+    with timings("measure throughput + trainer overhead (incl. warm-up/compile)"):
+        probe, _ = load_model(work / students[0]["name"], dtype="fp32", device=device)
+        rates, trainer_fixed = measure_costs(probe, teacher, tokenizer, recipe, device, work / "run-probe")
+        del probe
+    before: dict[str, dict] = {}
+    eval_cost = 0.0
+    for s in students if not quick else students[:1]:
+        with timings(f"eval before: {s['name']}"):
+            model, _ = load_model(work / s["name"], dtype="fp32", device=device)
+            start = time.perf_counter()
+            before[s["name"]] = evaluate(model, evalset, device, eval_batch)
+            eval_cost = max(eval_cost, time.perf_counter() - start)
+            del model
+        console.print(_row_line({"name": f"{s['name']} (before)", **before[s["name"]]}))
+
     seconds_per_token = STAGE2_SHARE / rates[2] + (1 - STAGE2_SHARE) / rates[3]
-    fits = int(0.8 * per_student / seconds_per_token)  # 20% margin: stage switches, exports, data
-    rate_text = f"stage 2 {rates[2]:,.0f} tok/s, stage 3 {rates[3]:,.0f} tok/s"
-    if fits < budget:
-        console.print(f"[yellow]{budget:,} tokens per student would not fit in the time limit ({rate_text}): "
-                      f"using {fits:,}[/]")
-        budget = fits
+    per_student_overhead = eval_cost + trainer_fixed + 1.0  # + loading the student
+    rate_text = f"stage 2 {rates[2]:,.0f} tok/s, stage 3 {rates[3]:,.0f} tok/s after warm-up"
+    predicted_train = budget * seconds_per_token
+    predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
+    if limited:
+        left = args.time_limit - timings.elapsed() - len(students) * per_student_overhead
+        fits = int(0.9 * max(left, 0.0) / len(students) / seconds_per_token)  # 10% margin
+        why = (f"{rate_text}; {timings.elapsed():.0f} s spent before training; per student: evaluation "
+               f"{eval_cost:.1f} s, trainer overhead {trainer_fixed:.1f} s; {len(students)} students")
+        if args.budget_tokens is not None and fits < budget:
+            raise BudgetError(f"--budget-tokens {budget:,} does not fit --time-limit {args.time_limit:.0f} s "
+                              f"(predicted {predicted_total:.0f} s; at most {fits:,} tokens fit): {why}. "
+                              "Raise --time-limit or lower --budget-tokens.")
+        if fits < MIN_TOKENS[device]:
+            raise BudgetError(f"only {fits:,} tokens per student fit --time-limit {args.time_limit:.0f} s "
+                              f"(need >= {MIN_TOKENS[device]:,}): {why}. Raise --time-limit, or drop it and pass "
+                              "--budget-tokens.")
+        budget = min(budget, fits)
         recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3)
-    console.print(f"budget: {budget:,} tokens per student ({rate_text}, {per_student:.0f} s each)")
+        predicted_train = budget * seconds_per_token
+        predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
+    budget = recipe.stage(2).tokens + recipe.stage(3).tokens  # whole steps
+    console.print(f"budget: {budget:,} tokens per student (stage 2 {recipe.stage(2).tokens:,} + stage 3 "
+                  f"{recipe.stage(3).tokens:,}); {rate_text}; predicted {predicted_train:.0f} s training + "
+                  f"{per_student_overhead:.0f} s overhead per student, {predicted_total:.0f} s in all")
 
     rows = []
     for s in students:
         console.print(f"distilling {s['name']} ...")
-        model, tokens, seconds, truncated = distill_student(
-            work / s["name"], work / f"run-{s['name']}", teacher, tokenizer, recipe, device, per_student)
-        row = {**s, "kept_heads": [list(h) for h in s["kept_heads"]], "tokens": tokens,
-               "train_seconds": round(seconds, 1), "truncated": truncated,
-               **evaluate(model, tokenizer, heldout_file, quick)}
+        with timings(f"{s['name']}: load"):
+            model, _ = load_model(work / s["name"], dtype="fp32", device=device)
+        deadline = OVERRUN * (predicted_train + trainer_fixed) + 30 if limited else None
+        tokens, truncated, stage_seconds = distill_student(
+            model, work / f"run-{s['name']}", teacher, tokenizer, recipe, device, deadline, timings, s["name"])
+        if truncated:
+            console.print(f"[red]{s['name']} overran its predicted {predicted_train + trainer_fixed:.0f} s by "
+                          f"{OVERRUN}x and was stopped at {tokens:,} of {budget:,} tokens: the throughput "
+                          "measurement was wrong[/]")
+        with timings(f"{s['name']}: eval"):
+            result = evaluate(model, evalset, device, eval_batch)
+        row = {**s, "kept_heads": [list(h) for h in s["kept_heads"]], "tokens": tokens, "truncated": truncated,
+               "train_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
+               **result}
+        if s["name"] in before:
+            row["before"] = before[s["name"]]
         rows.append(row)
         console.print(_row_line(row))
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    graphs = _compiled_graphs()
     result = {
         "students": rows,
         "teacher": teacher_result,
         "recipe": recipe.to_dict(),
         "budget_tokens": budget,
-        "measured_tokens_per_s": {f"stage{k}": v for k, v in rates.items()},
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "budget_mode": "time-limit" if limited else "fixed",
+        "time_limit": args.time_limit,
+        "measured_tokens_per_s": {f"stage{k}": round(v, 1) for k, v in rates.items()},
+        "measured_seconds_per_student": {"eval": round(eval_cost, 2), "trainer_overhead": round(trainer_fixed, 2)},
+        "predicted_seconds": round(predicted_total, 1),
+        "wall_seconds": round(timings.elapsed(), 1),
+        "timings": timings.to_dict(),
+        "compiled_graphs": None if graphs is None else graphs - (graphs_at_start or 0),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads() if device == "cpu" else None,
         "quick": quick,
         "torch": torch.__version__,
-        "kv_items_per_size": 16 if quick else 200,
+        "kv_items_per_size": kv_per_size,
+        "heldout_tokens": int(evalset.heldout.numel()),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     print(table)
+    print("\n" + timings.table())
     if not quick:  # quick results are smoke tests (the *-quick.json files are git-ignored)
-        out.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {out}" + ("" if quick else f" and {out.with_suffix('.md')}") + f" in {result['wall_seconds']:.0f} s")
+        out.with_suffix(".md").write_text(table + "\n\n```\n" + timings.table() + "\n```\n")
+    print(f"wrote {out}" + ("" if quick else f" and {out.with_suffix('.md')}") + f" in {result['wall_seconds']:.0f} s "
+          f"(predicted {result['predicted_seconds']:.0f} s; torch.compile graphs: {result['compiled_graphs']})")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -262,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row_line(row: dict) -> str:
     kv = " ".join(f"{k}:{v:.2f}" for k, v in row["kv_retrieval"].items())
-    return f"{row['name']}: KV {kv}  ppl {row['heldout_ppl']:.2f}  {row.get('tokens', 0):,} tokens"
+    tokens = f"  {row['tokens']:,} tokens" if "tokens" in row else ""
+    return f"{row['name']}: KV {kv}  ppl {row['heldout_ppl']:.2f}{tokens}"
 
 
 def markdown(result: dict) -> str:
@@ -276,9 +485,16 @@ def markdown(result: dict) -> str:
         note = " (time cap)" if r["truncated"] else ""
         lines.append(f"| {r['name']} | {kept} | {r['state_size']} | {r['tokens']:,}{note} | "
                      + " | ".join(f"{r['kv_retrieval'][str(p)]:.2f}" for p in PAIRS) + f" | {r['heldout_ppl']:.2f} |")
-    lines.append(f"\n{result['device']}, {result['wall_seconds']:.0f} s wall, {result['kv_items_per_size']} KV items "
-                 f"per size, stage 2 {result['recipe']['stages']['2']['tokens']:,} + stage 3 "
-                 f"{result['recipe']['stages']['3']['tokens']:,} tokens budgeted per student.")
+        if "before" in r:
+            b = r["before"]
+            kv = " | ".join(f"{b['kv_retrieval'][str(p)]:.2f}" for p in PAIRS)
+            lines.append(f"| ↳ before distillation | | | 0 | {kv} | {b['heldout_ppl']:.2f} |")
+    stages = result["recipe"]["stages"]
+    lines.append(f"\n{result['device']}, {result['wall_seconds']:.0f} s wall "
+                 f"(predicted {result['predicted_seconds']:.0f} s), "
+                 f"{result['kv_items_per_size']} KV items per size, {result['heldout_tokens']:,} held-out tokens; "
+                 f"stage 2 {stages['2']['tokens']:,} + stage 3 {stages['3']['tokens']:,} tokens per student "
+                 f"({result['budget_mode']} budget).")
     return "\n".join(lines)
 
 

@@ -32,8 +32,12 @@ def _log_once(message: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def compiled_ssd_chunk():
-    """ssd_chunk under torch.compile (built on first use; on CUDA only: on CPU it would need a C++ toolchain)."""
-    return torch.compile(ssd_chunk)
+    """ssd_chunk under torch.compile (built on first use; on CUDA only: on CPU it would need a C++ toolchain).
+
+    dynamic=True: one graph for every batch, length, head count and state size. With the default (static first,
+    then a recompile each time another dimension turns out to vary) a run that meets layers with different numbers
+    of recurrent heads, then a student of another state size, compiles three times (tens of seconds each on H100)."""
+    return torch.compile(ssd_chunk, dynamic=True)
 
 
 def ssd(
