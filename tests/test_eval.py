@@ -189,6 +189,8 @@ def test_task_specs_and_errors():
     assert EvalConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(RadistillError, match="unknown eval setting"):
         EvalConfig.from_dict({"taks": ["kv"]})
+    with pytest.raises(RadistillError, match="unknown eval.kv setting"):
+        EvalConfig.from_dict({"kv": {"pair": [5]}})
 
 
 def test_evaluate_model_runs_every_kind(teacher, tmp_path):

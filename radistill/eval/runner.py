@@ -1,0 +1,152 @@
+"""`radistill eval` as a function: task specs -> evaluators -> an :class:`EvalReport` (``eval.json``).
+
+A task spec is one of
+  ``kv``              KV retrieval at ``EvalConfig.kv.pairs`` (log-likelihood and greedy generation)
+  ``ppl``             perplexity on ``EvalConfig.text``
+  ``PATH.jsonl``      the user's multiple-choice items, named after the file
+  ``NAME``            an lm-eval task (``arc_easy``, ``hellaswag``, ``mmlu``, a local YAML's task, ...)
+and any of the last two may end in ``@knowledge`` or ``@retrieval`` to put it in one of the paper's groups
+(lm-eval's paper tasks are grouped already).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from radistill.eval.choice import jsonl_task
+from radistill.eval.coverage import DEFAULT_GROUPS, EvalReport, TaskResult, check_group
+from radistill.eval.harness import lm_eval_tasks
+from radistill.eval.kv import KVEvalConfig, kv_retrieval
+from radistill.eval.perplexity import PerplexityConfig, perplexity
+from radistill.utils.console import console
+from radistill.utils.errors import RadistillError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str  # "kv" | "ppl" | "jsonl" | "lm_eval"
+    name: str
+    group: str | None = None
+    path: str | None = None
+
+
+def parse_task(spec: str) -> TaskSpec:
+    name, _, group = spec.strip().partition("@")
+    group = check_group(group or None, f"task '{spec}'")
+    if name in ("kv", "ppl"):
+        if group:
+            raise RadistillError(f"task '{spec}': the built-in task '{name}' has a fixed group; drop '@{group}'")
+        return TaskSpec(name, name)
+    if name.endswith(".jsonl"):
+        return TaskSpec("jsonl", Path(name).stem, group, name)
+    if not name:
+        raise RadistillError(f"empty task name in '{spec}': --tasks takes names separated by commas")
+    return TaskSpec("lm_eval", name, group or DEFAULT_GROUPS.get(name))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an evaluation's numbers (stored in ``eval.json`` as ``settings``)."""
+
+    tasks: tuple[str, ...] = ("kv",)
+    kv: KVEvalConfig = field(default_factory=KVEvalConfig)
+    text: str | None = None  # for "ppl"
+    seq_len: int | None = None  # perplexity window; None: the model's context
+    stride: int | None = None
+    ppl_tokens: int = 65536
+    include_path: str | None = None  # local lm-eval task YAMLs
+    limit: float | None = None  # lm-eval: items per task (or a fraction)
+    num_fewshot: int | None = None
+    batch_size: int = 16
+
+    def specs(self) -> list[TaskSpec]:
+        specs = [parse_task(t) for t in self.tasks]
+        if any(s.kind == "ppl" for s in specs) and not self.text:
+            raise RadistillError("task 'ppl' needs a text file: pass --text FILE (.txt, .txt.xz or .txt.gz)")
+        return specs
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tasks": list(self.tasks), "kv": self.kv.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalConfig":
+        data = dict(data)
+        kv = dict(data.pop("kv", {}))
+        for where, fields, known in (("eval", data, cls.__dataclass_fields__), ("eval.kv", kv,
+                                                                                 KVEvalConfig.__dataclass_fields__)):
+            unknown = set(fields) - set(known)
+            if unknown:
+                raise RadistillError(f"unknown {where} setting(s) {', '.join(sorted(unknown))}; "
+                                     f"known: {', '.join(known)}")
+        kv = KVEvalConfig(**{**kv, "pairs": tuple(kv.get("pairs", KVEvalConfig.pairs))})
+        return cls(**{**data, "tasks": tuple(data.get("tasks", cls.tasks)), "kv": kv})
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig) -> list[TaskResult]:
+    """Run every task of ``config`` on a loaded model; KV first, lm-eval tasks together in one harness call."""
+    results: list[TaskResult] = []
+    harness: dict[str, str | None] = {}
+    for spec in config.specs():
+        if spec.kind == "lm_eval":
+            harness[spec.name] = spec.group
+            continue
+        console.log(f"eval: {spec.name}")
+        if spec.kind == "kv":
+            results += kv_retrieval(model, tokenizer, config.kv, config.batch_size)
+        elif spec.kind == "ppl":
+            ppl = PerplexityConfig(config.text, config.seq_len, config.stride, config.ppl_tokens)
+            results.append(perplexity(model, tokenizer, ppl, max(1, config.batch_size // 4)))
+        else:
+            results.append(jsonl_task(model, tokenizer, spec.path, spec.group, config.batch_size))
+    if harness:
+        console.log(f"eval: lm-eval {', '.join(harness)}")
+        results += lm_eval_tasks(model, tokenizer, harness, config.include_path, config.limit, config.num_fewshot,
+                                 config.batch_size, config.seq_len)
+    return results
+
+
+def evaluate_path(
+    model_path: str | os.PathLike,
+    config: EvalConfig,
+    cache: str | os.PathLike | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+) -> EvalReport:
+    """Load and evaluate one model. If ``cache`` is an ``eval.json`` of the same weights and settings, reuse it;
+    otherwise write the new report there."""
+    from radistill.models.access import load_model, weights_fingerprint
+
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    fingerprint = weights_fingerprint(model)
+    if cache is not None and Path(cache).exists():
+        try:
+            cached = EvalReport.load(cache)
+        except RadistillError:  # unreadable: evaluate again and overwrite it
+            cached = None
+        if cached is not None and cached.fingerprint == fingerprint and cached.settings == config.to_dict():
+            console.log(f"eval: {model_path} unchanged since {cache}; reusing it")
+            return cached
+    report = EvalReport(str(model_path), fingerprint, evaluate_model(model, tokenizer, config), config.to_dict())
+    if cache is not None:
+        report.save(cache)
+    return report
+
+
+def evaluate(
+    model_path: str | os.PathLike,
+    config: EvalConfig,
+    teacher: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    teacher_cache: str | os.PathLike | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+) -> EvalReport:
+    """Evaluate a model (and its teacher, for coverage) on ``config.tasks``; write ``out`` (``eval.json``)."""
+    report = evaluate_path(model_path, config, None, device, dtype)
+    if teacher is not None:
+        report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype))
+    if out is not None:
+        report.save(out)
+    return report
