@@ -132,8 +132,20 @@ def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args,
     student.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    record: dict = {}
+    with meter.measure(record):
+        rate = _time_objective(objective, params, st, work, student.config.vocab_size, args.steps, device)
+    for i in block:
+        layers[i].to(dtype=torch.bfloat16)
+    student.to("cpu")
+    record.update(tokens_per_s=rate * k / len(layers), block_tokens_per_s=rate)
+    return record
+
+
+def _time_objective(objective, params, st, work: Workload, vocab_size: int, steps: int, device) -> float:
+    """Tokens/s of full optimizer steps of ``objective`` on random token ids (bf16 autocast)."""
     optimizer = make_optimizer(params, 1e-5, 0.0, st.optimizer)
-    ids = torch.randint(0, student.config.vocab_size, (st.micro_batch, work.seq_len), device=device)
+    ids = torch.randint(0, vocab_size, (st.micro_batch, work.seq_len), device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -141,14 +153,7 @@ def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args,
             objective.step(ids, 1.0)
         optimizer.step()
 
-    record: dict = {}
-    with meter.measure(record):
-        rate = _timed(step, args.steps, ids.numel(), _sync(device))
-    for i in block:
-        layers[i].to(dtype=torch.bfloat16)
-    student.to("cpu")
-    record.update(tokens_per_s=rate * k / len(layers), block_tokens_per_s=rate)
-    return record
+    return _timed(step, steps, ids.numel(), _sync(device))
 
 
 def run_stage3(teacher, student, plan_step, work: Workload, args, device, meter) -> dict:
@@ -169,18 +174,10 @@ def run_stage3(teacher, student, plan_step, work: Workload, args, device, meter)
     if st.trainable == "lora":  # the trainer's "all" would train the base weights too
         objective.units = {"model": list(adapter_parameters(model).values())}
     params = objective.units["model"]
-    optimizer = make_optimizer(params, 1e-5, 0.0, st.optimizer)
-    ids = torch.randint(0, student.config.vocab_size, (st.micro_batch, work.seq_len), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=True):
-            objective.step(ids, 1.0)
-        optimizer.step()
-
     record: dict = {}
     with meter.measure(record):
-        record["tokens_per_s"] = _timed(step, args.steps, ids.numel(), _sync(device))
+        record["tokens_per_s"] = _time_objective(objective, params, st, work, student.config.vocab_size, args.steps,
+                                                 device)
     if peft_model is not None:
         peft_model.unload()  # back to the plain student (the adapters are dropped, not merged)
     return record
