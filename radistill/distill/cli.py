@@ -14,7 +14,8 @@ from radistill.utils.errors import RadistillError
 def overrides_from_flags(*, stages: str | None = None, data: str | None = None, seq_len: int | None = None,
                          batch_size: int | None = None, grad_accum: int | None = None, seed: int | None = None,
                          dtype: str | None = None, compile: bool | None = None, tensorboard: bool | None = None,
-                         checkpoint_every: int | None = None, tokens: dict[int, int | None] | None = None,
+                         checkpoint_every: int | None = None, gpu_memory: str | None = None,
+                         tokens: dict[int, int | None] | None = None,
                          lr: dict[int, float | None] | None = None) -> dict[str, Any]:
     """CLI flags as a partial recipe (``None`` = not given); per-stage settings apply to every stage."""
     out: dict[str, Any] = {}
@@ -38,7 +39,8 @@ def overrides_from_flags(*, stages: str | None = None, data: str | None = None, 
     out["stages"] = {s: v for s, v in per_stage.items() if v}
     if data is not None:  # a local file is recorded absolute, so that --resume works from any directory
         out["data"] = {"source": str(Path(data).resolve()) if Path(data).exists() else data}
-    for key, value in dict(seed=seed, dtype=dtype, compile=compile, tensorboard=tensorboard).items():
+    for key, value in dict(seed=seed, dtype=dtype, compile=compile, tensorboard=tensorboard,
+                           gpu_memory=gpu_memory).items():
         if value is not None:
             out[key] = value
     return out
@@ -76,6 +78,8 @@ def distill(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 (autocast on CUDA) or fp32."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the layers (CUDA)."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Plan for this GPU memory (e.g. 24GiB) and "
+                                             "apply the plan; stops before any compute if it cannot fit."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per rank)."),
 ) -> None:
@@ -85,7 +89,8 @@ def distill(
     flags = overrides_from_flags(
         stages=stages, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         dtype=dtype, compile=compile, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
-        tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3}, lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3},
+        gpu_memory=gpu_memory, tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3},
+        lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3},
     )
     recipe = resolve_recipe(out, recipe_file, flags, resume)
     run_distill(student, teacher, recipe, out, device=device, resume=resume)

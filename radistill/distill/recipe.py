@@ -19,7 +19,7 @@ from radistill.utils.io import write_json_atomic
 
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
-TRAINABLE = ("recurrent", "mixer", "all")
+TRAINABLE = ("recurrent", "mixer", "all", "lora")
 DTYPES = ("bf16", "fp32")
 
 
@@ -42,7 +42,9 @@ class StageConfig:
     warmup: float = 0.1  # fraction of the steps
     decay: float = 0.1  # WSD only: fraction of the steps spent decaying at the end
     schedule: str = "wsd"
-    trainable: str = "all"
+    trainable: str = "all"  # "lora": adapters only (stage 3), merged into every exported stageN/
+    lora_rank: int = 16
+    lora_targets: str = "recurrent,kept-heads"  # groups of radistill/finetune/targets.py
     seq_len: int = 2048
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 16
@@ -84,6 +86,7 @@ class DistillRecipe:
     compile: bool = False  # torch.compile the student's layers (CUDA)
     tensorboard: bool = False
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk (the newest ones)
+    gpu_memory: str | None = None  # e.g. "24GiB": plan the run for this GPU memory and apply the plan (memplan)
 
     def __post_init__(self):
         self.validate()
@@ -105,7 +108,9 @@ class DistillRecipe:
                 raise RadistillError(f"{where}: schedule '{st.schedule}' is not one of {', '.join(SCHEDULES)}")
             if st.trainable not in TRAINABLE:
                 raise RadistillError(f"{where}: trainable '{st.trainable}' is not one of {', '.join(TRAINABLE)}")
-            for name in ("tokens", "seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if st.trainable == "lora" and number != 3:
+                raise RadistillError(f"{where}: trainable 'lora' is for stage 3 only (stages 1/2 train layer by layer)")
+            for name in ("tokens", "seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every", "lora_rank"):
                 if getattr(st, name) < 1:
                     raise RadistillError(f"{where}: {name} must be at least 1 (got {getattr(st, name)})")
             if st.lr <= 0 or not 0 <= st.warmup < 1 or not 0 <= st.decay <= 1 or st.warmup + st.decay > 1:

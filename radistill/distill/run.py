@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radistill.distill.recipe import DistillRecipe
+from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.trainer import StageResult, Trainer
 from radistill.models.access import load_model, resolve_device
 from radistill.scan.distributed import init_from_env
@@ -17,10 +17,13 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     """Distill ``student_dir`` from ``teacher_id`` into ``run_dir`` following ``recipe``.
 
     Under ``torchrun`` each rank takes its GPU (``LOCAL_RANK``) and joins the process group. The student is
-    trained in fp32 (master weights); the teacher is kept in bf16 on CUDA when the recipe computes in bf16.
+    trained in fp32 (master weights); the teacher is kept in bf16 on CUDA when the recipe computes in bf16. With
+    ``recipe.gpu_memory`` the run is first planned for that much GPU memory (:func:`fit_recipe`).
     """
     if not recipe.enabled_stages():
         raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
+    if recipe.gpu_memory is not None:
+        recipe = fit_recipe(student_dir, recipe)
     device = init_from_env() or resolve_device(device)
     teacher_dtype = "bf16" if device.startswith("cuda") and recipe.dtype == "bf16" else "fp32"
     student, _ = load_model(student_dir, dtype="fp32", device=device)
@@ -37,3 +40,18 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     for r in results if is_main_process() else ():
         console.print(f"stage {r.stage}: {r.steps:,} steps, {r.tokens:,} tokens, loss {r.loss:.4f}, {r.seconds:.0f} s")
     return results
+
+
+def fit_recipe(student_dir: str | Path, recipe: DistillRecipe) -> DistillRecipe:
+    """Plan the run for ``recipe.gpu_memory`` (printed), raise before any compute if it cannot fit, and return the
+    recipe with the plan's settings (micro-batch, gradient accumulation, logit chunk, LoRA) applied."""
+    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.distill import plan_distill, recipe_overrides
+    from radistill.memplan.plan import require_fit
+
+    plan = plan_distill(student_dir, recipe, recipe.gpu_memory)
+    if is_main_process():
+        console.print(plan_table(plan))
+        console.print(strategy_lines(plan))
+    require_fit(plan)
+    return merge(recipe, recipe_overrides(plan, recipe))

@@ -21,6 +21,7 @@ from radistill.distill.losses import (
     attention_probs, distillation_loss, hidden_alignment_loss, matrix_orientation_loss,
 )
 from radistill.distill.recipe import StageConfig
+from radistill.finetune.lora import adapter_parameters
 from radistill.models.access import decoder_layers, layout_from_config
 from radistill.utils.errors import RadistillError
 
@@ -40,9 +41,12 @@ def student_layers(model: nn.Module) -> nn.ModuleList:
 # --- which parameters train -------------------------------------------------------------------------------
 def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
     """``all``: the whole decoder layer; ``mixer``: its token mixer (attention + recurrent heads + o_proj);
-    ``recurrent``: only its recurrent heads (empty for a layer without any)."""
+    ``recurrent``: only its recurrent heads (empty for a layer without any); ``lora``: its LoRA adapters (the
+    trainer adds them first)."""
     if trainable == "all":
         return list(layer.parameters())
+    if trainable == "lora":
+        return list(adapter_parameters(layer).values())
     mixer = layer.self_attn
     if trainable == "mixer":
         return list(mixer.parameters())

@@ -8,6 +8,9 @@ gradient clipping (per layer in stages 1/2, whole model in stage 3), a NaN/inf g
 Several processes (``torchrun``): stages 1/2 give each rank a block of layers (every rank reads the same
 batches, so the result equals one process's) and broadcast the layers back before every checkpoint; stage 3
 is DDP, each rank taking its slice of every global batch.
+
+A stage with ``trainable: lora`` injects LoRA adapters into the student (``radistill.finetune.lora``), trains only
+them, checks after its first step that each got a gradient, and exports ``stageN/`` with them merged.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from radistill.distill.parallel import all_reduce_sum, barrier, broadcast_layers
 from radistill.distill.recipe import DistillRecipe, StageConfig
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import Objective, make_objective, student_layers
+from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora, check_adapter_gradients, merged_copy
 from radistill.models.access import decoder_layers
 from radistill.scan.distributed import rank, world_size
 from radistill.utils.console import console, is_main_process, progress
@@ -139,6 +143,8 @@ class Trainer:
                 f"the recipe differs from the one {self.run_dir} was started with ({self.run_dir / 'recipe.json'}): "
                 "resume without changing settings, or start a new --out"
             )
+        if self.recipe.stage(state["stage"]).trainable == "lora":  # the checkpoint holds the stage's adapters
+            self._add_adapters(state["stage"])
         self.student.load_state_dict(ckpt.load_file(path / "model.pt"))
         self._truncate_metrics(state["stage"], state["step"])
         if is_main_process():
@@ -153,6 +159,8 @@ class Trainer:
         data_shards = 1 if layerwise else world_size()
         mine = owned_layers(len(layers)) if layerwise else list(range(len(layers)))
         ddp = self.device if stage == 3 and world_size() > 1 else None
+        if cfg.trainable == "lora":
+            self._add_adapters(stage)
         objective = make_objective(stage, self.student, self.teacher, cfg, mine, ddp_device=ddp)
         optimizer = self.make_optimizer(objective, cfg)
         self.student.train()
@@ -201,6 +209,16 @@ class Trainer:
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
 
+    def _add_adapters(self, stage: int) -> None:
+        """``stage``'s LoRA adapters injected into the student in place (unless there already), initialised from the
+        recipe's seed, so that every rank and every attempt starts from the same ones."""
+        if adapter_parameters(self.student):
+            return
+        cfg = self.recipe.stage(stage)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.recipe.seed * 1000 + stage)
+            add_lora(self.student, LoraSpec(targets=cfg.lora_targets, rank=cfg.lora_rank), quiet=not is_main_process())
+
     def make_optimizer(self, objective: Objective, cfg: StageConfig) -> torch.optim.Optimizer:
         self.student.requires_grad_(False)
         params = list({id(p): p for unit in objective.units.values() for p in unit}.values())
@@ -231,6 +249,8 @@ class Trainer:
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
                 final = micro == cfg.grad_accum - 1  # DDP syncs gradients on the last micro-batch only
                 loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final)
+        if step == 0 and cfg.trainable == "lora":  # every adapter must be on the forward's path
+            check_adapter_gradients(self.student)
         max_norm = cfg.clip if cfg.clip > 0 else float("inf")
         norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm) for ps in objective.units.values()]
         squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), device=self.device)
@@ -277,7 +297,9 @@ class Trainer:
             final = self.run_dir / f"stage{stage}"
             partial = self.run_dir / f".stage{stage}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            self.student.save_pretrained(partial)
+            # adapters merged, so that every stageN/ is a plain radistill checkpoint
+            exported = merged_copy(self.student) if adapter_parameters(self.student) else self.student
+            exported.save_pretrained(partial)
             self.tokenizer.save_pretrained(partial)
             for extra in self.export_files:
                 shutil.copy2(extra, partial / Path(extra).name)

@@ -2,8 +2,8 @@
 
 ``plan_distill`` plans each enabled stage with that stage's own sequence length and batch; ``recipe_overrides``
 turns the chosen strategies into recipe settings the trainer already has (micro-batch, gradient accumulation,
-logit chunk). The other choices (layers at a time, a streamed teacher, LoRA, checkpointing, 8-bit AdamW) are in
-each :class:`StepPlan`'s strategy for the trainer to act on.
+logit chunk, LoRA in stage 3). The other choices (layers at a time, a streamed teacher, checkpointing, 8-bit
+AdamW) are in each :class:`StepPlan`'s strategy for the trainer to act on.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from radistill.memplan.shapes import Shapes
 
 def stage_workload(recipe, stage: int) -> Workload:
     cfg = recipe.stage(stage)
-    return Workload(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=recipe.dtype)
+    return Workload(seq_len=cfg.seq_len, batch_size=cfg.batch_size, dtype=recipe.dtype, lora_rank=cfg.lora_rank,
+                    lora_targets=cfg.lora_targets)
 
 
 def plan_distill(model, recipe, gpu_memory: str | int, reserve: float = 0.05) -> Plan:
@@ -28,14 +29,15 @@ def plan_distill(model, recipe, gpu_memory: str | int, reserve: float = 0.05) ->
     budget = int(gpu * (1 - reserve))
     shapes = Shapes(config)
     eight_bit = eight_bit_optimizer()
-    steps = [plan_step(Estimator(shapes, stage_workload(recipe, s)), f"distill stage {s}", budget, eight_bit)
+    steps = [plan_step(Estimator(shapes, stage_workload(recipe, s)), f"distill stage {s}", budget, eight_bit,
+                       "lora" if recipe.stage(s).trainable == "lora" else "full")
              for s in recipe.enabled_stages()]
     return Plan(str(model), gpu, budget, stage_workload(recipe, recipe.enabled_stages()[-1]), steps, {}, eight_bit)
 
 
 def recipe_overrides(plan: Plan, recipe) -> dict:
     """A partial recipe (for ``radistill.distill.recipe.merge``): each planned stage's micro-batch, with gradient
-    accumulation raised so the sequences per step stay the same, and stage 3's logit chunk."""
+    accumulation raised so the sequences per step stay the same, stage 3's logit chunk, and LoRA where chosen."""
     stages: dict[int, dict] = {}
     for step in plan.steps:
         number = int(step.step.rsplit(" ", 1)[1])
@@ -44,6 +46,8 @@ def recipe_overrides(plan: Plan, recipe) -> dict:
         override = {"batch_size": micro, "grad_accum": cfg.grad_accum * max(1, cfg.batch_size // micro)}
         if number == 3 and step.strategy.logits_chunk:
             override["loss"] = {"chunk_tokens": step.strategy.logits_chunk}
+        if step.strategy.trainable == "lora":
+            override["trainable"] = "lora"
         stages[number] = override
     return {"stages": stages}
 
