@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,6 +35,7 @@ from radistill.eval.perplexity import read_text  # noqa: E402
 from radistill.hybrid.build import (  # noqa: E402
     calibrate, calibration_batches, calibration_texts, convert, select_heads, student_config,
 )
+from radistill.utils.io import write_json_atomic  # noqa: E402
 from radistill.models.access import decoder_layers, load_model  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
 from radistill.scan.run import scan_model  # noqa: E402
@@ -333,9 +336,11 @@ def main():
               + " ".join(f"{x:.2f}" for x in le), flush=True)
     result = {"teacher": str(TEACHER.relative_to(ROOT)), "kept_heads": heads, "state_size": STATE,
               "heldout": f"{SEQS} x {SEQ_LEN} tokens", "teacher_ppl": teacher_ppl, "diagnostics": diag,
-              "rows": rows, "seconds": time.time() - t0}
+              "rows": rows, "seconds": time.time() - t0,
+              "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     out = ROOT / "benchmarks" / "results" / "init_quality.json"
-    out.write_text(json.dumps(result, indent=1))
+    write_json_atomic(out, result)
     print(f"\nwrote {out.relative_to(ROOT)} in {time.time() - t0:.0f}s")
 
 
