@@ -32,9 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from radistill.eval.perplexity import read_text  # noqa: E402
-from radistill.hybrid.build import (  # noqa: E402
-    calibrate, calibration_batches, calibration_texts, convert, select_heads, student_config,
-)
+from radistill.hybrid.build import convert, select_heads, student_config  # noqa: E402
+from radistill.hybrid.calibrate import calibrate, calibration_batches  # noqa: E402
 from radistill.utils.io import write_json_atomic  # noqa: E402
 from radistill.models.access import decoder_layers, load_model  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
@@ -225,11 +224,13 @@ def main():
     scan = scan_model(teacher, tok, "teacher-19m", items=items, probe={"kind": "kv"})
     heads = [(h.layer, h.head) for h in scan.top(KEEP)]
     selection = select_heads(teacher, heads=heads)
-    config = student_config(teacher, selection.kept_per_layer(teacher.config.num_hidden_layers), "discrete_mamba2",
-                            {"state_size": STATE})
+    kept = selection.kept_per_layer(teacher.config.num_hidden_layers)
+    # the reference point: the first release's start (half-lives 8-1024, built-in text), what the rows vary
+    config = student_config(teacher, kept, "discrete_mamba2",
+                            {"state_size": STATE, "min_half_life": 8.0, "max_half_life": 1024.0})
     base = convert(teacher, config).eval()
-    cal_batches = calibration_batches(tok, calibration_texts(tok))
-    calibrate(base, teacher, cal_batches)  # exactly what `radistill build` does
+    cal_batches = calibration_batches(tok)
+    calibrate(base, teacher, cal_batches, half_lives="fixed")
     print(f"kept heads {heads}; setup {time.time() - t0:.0f}s", flush=True)
 
     held = windows(tok, HELDOUT, SEQS, SEQ_LEN)
@@ -293,12 +294,17 @@ def main():
             set_stats(s, stats_from(a, lambda x: x["pos"] >= 1, scale=scale))
         return apply
 
+    def library(half_lives):  # what `radistill build --calibration-data prose-train` does now
+        def apply(s):
+            calibrate(s, teacher, train_batches, half_lives=half_lives)
+        return apply
+
     def token_ln(s):
         set_stats(s, stats_from(acts, lambda a: a["pos"] >= 1))
         return TokenLayerNorm(s)
 
     variants = [
-        ("as built (library calibrate)", None),
+        ("first release (8-1024, builtin)", None),
         ("recurrent outputs zeroed", zero),
         ("teacher_std -> 0 (mean output)", mean_only),
         ("teacher_std -> 0, mean from prose-train", lambda s: set_stats(s, {
@@ -317,6 +323,7 @@ def main():
         ("half-lives 1-16, least-squares, prose", half_lives(1, 16, "train", "ls")),
         ("half-lives 64-4096, stats pos >= 1", half_lives(64, 4096)),
         ("per-token LayerNorm + teacher affine", token_ln),
+        ("build now: half-lives from attention, prose", library("attention")),
     ]
     rows = []
     print(f"\nteacher ppl {teacher_ppl:.2f}")

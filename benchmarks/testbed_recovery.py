@@ -6,7 +6,7 @@
     python benchmarks/testbed_recovery.py --quick                  # CPU smoke run (tiny budget, few probe items)
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus ``../shared/fixtures/corpus/prose-train.txt.xz`` as the
-only training text (no retrieval data; the students' normaliser is calibrated on prose too):
+only training text (no retrieval data; the students' decays and normaliser are calibrated on prose too):
 
 1. scan the teacher's 80 heads with the KV-retrieval probe (or read ``--scan scan.json``);
 2. build four students: the top 4 heads with state 64 and with state 8, no heads, and 4 random heads from the
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import platform
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -50,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from distill import time_steps  # noqa: E402  (benchmarks/distill.py)
-from radistill.distill.data import PackedStream, heldout_sequences, is_heldout, iter_documents  # noqa: E402
+from radistill.distill.data import PackedStream, heldout_sequences  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
@@ -135,12 +133,6 @@ def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: floa
         "dtype": "bf16",
         "keep_checkpoints": 1,
     })
-
-
-def calibration_text(recipe: DistillRecipe, docs: int) -> str:
-    """The first ``docs`` training documents, one paragraph each (the build splits calibration text at blank lines)."""
-    training = (d for i, d in enumerate(iter_documents(recipe.data)) if not is_heldout(i, recipe.data))
-    return "\n\n".join(re.sub(r"\n\s*\n", "\n", d) for d in itertools.islice(training, docs))
 
 
 def scan_heads(args, device: str, work: Path):
@@ -333,9 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         teacher, tokenizer = load_model(TEACHER, dtype="bf16" if device == "cuda" else "fp32", device=device)
         recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3)
         evalset = EvalSet(tokenizer, recipe, kv_per_size, ppl_tokens, recipe.stage(3).seq_len)
-        # the normaliser's statistics come from training prose too: the students never see a retrieval-format text
-        calibration_file = work / "calibration.txt"
-        calibration_file.write_text(calibration_text(recipe, 8 if quick else 64))
 
     console.print("scanning the teacher's heads ...")
     with timings("scan"):
@@ -357,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     with timings("build students"):
         for s in students:
             build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
-                          tokenizer=tokenizer, calibration_text=calibration_file, overwrite=True)
+                          tokenizer=tokenizer, calibration_data=CORPUS, calibration_tokens=2048 if quick else 16384,
+                          overwrite=True)
 
     console.print("evaluating the teacher ...")
     with timings("eval: teacher"):

@@ -210,13 +210,13 @@ class Pipeline:
 
         out = self.layout.student_dir(student.name)
         inputs = {"scan": scan, **asdict(student), "mixer": self.recipe.mixer,
-                  "state_size": self.recipe.state_size}
+                  "state_size": self.recipe.state_size, "calibration_data": self.recipe.data or None}
         if self._fresh(f"build/{student.name}", inputs, (out / "config.json").exists()):
             return
         console.rule(f"build {student.name}")
         build_student(self.recipe.teacher, out, scan=self.layout.scan_dir / "scan.json", keep=student.keep,
                       heads=student.heads, mixer=self.recipe.mixer, state_size=self.recipe.state_size,
-                      device=self.recipe.device, overwrite=True)
+                      calibration_data=self.recipe.data or None, device=self.recipe.device, overwrite=True)
         self._stamp(f"build/{student.name}", inputs)
 
     def distill(self, student: StudentSpec) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +15,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from typer.testing import CliRunner
 
 import radistill  # noqa: F401
-from radistill.hybrid.build import (
-    build_student,
-    calibrate,
-    calibration_batches,
-    calibration_texts,
-    convert,
-    load_selection,
-    student_config,
-)
+from radistill.hybrid.build import build_student, convert, load_selection, student_config
+from radistill.hybrid.calibrate import calibrate, calibration_batches, half_life_for_distance
 from radistill.hybrid.normalizer import ChannelMoments
 from radistill.models.access import model_layout, weights_fingerprint
 from radistill.models.presets import random_model, tiny_config
@@ -47,9 +41,9 @@ def tokenizer():
 
 @pytest.fixture
 def short_text(tmp_path):
-    """A short calibration file: most tests need a calibrated student, not good statistics."""
+    """A short calibration file (one 256-token window): most tests need a calibrated student, not good statistics."""
     path = tmp_path / "short.txt"
-    path.write_text("A short text to calibrate on.\n\nAnd a second paragraph of it.\n")
+    path.write_text("A short text to calibrate on, and a second sentence of it. " * 5)
     return path
 
 
@@ -105,7 +99,7 @@ def test_heads_by_hand_and_keeping_all_or_none(tmp_path, teacher, tokenizer, sho
     everything = ",".join(f"{l}.{h}" for l in range(3) for h in range(4))
     full = build_student(teacher, tmp_path / "all", heads=everything, tokenizer=tokenizer)
     none = build_student(teacher, tmp_path / "none", scan=write_scan(tmp_path / "scan.json", teacher), keep=0,
-                         tokenizer=tokenizer, calibration_text=short_text)
+                         tokenizer=tokenizer, calibration_data=short_text)
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         expected = teacher(ids).logits
@@ -118,7 +112,7 @@ def test_heads_by_hand_and_keeping_all_or_none(tmp_path, teacher, tokenizer, sho
 
 def test_calibration_matches_teacher_statistics(teacher, tokenizer):
     student = convert(teacher, student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
-    batches = calibration_batches(tokenizer, calibration_texts(tokenizer))
+    batches = calibration_batches(tokenizer)
     calibrate(student, teacher, batches)
     # Re-measure on the same text: the normalised mixer output has the teacher head's per-channel mean and std.
     layer, block = teacher.model.layers[1], student.model.layers[1].self_attn
@@ -138,13 +132,79 @@ def test_calibration_matches_teacher_statistics(teacher, tokenizer):
     assert torch.allclose(gm, wm, atol=1e-4) and torch.allclose(gs, ws, rtol=1e-3, atol=1e-5)
 
 
-def test_calibration_text_file(tmp_path, teacher, tokenizer):
-    text = tmp_path / "calib.txt"
-    text.write_text("First paragraph of prose.\n\nSecond one, a little longer than the first one.\n")
-    assert calibration_texts(tokenizer, text) == ["First paragraph of prose.",
-                                                  "Second one, a little longer than the first one."]
+def test_calibration_data_is_packed_training_text(tmp_path, tokenizer):
+    from radistill.distill.data import DOC_SEPARATOR
+
+    docs = ["held out " * 40, "first training document. " * 12, "second training document. " * 12]
+    source = tmp_path / "corpus.txt"
+    source.write_text(DOC_SEPARATOR.join(docs))
+    batches = calibration_batches(tokenizer, source, max_tokens=512, seq_len=128, batch_size=2)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape == (4, 128) and all(bool(b["attention_mask"].all()) for b in batches)
+    text = tokenizer.decode(ids.flatten())
+    assert "held out" not in text and text.startswith("first training document.")  # document 0 is held out
+    single = tmp_path / "single.txt"
+    single.write_text(docs[0])  # only held-out text: used rather than refused
+    assert calibration_batches(tokenizer, single, seq_len=128)[0]["input_ids"].shape == (2, 128)
+    with pytest.raises(RadistillError, match="fewer than one window"):
+        calibration_batches(tokenizer, single, seq_len=4096, max_tokens=4096)
     with pytest.raises(RadistillError, match="does not exist"):
-        calibration_texts(tokenizer, tmp_path / "missing.txt")
+        calibration_batches(tokenizer, tmp_path / "missing.txt")
+
+
+def test_half_life_for_distance_inverts_the_kernel_mean():
+    half_life = torch.tensor([0.7, 1.0, 3.0, 40.0, 900.0], dtype=torch.float64)
+    decay = 0.5 ** (1 / half_life)
+    assert torch.allclose(half_life_for_distance(decay / (1 - decay)), half_life, rtol=1e-9)
+
+
+def test_half_lives_follow_the_teachers_attention_distance(teacher, tokenizer):
+    # q = 0 makes every head attend uniformly, so its typical distance is known in closed form.
+    uniform = copy.deepcopy(teacher)
+    for layer in uniform.model.layers:
+        layer.self_attn.q_proj.weight.data.zero_()
+    ids = torch.randint(0, 256, (2, 64))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    student = convert(uniform, student_config(uniform, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
+    record = calibrate(student, uniform, batches)
+    # query t sees keys 1..t (the first key is left out) uniformly: distances 0..t-1
+    log_mean = torch.stack([torch.log1p(torch.arange(t, dtype=torch.float64)).mean() for t in range(1, 64)]).mean()
+    expected = half_life_for_distance(torch.expm1(log_mean))
+    got = student.model.layers[2].self_attn.recurrent.half_lives()
+    assert torch.allclose(got, expected.expand_as(got), rtol=1e-5)
+    assert record.half_lives == "attention" and len(record.half_life_tokens) == 3 and record.tokens == 128
+    fixed = convert(uniform, student_config(uniform, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
+    calibrate(fixed, uniform, batches, half_lives="fixed")
+    spread = fixed.model.layers[0].self_attn.recurrent.half_lives()  # the mixer's default, 1 to 16 tokens
+    assert spread.min() > 1 and spread.max() < 16 and torch.all(spread.diff() > 0)
+    with pytest.raises(RadistillError, match="half_lives"):
+        calibrate(fixed, uniform, batches, half_lives="long")
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_calibrated_start_is_far_better_on_the_real_teacher(teacher_19m_path):
+    """The init finding (docs/hybrid.md, "Initial quality") as a check: on teacher-19m, a fresh top-8 student's
+    perplexity with half-lives from attention on prose is far below the old 8-1024 start's."""
+    from radistill.eval.perplexity import read_text
+    from radistill.models.access import load_model
+
+    model, tok = load_model(teacher_19m_path, device="cpu", dtype="fp32")
+    examples = Path(__file__).resolve().parents[1] / "examples" / "data"
+    held = torch.tensor(tok(read_text(examples / "prose-heldout.txt.xz", 40_000)).input_ids[: 8 * 256]).view(8, 256)
+    keep = [[6, 5, 1, 2], [7, 1], [], [], [], [], [], [], [3, 2], []]
+
+    def perplexity(half_lives, settings):
+        student = convert(model, student_config(model, keep, "discrete_mamba2", {"state_size": 16, **settings}))
+        batches = calibration_batches(tok, examples / "prose-train.txt.xz", max_tokens=2048)
+        calibrate(student, model, batches, half_lives=half_lives)
+        with torch.no_grad():
+            logits = student(input_ids=held).logits
+        return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), held[:, 1:].flatten()).exp())
+
+    old = perplexity("fixed", {"min_half_life": 8.0, "max_half_life": 1024.0})
+    new = perplexity("attention", {})
+    assert new < old / 4 and new < 100, (old, new)
 
 
 @pytest.mark.parametrize(
@@ -184,15 +244,15 @@ def test_scan_of_another_model_is_refused(tmp_path, teacher, tokenizer, short_te
     # A scan of the same weights loaded in another dtype (bf16 on GPU) is a scan of this teacher.
     bf16 = write_scan(tmp_path / "c.json", teacher,
                       fingerprint=weights_fingerprint(copy.deepcopy(teacher).to(torch.bfloat16)))
-    build_student(teacher, tmp_path / "s", scan=bf16, keep=1, tokenizer=tokenizer, calibration_text=short_text)
+    build_student(teacher, tmp_path / "s", scan=bf16, keep=1, tokenizer=tokenizer, calibration_data=short_text)
 
 
 def test_existing_output_needs_overwrite(tmp_path, teacher, tokenizer, short_text):
-    build_student(teacher, tmp_path / "s", heads="0.1", tokenizer=tokenizer, calibration_text=short_text)
+    build_student(teacher, tmp_path / "s", heads="0.1", tokenizer=tokenizer, calibration_data=short_text)
     with pytest.raises(RadistillError, match="--overwrite"):
-        build_student(teacher, tmp_path / "s", heads="0.2", tokenizer=tokenizer, calibration_text=short_text)
+        build_student(teacher, tmp_path / "s", heads="0.2", tokenizer=tokenizer, calibration_data=short_text)
     build_student(teacher, tmp_path / "s", heads="0.2", tokenizer=tokenizer, overwrite=True,
-                  calibration_text=short_text)
+                  calibration_data=short_text)
     assert load_selection(tmp_path / "s")["kept_heads"][0]["name"] == "0.2"
 
 
@@ -206,7 +266,7 @@ def test_cli_build(tmp_path, teacher, tokenizer, short_text):
     register(app)
     result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), "--scan", scan, "--keep", "2",
                                       "--state-size", "4", "--out", str(tmp_path / "student"), "--device", "cpu",
-                                      "--dtype", "fp32", "--calibration-text", str(short_text)])
+                                      "--dtype", "fp32", "--calibration-data", str(short_text)])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["model_type"] == "radistill_hybrid" and config["kept_heads"] == [[3], [], [1]]

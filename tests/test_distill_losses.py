@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from radistill.distill.losses import (attention_probs, distillation_loss, hidden_alignment_loss,
-                                      matrix_orientation_loss, reference_distillation_loss)
+from radistill.distill.losses import (distillation_loss, hidden_alignment_loss, matrix_orientation_loss,
+                                      reference_distillation_loss)
 from radistill.distill.recipe import LossConfig, StageConfig
+from radistill.models.attention import attention_probs
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import MatrixOrientation, teacher_taps
 from radistill.models.access import decoder_layers

@@ -44,14 +44,11 @@ def test_nanbeige_layout_end_to_end(tmp_path):
     assert len(scan.heads) == 40
     scan_json = scan.save(tmp_path / "scan")
 
-    calibration = tmp_path / "calibration.txt"
-    calibration.write_text("Memorize the following dictionary:\napple:3\n\nThe value of the key is 3.\n")
-    student_dir = build_student(teacher, tmp_path / "student", scan=scan_json, keep=3, state_size=8,
-                                tokenizer=tokenizer, calibration_text=calibration)
-    assert load_selection(student_dir)["keep"] == 3
-
     corpus = tmp_path / "corpus.txt"
     write_corpus(corpus, docs=30)
+    student_dir = build_student(teacher, tmp_path / "student", scan=scan_json, keep=3, state_size=8,
+                                tokenizer=tokenizer, calibration_data=corpus, calibration_tokens=512)
+    assert load_selection(student_dir)["keep"] == 3
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     recipe = tiny_recipe(corpus, stages=(2, 3), tokens=16 * 4 * 2)
     results = Trainer(student, teacher, tokenizer, recipe, tmp_path / "run", "cpu").run()

@@ -1,7 +1,7 @@
 """The three MOHAWK losses, as plain functions of tensors (no models, no training state).
 
 * stage 1: :func:`matrix_orientation_loss` between a student's mixing matrices and the teacher's attention
-  probabilities from :func:`attention_probs`;
+  probabilities (:func:`radistill.models.attention.attention_probs`);
 * stage 2: :func:`hidden_alignment_loss`;
 * stage 3: :func:`distillation_loss`, KL(teacher || student) over the vocabulary (+ optional CE), fused with the
   LM heads and chunked over tokens so the ``[tokens, vocab]`` logits never exist whole.
@@ -9,53 +9,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from radistill.distill.recipe import LossConfig
 
 
 # --- stage 1 ----------------------------------------------------------------------------------------------
-@torch.no_grad()  # a target: never differentiated (also holds for the lazily run generator body)
-def attention_probs(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], heads: list[int],
-                    group_size: int, head_chunk: int | None = None) -> Iterator[Tensor]:
-    """Causal softmax attention probabilities of some query heads of a Llama-like attention module, in chunks.
-
-    hidden: [batch, seq, hidden] (the attention's input, i.e. the layer's normed input);
-    position_embeddings: RoPE (cos, sin), each [batch, seq, head_dim]; heads: query-head ids;
-    group_size: query heads per KV head (GQA). Yields [batch, chunk, seq, seq] fp32 for consecutive chunks of
-    ``head_chunk`` heads (all at once when None), so only one chunk's ``seq²`` matrices exist at a time.
-    Only the named heads' q/k rows are projected, so the cost scales with ``len(heads)``.
-    """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    head_dim = attn.head_dim
-    index = torch.tensor(heads, device=hidden.device)
-    q = _head_projection(attn.q_proj, hidden, index, head_dim)
-    k = _head_projection(attn.k_proj, hidden, index // group_size, head_dim)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on q and k before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [batch, heads, seq, head_dim]
-    seq = hidden.shape[1]
-    future = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).triu(1)
-    step = head_chunk or len(heads)
-    for start in range(0, len(heads), step):
-        scores = (q[:, start : start + step].float() @ k[:, start : start + step].float().transpose(-1, -2))
-        yield (scores * attn.scaling).masked_fill(future, float("-inf")).softmax(dim=-1)
-
-
-def _head_projection(linear: nn.Linear, hidden: Tensor, heads: Tensor, head_dim: int) -> Tensor:
-    """[batch, seq, len(heads), head_dim]: the rows of ``linear`` that belong to ``heads``."""
-    rows = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
-    bias = None if linear.bias is None else linear.bias[rows]
-    out = F.linear(hidden, linear.weight[rows], bias)
-    return out.view(*hidden.shape[:2], len(heads), head_dim)
-
-
 def matrix_orientation_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """MOHAWK stage 1: the Frobenius norm of ``student - teacher`` per (batch, head), averaged.
 

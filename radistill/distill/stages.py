@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from radistill.distill.losses import (
-    attention_probs, distillation_loss, hidden_alignment_loss, matrix_orientation_loss,
-)
+from radistill.distill.losses import distillation_loss, hidden_alignment_loss, matrix_orientation_loss
 from radistill.distill.recipe import StageConfig
 from radistill.finetune.lora import adapter_parameters
 from radistill.models.access import decoder_layers, layout_from_config
+from radistill.models.attention import attention_probs
 from radistill.utils.errors import RadistillError
 
 HEAD_CHUNK = 8  # teacher heads whose [seq, seq] probabilities are materialised at once in stage 1

@@ -9,6 +9,7 @@ into a temporary directory that is renamed onto ``--out`` at the end (a reader n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -24,7 +25,7 @@ from torch import nn
 
 from radistill.hybrid.configuration import HybridConfig
 from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
-from radistill.hybrid.normalizer import ChannelMoments
+from radistill.hybrid.calibrate import DEFAULT_TOKENS, calibrate, calibration_batches
 from radistill.models.access import (
     HeadLayout,
     UnsupportedModelError,
@@ -33,23 +34,11 @@ from radistill.models.access import (
     model_layout,
     weights_fingerprint,
 )
+from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
 
 Head = tuple[int, int]  # (layer, query head)
-
-# A few sentences of varied register so the default calibration is not only probe prompts; no network needed.
-BUILTIN_TEXT = (
-    "The committee met on Tuesday to review the budget, and after a long discussion it approved the new plan.",
-    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes it boils at a lower temperature.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "She opened the letter slowly, read the first line twice, and then put it back in the drawer without a word.",
-    "In 1969, Apollo 11 landed on the Moon; Neil Armstrong and Buzz Aldrin walked on its surface for two hours.",
-    "Q: What is the capital of France?\nA: Paris.\nQ: What is 12 times 12?\nA: 144.",
-    "Photosynthesis turns light, water and carbon dioxide into glucose and oxygen inside the chloroplasts.",
-    "The train to the airport leaves every fifteen minutes from platform four; tickets are sold at the machines.",
-)
-
 
 @dataclass
 class Selection:
@@ -241,6 +230,16 @@ def _rows(weight: torch.Tensor, heads: Sequence[int], head_dim: int) -> torch.Te
     return weight.view(-1, head_dim, *weight.shape[1:])[list(heads)].reshape(-1, *weight.shape[1:])
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @torch.no_grad()
 def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
     """A student with the teacher's weights and freshly initialised recurrent heads (normaliser = identity).
@@ -250,8 +249,9 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
     """
     param = next(teacher.parameters())
     hd, group = config.head_dim, config.num_attention_heads // config.num_key_value_heads
-    with torch.device(param.device):
-        student = HybridForCausalLM(config).to(param.dtype)
+    # made in the teacher's dtype from the start: an fp32 copy first would cost 4 bytes/param extra (16 GB at 3B)
+    with torch.device(param.device), _default_dtype(param.dtype):
+        student = HybridForCausalLM(config)
     teacher_state = teacher.state_dict()
     state: dict[str, torch.Tensor] = {}
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
@@ -304,98 +304,6 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
         student.tie_weights()
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.eval()
-
-
-# ---- calibration of the static normaliser -------------------------------------------------------------------------
-
-
-def calibration_texts(tokenizer, text_file: str | os.PathLike | None = None, probe_samples: int = 8) -> list[str]:
-    """The calibration text: ``text_file`` split at blank lines, or the built-in sentences + KV probe prompts."""
-    if text_file is not None:
-        path = Path(text_file)
-        if not path.is_file():
-            raise RadistillError(f"--calibration-text {path} does not exist: pass a UTF-8 text file")
-        texts = [t.strip() for t in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if t.strip()]
-        if not texts:
-            raise RadistillError(f"--calibration-text {path} is empty: pass a file with some prose")
-        return texts
-    from radistill.probes.kv import KVProbeConfig, kv_items
-
-    probes = kv_items(tokenizer, KVProbeConfig(pairs=12, samples=probe_samples, seed=1234))
-    return list(BUILTIN_TEXT) + [item.prompt for item in probes]
-
-
-def calibration_batches(
-    tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 8
-) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches ``{"input_ids", "attention_mask"}`` [B, T] of the texts (each cut to max_length)."""
-    encoded = [tokenizer(t, add_special_tokens=True).input_ids[:max_length] for t in texts]
-    encoded = [ids for ids in encoded if ids]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
-
-
-@torch.no_grad()
-def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> int:
-    """Set every recurrent head's static normaliser from the teacher's activations; returns the tokens used.
-
-    Per layer, on the same (teacher) normed layer input: the teacher statistics are those of the replaced heads'
-    attention output (their slice of the ``o_proj`` input), the student statistics those of the fresh mixer's
-    output. Only real tokens count (the batches are padded).
-    """
-    config = student.config
-    hd = config.head_dim
-    blocks = [layer.self_attn for layer in student.model.layers]
-    moments = {
-        i: (ChannelMoments(len(b.recurrent_heads), hd), ChannelMoments(len(b.recurrent_heads), hd))
-        for i, b in enumerate(blocks)
-        if b.recurrent is not None
-    }
-    current: dict[str, torch.Tensor] = {}
-
-    def mixer_hook(i):
-        def hook(module, args, kwargs):  # the teacher attention's normed input -> the student mixer's output
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            y, _ = blocks[i].recurrent(hidden, attention_mask=current["mask"])  # [B, T, r, hd]
-            moments[i][0].add(y, current["mask"])
-
-        return hook
-
-    def o_proj_hook(i):
-        def hook(module, args):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
-            heads = args[0].view(*args[0].shape[:-1], -1, hd)[:, :, blocks[i].recurrent_heads]
-            moments[i][1].add(heads, current["mask"])
-
-        return hook
-
-    handles = []
-    for i, layer in enumerate(decoder_layers(teacher)):
-        if i in moments:
-            handles.append(layer.self_attn.register_forward_pre_hook(mixer_hook(i), with_kwargs=True))
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_proj_hook(i)))
-    device = next(teacher.parameters()).device
-    tokens = 0
-    try:
-        for batch in batches:
-            current["mask"] = batch["attention_mask"].to(device)
-            teacher(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False,
-                    logits_to_keep=1)
-            tokens += int(batch["attention_mask"].sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-    for i, (student_moments, teacher_moments) in moments.items():
-        blocks[i].normalizer.calibrate(student_moments, teacher_moments)
-    return tokens
 
 
 # ---- the whole build ----------------------------------------------------------------------------------------------
@@ -467,7 +375,9 @@ def build_student(
     state_size: int | None = None,
     mixer_settings: dict | None = None,
     tokenizer=None,
-    calibration_text: str | os.PathLike | None = None,
+    calibration_data: str | os.PathLike | None = None,
+    calibration_tokens: int = DEFAULT_TOKENS,
+    half_lives: str = "attention",
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     overwrite: bool = False,
@@ -476,7 +386,9 @@ def build_student(
 
     Heads: the scan's top ``keep`` (``scan`` + ``keep``) or ``heads`` (``"8.3,0.6"`` or ``[(8, 3), ...]``; a
     ``scan`` alongside only adds ranks and scores to ``selection.json``). ``state_size`` is a shortcut for
-    ``mixer_settings["state_size"]``.
+    ``mixer_settings["state_size"]``. ``calibration_data`` (what ``radistill distill --data`` takes; use the
+    distillation data) supplies up to ``calibration_tokens`` tokens for :func:`~radistill.hybrid.calibrate.calibrate`
+    (``half_lives``: ``"attention"`` or ``"fixed"``); without it a small built-in text is used, fit for tests only.
     """
     if isinstance(teacher, nn.Module):
         if tokenizer is None:
@@ -493,16 +405,18 @@ def build_student(
     layout = model_layout(model)
     config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings)
     student = convert(model, config)
-    texts = calibration_texts(tokenizer, calibration_text)
-    tokens = calibrate(student, model, calibration_batches(tokenizer, texts))
+    if calibration_data is None:
+        console.print("[yellow]no --calibration-data: calibrating on a small built-in text; pass the distillation "
+                      "data for a better start[/]")
+    batches = calibration_batches(tokenizer, calibration_data, calibration_tokens)
+    calibration = calibrate(student, model, batches, half_lives=half_lives)
 
     record = selection_record(
         selection,
         config,
         teacher_id,
         weights_fingerprint(model),
-        calibration={"source": str(calibration_text) if calibration_text else "builtin", "texts": len(texts),
-                     "tokens": tokens},
+        calibration={"source": str(calibration_data) if calibration_data else "builtin", **calibration.to_dict()},
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -527,12 +441,8 @@ def load_selection(student_dir: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "BUILTIN_TEXT",
     "Selection",
     "build_student",
-    "calibrate",
-    "calibration_batches",
-    "calibration_texts",
     "convert",
     "load_selection",
     "parse_heads",

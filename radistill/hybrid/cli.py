@@ -46,9 +46,14 @@ def register(app: typer.Typer) -> None:
         ),
         state_size: Optional[int] = typer.Option(None, "--state-size", help="recurrent state size N [mixer default]"),
         mixer: str = typer.Option("discrete_mamba2", "--mixer", help="recurrent mixer of the other heads"),
-        calibration_text: Optional[Path] = typer.Option(
-            None, "--calibration-text", help="text file for the normaliser's statistics [built-in text + probes]"
+        calibration_data: Optional[str] = typer.Option(
+            None, "--calibration-data", help="text for the calibration: a file or HF dataset id as `distill --data` "
+            "takes; use the distillation data [a small built-in text]"
         ),
+        calibration_tokens: Optional[int] = typer.Option(None, "--calibration-tokens",
+                                                         help="tokens of --calibration-data to use [16384]"),
+        half_lives: str = typer.Option("attention", "--half-lives", help="recurrent heads' initial decay: "
+                                       "'attention' (from each teacher head's attention distance) or 'fixed'"),
         device: str = typer.Option("auto", help="cuda, cuda:1, cpu or auto"),
         dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
@@ -58,8 +63,10 @@ def register(app: typer.Typer) -> None:
 
         with console.status("building the student"):
             path = build_student(teacher, out, scan=scan, keep=keep, heads=heads, mixer=mixer,
-                                 state_size=state_size, calibration_text=calibration_text, device=device,
-                                 dtype=dtype, overwrite=overwrite)
+                                 state_size=state_size, calibration_data=calibration_data,
+                                 half_lives=half_lives, device=device,
+                                 dtype=dtype, overwrite=overwrite,
+                                 **({} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}))
         record = load_selection(path)
         table = Table(title=f"{record['keep']} kept heads ({record['source']})")
         for column in ("layer", "kept heads", "KV heads cached", "recurrent heads"):

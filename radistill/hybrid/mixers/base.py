@@ -56,3 +56,12 @@ class RecurrentMixer(nn.Module, ABC):
     @abstractmethod
     def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, **settings: Any) -> dict[str, int]:
         """Bytes of one sequence's state by part, e.g. {"ssm": ..., "conv": ...}."""
+
+    def set_half_lives(self, half_lives: Tensor) -> None:
+        """Set each head's initial memory [heads] in tokens (the build sets it from the teacher's attention
+        distance); mixers without a per-head decay keep the default, which raises here."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-head half-life: build with half_lives='fixed'")
+
+    def half_lives(self) -> Tensor:
+        """[heads] each head's initial half-life in tokens (see set_half_lives)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-head half-life")

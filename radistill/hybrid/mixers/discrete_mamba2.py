@@ -20,8 +20,10 @@ recurrence cannot carry (softmax normalisation and RoPE):
   N >= P: the rows are copied and the extra N - P rows are zero (exact).
 - conv: identity (last tap 1, bias 0), so it starts as a no-op and learns local mixing.
 - decay: A_log weights 0 and a per-head bias giving half-lives spread geometrically over the layer's heads between
-  min_half_life and max_half_life (default 8 to 1024 tokens): a data-independent, recency-biased start (most
-  non-retrieval heads are local) that training makes selective; `set_half_lives` lets a builder set them per head.
+  min_half_life and max_half_life (default 1 to 16 tokens): a data-independent, recency-biased start (most
+  non-retrieval heads are local) that training makes selective. `radistill build` then sets each head's half-life
+  from its teacher head's attention distance (`set_half_lives`, radistill/hybrid/calibrate.py); on teacher-19m
+  8-1024 tokens gave a fresh student 50x the perplexity of 1-16 (docs/hybrid.md, "Initial quality").
 - gate: z weights 0, bias Z_OPEN with silu(Z_OPEN) = 1, so the gate starts at exactly 1 and is trainable.
 - D: 0, so the start is the head's linear attention and nothing else (Llamba's D = 1 suits a random init, where the
   skip is the only clean signal path; here it would add the raw value x_t at a scale unrelated to attention's).
@@ -51,7 +53,7 @@ class DiscreteMamba2(RecurrentMixer):
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, state_size: int = 64, conv_width: int = 4,
-        chunk_size: int = 64, backend: str = "auto", min_half_life: float = 8.0, max_half_life: float = 1024.0,
+        chunk_size: int = 64, backend: str = "auto", min_half_life: float = 1.0, max_half_life: float = 16.0,
     ):
         super().__init__(
             hidden_size, num_heads, head_dim, state_size=state_size, conv_width=conv_width, chunk_size=chunk_size,
@@ -107,6 +109,12 @@ class DiscreteMamba2(RecurrentMixer):
         half_lives [heads] in tokens (> 0)."""
         rate = math.log(2.0) / torch.as_tensor(half_lives, dtype=torch.float64)
         self.in_proj.bias[self._rows("a")] = torch.log(torch.expm1(rate)).to(self.in_proj.bias)
+
+    @torch.no_grad()
+    def half_lives(self) -> Tensor:
+        """[heads] each head's half-life in tokens as its A_log bias sets it (the decay of an input whose A_log
+        projection is 0, i.e. exactly the decay at initialisation)."""
+        return math.log(2.0) / F.softplus(self.in_proj.bias[self._rows("a")].double())
 
     def _project(
         self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None

@@ -1,0 +1,253 @@
+"""Calibrate a freshly converted student on text: each recurrent head's initial decay, then its static normaliser.
+
+Two passes of the teacher over the calibration tokens, both on the teacher's own layer inputs:
+
+1. **Half-lives** (``half_lives="attention"``): every replaced head's *typical attention distance* in the teacher,
+   d̃ = exp(E[log(1 + t - s)]) - 1 under its causal softmax attention (query t, key s; the first key is left out
+   and the rest renormalised, since a first-token attention sink says nothing about how far a head reads), sets
+   the recurrent head's initial decay a so that its normalised kernel a^d has that mean distance,
+   a / (1 - a) = d̃, i.e. a half-life of ln 2 / ln((1 + d̃) / d̃) tokens. ``"fixed"`` keeps the mixer's own
+   data-independent spread (``min_half_life`` .. ``max_half_life``).
+2. **Normaliser** statistics (:class:`~radistill.hybrid.normalizer.StaticNormalizer`): per channel, the replaced
+   heads' attention output in the teacher and the fresh mixer's output, with the half-lives of pass 1.
+
+Why (benchmarks/results/init_quality.json, docs/hybrid.md "Initial quality"): on teacher-19m the decays and the
+calibration text dominate a fresh student's quality. With the top 8 heads kept and state 16, held-out perplexity
+before any training is 2449 with half-lives 8-1024 and the built-in text, 48 with fixed half-lives 1-16 on prose,
+and 34 with half-lives from attention distance on prose (teacher: 4.1).
+
+The calibration text is the distillation data when there is any (``source``: what ``--data`` takes), packed into
+windows like training; otherwise a few built-in sentences and KV-probe prompts (enough for a smoke test only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from radistill.hybrid.modeling import HybridForCausalLM
+from radistill.hybrid.normalizer import ChannelMoments
+from radistill.models.access import decoder_layers
+from radistill.utils.errors import RadistillError
+
+HALF_LIVES = ("attention", "fixed")
+DEFAULT_TOKENS = 16_384
+MIN_HALF_LIFE, MAX_HALF_LIFE = 0.5, 4096.0
+HEAD_CHUNK = 4  # attention matrices [batch, HEAD_CHUNK, seq, seq] exist one chunk at a time
+
+# A few sentences of varied register so the fallback calibration is not only probe prompts; no network needed.
+BUILTIN_TEXT = (
+    "The committee met on Tuesday to review the budget, and after a long discussion it approved the new plan.",
+    "Water boils at 100 degrees Celsius at sea level, but at higher altitudes it boils at a lower temperature.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "She opened the letter slowly, read the first line twice, and then put it back in the drawer without a word.",
+    "In 1969, Apollo 11 landed on the Moon; Neil Armstrong and Buzz Aldrin walked on its surface for two hours.",
+    "Q: What is the capital of France?\nA: Paris.\nQ: What is 12 times 12?\nA: 144.",
+    "Photosynthesis turns light, water and carbon dioxide into glucose and oxygen inside the chloroplasts.",
+    "The train to the airport leaves every fifteen minutes from platform four; tickets are sold at the machines.",
+)
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` did (recorded in ``selection.json``)."""
+
+    tokens: int
+    half_lives: str
+    # per layer: the recurrent heads' initial half-lives in tokens (empty for layers without recurrent heads)
+    half_life_tokens: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        rounded = [[round(h, 2) for h in layer] for layer in self.half_life_tokens]
+        return {"tokens": self.tokens, "half_lives": self.half_lives, "half_life_tokens": rounded}
+
+
+# ---- the text -----------------------------------------------------------------------------------------------------
+
+
+def calibration_batches(
+    tokenizer, source: str | os.PathLike | None = None, max_tokens: int = DEFAULT_TOKENS, seq_len: int = 256,
+    batch_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """Batches ``{"input_ids", "attention_mask"}`` [B, T] of calibration text.
+
+    ``source`` (a file or HF dataset id, as ``radistill distill --data`` takes; its held-out documents are skipped):
+    its training documents tokenised and packed into ``seq_len`` windows, up to ``max_tokens`` tokens. ``None``:
+    the built-in sentences and KV-probe prompts, right-padded.
+    """
+    if max_tokens < seq_len:
+        raise RadistillError(f"calibration needs at least one window: max_tokens {max_tokens} < seq_len {seq_len}")
+    if source is None:
+        return _padded_batches(tokenizer, _builtin_texts(tokenizer), seq_len, batch_size)
+    windows = _packed_windows(tokenizer, str(source), max_tokens, seq_len)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in windows.split(batch_size)]
+
+
+def _builtin_texts(tokenizer, probe_samples: int = 8) -> list[str]:
+    from radistill.probes.kv import KVProbeConfig, kv_items
+
+    probes = kv_items(tokenizer, KVProbeConfig(pairs=12, samples=probe_samples, seed=1234))
+    return list(BUILTIN_TEXT) + [item.prompt for item in probes]
+
+
+def _packed_windows(tokenizer, source: str, max_tokens: int, seq_len: int) -> torch.Tensor:
+    """[windows, seq_len] of the source's documents, each followed by EOS, concatenated. Training documents only,
+    unless they are too few for one window (a single-document file): its held-out text is then used as well."""
+    from radistill.distill.data import eos_id, is_heldout, iter_documents
+    from radistill.distill.recipe import DataConfig
+
+    cfg = DataConfig(source=source)
+    training: list[int] = []
+    heldout: list[int] = []
+    wanted = max_tokens // seq_len * seq_len
+    for index, doc in enumerate(iter_documents(cfg)):
+        ids = tokenizer(doc, add_special_tokens=False).input_ids + [eos_id(tokenizer)]
+        (heldout if is_heldout(index, cfg) else training).extend(ids)
+        if len(training) >= wanted:
+            break
+    ids = training if len(training) >= seq_len else training + heldout
+    usable = min(len(ids), wanted) // seq_len * seq_len
+    if usable == 0:
+        raise RadistillError(f"calibration data {source} has {len(ids)} tokens, fewer than one window of {seq_len}: "
+                             "pass more text")
+    return torch.tensor(ids[:usable]).view(-1, seq_len)
+
+
+def _padded_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:
+    encoded = [ids for ids in (tokenizer(t, add_special_tokens=True).input_ids[:max_length] for t in texts) if ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+# ---- the two passes -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+              half_lives: str = "attention") -> Calibration:
+    """Set every recurrent head's initial half-life (``"attention"`` or ``"fixed"``, module docstring) and its
+    static normaliser from the teacher's activations on ``batches``. Only real tokens count (batches may be padded)."""
+    if half_lives not in HALF_LIVES:
+        raise RadistillError(f"half_lives must be one of {', '.join(HALF_LIVES)}, got {half_lives!r}")
+    blocks = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
+              if layer.self_attn.recurrent is not None}
+    if half_lives == "attention" and blocks:
+        group = student.config.num_attention_heads // student.config.num_key_value_heads
+        distances = _attention_distances(teacher, blocks, batches, group)
+        for i, block in blocks.items():
+            block.recurrent.set_half_lives(half_life_for_distance(distances[i]))
+    tokens = _normaliser_statistics(teacher, blocks, batches, student.config.head_dim)
+    record = [blocks[i].recurrent.half_lives().tolist() if i in blocks else []
+              for i in range(len(student.model.layers))]
+    return Calibration(tokens, half_lives, record)
+
+
+def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
+    """Half-lives (tokens) of the decays whose normalised kernel a^d has mean distance ``distance``: a/(1-a) = d."""
+    d = distance.double().clamp_min(1e-3)
+    return (math.log(2.0) / torch.log1p(1.0 / d)).clamp(MIN_HALF_LIFE, MAX_HALF_LIFE)
+
+
+def _teacher_passes(teacher: nn.Module, batches, hooks: dict[int, dict]):
+    """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(with kwargs), "o_proj": pre-hook}}
+    installed; each hook also gets the batch's attention mask. Returns the real tokens seen."""
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(decoder_layers(teacher)):
+        for name, hook in hooks.get(i, {}).items():
+            module = layer.self_attn if name == "attn" else layer.self_attn.o_proj
+            bound = (lambda m, a, k, h=hook: h(m, a, k, current["mask"])) if name == "attn" else \
+                (lambda m, a, h=hook: h(m, a, current["mask"]))
+            handles.append(module.register_forward_pre_hook(bound, with_kwargs=name == "attn"))
+    device = next(teacher.parameters()).device
+    tokens = 0
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].to(device)
+            teacher(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False,
+                    logits_to_keep=1)
+            tokens += int(batch["attention_mask"].sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int, torch.Tensor]:
+    """{layer: [recurrent heads]} the typical attention distance of each replaced teacher head (module docstring)."""
+    from radistill.models.attention import attention_probs
+
+    sums = {i: torch.zeros(len(b.recurrent_heads), dtype=torch.float64) for i, b in blocks.items()}
+    counts = {i: 0 for i in blocks}
+
+    def attn_hook(i):
+        def hook(module, args, kwargs, mask):
+            hidden, heads = _hidden(args, kwargs), list(blocks[i].recurrent_heads)
+            seq = hidden.shape[1]
+            distance = (torch.arange(seq)[:, None] - torch.arange(1, seq)[None, :]).clamp_min(0).to(hidden.device)
+            queries = mask.bool().clone()
+            queries[:, 0] = False  # its only key is the first one, which is left out
+            start = 0
+            for probs in attention_probs(module, hidden, kwargs["position_embeddings"], heads, group_size,
+                                         HEAD_CHUNK):  # [B, chunk, T, T]
+                rest = probs[..., 1:]
+                rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
+                log_distance = (rest * torch.log1p(distance.float())).sum(-1)  # [B, chunk, T]
+                chunk = log_distance.shape[1]
+                sums[i][start : start + chunk] += log_distance.transpose(1, 2)[queries].double().sum(0).cpu()
+                start += chunk
+            counts[i] += int(queries.sum())
+
+        return hook
+
+    _teacher_passes(teacher, batches, {i: {"attn": attn_hook(i)} for i in blocks})
+    if any(c == 0 for c in counts.values()):
+        raise RadistillError("calibration text too short: no query position beyond the first token")
+    return {i: torch.expm1(sums[i] / counts[i]) for i in blocks}
+
+
+def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
+    """Fill every recurrent block's normaliser from the fresh mixer's and the replaced heads' output moments."""
+    moments = {i: (ChannelMoments(len(b.recurrent_heads), head_dim), ChannelMoments(len(b.recurrent_heads), head_dim))
+               for i, b in blocks.items()}
+
+    def attn_hook(i):
+        def hook(module, args, kwargs, mask):  # the teacher attention's normed input -> the student mixer's output
+            y, _ = blocks[i].recurrent(_hidden(args, kwargs), attention_mask=mask)  # [B, T, r, hd]
+            moments[i][0].add(y, mask)
+
+        return hook
+
+    def o_proj_hook(i):
+        def hook(module, args, mask):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
+            heads = args[0].view(*args[0].shape[:-1], -1, head_dim)[:, :, blocks[i].recurrent_heads]
+            moments[i][1].add(heads, mask)
+
+        return hook
+
+    tokens = _teacher_passes(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
+    for i, (student_moments, teacher_moments) in moments.items():
+        blocks[i].normalizer.calibrate(student_moments, teacher_moments)
+    return tokens
+
+
+__all__ = ["BUILTIN_TEXT", "Calibration", "DEFAULT_TOKENS", "HALF_LIVES", "calibrate", "calibration_batches",
+           "half_life_for_distance"]
