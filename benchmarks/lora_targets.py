@@ -102,7 +102,8 @@ def make_student(args, device: str, work: Path) -> Path:
     items, probe = probe_items(tokenizer, pairs=10, samples=samples, seed=0, probe_file=None)
     scan_json = scan_model(teacher, tokenizer, str(args.teacher), items=items, probe=probe).save(work / "scan")
     student_dir = build_student(teacher, work / "student", scan=scan_json, keep=args.keep,
-                                state_size=args.state_size, tokenizer=tokenizer, overwrite=True)
+                                state_size=args.state_size, tokenizer=tokenizer, calibration_data=args.corpus,
+                                calibration_tokens=4096 if args.quick else 16384, overwrite=True)
     if not args.distill_tokens:
         return student_dir
     stage = dict(tokens=args.distill_tokens, seq_len=512, batch_size=8, grad_accum=1, warmup=0.05,
