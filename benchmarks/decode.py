@@ -11,6 +11,10 @@ Measured, per model:
                (the teacher's ``DynamicCache``, the hybrid's ``HybridCache``), greedy;
   ``graph``  -- static caches (the teacher's ``StaticCache``, the hybrid's ``HybridCache.make_static``) and the
                whole step (forward, argmax, position update) captured once in a CUDA graph and replayed;
+  each the median of ``--repeat`` timed passes of ``--steps`` steps after one untimed pass over the same steps.
+  A growing cache gives every eager step a new key length, so kernels that set up per shape (cuDNN attention
+  builds a graph per key length; Triton autotunes per shape) do it at every step of a first pass: that pass is
+  kept apart (``eager_first_pass_tokens_per_s``) and never in the median;
 - cache bytes per sequence (measured from the caches after the prompt; and from the config by radistill.memory);
 - the memory-bandwidth bound: bytes a step must read (weights + the cache: KV, and the recurrent states read and
   written) / HBM bandwidth measured by a device copy; ``efficiency`` = measured / bound tokens/s.
@@ -18,7 +22,7 @@ Measured, per model:
 Goals (issue 3): decode >= 2x the teacher at >= 8k context; cache <= 1/6 of the teacher's at 4k.
 
     python benchmarks/decode.py                 # on one H100: the full table -> benchmarks/results/decode.{json,md}
-    python benchmarks/decode.py --quick         # CPU smoke run (< 1 min): tiny shapes, eager only
+    python benchmarks/decode.py --quick --out /tmp/decode-quick.json   # CPU smoke run (< 1 min): tiny, eager
     python benchmarks/decode.py --contexts 32768 --merge   # add cells to an existing decode.json
 """
 
@@ -127,9 +131,10 @@ def describe(exc: BaseException) -> str:
 
 
 @torch.no_grad()
-def prefill(model, batch: int, length: int, device: str):
-    """Run a random prompt through the model; returns (last-token logits, cache)."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+def prefill(model, batch: int, length: int, device: str, seed: int = 0):
+    """Run a random prompt (the same for the same ``seed``) through the model; returns (last-token logits, cache)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(device)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     return out.logits, output_cache(out)
 
@@ -149,19 +154,32 @@ def time_prefill(model, length: int, device: str, repeat: int = 3) -> float:
 
 
 @torch.no_grad()
-def eager_decode(model, logits, cache, steps: int, device: str, warmup: int = 3) -> tuple[float, list]:
-    """Tokens/s of the plain decode loop (greedy); returns (tokens/s, generated ids) and leaves the cache advanced."""
+def eager_decode(model, logits, cache, steps: int, device: str) -> tuple[float, list]:
+    """``steps`` steps of the plain decode loop (greedy) after a prefill; returns (seconds, generated ids) and
+    leaves the cache advanced."""
     token = logits[:, -1:].argmax(-1)
     generated = []
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            start = time.perf_counter()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
         out = model(input_ids=token, **{CACHE_FIELD: cache}, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         generated.append(token)
     sync(device)
-    return token.shape[0] * steps / (time.perf_counter() - start), generated
+    return time.perf_counter() - start, generated
+
+
+def time_eager_decode(model, batch: int, length: int, steps: int, device: str, repeat: int) -> dict[str, float]:
+    """Tokens/s of the plain decode loop: the median of ``repeat`` timed passes, each an untimed prefill of the same
+    prompt and ``steps`` timed steps, after one such pass untimed (its rate is returned apart: what first calls of
+    each shape cost)."""
+    rates = []
+    for _ in range(repeat + 1):
+        logits, cache = prefill(model, batch, length, device)
+        seconds, _ = eager_decode(model, logits, cache, steps, device)
+        rates.append(batch * steps / seconds)
+        del logits, cache  # before the next prefill: one cache at a time
+    return {"eager_tokens_per_s": statistics.median(rates[1:]), "eager_first_pass_tokens_per_s": rates[0]}
 
 
 def static_cache(model, cache, max_length: int):
@@ -218,18 +236,24 @@ class StaticDecoder:
 
 
 @torch.no_grad()
-def graph_decode(model, logits, cache, position: int, steps: int, device: str) -> float:
-    """Tokens/s of CUDA-graph replays of the static decode step."""
-    decoder = StaticDecoder(model, static_cache(model, cache, position + steps + 8), logits, position,
-                            position + steps + 8)
-    decoder.capture()
-    decoder.run()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.run()
-    sync(device)
-    return logits.shape[0] * steps / (time.perf_counter() - start)
+def graph_decode(model, batch: int, length: int, steps: int, device: str, repeat: int, warmup: int = 3) -> float:
+    """Tokens/s of CUDA-graph replays of the static decode step after a prompt of ``length`` tokens: the median of
+    ``repeat`` timed passes of ``steps`` replays, after the capture (``warmup`` eager steps first) and one untimed
+    pass. The replays go on from position to position, so the static buffers hold them all."""
+    logits, cache = prefill(model, batch, length, device)
+    max_length = length + warmup + (repeat + 1) * steps + 8
+    decoder = StaticDecoder(model, static_cache(model, cache, max_length), logits, length, max_length)
+    del cache  # the static copy is what the graph uses
+    decoder.capture(warmup)
+    rates = []
+    for _ in range(repeat + 1):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.run()
+        sync(device)
+        rates.append(batch * steps / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
 
 
 def step_bytes(model, per_sequence: dict[str, int], batch: int) -> int:
@@ -247,6 +271,7 @@ def run(args) -> dict:
     contexts = [128, 256] if args.quick else args.contexts
     batches = [1, 2] if args.quick else args.batches
     steps = 4 if args.quick else args.steps
+    repeat = min(args.repeat, 2) if args.quick else args.repeat
     use_graphs = device.startswith("cuda") and not args.no_cuda_graphs
     bandwidth = hbm_bandwidth(device)
     previous = json.loads(args.out.read_text()) if args.merge and args.out.exists() else None
@@ -260,6 +285,8 @@ def run(args) -> dict:
         "fla": _fla_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "quick": args.quick,
+        "timing": f"decode: median of {repeat} timed passes of {steps} steps after one untimed pass "
+                  "(eager_first_pass_tokens_per_s: that pass); prefill: median of 3 after one",
         "hbm_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
         "decode_modes": {
             "eager": "plain decode loop, growing caches (teacher DynamicCache, hybrid HybridCache), greedy",
@@ -286,7 +313,8 @@ def run(args) -> dict:
             print(f"  prefill {length}: {entry['prefill_s'][str(length)]}", flush=True)
             for batch in batches:
                 cell = entry["decode"].setdefault(str(length), {})[str(batch)] = {}
-                measure_decode(model, batch, length, steps, device, bandwidth, use_graphs, args.quick, cell, entry)
+                measure_decode(model, batch, length, steps, repeat, device, bandwidth, use_graphs, args.quick, cell,
+                               entry)
                 print(f"  decode {length} x{batch}: {cell}", flush=True)
         write_json_atomic(args.out, result)  # partial results survive a timeout
 
@@ -304,7 +332,7 @@ def run(args) -> dict:
     return result
 
 
-def measure_decode(model, batch, length, steps, device, bandwidth, use_graphs, quick, cell, entry) -> None:
+def measure_decode(model, batch, length, steps, repeat, device, bandwidth, use_graphs, quick, cell, entry) -> None:
     """Fill ``cell`` with one (context, batch) decode measurement; a failure (e.g. out of memory) is recorded in
     ``cell["error"]``, not raised."""
     logits = cache = None
@@ -312,11 +340,11 @@ def measure_decode(model, batch, length, steps, device, bandwidth, use_graphs, q
         logits, cache = prefill(model, batch, length, device)
         per_sequence = {k: v // batch for k, v in cache_nbytes(cache).items()}
         entry["cache_bytes_per_sequence"][str(length)] = per_sequence
-        cell["eager_tokens_per_s"], generated = eager_decode(model, logits, cache, steps, device)
+        logits = cache = None  # each measurement below prefills its own
+        cell.update(time_eager_decode(model, batch, length, steps, device, repeat))
         if use_graphs:
             try:
-                cell["graph_tokens_per_s"] = graph_decode(model, logits, cache, length + len(generated), steps,
-                                                          device)
+                cell["graph_tokens_per_s"] = graph_decode(model, batch, length, steps, device, repeat)
             except Exception as exc:
                 if is_oom(exc):
                     raise
@@ -339,11 +367,9 @@ def measure_decode(model, batch, length, steps, device, bandwidth, use_graphs, q
 
 def check_static_step(model, batch: int, length: int, device: str, steps: int = 3) -> bool:
     """The static decode step (what the CUDA graph records) continues a prompt like the eager loop does."""
-    torch.manual_seed(0)
     logits, cache = prefill(model, batch, length, device)
-    _, eager = eager_decode(model, logits, cache, steps, device, warmup=0)
-    torch.manual_seed(0)  # the same prompt again
-    logits, cache = prefill(model, batch, length, device)
+    _, eager = eager_decode(model, logits, cache, steps, device)
+    logits, cache = prefill(model, batch, length, device)  # the same prompt again
     decoder = StaticDecoder(model, static_cache(model, cache, length + steps + 1), logits, length,
                             length + steps + 1)
     static = []
@@ -407,17 +433,18 @@ def table(result: dict) -> str:
     for name, entry in result["models"].items():
         lines.append(f"| {name} | " + " | ".join("OOM" if v is None else f"{v * 1e3:.1f}"
                                                   for v in entry["prefill_s"].values()) + " |")
-    lines += ["", "| model | context | batch | eager tok/s | graph tok/s | bound tok/s | efficiency | "
-                  "cache MB/seq (KV+SSM+conv) |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | context | batch | eager tok/s | eager 1st pass tok/s | graph tok/s | bound tok/s | "
+                  "efficiency | cache MB/seq (KV+SSM+conv) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in result["models"].items():
         for length, by_batch in entry["decode"].items():
             cache = entry["cache_bytes_per_sequence"].get(length, {})
             for batch, cell in by_batch.items():
                 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
                 eager = cell["error"] if "error" in cell else fmt(cell.get("eager_tokens_per_s"))
+                first = fmt(cell.get("eager_first_pass_tokens_per_s"))
                 graph = "failed (see JSON)" if "graph_error" in cell else fmt(cell.get("graph_tokens_per_s"))
                 lines.append(
-                    f"| {name} | {length} | {batch} | {eager} | {graph} | "
+                    f"| {name} | {length} | {batch} | {eager} | {first} | {graph} | "
                     f"{fmt(cell.get('bound_tokens_per_s'))} | {fmt(cell.get('efficiency'), 2)} | "
                     f"{fmt(cache.get('total', 0) / 1e6, 2)} |")
     found = result["goals"]
@@ -440,7 +467,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192, 32768])
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     parser.add_argument("--state-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 64])
-    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per cell")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps per timed pass")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per cell (after one untimed pass)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="eager decode only")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/decode.json]")
     parser.add_argument("--merge", action="store_true",

@@ -36,6 +36,29 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The distillation tests' character tokenizer (``distill_helpers.char_tokenizer``), one per test module."""
+    from distill_helpers import char_tokenizer
+
+    return char_tokenizer()
+
+
+@pytest.fixture
+def corpus_docs(tmp_path) -> tuple[Path, list[str]]:
+    """A .txt corpus of 50 short documents in ``tmp_path`` (``distill_helpers.write_corpus``) and the documents."""
+    from distill_helpers import write_corpus
+
+    path = tmp_path / "corpus.txt"
+    return path, write_corpus(path, docs=50)
+
+
+@pytest.fixture
+def corpus(corpus_docs) -> Path:
+    """The path of :func:`corpus_docs`."""
+    return corpus_docs[0]
+
+
 @pytest.fixture(scope="session")
 def teacher_19m_path() -> Path:
     if not TEACHER_19M.exists():

@@ -9,26 +9,15 @@ import torch
 from radistill.distill.data import PackedStream, heldout_documents, heldout_sequences, is_heldout, iter_documents
 from radistill.distill.recipe import DataConfig
 from radistill.utils.errors import RadistillError
-from distill_helpers import char_tokenizer, write_corpus
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    return path, write_corpus(path, docs=40)
+from distill_helpers import write_corpus
 
 
 def cfg_for(path, **kw):
     return DataConfig(source=str(path), **{"shuffle_window": 6, "heldout_docs": 3, "heldout_stride": 7, **kw})
 
 
-def test_every_source_format_gives_the_same_documents(tmp_path, corpus):
-    path, docs = corpus
+def test_every_source_format_gives_the_same_documents(tmp_path, corpus_docs):
+    path, docs = corpus_docs
     xz = tmp_path / "corpus.txt.xz"
     xz.write_bytes(lzma.compress(path.read_bytes()))
     jsonl = tmp_path / "corpus.jsonl"
@@ -63,8 +52,8 @@ def test_bad_sources_raise_clear_errors(tmp_path):
         list(iter_documents(cfg_for(bad)))
 
 
-def test_packing_is_deterministic_and_covers_every_training_document(corpus, tokenizer):
-    path, docs = corpus
+def test_packing_is_deterministic_and_covers_every_training_document(corpus_docs, tokenizer):
+    path, docs = corpus_docs
     cfg = cfg_for(path)
     a = PackedStream(cfg, tokenizer, seq_len=32, seed=5)
     b = PackedStream(cfg, tokenizer, seq_len=32, seed=5)
@@ -93,8 +82,8 @@ def test_packing_is_deterministic_and_covers_every_training_document(corpus, tok
 
 
 @pytest.mark.parametrize("stop", [1, 5, 13, 29])  # inside windows, at epoch ends, in the second epoch
-def test_resume_yields_exactly_the_uninterrupted_sequences(corpus, tokenizer, stop):
-    path, _ = corpus
+def test_resume_yields_exactly_the_uninterrupted_sequences(corpus_docs, tokenizer, stop):
+    path, _ = corpus_docs
     cfg = cfg_for(path)
     whole = PackedStream(cfg, tokenizer, seq_len=24, seed=1).next_batch(stop + 12)
 
@@ -107,15 +96,15 @@ def test_resume_yields_exactly_the_uninterrupted_sequences(corpus, tokenizer, st
     assert resumed.sequences == stop + 12
 
 
-def test_resume_refuses_another_seq_len(corpus, tokenizer):
-    path, _ = corpus
+def test_resume_refuses_another_seq_len(corpus_docs, tokenizer):
+    path, _ = corpus_docs
     state = PackedStream(cfg_for(path), tokenizer, seq_len=24, seed=1).state_dict()
     with pytest.raises(RadistillError, match="seq_len 24"):
         PackedStream(cfg_for(path), tokenizer, seq_len=32, seed=1).load_state_dict(state)
 
 
-def test_heldout_split(corpus, tokenizer):
-    path, docs = corpus
+def test_heldout_split(corpus_docs, tokenizer):
+    path, docs = corpus_docs
     cfg = cfg_for(path)
     held = heldout_documents(cfg)
     assert held == [docs[0], docs[7], docs[14]]

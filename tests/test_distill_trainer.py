@@ -12,25 +12,11 @@ from radistill.distill.data import PackedStream
 from radistill.distill.stages import make_objective
 from radistill.distill.trainer import NonFiniteLossError, Trainer
 from radistill.utils.errors import RadistillError
-from distill_helpers import (
-    char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
-)
+from distill_helpers import tiny_recipe, tiny_student, tiny_teacher
 
 
 class Interrupt(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    write_corpus(path, docs=50)
-    return path
 
 
 def fresh_pair():

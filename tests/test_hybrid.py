@@ -138,7 +138,7 @@ def test_static_cache_decodes_like_the_growing_one():
             other = student(input_ids=ids[:, t : t + 1], cache=static, use_cache=True).logits
             assert (step[:, -1] - full[:, t]).abs().max() <= 1e-4
             assert (other[:, -1] - full[:, t]).abs().max() <= 1e-4
-    assert cache.layers[0].keys.shape == (2, 2, 16, 16) and int(cache.layers[0].position) == 12
+    assert cache.layers[0].keys.shape == (2, 2, 16, 16) and int(cache.layers[0].kv.cumulative_length) == 12
     with pytest.raises(RadistillError, match="is full"):
         student(input_ids=torch.randint(0, 256, (2, 5)), cache=static, use_cache=True)
 

@@ -1,6 +1,7 @@
 """The report builds from a small hand-made run directory, embeds its images, and says "not run" for what is missing."""
 
 import base64
+import html
 import json
 import re
 from pathlib import Path
@@ -52,8 +53,10 @@ def pipeline_run(tmp_path) -> Path:
     root = tmp_path / "run"
     (root / "scan").mkdir(parents=True)
     (root / "scan" / "scan.json").write_text(json.dumps(scan_json()))
-    recipe = {"teacher": str(tmp_path / "no-such-teacher"), "students": [{"name": "top2", "keep": 2},
-                                                                       {"name": "none", "keep": 0}]}
+    # absolute paths as `radistill run` records them: the run's own, and one outside it
+    recipe = {"teacher": str(tmp_path / "no-such-teacher"), "out": str(root), "tokenizer": "meta-llama/Llama-3.2-1B",
+              "eval": {"text": [str(root / "data" / "heldout.txt")]},
+              "students": [{"name": "top2", "keep": 2}, {"name": "none", "keep": 0}]}
     (root / "recipe.json").write_text(json.dumps(recipe))
     for name, kept, scale in (("top2", [[], [], [2, 3]], 1.0), ("none", [[], [], []], 2.0)):
         student_config(root / "students" / name, kept)
@@ -86,6 +89,17 @@ def test_report_of_a_pipeline_run(pipeline_run):
     assert "2.3" in page and "2.2" in page  # kept heads by L.H
     assert "G&amp;A analysis: not run" in page  # no analysis.json in this run
     assert "&quot;teacher&quot;" in page  # the recipe is shown
+
+
+def test_report_shows_no_absolute_paths(pipeline_run, monkeypatch):
+    monkeypatch.chdir(pipeline_run.parent)
+    page = build_report(Path(pipeline_run.name)).read_text()  # a relative run directory, as typed on a command line
+    assert str(pipeline_run.parent) not in page  # neither the maker's directories nor the run's own location
+    assert "Run directory: run · teacher: …/no-such-teacher" in page
+    settings = json.loads(html.unescape(re.search(r"<pre>(.*?)</pre>", page, re.S).group(1)))
+    assert settings["teacher"] == "…/no-such-teacher" and settings["out"] == "."
+    assert settings["eval"]["text"] == ["data/heldout.txt"]  # inside the run: relative to it
+    assert settings["tokenizer"] == "meta-llama/Llama-3.2-1B"  # an HF id is no path
 
 
 def test_report_of_an_empty_directory_says_not_run(tmp_path):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from radistill.hybrid.configuration import HybridConfig
+from radistill.hybrid.memory import attention_windows
 from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
 from radistill.hybrid.calibrate import DEFAULT_TOKENS, calibrate, calibration_batches
 from radistill.models.access import (
@@ -207,7 +208,7 @@ def student_config(
         qk_norm=getattr(attn, "q_norm", None) is not None,
         mlp_bias=getattr(mlp.gate_proj, "bias", None) is not None,
         attention_dropout=float(getattr(t, "attention_dropout", 0.0) or 0.0),
-        sliding_window=getattr(t, "sliding_window", None),
+        sliding_window=attention_windows(t)[0],  # one window for every layer (mixed layers are refused above)
         teacher_model_type=layout.model_type,
         kept_heads=kept_heads,
         mixer=mixer,

@@ -2,22 +2,25 @@
 
 Per decoder layer one :class:`HybridLayerCache` holds
 
-- ``keys`` / ``values`` ``[batch, kept_kv_heads, seen, head_dim]`` for the KV heads of the layer's kept query heads
+- ``keys`` / ``values`` ``[batch, kept_kv_heads, held, head_dim]`` for the KV heads of the layer's kept query heads
   (GQA: one entry per kept KV head, shared by its kept query heads); ``None`` in layers without kept heads;
 - ``state``: the mixer's state dict (``mixer.empty_state(...)``, e.g. ``{"conv": ..., "ssm": ...}``), advanced in
   place by the mixer; ``None`` in layers without recurrent heads;
 - ``seen_tokens``: how many positions (padding included) the layer has consumed, which is what masks need.
 
-Keys/values grow by concatenation (like transformers' ``DynamicCache``), or, after ``make_static(max_length)``,
-live in preallocated ``[batch, kept_kv_heads, max_length, head_dim]`` buffers written at a device-side position
-(like ``StaticCache``): fixed shapes and addresses, so a decode step can be captured in a CUDA graph. Unwritten
-slots are then excluded by the attention mask (sized ``max_length``), never read as keys.
+Keys/values live in one of transformers' cache layers, the one a teacher layer of the same kind would use:
+``DynamicLayer`` (grows by concatenation), or after ``make_static(max_length)`` ``StaticLayer`` (preallocated
+``[batch, kept_kv_heads, max_length, head_dim]`` buffers written at a device-side position: fixed shapes and
+addresses, so a decode step can be captured in a CUDA graph; unwritten slots are excluded by the attention mask,
+sized ``max_length``). With a sliding window (Mistral; ``config.sliding_window``) the layers are
+``DynamicSlidingWindowLayer`` / ``StaticSlidingWindowLayer``: only the last ``sliding_window - 1`` positions are
+kept between steps (the ``sliding_window``-th is the token being decoded), and the mask sizes follow.
 
-:class:`HybridCache` subclasses transformers' ``Cache`` so that ``generate()`` and the mask helpers accept it, but
-overrides everything that would look into ``CacheLayerMixin`` internals: the layer objects here are our own and
-the same code runs on transformers 5.17 and 5.24. The model creates the cache itself on the first ``use_cache``
-forward (``_supports_default_dynamic_cache`` is False, as for Mamba-style models), so ``generate()`` never builds
-a ``DynamicCache`` for it.
+:class:`HybridCache` subclasses transformers' ``Cache`` so that ``generate()`` and the mask helpers accept it; its
+layer objects are our own (a KV layer is one attribute of them, the recurrent state another), and they use only
+what the four transformers layers offer alike in 5.17 and 5.24. The model creates the cache itself on the first
+``use_cache`` forward (``_supports_default_dynamic_cache`` is False, as for Mamba-style models), so ``generate()``
+never builds a ``DynamicCache`` for it.
 """
 
 from __future__ import annotations
@@ -25,27 +28,62 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 from radistill.utils.errors import RadistillError
 
 
 class HybridLayerCache:
-    """One decoder layer's cache entries (see the module docstring)."""
+    """One decoder layer's cache entries (see the module docstring).
+
+    ``attention``: whether the layer has kept heads (otherwise it never holds keys/values); ``max_length``: None for
+    growing keys/values, or the static buffers' length; ``sliding_window``: the attention window, or None.
+    """
 
     # Attributes transformers' ``Cache`` reads off its layers.
-    is_sliding = False
     is_croppable = False  # a recurrent state cannot be rolled back to an earlier position
     supports_early_init = False
 
-    def __init__(self, max_length: int | None = None):
-        self.max_length = max_length  # None: growing keys/values; int: static buffers of this length
-        self.keys: torch.Tensor | None = None  # [batch, kept_kv_heads, seen or max_length, head_dim]
-        self.values: torch.Tensor | None = None  # [batch, kept_kv_heads, seen or max_length, head_dim]
-        self.position: torch.Tensor | None = None  # static: next slot to write, a 0-d device tensor
+    def __init__(self, max_length: int | None = None, sliding_window: int | None = None, attention: bool = True):
+        self.max_length = max_length
+        self.sliding_window = sliding_window
+        self.attention = attention
+        self.kv: CacheLayerMixin | None = self._kv_layer()
         self.state: dict[str, torch.Tensor] | None = None
         self.seen_tokens = 0
         self.is_initialized = False
+
+    def _kv_layer(self) -> CacheLayerMixin | None:
+        """An empty transformers layer for this layer's keys/values, of the kind ``max_length`` and the window ask."""
+        if not self.attention:
+            return None
+        if self.max_length is None:
+            return DynamicLayer() if self.sliding_window is None else DynamicSlidingWindowLayer(self.sliding_window)
+        if self.sliding_window is None:
+            return StaticLayer(self.max_length)
+        return StaticSlidingWindowLayer(self.max_length, self.sliding_window)
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.kv is not None and self.sliding_window is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """[batch, kept_kv_heads, held, head_dim]: every position so far (static: the whole buffer), or with a
+        sliding window the last ``sliding_window - 1`` (static: a ``min(sliding_window, max_length)`` buffer)."""
+        return self.kv.keys if self.kv is not None and self.kv.is_initialized else None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Same layout as :attr:`keys`."""
+        return self.kv.values if self.kv is not None and self.kv.is_initialized else None
 
     @property
     def is_compileable(self) -> bool:
@@ -54,54 +92,46 @@ class HybridLayerCache:
         return self.max_length is not None
 
     def __repr__(self) -> str:
-        return (
-            f"HybridLayerCache(seen={self.seen_tokens}, kv={None if self.keys is None else tuple(self.keys.shape)}, "
-            f"state={None if self.state is None else {k: tuple(v.shape) for k, v in self.state.items()}})"
-        )
+        kv = None if self.keys is None else tuple(self.keys.shape)
+        state = None if self.state is None else {k: tuple(v.shape) for k, v in self.state.items()}
+        return f"HybridLayerCache(seen={self.seen_tokens}, window={self.sliding_window}, kv={kv}, state={state})"
 
     # ---- writes (called by the layer's mixer block) --------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[batch, kept_kv_heads, new, head_dim]`` keys/values; return all of them (past + new; static:
-        the whole buffers)."""
-        self.is_initialized = True
-        if self.max_length is None:
-            if self.keys is None:
-                self.keys, self.values = key_states, value_states
-            else:
-                self.keys = torch.cat([self.keys, key_states], dim=-2)
-                self.values = torch.cat([self.values, value_states], dim=-2)
-            return self.keys, self.values
-
+        """Store ``[batch, kept_kv_heads, new, head_dim]`` keys/values; return those this step attends over (past +
+        new; static: the whole buffers; sliding: the past the window still reaches + new)."""
+        if self.kv is None:
+            raise RadistillError("this layer has no kept attention heads, so its cache holds no keys/values")
         new = key_states.shape[-2]
-        if self.seen_tokens + new > self.max_length:
+        if self.max_length is not None and self.seen_tokens + new > self.max_length:
             raise RadistillError(
                 f"the static hybrid cache holds {self.max_length} positions and is full ({self.seen_tokens} seen, "
                 f"{new} new): make it static with a larger max_length"
             )
-        if self.keys is None:
-            batch, heads, _, head_dim = key_states.shape
-            self.keys = key_states.new_zeros(batch, heads, self.max_length, head_dim)
-            self.values = value_states.new_zeros(batch, heads, self.max_length, head_dim)
-            self.position = torch.zeros((), dtype=torch.long, device=key_states.device)
-        slots = self.position + torch.arange(new, device=key_states.device)
-        self.keys.index_copy_(2, slots, key_states)
-        self.values.index_copy_(2, slots, value_states)
-        self.position.add_(new)
-        return self.keys, self.values
+        self.is_initialized = True
+        return self.kv.update(key_states, value_states)
 
     def make_static(self, max_length: int) -> None:
-        """Move keys/values into preallocated buffers of ``max_length`` positions (see the module docstring)."""
+        """Move growing keys/values into preallocated buffers of ``max_length`` positions (module docstring)."""
+        if self.max_length is not None:
+            raise RadistillError("the cache is static already: call make_static once, on a growing cache")
         if max_length < self.seen_tokens:
             raise RadistillError(f"max_length {max_length} is below the {self.seen_tokens} positions already cached")
-        self.max_length = max_length
-        if self.keys is not None:
-            batch, heads, held, head_dim = self.keys.shape
-            keys = self.keys.new_zeros(batch, heads, max_length, head_dim)
-            values = self.values.new_zeros(batch, heads, max_length, head_dim)
-            keys[:, :, :held], values[:, :, :held] = self.keys[:, :, :held], self.values[:, :, :held]
-            self.keys, self.values = keys, values
-            self.position = torch.tensor(held, dtype=torch.long, device=keys.device)
+        growing, self.max_length = self.kv, max_length
+        self.kv = self._kv_layer()
+        if growing is None or not growing.is_initialized:
+            return
+        self.kv.lazy_initialization(growing.keys, growing.values)
+        held, slots = growing.keys.shape[-2], self.kv.max_cache_len
+        # A full sliding buffer rolls left and writes the new token into its last slot, so the held positions go
+        # right-aligned; otherwise the next write goes to slot `held`.
+        start = slots - held if self.seen_tokens >= slots else 0
+        self.kv.keys[:, :, start : start + held].copy_(growing.keys)
+        self.kv.values[:, :, start : start + held].copy_(growing.values)
+        self.kv.cumulative_length.fill_(start + held)
+        if isinstance(self.kv, StaticSlidingWindowLayer):
+            self.kv.cumulative_length_int = self.seen_tokens
 
     def mixer_state(self, make_empty: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The mixer state, created by ``make_empty()`` (the mixer's ``empty_state``) on first use."""
@@ -119,13 +149,15 @@ class HybridLayerCache:
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens: every past position stays (static:
-        the whole buffer, whose unwritten slots the causal mask excludes)."""
-        if self.max_length is not None:
-            return self.max_length, 0
-        return self.seen_tokens + query_length, 0
+        """(kv_length, kv_offset) of the mask for ``query_length`` new tokens, as the keys/values layer sizes it
+        (static: the whole buffer, whose unwritten slots the causal mask excludes; sliding: the window's span). A
+        layer without kept heads answers as a growing full-attention layer would."""
+        if self.kv is None:
+            return self.seen_tokens + query_length, 0
+        return self.kv.get_mask_sizes(query_length)
 
     def get_max_length(self) -> int:
+        """Positions the cache takes before it refuses more: -1 (no limit) while growing, else ``max_length``."""
         return -1 if self.max_length is None else self.max_length
 
     def tensors(self) -> list[torch.Tensor]:
@@ -134,7 +166,8 @@ class HybridLayerCache:
         return held + list((self.state or {}).values())
 
     def reset(self) -> None:
-        self.keys = self.values = self.state = self.position = None
+        self.kv = self._kv_layer()
+        self.state = None
         self.seen_tokens = 0
         self.is_initialized = False
 
@@ -142,7 +175,7 @@ class HybridLayerCache:
         """Apply ``fn`` to the batch dimension (dim 0) of every tensor; mixer states are rewritten in place so that a
         mixer holding a reference to the dict sees the change."""
         if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
+            self.kv.keys, self.kv.values = fn(self.kv.keys), fn(self.kv.values)
         if self.state is not None:
             for name, tensor in list(self.state.items()):
                 self.state[name] = fn(tensor)
@@ -175,12 +208,16 @@ class HybridCache(Cache):
 
     ``HybridCache(config)`` is empty; tensors appear on the first forward, with that forward's batch size,
     device and dtype. ``HybridCache(config, max_length=n)`` (or ``make_static(n)`` later) keeps keys/values in
-    static buffers of ``n`` positions.
+    static buffers of ``n`` positions. Layers with kept heads use ``config.sliding_window`` (None: full attention).
     """
 
     def __init__(self, config, max_length: int | None = None):
-        # Which layers get keys/values or a state follows from what the layers write (nothing where they have none).
-        super().__init__(layers=[HybridLayerCache(max_length) for _ in range(config.num_hidden_layers)])
+        window = getattr(config, "sliding_window", None)
+        super().__init__(layers=[HybridLayerCache(max_length, window, attention=bool(heads))
+                                 for heads in config.kept_heads])
+        # Every layer with kept heads has the same window and has seen the same tokens, so any of them sizes the
+        # masks of all; layers without kept heads hold no keys/values to size anything by.
+        self._mask_layer = next((i for i, heads in enumerate(config.kept_heads) if heads), 0)
 
     def make_static(self, max_length: int) -> HybridCache:
         """Static keys/values of ``max_length`` positions from now on (e.g. after a prefill); returns self."""
@@ -195,7 +232,8 @@ class HybridCache(Cache):
         return self.get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.layers[layer_idx].get_mask_sizes(query_length)
+        """The mask sizes of the attention layers, whichever ``layer_idx`` transformers' mask helper picked."""
+        return self.layers[self._mask_layer].get_mask_sizes(query_length)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.layers[layer_idx or 0].get_max_length()

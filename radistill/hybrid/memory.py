@@ -4,6 +4,9 @@ Accounting (docs/hybrid.md, /work/shared/notes/method.md):
 - KV: per cached KV head and token, K and V of ``head_dim`` values: ``2 * head_dim * dtype_bytes``.
 - recurrent heads: whatever the mixer's ``state_bytes`` says (DiscreteMamba2: SSM ``heads * state_size * head_dim``,
   conv ``heads * (head_dim + 2 * state_size) * (conv_width - 1)`` values), independent of the length.
+- sliding-window attention (Mistral; Qwen2's ``sliding_attention`` layers): a layer keeps the K/V of its last
+  ``window - 1`` positions (the next token brings the window's last), as transformers' sliding-window cache layers and
+  :class:`HybridCache` do, so its KV bytes stop growing there.
 - ``total_bytes`` = KV + SSM, as in the paper's table; the conv state is real memory too and has its own column
   (it is small: ~1/3 of the SSM state at state_size 64, but larger than it at state_size 8).
 
@@ -75,25 +78,52 @@ def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, setting
     return {"ssm": sizes.get("ssm", 0), "conv": sizes.get("conv", 0)}
 
 
-def _kv_bytes(kv_heads: int, head_dim: int, nbytes: int, length: int) -> int:
-    return kv_heads * 2 * head_dim * nbytes * length
+def attention_windows(config) -> list[int | None]:
+    """Per layer, the attention window (None: full attention), read as the model and transformers' cache read it:
+    from ``layer_types`` where the config has them (Qwen2: ``sliding_attention`` from ``max_window_layers`` on), else
+    ``sliding_window`` for every layer (Mistral, a hybrid student). A multimodal config: its ``text_config``'s."""
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        # a config without a layer count fails in layout_from_config, with the message that explains it
+        return [window] * getattr(config, "num_hidden_layers", 0)
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
-def teacher_rows(layout: HeadLayout, lengths: list[int], nbytes: int, name: str = "teacher") -> list[MemoryRow]:
-    kv_heads = layout.num_layers * layout.num_kv_heads
-    return [MemoryRow(name, n, _kv_bytes(kv_heads, layout.head_dim, nbytes, n), 0, 0) for n in lengths]
+def one_window(windows: list[int | None]) -> int | None:
+    """The window of layers that all share it; None (count every position: an upper bound) when they differ."""
+    return windows[0] if windows and len(set(windows)) == 1 else None
+
+
+def _kv_bytes(kv_heads: int, head_dim: int, nbytes: int, length: int, window: int | None = None) -> int:
+    """K/V bytes of ``kv_heads`` KV heads after ``length`` tokens (a sliding window holds ``window - 1``)."""
+    held = length if window is None else min(length, window - 1)
+    return kv_heads * 2 * head_dim * nbytes * held
+
+
+def teacher_rows(
+    layout: HeadLayout, lengths: list[int], nbytes: int, name: str = "teacher", windows: list[int | None] | None = None
+) -> list[MemoryRow]:
+    """Every KV head of every layer; ``windows``: per layer, as :func:`attention_windows` (default: full)."""
+    windows = windows or [None] * layout.num_layers
+    return [
+        MemoryRow(name, n, sum(_kv_bytes(layout.num_kv_heads, layout.head_dim, nbytes, n, w) for w in windows), 0, 0)
+        for n in lengths
+    ]
 
 
 def student_rows(config, lengths: list[int], nbytes: int, name: str = "student") -> list[MemoryRow]:
     """Rows for a built student's :class:`~radistill.hybrid.HybridConfig` (what its HybridCache allocates)."""
     kv_heads = sum(len(config.kept_kv_heads(i)) for i in range(config.num_hidden_layers))
+    window = config.sliding_window
     ssm = conv = 0
     for i in range(config.num_hidden_layers):
         sizes = _state_bytes(
             config.mixer, len(config.recurrent_heads(i)), config.head_dim, nbytes, config.mixer_settings
         )
         ssm, conv = ssm + sizes["ssm"], conv + sizes["conv"]
-    return [MemoryRow(name, n, _kv_bytes(kv_heads, config.head_dim, nbytes, n), ssm, conv) for n in lengths]
+    return [MemoryRow(name, n, _kv_bytes(kv_heads, config.head_dim, nbytes, n, window), ssm, conv) for n in lengths]
 
 
 def planned_student_rows(
@@ -104,8 +134,10 @@ def planned_student_rows(
     mixer: str = DEFAULT_MIXER,
     settings: dict | None = None,
     paper: bool = False,
+    window: int | None = None,
 ) -> list[MemoryRow]:
-    """Rows for a student of ``layout`` keeping ``keep`` heads (not yet chosen): see the module docstring."""
+    """Rows for a student of ``layout`` keeping ``keep`` heads (not yet chosen): see the module docstring.
+    ``window``: the teacher's attention window (:func:`one_window`), or None."""
     if not 0 <= keep <= layout.total_heads:
         raise RadistillError(f"--keep {keep} is out of range: the model has {layout.total_heads} heads")
     settings = dict(settings or {})
@@ -114,13 +146,16 @@ def planned_student_rows(
     label = f"student K={keep}" + (f" N={settings['state_size']}" if "state_size" in settings else "")
     label += " (paper accounting)" if paper else ""
     return [
-        MemoryRow(label, n, _kv_bytes(keep, layout.head_dim, nbytes, n), sizes["ssm"], sizes["conv"])
+        MemoryRow(label, n, _kv_bytes(keep, layout.head_dim, nbytes, n, window), sizes["ssm"], sizes["conv"])
         for n in lengths
     ]
 
 
-def baseline_rows(layout: HeadLayout, lengths: list[int], nbytes: int, spec: str) -> list[MemoryRow]:
-    """A layer-level hybrid baseline ``mil-P`` (P% attention layers, the rest DiscreteMamba2 d_state 64)."""
+def baseline_rows(
+    layout: HeadLayout, lengths: list[int], nbytes: int, spec: str, window: int | None = None
+) -> list[MemoryRow]:
+    """A layer-level hybrid baseline ``mil-P`` (P% attention layers, with the teacher's ``window``, the rest
+    DiscreteMamba2 d_state 64)."""
     match = re.fullmatch(r"mil-(\d+(?:\.\d+)?)", spec)
     if match is None or not 0 <= float(match.group(1)) <= 100:
         raise RadistillError(
@@ -132,7 +167,7 @@ def baseline_rows(layout: HeadLayout, lengths: list[int], nbytes: int, spec: str
                          {"state_size": BASELINE_STATE_SIZE})
     kv_heads = attention_layers * layout.num_kv_heads
     return [
-        MemoryRow(spec, n, _kv_bytes(kv_heads, layout.head_dim, nbytes, n), ssm_layers * sizes["ssm"],
+        MemoryRow(spec, n, _kv_bytes(kv_heads, layout.head_dim, nbytes, n, window), ssm_layers * sizes["ssm"],
                   ssm_layers * sizes["conv"])
         for n in lengths
     ]
@@ -170,6 +205,7 @@ def memory_rows(
     if not lengths or any(n < 0 for n in lengths):
         raise RadistillError("--lengths must be a comma-separated list of non-negative token counts, e.g. 128,2048")
     nbytes = dtype_bytes(dtype)
+    windows = attention_windows(config)
     rows: list[MemoryRow] = []
     if getattr(config, "model_type", None) == "radistill_hybrid":
         if keep is not None or state_size is not None:
@@ -178,21 +214,21 @@ def memory_rows(
                 "already says both: drop them (or pass its teacher's config)"
             )
         layout = config.layout
-        rows += teacher_rows(layout, lengths, nbytes, name=f"teacher ({config.teacher_model_type})")
+        rows += teacher_rows(layout, lengths, nbytes, name=f"teacher ({config.teacher_model_type})", windows=windows)
         state = config.mixer_settings.get("state_size")
         rows += student_rows(config, lengths, nbytes,
                              name=f"student K={config.num_kept_heads}" + (f" N={state}" if state else ""))
     else:
         layout = layout_from_config(config)
-        rows += teacher_rows(layout, lengths, nbytes)
+        rows += teacher_rows(layout, lengths, nbytes, windows=windows)
         if keep is not None:
             settings = {} if state_size is None else {"state_size": state_size}
-            rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings)
-            rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings, paper=True)
+            for paper in (False, True):
+                rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings, paper, one_window(windows))
         elif state_size is not None:
             raise RadistillError("--state-size needs --keep K (the student's kept heads) for a teacher config")
     for spec in baselines or []:
-        rows += baseline_rows(layout, lengths, nbytes, spec)
+        rows += baseline_rows(layout, lengths, nbytes, spec, one_window(windows))
     return rows
 
 
@@ -241,12 +277,14 @@ def measure_cache_bytes(model, length: int, batch_size: int = 1) -> dict[str, in
 
 __all__ = [
     "MemoryRow",
+    "attention_windows",
     "baseline_rows",
     "cache_nbytes",
     "dtype_bytes",
     "load_any_config",
     "measure_cache_bytes",
     "memory_rows",
+    "one_window",
     "planned_student_rows",
     "student_rows",
     "teacher_rows",

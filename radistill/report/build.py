@@ -16,6 +16,7 @@ from radistill.eval.coverage import GROUPS, EvalReport, by_group
 from radistill.report import html, plots
 from radistill.report.inputs import RunInputs, RunLayout, StudentRun, discover
 from radistill.report.memory import memory_curves, memory_table
+from radistill.report.paths import run_name, shown_path, without_absolute_paths
 from radistill.utils.io import write_text_atomic
 
 GROUP_TITLES = {"knowledge": "knowledge-focused", "retrieval": "retrieval-heavy", None: "other"}
@@ -183,7 +184,8 @@ def memory_section(inputs: RunInputs, out: Path) -> str:
 def settings_section(inputs: RunInputs) -> str:
     if inputs.recipe is None:
         return html.section("Settings", html.missing("recipe", "No recipe.json in this run directory."))
-    return html.section("Settings", html.pre(json.dumps(inputs.recipe, indent=2)))
+    recipe = without_absolute_paths(inputs.recipe, inputs.root)
+    return html.section("Settings", html.pre(json.dumps(recipe, indent=2, ensure_ascii=False)))
 
 
 def build_report(run: str | Path, out: str | Path | None = None) -> Path:
@@ -193,9 +195,10 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     teacher = _teacher_values(inputs)
     reports = {s.name: r for s in inputs.students if (r := _compared(s, teacher)) is not None}
-    teacher_name = (inputs.recipe or {}).get("teacher") or (inputs.scan or {}).get("model") or "the teacher"
+    teacher_model = (inputs.recipe or {}).get("teacher") or (inputs.scan or {}).get("model")
+    teacher_name = shown_path(teacher_model, inputs.root) if teacher_model else "the teacher"
     body = [
-        html.para(f"Run directory: {inputs.root} · teacher: {teacher_name}", "note"),
+        html.para(f"Run directory: {run_name(inputs.root)} · teacher: {teacher_name}", "note"),
         *headline(inputs, reports),
         heads_section(inputs, out),
         eval_section(inputs, reports, out),
@@ -204,5 +207,5 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         settings_section(inputs),
     ]
     page = out / "index.html"
-    write_text_atomic(page, html.page(f"radistill report: {inputs.root.name}", body))
+    write_text_atomic(page, html.page(f"radistill report: {run_name(inputs.root)}", body))
     return page
