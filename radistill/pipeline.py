@@ -39,6 +39,7 @@ class ScanSettings:
     metric: str = "logprob"
     ablation: str = "zero"
     batch_size: int | None = None
+    gpu_memory: str | None = None  # e.g. "24GiB": plan rows per forward and prompts per chunk first
     analyze_top: int = 8  # heads whose attention is drawn and labelled gather/aggregate (0: no analysis)
 
 
@@ -184,14 +185,17 @@ class Pipeline:
         from radistill.scan.run import run_scan
 
         settings = self.recipe.scan
-        inputs = {"teacher": model_identity(self.recipe.teacher), **asdict(settings)}
+        # the plan groups rows differently, not the scores: a new budget does not redo the scan
+        inputs = {"teacher": model_identity(self.recipe.teacher),
+                  **{k: v for k, v in asdict(settings).items() if k != "gpu_memory"}}
         scan_json = self.layout.scan_dir / "scan.json"
         valid = scan_json.exists() and (self.layout.scan_dir / "analysis.json").exists() == bool(settings.analyze_top)
         if not self._fresh("scan", inputs, valid):
             console.rule("scan")
             result = run_scan(self.recipe.teacher, self.layout.scan_dir, pairs=settings.pairs, samples=settings.samples,
                               metric=settings.metric, ablation=settings.ablation, seed=settings.seed,
-                              device=self.recipe.device, batch_size=settings.batch_size)
+                              device=self.recipe.device, batch_size=settings.batch_size,
+                              gpu_memory=settings.gpu_memory)
             if settings.analyze_top:
                 self._analyze(result)
             self._stamp("scan", inputs)

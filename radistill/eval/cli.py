@@ -68,6 +68,8 @@ def eval_command(
     limit: float = typer.Option(None, "--limit", help="lm-eval: items per task (or a fraction < 1)."),
     num_fewshot: int = typer.Option(None, "--num-fewshot"),
     batch_size: int = typer.Option(16, "--batch-size"),
+    gpu_memory: str = typer.Option(None, "--gpu-memory", help="Plan each task's batch for this GPU memory (e.g. "
+                                   "24GiB) and use it; stops before loading the weights if a task cannot fit."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
@@ -77,7 +79,7 @@ def eval_command(
         kv=KVEvalConfig(_ints(kv_pairs, "--kv-pairs"), kv_samples, kv_seed, not no_generate),
         text=str(text) if text else None, seq_len=seq_len, stride=stride, ppl_tokens=ppl_tokens,
         include_path=str(include_path) if include_path else None, limit=limit, num_fewshot=num_fewshot,
-        batch_size=batch_size,
+        batch_size=batch_size, gpu_memory=gpu_memory,
     )
     report = evaluate(model, config, teacher=teacher, out=out, device=device, dtype=dtype)
     console.print(results_table(report))

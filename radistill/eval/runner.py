@@ -60,6 +60,9 @@ class EvalConfig:
     limit: float | None = None  # lm-eval: items per task (or a fraction)
     num_fewshot: int | None = None
     batch_size: int = 16
+    # e.g. "24GiB": plan each task's batch for this GPU memory first (radistill.memplan.eval); it changes how rows
+    # are grouped, not the numbers, so it is left out of ``settings`` and a cached eval.json stays valid
+    gpu_memory: str | None = None
 
     def specs(self) -> list[TaskSpec]:
         specs = [parse_task(t) for t in self.tasks]
@@ -68,7 +71,9 @@ class EvalConfig:
         return specs
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tasks": list(self.tasks), "kv": self.kv.to_dict()}
+        settings = {**asdict(self), "tasks": list(self.tasks), "kv": self.kv.to_dict()}
+        del settings["gpu_memory"]
+        return settings
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalConfig":
@@ -84,8 +89,16 @@ class EvalConfig:
         return cls(**{**data, "tasks": tuple(data.get("tasks", cls.tasks)), "kv": kv})
 
 
-def evaluate_model(model, tokenizer, config: EvalConfig) -> list[TaskResult]:
-    """Run every task of ``config`` on a loaded model; KV first, lm-eval tasks together in one harness call."""
+def task_batch_size(spec: TaskSpec, batch_size: int) -> int:
+    """Rows per forward of a task at ``--batch-size``: perplexity windows are the model's context long, a quarter."""
+    return max(1, batch_size // 4) if spec.kind == "ppl" else batch_size
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int] | None = None) -> list[TaskResult]:
+    """Run every task of ``config`` on a loaded model; KV first, lm-eval tasks together in one harness call.
+
+    ``batches``: rows per forward by task name (a memory plan's, :func:`fit_eval`); others use ``task_batch_size``.
+    """
     results: list[TaskResult] = []
     harness: dict[str, str | None] = {}
     for spec in config.specs():
@@ -93,13 +106,14 @@ def evaluate_model(model, tokenizer, config: EvalConfig) -> list[TaskResult]:
             harness[spec.name] = spec.group
             continue
         console.log(f"eval: {spec.name}")
+        batch = (batches or {}).get(spec.name, task_batch_size(spec, config.batch_size))
         if spec.kind == "kv":
-            results += kv_retrieval(model, tokenizer, config.kv, config.batch_size)
+            results += kv_retrieval(model, tokenizer, config.kv, batch)
         elif spec.kind == "ppl":
             ppl = PerplexityConfig(config.text, config.seq_len, config.stride, config.ppl_tokens)
-            results.append(perplexity(model, tokenizer, ppl, max(1, config.batch_size // 4)))
+            results.append(perplexity(model, tokenizer, ppl, batch))
         else:
-            results.append(jsonl_task(model, tokenizer, spec.path, spec.group, config.batch_size))
+            results.append(jsonl_task(model, tokenizer, spec.path, spec.group, batch))
     if harness:
         console.log(f"eval: lm-eval {', '.join(harness)}")
         results += lm_eval_tasks(model, tokenizer, harness, config.include_path, config.limit, config.num_fewshot,
@@ -113,11 +127,15 @@ def evaluate_path(
     cache: str | os.PathLike | None = None,
     device: str | None = "auto",
     dtype: str | None = "auto",
+    batches: dict[str, int] | None = None,
 ) -> EvalReport:
     """Load and evaluate one model. If ``cache`` is an ``eval.json`` of the same weights and settings, reuse it;
-    otherwise write the new report there."""
+    otherwise write the new report there. ``batches``: the model's plan (:func:`fit_eval`) when made beforehand;
+    with ``config.gpu_memory`` and no plan it is planned here."""
     from radistill.models.access import load_model, weights_fingerprint
 
+    if batches is None and config.gpu_memory is not None:
+        batches = fit_eval(model_path, config, device, dtype)
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     fingerprint = weights_fingerprint(model)
     if cache is not None and Path(cache).exists():
@@ -128,10 +146,34 @@ def evaluate_path(
         if cached is not None and cached.fingerprint == fingerprint and cached.settings == config.to_dict():
             console.log(f"eval: {model_path} unchanged since {cache}; reusing it")
             return cached
-    report = EvalReport(str(model_path), fingerprint, evaluate_model(model, tokenizer, config), config.to_dict())
+    report = EvalReport(str(model_path), fingerprint, evaluate_model(model, tokenizer, config, batches),
+                        config.to_dict())
     if cache is not None:
         report.save(cache)
     return report
+
+
+def fit_eval(model_path: str | os.PathLike, config: EvalConfig, device: str | None = "auto",
+             dtype: str | None = "auto") -> dict[str, int]:
+    """Plan ``config``'s tasks on ``model_path`` for ``config.gpu_memory`` from its config and tokenizer (printed),
+    raise before loading the weights if a task cannot fit, and return each planned task's batch."""
+    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.eval import describe_eval, eval_advice, eval_batches, plan_eval
+    from radistill.memplan.scan import load_config_and_tokenizer, model_dtype, require_step_fit
+    from radistill.models.access import resolve_device
+
+    device = resolve_device(device)
+    model_config, tokenizer = load_config_and_tokenizer(model_path)
+    plan = plan_eval(model_config, tokenizer, config, config.gpu_memory, dtype=model_dtype(dtype, device),
+                     on_cpu=device == "cpu", name=str(model_path))
+    console.print(plan_table(plan))
+    console.print(strategy_lines(plan, describe_eval))
+    unplanned = [spec.name for spec in config.specs() if spec.kind == "lm_eval"]
+    if unplanned:
+        console.print(f"[yellow]not planned:[/] {', '.join(unplanned)} (lm-eval: the requests' lengths are known only "
+                      f"once lm-eval has loaded them); batch {config.batch_size}")
+    require_step_fit(plan, eval_advice(plan, config), describe_eval)
+    return eval_batches(plan)
 
 
 def evaluate(
@@ -143,10 +185,15 @@ def evaluate(
     device: str | None = "auto",
     dtype: str | None = "auto",
 ) -> EvalReport:
-    """Evaluate a model (and its teacher, for coverage) on ``config.tasks``; write ``out`` (``eval.json``)."""
-    report = evaluate_path(model_path, config, None, device, dtype)
+    """Evaluate a model (and its teacher, for coverage) on ``config.tasks``; write ``out`` (``eval.json``).
+
+    With ``config.gpu_memory`` both models are planned before either is loaded, so a teacher that cannot fit stops
+    the evaluation before any compute."""
+    models = [model_path] + ([teacher] if teacher is not None else [])
+    plans = [fit_eval(m, config, device, dtype) if config.gpu_memory is not None else None for m in models]
+    report = evaluate_path(model_path, config, None, device, dtype, plans[0])
     if teacher is not None:
-        report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype))
+        report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype, plans[1]))
     if out is not None:
         report.save(out)
     return report

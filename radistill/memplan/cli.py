@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.table import Table
@@ -30,11 +30,13 @@ def plan_table(plan) -> Table:
     return table
 
 
-def strategy_lines(plan) -> str:
-    """One line per step: the strategy chosen, then its notes (too long for table cells)."""
+def strategy_lines(plan, describe: Optional[Callable] = None) -> str:
+    """One line per step: the strategy chosen (``describe(step_plan)``, by default the strategy's own words), then
+    its notes (too long for table cells)."""
+    describe = describe or (lambda step: step.strategy.describe())
     lines = []
     for s in plan.steps:
-        lines.append(f"[bold]{s.step}[/]: {s.strategy.describe()}")
+        lines.append(f"[bold]{s.step}[/]: {describe(s)}")
         lines += [f"    [dim]{n}[/]" for n in s.notes]
     return "\n".join(lines)
 

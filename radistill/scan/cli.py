@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="(prompt, head) rows per forward [GPU 256, CPU 32]"),
         probe: Optional[Path] = typer.Option(None, help="your own probe: JSONL of {prompt, choices, answer}"),
         top: int = typer.Option(10, help="heads shown in the table"),
+        gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="plan for this GPU memory (e.g. 24GiB): "
+                                                 "rows per forward and prompts cached at once that fit; stops "
+                                                 "before loading the weights if nothing fits"),
     ) -> None:
         """Rank every attention head by how much in-context retrieval depends on it (ablation scan)."""
         from radistill.scan.run import run_scan
@@ -48,7 +51,8 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, advance=n, total=total)
 
             result = run_scan(model, out, pairs=pairs, samples=samples, metric=metric, ablation=ablation, seed=seed,
-                              device=device, dtype=dtype, batch_size=batch_size, probe_file=probe, progress=advance)
+                              device=device, dtype=dtype, batch_size=batch_size, probe_file=probe, progress=advance,
+                              gpu_memory=gpu_memory)
         if is_main_process():
             console.print(_top_table(result, top))
             console.print(f"wrote {out / 'scan.json'}, scan.csv, heads.png")

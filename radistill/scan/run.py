@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from radistill.models.access import load_model, model_layout, weights_fingerprint
+from radistill.models.access import load_model, model_layout, resolve_device, weights_fingerprint
 from radistill.probes.items import EncodedItem, ProbeItem, encode_items, load_jsonl
 from radistill.probes.kv import KVProbeConfig, kv_items
 from radistill.scan import distributed
 from radistill.scan.ablation import Head, check_ablation_name, head_means
-from radistill.scan.fast import fast_scan
+from radistill.scan.fast import default_batch_size, fast_scan
 from radistill.scan.naive import naive_scan
 from radistill.scan.result import METRICS, ScanResult, rank_heads
+from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept our 4D tree masks
+PROMPT_CHUNK = 256  # prompts whose clean activations the fast scan caches at once, unless a memory plan says less
 
 
 def probe_items(tokenizer, pairs: int, samples: int, seed: int, probe_file: str | None) -> tuple[list[ProbeItem], dict]:
@@ -49,12 +51,14 @@ def scan_model(
     metric: str = "logprob",
     ablation: str = "zero",
     batch_size: int | None = None,
+    prompt_chunk: int = PROMPT_CHUNK,
     heads: Sequence[Head] | None = None,
     method: str = "fast",
     progress: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Scan a loaded model on ``items``; ``heads`` defaults to every query head of every layer.
 
+    ``batch_size``/``prompt_chunk``: the fast scan's (prompt, head) rows per forward and prompts cached at once.
     ``progress(advance, total)`` is called as (head, item) evaluations complete.
     """
     if metric not in METRICS:
@@ -79,7 +83,7 @@ def scan_model(
     advance = None if progress is None else (lambda n: progress(n, total))
     if method == "fast":
         outcome = fast_scan(model, encoded, heads, ablation=ablation, means=means, batch_size=batch_size,
-                            progress=advance)
+                            prompt_chunk=prompt_chunk, progress=advance)
         baseline, ablated = outcome.baseline, outcome.heads
     else:
         baseline, ablated = naive_scan(model, encoded, heads, ablation=ablation, means=means, progress=advance)
@@ -108,18 +112,52 @@ def run_scan(
     probe_file: str | os.PathLike | None = None,
     method: str = "fast",
     progress: Callable[[int, int], None] | None = None,
+    gpu_memory: str | int | None = None,
 ) -> ScanResult:
     """Load ``model_id`` (HF id or local directory), scan all heads, write ``out`` (rank 0) and return the result.
 
-    Under torchrun each rank loads the model on its own GPU and scans its share of the heads.
+    Under torchrun each rank loads the model on its own GPU and scans its share of the heads. With ``gpu_memory``
+    (e.g. ``"24GiB"``) the fast scan is first planned for that much memory (:func:`fit_scan`).
     """
     if metric not in METRICS:  # fail before loading a model
         raise RadistillError(f"unknown metric '{metric}': use logprob or accuracy")
-    device = distributed.init_from_env() or device
+    device = resolve_device(distributed.init_from_env() or device)
+    probe_path = None if probe_file is None else str(probe_file)
+    prompt_chunk = PROMPT_CHUNK
+    if gpu_memory is not None and method != "fast":
+        raise RadistillError("gpu_memory plans the fast scan; the naive reference scan has no memory plan")
+    if gpu_memory is not None:
+        batch_size, prompt_chunk = fit_scan(model_id, gpu_memory, pairs=pairs, samples=samples, seed=seed,
+                                            probe_file=probe_path, ablation=ablation, batch_size=batch_size,
+                                            device=device, dtype=dtype)
     model, tokenizer = load_model(model_id, dtype=dtype, device=device, attn_implementation="sdpa")
-    items, probe = probe_items(tokenizer, pairs, samples, seed, None if probe_file is None else str(probe_file))
+    items, probe = probe_items(tokenizer, pairs, samples, seed, probe_path)
     result = scan_model(model, tokenizer, str(model_id), items=items, probe=probe, metric=metric, ablation=ablation,
-                        batch_size=batch_size, method=method, progress=progress)
+                        batch_size=batch_size, prompt_chunk=prompt_chunk, method=method, progress=progress)
     if out is not None and distributed.rank() == 0:
         result.save(out)
     return result
+
+
+def fit_scan(model_id: str | os.PathLike, gpu_memory: str | int, *, pairs: int, samples: int, seed: int,
+             probe_file: str | None, ablation: str, batch_size: int | None, device: str,
+             dtype: str) -> tuple[int, int]:
+    """Plan the fast scan of ``model_id`` for ``gpu_memory`` from its config and tokenizer (printed on rank 0),
+    raise before loading the weights if it cannot fit, and return (rows per forward, prompts per chunk)."""
+    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.scan import (
+        SCAN_ADVICE, describe_scan, load_config_and_tokenizer, model_dtype, plan_scan, require_step_fit,
+    )
+
+    config, tokenizer = load_config_and_tokenizer(model_id)
+    items, _ = probe_items(tokenizer, pairs, samples, seed, probe_file)
+    encoded = encode_items(tokenizer, items, max_length=getattr(config, "max_position_embeddings", None))
+    plan = plan_scan(config, encoded, gpu_memory, batch_size=batch_size or default_batch_size(device),
+                     prompt_chunk=PROMPT_CHUNK, dtype=model_dtype(dtype, device), ablation=ablation,
+                     name=str(model_id))
+    if distributed.rank() == 0:
+        console.print(plan_table(plan))
+        console.print(strategy_lines(plan, describe_scan))
+    require_step_fit(plan, {"scan": SCAN_ADVICE}, describe_scan)
+    chosen = plan.step("scan").strategy
+    return chosen.micro_batch, chosen.prompt_chunk
