@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from radistill.distill.recipe import LossConfig, StageConfig
-from radistill.distill.stages import make_objective
+from radistill.distill.stages import make_objective, trained_layers, trained_module
 from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora
 from radistill.finetune.train import FinetuneConfig, enable_checkpointing, make_optimizer, train
 from radistill.hybrid.build import convert
@@ -121,13 +121,16 @@ def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args,
     k = st.layers_at_once or len(layers)
     if st.teacher != "resident":
         return {"skipped": f"strategy teacher={st.teacher} is not implemented in this benchmark"}
-    student.to("cpu")  # only the trained block (fp32 master weights) and the rotary embedding go to the GPU
-    block = list(range(k))
-    for i in block:
-        layers[i].to(device=device, dtype=torch.float32)
-    student.model.rotary_emb.to(device)
     cfg = StageConfig(trainable="recurrent" if stage == 1 else "all", seq_len=work.seq_len, batch_size=st.micro_batch)
-    objective = make_objective(stage, student, teacher, cfg, block)
+    block = trained_layers(stage, student, cfg.trainable)[:k]
+    # as the trainer: only what the block trains (fp32 master weights; stage 1: just the recurrent mixers) and the
+    # rotary embedding go to the GPU
+    trained = [trained_module(stage, layers[i], cfg.trainable) for i in block]
+    student.to("cpu")
+    for module in trained:
+        module.to(device=device, dtype=torch.float32)
+    student.model.rotary_emb.to(device)
+    objective = make_objective(stage, student, teacher, cfg, block, block=block)
     params = [p for unit in objective.units.values() for p in unit]
     student.requires_grad_(False)
     for p in params:
@@ -135,8 +138,8 @@ def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args,
     record: dict = {}
     with meter.measure(record):
         rate = _time_objective(objective, params, st, work, student.config.vocab_size, args.steps, device)
-    for i in block:
-        layers[i].to(dtype=torch.bfloat16)
+    for module in trained:
+        module.to(dtype=torch.bfloat16)
     student.to("cpu")
     record.update(tokens_per_s=rate * k / len(layers), block_tokens_per_s=rate)
     return record

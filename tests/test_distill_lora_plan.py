@@ -1,6 +1,7 @@
 """Stage 3 with LoRA adapters (exported merged), and ``radistill distill --gpu-memory`` planning the run first."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.run import run_distill
 from radistill.distill.trainer import Trainer
 from radistill.finetune.lora import adapter_parameters, merged_copy
-from radistill.memplan.distill import plan_distill, recipe_overrides
+from radistill.hybrid.memory import load_any_config
+from radistill.memplan.distill import plan_distill, recipe_overrides, stage_workload
+from radistill.memplan.estimate import Estimator, Strategy
+from radistill.memplan.shapes import Shapes
 from radistill.utils.errors import RadistillError
 from distill_helpers import char_tokenizer, tiny_recipe, tiny_student, tiny_teacher, write_corpus
 
@@ -97,13 +101,13 @@ def test_gpu_memory_too_small_stops_before_training(saved_pair, corpus, tmp_path
     app.command("noop")(lambda: None)  # a second command keeps typer's subcommand form
     args = ["distill", str(student), "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "run"),
             "--stages", "2,3", "--tokens-stage2", "128", "--tokens-stage3", "128", "--seq-len", "16",
-            "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", "--gpu-memory", "1MiB"]
+            "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", "--gpu-memory", "100KiB"]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, RadistillError), result.output
     assert "does not fit in 0.0 GiB" in str(result.exception) and "distill stage 2 needs" in str(result.exception)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     # the leanest stage-3 strategy is LoRA, which the plan's overrides turn into a valid recipe
-    recipe = merge(tiny_recipe(corpus), {"gpu_memory": "1MiB"})
+    recipe = merge(tiny_recipe(corpus), {"gpu_memory": "100KiB"})
     overrides = recipe_overrides(plan_distill(student, recipe, recipe.gpu_memory), recipe)
     assert merge(recipe, overrides).stage(3).trainable == "lora"
 
@@ -118,3 +122,21 @@ def test_gpu_memory_that_fits_runs_with_the_plans_settings(saved_pair, corpus, t
     assert saved.gpu_memory == "80GiB"
     assert saved.stage(3).loss.chunk_tokens == overrides["stages"][3]["loss"]["chunk_tokens"] < 2048
     assert (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "stage3" / "config.json").exists()
+
+
+def test_gpu_memory_that_needs_layer_blocks_trains_in_blocks(saved_pair, corpus, tmp_path, monkeypatch):
+    """A budget between "one layer at a time" and "all layers at once, micro-batch 1": the plan picks blocks of one
+    layer, and the trainer runs them (what the plan printed is what ran)."""
+    monkeypatch.setattr("radistill.memplan.distill.eight_bit_optimizer", lambda: None)  # 8-bit would fit all at once
+    student, teacher = saved_pair
+    recipe = tiny_recipe(corpus, stages=(2,))
+    estimator = Estimator(Shapes(load_any_config(student)), stage_workload(recipe, 2))
+    lean = estimator.layerwise(2, Strategy(micro_batch=2, layers_at_once=1)).total
+    whole = estimator.layerwise(2, Strategy(micro_batch=1)).total
+    assert lean < whole
+    recipe = merge(recipe, {"gpu_memory": str(int((lean + whole) / 2 / 0.95))})  # 5% reserve
+    run_distill(student, teacher, recipe, tmp_path / "run", device="cpu")
+    saved = DistillRecipe.load(tmp_path / "run" / "recipe.json").stage(2)
+    assert (saved.layer_block, saved.batch_size, saved.grad_accum) == (1, 2, 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["block"] for r in records}) == [0, 1]

@@ -1,5 +1,5 @@
 """What the trainer needs from ``torch.distributed`` beyond the process group (radistill.scan.distributed):
-spreading layers over ranks, syncing them back, and reductions that are no-ops in one process."""
+spreading a block of layers over ranks, syncing them back, and reductions that are no-ops in one process."""
 
 from __future__ import annotations
 
@@ -10,22 +10,30 @@ from torch import nn
 from radistill.scan.distributed import active, rank, world_size
 
 
-def layer_owners(num_layers: int, world: int) -> list[int]:
-    """The rank that trains each layer in stages 1/2: contiguous blocks, as even as the count allows."""
-    return [layer * world // num_layers for layer in range(num_layers)]
+def layer_owners(block: list[int], world: int) -> dict[int, int]:
+    """The rank that trains each layer of ``block`` (stages 1/2): contiguous runs, as even as the count allows.
+    A block smaller than the world leaves some ranks without a layer (they still read the batches)."""
+    return {layer: j * world // len(block) for j, layer in enumerate(block)}
 
 
-def owned_layers(num_layers: int) -> list[int]:
-    return [i for i, owner in enumerate(layer_owners(num_layers, world_size())) if owner == rank()]
+def owned_layers(block: list[int]) -> list[int]:
+    """This rank's layers of ``block``."""
+    return [layer for layer, owner in layer_owners(block, world_size()).items() if owner == rank()]
 
 
-def broadcast_layers(layers: nn.ModuleList) -> None:
-    """Give every rank every layer's parameters and buffers, each from the rank that trained it."""
+def broadcast_layers(modules: dict[int, nn.Module]) -> None:
+    """Give every rank the parameters and buffers of a block's trained modules (layer index -> the part of that
+    layer that trains), each from the rank that trained it.
+
+    Only those: the rest of the student is the same on every rank already (untouched, or broadcast when its own
+    block ended), and may sit in CPU memory, which NCCL cannot send.
+    """
     if not active():
         return
-    for layer, owner in zip(layers, layer_owners(len(layers), world_size())):
-        for tensor in [*layer.parameters(), *layer.buffers()]:
-            dist.broadcast(tensor.data, src=owner)
+    owners = layer_owners(list(modules), world_size())
+    for index, module in modules.items():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=owners[index])
 
 
 def all_reduce_sum(values: torch.Tensor) -> list[float]:

@@ -20,6 +20,7 @@ from radistill.utils.io import write_json_atomic
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
 TRAINABLE = ("recurrent", "mixer", "all", "lora")
+OPTIMIZERS = ("adamw", "adamw8bit")
 DTYPES = ("bf16", "fp32")
 
 
@@ -51,8 +52,14 @@ class StageConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0  # max grad norm (per layer in stages 1/2, global in stage 3); 0 = off
+    optimizer: str = "adamw"  # "adamw8bit": 8-bit moments from torchao or bitsandbytes (2 B/parameter, not 8)
+    # stage 3: recompute each student decoder layer's forward in backward instead of keeping its activations
+    activation_checkpointing: bool = False
+    # stages 1/2: train the layers this many at a time, block after block, each block a whole pass over the stage's
+    # tokens with only its layers on the GPU; None = all layers in one pass. Same result, less memory, more time.
+    layer_block: int | None = None
     loss: LossConfig = field(default_factory=LossConfig)
-    checkpoint_every: int = 500  # optimizer steps; a checkpoint is also written at the end of the stage
+    checkpoint_every: int = 500  # optimizer steps; checkpoints are also written at the end of each stage and block
     log_every: int = 10
 
 
@@ -110,6 +117,7 @@ class DistillRecipe:
                 raise RadistillError(f"{where}: trainable '{st.trainable}' is not one of {', '.join(TRAINABLE)}")
             if st.trainable == "lora" and number != 3:
                 raise RadistillError(f"{where}: trainable 'lora' is for stage 3 only (stages 1/2 train layer by layer)")
+            _validate_memory_fields(st, number, where)
             for name in ("tokens", "seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every", "lora_rank"):
                 if getattr(st, name) < 1:
                     raise RadistillError(f"{where}: {name} must be at least 1 (got {getattr(st, name)})")
@@ -141,6 +149,25 @@ class DistillRecipe:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistillRecipe":
         return cls.from_dict(read_recipe_file(path))
+
+
+def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
+    if st.optimizer not in OPTIMIZERS:
+        raise RadistillError(f"{where}: optimizer '{st.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+    if not isinstance(st.activation_checkpointing, bool):
+        raise RadistillError(f"{where}: activation_checkpointing must be true or false "
+                             f"(got {st.activation_checkpointing!r})")
+    if st.activation_checkpointing and number != 3:
+        raise RadistillError(f"{where}: activation_checkpointing is for stage 3 only (stages 1/2 already run each "
+                             "layer's backward right after its forward, so there is nothing to recompute)")
+    if st.layer_block is None:
+        return
+    if number == 3:
+        raise RadistillError(f"{where}: layer_block is for stages 1/2 only (stage 3 trains every layer through one "
+                             "loss); for stage 3 memory use activation_checkpointing, optimizer adamw8bit or lora")
+    if isinstance(st.layer_block, bool) or not isinstance(st.layer_block, int) or st.layer_block < 1:
+        raise RadistillError(f"{where}: layer_block must be a whole number of layers >= 1, or null for all layers "
+                             f"at once (got {st.layer_block!r})")
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:

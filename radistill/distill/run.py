@@ -17,8 +17,10 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     """Distill ``student_dir`` from ``teacher_id`` into ``run_dir`` following ``recipe``.
 
     Under ``torchrun`` each rank takes its GPU (``LOCAL_RANK``) and joins the process group. The student is
-    trained in fp32 (master weights); the teacher is kept in bf16 on CUDA when the recipe computes in bf16. With
-    ``recipe.gpu_memory`` the run is first planned for that much GPU memory (:func:`fit_recipe`).
+    trained in fp32 (master weights) and loaded into CPU memory: the trainer moves to the GPU what each stage needs
+    (stages 1/2 only the layers they train). The teacher is kept on the device, in bf16 on CUDA when the recipe
+    computes in bf16. With ``recipe.gpu_memory`` the run is first planned for that much GPU memory
+    (:func:`fit_recipe`).
     """
     if not recipe.enabled_stages():
         raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
@@ -26,7 +28,7 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
         recipe = fit_recipe(student_dir, recipe)
     device = init_from_env() or resolve_device(device)
     teacher_dtype = "bf16" if device.startswith("cuda") and recipe.dtype == "bf16" else "fp32"
-    student, _ = load_model(student_dir, dtype="fp32", device=device)
+    student, _ = load_model(student_dir, dtype="fp32", device="cpu")
     teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device=device)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise RadistillError(
@@ -44,7 +46,8 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
 
 def fit_recipe(student_dir: str | Path, recipe: DistillRecipe) -> DistillRecipe:
     """Plan the run for ``recipe.gpu_memory`` (printed), raise before any compute if it cannot fit, and return the
-    recipe with the plan's settings (micro-batch, gradient accumulation, logit chunk, LoRA) applied."""
+    recipe with the plan's settings applied (:func:`radistill.memplan.distill.recipe_overrides`: micro-batch,
+    gradient accumulation, optimizer, layer blocks, activation checkpointing, logit chunk, LoRA)."""
     from radistill.memplan.cli import plan_table, strategy_lines
     from radistill.memplan.distill import plan_distill, recipe_overrides
     from radistill.memplan.plan import require_fit

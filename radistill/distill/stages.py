@@ -6,7 +6,10 @@ are made. It knows nothing of optimisers, schedules or checkpoints (``trainer.py
 
 Stages 1 and 2 take the teacher's per-layer inputs from forward hooks on a normal teacher forward, so they
 see exactly what the teacher's layers saw (masks and RoPE included) and each layer gets its own backward,
-so only one layer's activations are alive at a time.
+so only one layer's activations are alive at a time. The teacher forward stops after the last layer an objective
+trains (a block of layers needs no teacher layer above it). Layers are independent problems there, so they can be
+trained a block at a time (:func:`layer_blocks`) with the same result; :func:`stage_modules` names the part of the
+student a block needs on the GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +62,65 @@ def model_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
     return [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
 
 
+def trained_layers(stage: int, student: nn.Module, trainable: str) -> list[int]:
+    """Stages 1/2: the layers in which ``trainable`` selects parameters. Stage 1 also needs recurrent heads: a layer
+    whose heads are all kept has no mixing matrix to orient."""
+    trained = [i for i, layer in enumerate(student_layers(student))
+               if layer_parameters(layer, trainable)
+               and (stage != 1 or getattr(layer.self_attn, "recurrent", None) is not None)]
+    if not trained:
+        raise RadistillError(
+            f"stage {stage}: trainable '{trainable}' selects no parameters in any layer; use trainable 'all' or 'mixer'"
+        )
+    return trained
+
+
+def layer_blocks(layers: list[int], size: int | None) -> list[list[int]]:
+    """``layers`` cut into consecutive blocks of ``size`` (the last may be smaller); None: one block of all."""
+    size = size or len(layers)
+    return [layers[start : start + size] for start in range(0, len(layers), size)]
+
+
+def trained_module(stage: int, layer: nn.Module, trainable: str) -> nn.Module:
+    """The part of ``layer`` that stage 1/2 runs and trains. Stage 2 runs the whole decoder layer. Stage 1 reads only
+    the recurrent heads' mixing matrices, so it needs only the module holding the trained parameters
+    (``recurrent``: the recurrent mixer; ``mixer``: the token mixer; ``all``: the layer)."""
+    if stage == 2 or trainable == "all":
+        return layer
+    if trainable == "mixer":
+        return layer.self_attn
+    return layer.self_attn.recurrent
+
+
+def stage_modules(stage: int, student: nn.Module, layers: list[int], trainable: str) -> list[nn.Module]:
+    """All of the student that stage 1/2's objective over ``layers`` runs, i.e. what must be on the GPU: each
+    layer's :func:`trained_module` and the base model's parameter-free children (the rotary embedding, from which the
+    hybrid makes its layers' RoPE). Embeddings, final norm and LM head are never used by these stages."""
+    base = getattr(student, student.base_model_prefix)
+    all_layers = student_layers(student)
+    helpers = [child for child in base.children() if next(child.parameters(), None) is None]
+    return [trained_module(stage, all_layers[i], trainable) for i in layers] + helpers
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each decoder layer's forward in its backward (transformers' per-layer checkpointing, non-reentrant:
+    frozen embeddings and LoRA need no input gradients), or stop doing so."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise RadistillError(f"{type(model).__name__} does not support activation checkpointing; set "
+                             "activation_checkpointing: false")
+    if enabled:
+        from radistill.finetune.train import enable_checkpointing
+
+        enable_checkpointing(model)
+        return
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5.24
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    # enabling also hooked the input embeddings to make their output require grad; disabling leaves that hook
+    model.disable_input_require_grads()
+
+
 # --- teacher taps -----------------------------------------------------------------------------------------
 @dataclass
 class LayerTap:
@@ -70,10 +132,16 @@ class LayerTap:
     output: Tensor | None = None  # [batch, seq, hidden]
 
 
+class _TeacherDone(Exception):
+    """Raised by the last tapped layer's hook: the layers above it and the final norm are not needed."""
+
+
 @contextlib.contextmanager
-def teacher_taps(teacher: nn.Module, layers: list[int]):
-    """Hooks that fill one :class:`LayerTap` per layer in ``layers`` on every teacher forward."""
+def teacher_taps(teacher: nn.Module, layers: list[int], stop: bool = False):
+    """Hooks that fill one :class:`LayerTap` per layer in ``layers`` on every teacher forward. ``stop``: end the
+    forward right after the last of them (run it with :func:`_run_teacher`, which expects that)."""
     taps = {i: LayerTap() for i in layers}
+    last = max(layers, default=None) if stop else None
     handles = []
     all_layers = decoder_layers(teacher)
 
@@ -86,8 +154,10 @@ def teacher_taps(teacher: nn.Module, layers: list[int]):
             names = ("position_embeddings", "attention_mask", "position_ids")
             tap.kwargs = {k: kwargs[k] for k in names if k in kwargs}
 
-        def post(module, args, kwargs, output, tap=tap):
+        def post(module, args, kwargs, output, tap=tap, done=i == last):
             tap.output = output[0] if isinstance(output, tuple) else output
+            if done:
+                raise _TeacherDone
 
         def attn_pre(module, args, kwargs, tap=tap):
             tap.attn_input = first(args, kwargs)
@@ -103,7 +173,7 @@ def teacher_taps(teacher: nn.Module, layers: list[int]):
 
 
 def _run_teacher(teacher: nn.Module, input_ids: Tensor) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.suppress(_TeacherDone):
         getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
 
 
@@ -122,30 +192,30 @@ class Objective:
 
 
 class _LayerwiseObjective(Objective):
-    """Stages 1 and 2: each of ``layers`` is trained against the teacher on its own, with the teacher's input."""
+    """Stages 1 and 2: each of ``layers`` is trained against the teacher on its own, with the teacher's input.
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], cfg: StageConfig):
+    ``block``: the layers being trained now across all ranks (default: every trained layer); ``layers`` is this
+    rank's share of them. Losses are averaged over the block's layers.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], cfg: StageConfig,
+                 block: list[int] | None = None):
         self.student_base = getattr(student, student.base_model_prefix)
         self.student_layers = student_layers(student)
         self.teacher = teacher
-        trained = [i for i, layer in enumerate(self.student_layers) if self.trains(layer, cfg.trainable)]
-        if not trained:
-            raise RadistillError(
-                f"stage {self.stage}: trainable '{cfg.trainable}' selects no parameters in any layer; "
-                "use trainable 'all' or 'mixer'"
-            )
-        self.unit_count = len(trained)
-        self.layers = [i for i in layers if i in trained]
+        trained = trained_layers(self.stage, student, cfg.trainable)
+        scope = trained if block is None else [i for i in block if i in trained]
+        self.unit_count = len(scope)
+        self.layers = [i for i in layers if i in scope]
         self.units = {f"layer{i}": layer_parameters(self.student_layers[i], cfg.trainable) for i in self.layers}
-
-    def trains(self, layer: nn.Module, trainable: str) -> bool:
-        return bool(layer_parameters(layer, trainable))
 
     def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
         total = torch.zeros((), device=input_ids.device)
-        with teacher_taps(self.teacher, self.layers) as taps:
+        if not self.layers:  # a rank without a layer in this block: nothing to compute
+            return total
+        with teacher_taps(self.teacher, self.layers, stop=True) as taps:
             _run_teacher(self.teacher, input_ids)
-        context = self.batch_context(taps[self.layers[0]]) if self.layers else None
+        context = self.batch_context(taps[self.layers[0]])
         for i in self.layers:
             loss = self.layer_loss(i, taps[i], context)
             (loss * scale).backward()
@@ -165,14 +235,10 @@ class MatrixOrientation(_LayerwiseObjective):
 
     stage = 1
 
-    def __init__(self, student, teacher, layers, cfg):
-        super().__init__(student, teacher, layers, cfg)
+    def __init__(self, student, teacher, layers, cfg, block=None):
+        super().__init__(student, teacher, layers, cfg, block)
         self.group_size = layout_from_config(teacher.config).group_size
         self.teacher_layers = decoder_layers(teacher)
-
-    def trains(self, layer: nn.Module, trainable: str) -> bool:
-        # a layer whose heads are all kept has no mixing matrix to orient
-        return getattr(layer.self_attn, "recurrent", None) is not None and super().trains(layer, trainable)
 
     def layer_loss(self, index: int, tap: LayerTap, context=None) -> Tensor:
         mixer = self.student_layers[index].self_attn
@@ -265,10 +331,11 @@ class Distillation(Objective):
 
 
 def make_objective(stage: int, student: nn.Module, teacher: nn.Module, cfg: StageConfig, layers: list[int],
-                   ddp_device: str | None = None) -> Objective:
-    """The objective of ``stage``; ``layers`` are this rank's layers (stages 1/2), ``ddp_device`` turns on DDP (3)."""
+                   ddp_device: str | None = None, block: list[int] | None = None) -> Objective:
+    """The objective of ``stage``; ``layers`` are this rank's layers of ``block`` (stages 1/2; default block: every
+    trained layer), ``ddp_device`` turns on DDP (3)."""
     if stage == 1:
-        return MatrixOrientation(student, teacher, layers, cfg)
+        return MatrixOrientation(student, teacher, layers, cfg, block)
     if stage == 2:
-        return HiddenAlignment(student, teacher, layers, cfg)
+        return HiddenAlignment(student, teacher, layers, cfg, block)
     return Distillation(student, teacher, cfg, ddp_device)

@@ -2,15 +2,24 @@
 
 Per optimizer step: ``grad_accum`` micro-batches (bf16 autocast on CUDA, fp32 master weights), per-unit
 gradient clipping (per layer in stages 1/2, whole model in stage 3), a NaN/inf guard, AdamW, the lr from
-:func:`lr_multiplier`. Every ``checkpoint_every`` steps and at each stage's end a checkpoint is published
-(``checkpoint.py``); at each stage's end the student is also exported as an HF checkpoint ``RUN/stageN/``.
+:func:`lr_multiplier`. Every ``checkpoint_every`` steps and at the end of each stage (and layer block) a
+checkpoint is published (``checkpoint.py``); at each stage's end the student is also exported as an HF checkpoint
+``RUN/stageN/``.
 
-Several processes (``torchrun``): stages 1/2 give each rank a block of layers (every rank reads the same
-batches, so the result equals one process's) and broadcast the layers back before every checkpoint; stage 3
-is DDP, each rank taking its slice of every global batch.
+Several processes (``torchrun``): stages 1/2 split the layers being trained over the ranks (every rank reads the
+same batches, so the result equals one process's) and broadcast them back before every checkpoint and at the end
+of each block; stage 3 is DDP, each rank taking its slice of every global batch.
 
 A stage with ``trainable: lora`` injects LoRA adapters into the student (``radistill.finetune.lora``), trains only
 them, checks after its first step that each got a gradient, and exports ``stageN/`` with them merged.
+
+Memory (what ``radistill.memplan`` plans; docs/24gb.md): the trainer puts on the device only what a stage runs.
+Stages 1/2 need just the trained layers (for stage 1, their recurrent mixers), never the embeddings or LM head;
+with ``layer_block`` they train one block of layers after another, each block a whole pass over the stage's data
+with its own optimizer, and everything else waits in CPU memory in fp32. Stage 3 holds the whole student; with
+LoRA under bf16 autocast its frozen base weights are held in bf16. ``activation_checkpointing`` recomputes each
+student layer in stage 3's backward; ``optimizer: adamw8bit`` keeps 8-bit AdamW moments (torchao or
+bitsandbytes). After each stage the student is back, in fp32, on the device it was given on.
 """
 
 from __future__ import annotations
@@ -32,7 +41,10 @@ from radistill.distill.data import PackedStream
 from radistill.distill.parallel import all_reduce_sum, barrier, broadcast_layers, broadcast_object, owned_layers
 from radistill.distill.recipe import DistillRecipe, StageConfig
 from radistill.distill.schedule import lr_multiplier
-from radistill.distill.stages import Objective, make_objective, student_layers
+from radistill.distill.stages import (
+    Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, student_layers,
+    trained_layers, trained_module,
+)
 from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora, check_adapter_gradients, merged_copy
 from radistill.models.access import decoder_layers
 from radistill.scan.distributed import rank, world_size
@@ -52,10 +64,11 @@ class Position:
     """Where a resumed run continues: ``step`` optimizer steps of ``stage`` are done."""
 
     stage: int
-    step: int
+    step: int  # counted over the whole stage: block b's steps follow block b-1's
     tokens: int
     data: dict
     checkpoint: Path
+    blocks: list[list[int]] | None  # the stage's layer blocks as the checkpoint recorded them (None: not recorded)
 
 
 @dataclass
@@ -84,10 +97,15 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.autocast = device.startswith("cuda") and recipe.dtype == "bf16"
+        self.home = next(student.parameters()).device  # where the student goes back to after each stage
+        self._lowered: list[nn.Parameter] = []  # parameters _place() holds in bf16 for the current stage
         teacher.requires_grad_(False).eval()
         if recipe.compile and device.startswith("cuda"):
             for layer in [*student_layers(student), *decoder_layers(teacher)]:
                 layer.compile()
+        for stage in recipe.enabled_stages():  # up front: a missing 8-bit library fails before any training
+            if recipe.stage(stage).optimizer == "adamw8bit":
+                eight_bit_library(stage)
         self._tensorboard = None
         if recipe.tensorboard and is_main_process():  # up front: a missing package fails before any training
             self._tensorboard = _summary_writer(self.run_dir / "tensorboard")
@@ -138,7 +156,8 @@ class Trainer:
                 f"{path} was written by {state['world_size']} processes; resume it with the same number "
                 f"(this run has {world_size()})"
             )
-        if state["recipe"] != self.recipe.to_dict():
+        # a recipe saved before a setting existed reads as that setting's default
+        if DistillRecipe.from_dict(state["recipe"]).to_dict() != self.recipe.to_dict():
             raise RadistillError(
                 f"the recipe differs from the one {self.run_dir} was started with ({self.run_dir / 'recipe.json'}): "
                 "resume without changing settings, or start a new --out"
@@ -149,65 +168,125 @@ class Trainer:
         self._truncate_metrics(state["stage"], state["step"])
         if is_main_process():
             console.print(f"resuming from {path.name} ({state['tokens']:,} tokens into stage {state['stage']})")
-        return Position(state["stage"], state["step"], state["tokens"], state["data"], path)
+        return Position(state["stage"], state["step"], state["tokens"], state["data"], path, state.get("blocks"))
 
     # --- one stage ----------------------------------------------------------------------------------------
+    def blocks(self, stage: int) -> list[list[int]]:
+        """The layer blocks ``stage`` trains one after the other: stages 1/2 its trained layers cut by
+        ``layer_block`` (one block when unset); stage 3 one block of every layer."""
+        cfg = self.recipe.stage(stage)
+        if stage == 3:
+            return [list(range(len(student_layers(self.student))))]
+        return layer_blocks(trained_layers(stage, self.student, cfg.trainable), cfg.layer_block)
+
     def _train_stage(self, stage: int, position: Position | None) -> StageResult:
         cfg = self.recipe.stage(stage)
-        layers = student_layers(self.student)
         layerwise = stage in (1, 2)
         data_shards = 1 if layerwise else world_size()
-        mine = owned_layers(len(layers)) if layerwise else list(range(len(layers)))
         ddp = self.device if stage == 3 and world_size() > 1 else None
         if cfg.trainable == "lora":
             self._add_adapters(stage)
-        objective = make_objective(stage, self.student, self.teacher, cfg, mine, ddp_device=ddp)
-        optimizer = self.make_optimizer(objective, cfg)
-        self.student.train()
-        stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len, seed=self.recipe.seed * 1000 + stage)
+        blocks = self.blocks(stage)
         tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * data_shards
-        total = max(1, cfg.tokens // tokens_per_step)
+        per_block = max(1, cfg.tokens // tokens_per_step)  # every block makes a whole pass over the stage's tokens
+        total = per_block * len(blocks)
         step, tokens = 0, 0
         if position is not None:
+            if position.blocks is not None and position.blocks != blocks:
+                raise RadistillError(
+                    f"{position.checkpoint} trained stage {stage} in layer blocks {position.blocks}, this run makes "
+                    f"{blocks}: resume with the student the run was started with"
+                )
             step, tokens = position.step, position.tokens
-            stream.load_state_dict(position.data)
-            mine_state = ckpt.load_file(position.checkpoint / f"rank{rank()}.pt")
-            _set_rng_state(mine_state["rng"])
-            optimizer.load_state_dict(
-                mine_state["optimizer"] if mine_state["optimizer"] is not None
-                else ckpt.load_file(position.checkpoint / "rank0.pt")["optimizer"]
-            )
+            _set_rng_state(ckpt.load_file(position.checkpoint / f"rank{rank()}.pt")["rng"])
         if is_main_process() and step < total:
+            passes = f"{len(blocks)} blocks of <= {len(blocks[0])} layers, each " if len(blocks) > 1 else ""
             console.print(
-                f"stage {stage}: {total - step:,} steps of {tokens_per_step:,} tokens "
+                f"stage {stage}: {passes}{per_block:,} steps of {tokens_per_step:,} tokens "
                 f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum} accum x {data_shards} ranks)"
             )
+        self.student.train()
         started, last_loss = time.perf_counter(), float("nan")
         window_start, window_tokens = started, 0
         with progress() as bar:
             task = bar.add_task(f"stage {stage}", total=total, completed=step, status="")
-            while step < total:
-                loss, grad_norm, lr = self.step(objective, optimizer, stream, cfg, stage, step, total, data_shards)
-                step += 1
-                tokens += tokens_per_step
-                window_tokens += tokens_per_step
-                last_loss = loss
-                if step % cfg.log_every == 0 or step == total:
-                    now = time.perf_counter()
-                    rate = window_tokens / max(now - window_start, 1e-9)
-                    self._log(dict(stage=stage, step=step, steps=total, tokens=tokens, loss=loss, lr=lr,
-                                   grad_norm=grad_norm, tokens_per_s=rate, elapsed=now - started))
-                    bar.update(task, completed=step, status=f"loss {loss:.4f} · {rate:,.0f} tok/s")
-                    window_start, window_tokens = now, 0
-                if step % cfg.checkpoint_every == 0 or step == total:
-                    self._save(stage, step, tokens, stream, optimizer, layerwise)
-                if self.step_hook is not None:
-                    self.step_hook(stage, step)
-        if layerwise:
-            broadcast_layers(layers)
+            for index, block in enumerate(blocks):
+                first, end = index * per_block, (index + 1) * per_block
+                if step >= end:
+                    continue
+                self._place(stage, block)
+                mine = owned_layers(block) if layerwise else block
+                objective = make_objective(stage, self.student, self.teacher, cfg, mine, ddp_device=ddp,
+                                           block=block if layerwise else None)
+                optimizer = self.make_optimizer(objective, cfg)
+                stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len,
+                                      seed=self.recipe.seed * 1000 + stage)
+                if position is not None and first < step:  # resumed inside this block: its data and optimizer
+                    self._load_optimizer(optimizer, position.checkpoint)
+                    stream.load_state_dict(position.data)
+                while step < end:
+                    loss, grad_norm, lr = self.step(objective, optimizer, stream, cfg, stage, step, per_block,
+                                                    data_shards, first=first)
+                    step += 1
+                    tokens += tokens_per_step
+                    window_tokens += tokens_per_step
+                    last_loss = loss
+                    if step % cfg.log_every == 0 or step == end:
+                        now = time.perf_counter()
+                        rate = window_tokens / max(now - window_start, 1e-9)
+                        self._log(dict(stage=stage, step=step, steps=total, tokens=tokens, loss=loss, lr=lr,
+                                       grad_norm=grad_norm, tokens_per_s=rate, elapsed=now - started, block=index))
+                        bar.update(task, completed=step, status=f"loss {loss:.4f} · {rate:,.0f} tok/s")
+                        window_start, window_tokens = now, 0
+                    if step % cfg.checkpoint_every == 0 or step == end:
+                        self._save(stage, step, tokens, stream, optimizer, block if layerwise else None, blocks)
+                    if self.step_hook is not None:
+                        self.step_hook(stage, step)
+                # the block's last step was checkpointed, which gathered its layers onto every rank
+                del objective, optimizer  # the block's optimizer state goes before the next block's is made
+        self._release(stage)
         self._export(stage)
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
+
+    def _gather(self, stage: int, block: list[int]) -> None:
+        """Stages 1/2 over several processes: every rank gets the block's trained modules from their owners."""
+        layers = student_layers(self.student)
+        trainable = self.recipe.stage(stage).trainable
+        broadcast_layers({i: trained_module(stage, layers[i], trainable) for i in block})
+
+    def _place(self, stage: int, block: list[int]) -> None:
+        """Put on the device what ``block`` of ``stage`` runs; the rest of the student waits in CPU memory.
+
+        Stages 1/2: the modules the objective uses (:func:`stage_modules`), in fp32 (master weights); the rest stays
+        fp32 too, so nothing is rounded between blocks and stages. Stage 3: the whole student; with LoRA under bf16
+        autocast the frozen base weights are held in bf16 (the plan's numeric policy: they never get an update, and
+        autocast would compute with bf16 copies of them anyway), the adapters in fp32.
+        """
+        cfg = self.recipe.stage(stage)
+        if stage in (1, 2):
+            self.student.to("cpu")
+            for module in stage_modules(stage, self.student, block, cfg.trainable):
+                module.to(self.device)
+            return
+        if cfg.trainable == "lora" and self.autocast:
+            adapters = {id(p) for p in adapter_parameters(self.student).values()}
+            self._lowered = [p for p in self.student.parameters() if id(p) not in adapters and p.is_floating_point()]
+            for p in self._lowered:  # cast before the move: the fp32 base never has to fit on the device
+                p.data = p.data.to(self.device, torch.bfloat16)
+        self.student.to(self.device)
+        if cfg.activation_checkpointing:
+            set_activation_checkpointing(self.student, True)
+
+    def _release(self, stage: int) -> None:
+        """Undo :meth:`_place`: the student whole, in fp32, on the device it came on (exports merge adapters in
+        fp32, and the next stage starts from the same state whatever this one held where)."""
+        if self.recipe.stage(stage).activation_checkpointing:
+            set_activation_checkpointing(self.student, False)
+        for p in self._lowered:
+            p.data = p.data.float()
+        self._lowered = []
+        self.student.to(self.home)
 
     def _add_adapters(self, stage: int) -> None:
         """``stage``'s LoRA adapters injected into the student in place (unless there already), initialised from the
@@ -220,6 +299,7 @@ class Trainer:
             add_lora(self.student, LoraSpec(targets=cfg.lora_targets, rank=cfg.lora_rank), quiet=not is_main_process())
 
     def make_optimizer(self, objective: Objective, cfg: StageConfig) -> torch.optim.Optimizer:
+        """AdamW (or 8-bit AdamW) over the objective's parameters, which alone are left requiring grad."""
         self.student.requires_grad_(False)
         params = list({id(p): p for unit in objective.units.values() for p in unit}.values())
         for p in params:
@@ -229,14 +309,25 @@ class Trainer:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
+        if cfg.optimizer == "adamw8bit":
+            return adamw_8bit(groups, cfg, self.device, eight_bit_library(objective.stage))
         fused = self.device.startswith("cuda")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
+    def _load_optimizer(self, optimizer, checkpoint: Path) -> None:
+        own = ckpt.load_file(checkpoint / f"rank{rank()}.pt")["optimizer"]
+        optimizer.load_state_dict(own if own is not None else ckpt.load_file(checkpoint / "rank0.pt")["optimizer"])
+
     def step(self, objective: Objective, optimizer, stream: PackedStream, cfg: StageConfig, stage: int, step: int,
-              total: int, data_shards: int) -> tuple[float, float, float]:
-        lr = cfg.lr * lr_multiplier(step, total, cfg)
+             total: int, data_shards: int, first: int = 0) -> tuple[float, float, float]:
+        """One optimizer step; ``step`` counts over the stage, ``first`` is the step its layer block began at and
+        ``total`` the block's steps (the lr schedule runs over each block)."""
+        lr = cfg.lr * lr_multiplier(step - first, total, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor (no recompile when it moves)
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
@@ -270,9 +361,12 @@ class Trainer:
         return loss, grad_norm, lr
 
     # --- files --------------------------------------------------------------------------------------------
-    def _save(self, stage: int, step: int, tokens: int, stream: PackedStream, optimizer, layerwise: bool) -> None:
+    def _save(self, stage: int, step: int, tokens: int, stream: PackedStream, optimizer, block: list[int] | None,
+              blocks: list[list[int]]) -> None:
+        """``block``: the layers being trained (stages 1/2), gathered from their ranks first; None in stage 3."""
+        layerwise = block is not None
         if layerwise:
-            broadcast_layers(student_layers(self.student))
+            self._gather(stage, block)
         name = ckpt.checkpoint_name(stage, step)
         partial = ckpt.partial_dir(self.ckpt_root, name)
         if is_main_process():
@@ -280,7 +374,8 @@ class Trainer:
             partial.mkdir(parents=True)
             ckpt.save_file(self.student.state_dict(), partial / "model.pt")
             ckpt.save_file(dict(stage=stage, step=step, tokens=tokens, data=stream.state_dict(),
-                                world_size=world_size(), recipe=self.recipe.to_dict()), partial / "trainer.pt")
+                                world_size=world_size(), recipe=self.recipe.to_dict(), blocks=blocks),
+                           partial / "trainer.pt")
         barrier()
         sharded = layerwise and world_size() > 1  # in stage 3 every rank's optimizer state is the same
         own = optimizer.state_dict() if sharded or is_main_process() else None
@@ -323,6 +418,41 @@ class Trainer:
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and (json.loads(line)["stage"], json.loads(line)["step"]) <= (stage, step)]
         write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def eight_bit_library(stage: int) -> str:
+    """The library 8-bit AdamW comes from (the one the memory plan names: torchao, else bitsandbytes)."""
+    from radistill.memplan.plan import eight_bit_optimizer
+
+    library = eight_bit_optimizer()
+    if library is None:
+        raise RadistillError(f"stage {stage}: optimizer adamw8bit needs torchao or bitsandbytes: pip install torchao "
+                             "(or bitsandbytes), or set the stage's optimizer to adamw")
+    return library
+
+
+def adamw_8bit(groups: list[dict], cfg: StageConfig, device: str, library: str) -> torch.optim.Optimizer:
+    """AdamW with blockwise 8-bit moments from ``library`` (tensors under 4096 values keep fp32 moments in both).
+
+    torchao compiles its per-parameter update with ``torch.compile``. Off CUDA it runs the same update eagerly:
+    compiling costs seconds per parameter shape and needs a C++ toolchain, more than a CPU run (a test, a smoke
+    run) ever wins back.
+    """
+    if library == "torchao":
+        from torchao.optim import AdamW8bit
+
+        if device.startswith("cuda"):
+            return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
+
+        class EagerAdamW8bit(AdamW8bit):
+            def step(self, closure=None):
+                with torch.compiler.set_stance("force_eager"):
+                    return super().step(closure)
+
+        return EagerAdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
+    from bitsandbytes.optim import AdamW8bit
+
+    return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def _summary_writer(path: Path):

@@ -3,10 +3,11 @@ teacher, logits, caches).
 
 Numeric policy the estimates assume (and the plan prescribes): with ``dtype="bf16"`` trainable parameters have
 fp32 master weights and fp32 gradients, the forward runs in bf16 (autocast keeps a bf16 copy of each trainable
-weight), frozen parameters -- the teacher, a LoRA student's base weights, layers not being trained -- are held in
-bf16; with ``dtype="fp32"`` everything is fp32 (the CPU tests). AdamW keeps two fp32 moments (8 B / parameter),
-an 8-bit AdamW 2 B. Gradients are counted as held in full next to the activations (true from the second
-micro-batch of a step on), so estimates are a little high for ``grad_accum = 1``.
+weight), frozen parameters -- the teacher, a LoRA student's base weights -- are held in bf16 (stages 1/2 keep
+only the modules they train on the GPU, the rest of the student waits in CPU memory); with ``dtype="fp32"``
+everything is fp32 (the CPU tests). AdamW keeps two fp32 moments (8 B / parameter), an 8-bit AdamW 2 B. Gradients
+are counted as held in full next to the activations (true from the second micro-batch of a step on), so estimates
+are a little high for ``grad_accum = 1``.
 
 Activations come from meta-device dry runs of the real layers (:mod:`radistill.memplan.shapes`); the rest is
 arithmetic, each term commented where it is made.
@@ -156,9 +157,10 @@ class Estimator:
         profiles = [(self.s.profile(model, i, batch, w.seq_len, w.compute, params_grad, True), n) for i, n in groups]
         layers = sum(n for _, n in groups)
         boundary = self._tokens(batch) * self.hidden * w.act_bytes  # one [B, T, D] hidden state
+        if checkpointing:  # every layer's input, plus one layer re-run in backward, which starts once the loss is done
+            rerun = max(p.kept + max(p.forward_extra, p.backward_extra) for p, _ in profiles)
+            return layers * boundary + max(0, rerun - loss_buffers)
         transient = max(0, max(max(p.forward_extra, p.backward_extra) for p, _ in profiles) - loss_buffers)
-        if checkpointing:  # every layer's input, plus one layer re-run in backward
-            return layers * boundary + max(p.kept for p, _ in profiles) + transient
         # the embedding output (layer 0's input) and the final norm's output come on top of the layers' own
         return sum(p.kept * n for p, n in profiles) + 2 * boundary + transient
 
@@ -195,7 +197,12 @@ class Estimator:
         )
 
     def layerwise(self, stage: int, st: Strategy) -> Breakdown:
-        """Stages 1 and 2: each student layer against the teacher's, the teacher's layer inputs tapped."""
+        """Stages 1 and 2: each student layer against the teacher's, the teacher's layer inputs tapped.
+
+        On the GPU is only what the trainer puts there (radistill.distill.stages.stage_modules): the block's trained
+        modules in fp32 -- stage 1 its recurrent mixers, stage 2 its whole layers -- never the embeddings or LM head.
+        The largest ``k`` layers stand for the block (an upper bound over the blocks).
+        """
         w, s = self.w, self.s
         layers = s.layout.num_layers
         k = st.layers_at_once or layers
@@ -218,10 +225,7 @@ class Estimator:
                  (s.profile(s.student, i, st.micro_batch, w.seq_len, w.compute, True, False)
                   for i, _ in s.layer_groups(s.student)))
             )
-        frozen = sum(sorted(layer_params, reverse=True)[:k]) - sum(trained)
-        if k == layers:  # the whole student is on the GPU, embeddings and head frozen
-            frozen = s.params(s.student) - sum(trained)
-        weights, trainable = self._train_state(sum(trained), frozen, st.optimizer)
+        weights, trainable = self._train_state(sum(trained), 0, st.optimizer)
         boundary = self._tokens(st.micro_batch) * self.hidden * w.act_bytes
         taps = (2 * k + 1) * boundary  # per tapped layer its input and normed input; outputs are next inputs
         if st.teacher == "streamed":  # embeddings + two layers in flight (one computing, one arriving)

@@ -4,7 +4,8 @@ Preference order (:func:`candidates`): what trains best first, then what runs fa
 fp32 AdamW before 8-bit (only offered when torchao or bitsandbytes imports), no activation checkpointing before
 checkpointing (it costs a second forward), the requested micro-batch before smaller ones (gradient accumulation
 keeps the tokens per step), larger logit chunks before smaller ones. Stages 1/2 train fewer layers at a time
-before streaming the teacher; stage 3 streams precomputed top-k teacher logits as the last resort.
+before streaming the teacher; stage 3 streams precomputed top-k teacher logits as the last resort. The trainer
+does not stream the teacher or read top-k logits yet: the plans it applies (``trainer_only``) leave them out.
 
 The budget is ``gpu_memory * (1 - reserve)``: the reserve covers the CUDA allocator's fragmentation and what the
 estimates leave out (kernel workspaces, the CUDA context when the cap is the card's size).
@@ -25,6 +26,8 @@ from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
 
 STEPS = ("scan", "build", "distill stage 1", "distill stage 2", "distill stage 3", "eval", "finetune")
+# teacher handling radistill distill implements (a streamed teacher and precomputed top-k logits are planned only)
+TRAINER_TEACHERS = ("resident",)
 LOGIT_CHUNKS = (2048, 512, 128)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -114,9 +117,12 @@ def _micro_batches(batch: int) -> list[int]:
     return sizes
 
 
-def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainable: str = "full") -> Iterator[Strategy]:
-    """Strategies for ``step`` in order of preference (module docstring)."""
+def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainable: str = "full",
+               trainer_only: bool = False) -> Iterator[Strategy]:
+    """Strategies for ``step`` in order of preference (module docstring). ``trainer_only``: only what
+    ``radistill distill`` does (:data:`TRAINER_TEACHERS`), for plans it applies."""
     optimizers = ("adamw", "adamw8bit") if eight_bit else ("adamw",)
+    teachers = TRAINER_TEACHERS if trainer_only else ("resident", "streamed", "topk")
     batches = _micro_batches(work.batch_size)
     if step == "scan":
         for chunk, rows in itertools.product((256, 128, 64, 32, 16, 8), _micro_batches(work.scan_rows)):
@@ -126,13 +132,15 @@ def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainabl
         yield Strategy(trainable="none", optimizer="none", device="cpu")
     elif step in ("distill stage 1", "distill stage 2"):
         kinds = "recurrent" if step.endswith("1") else "full"
-        at_once = [layers] + [k for k in (8, 4, 2, 1) if k < layers]
-        for teacher, k, optimizer, mb in itertools.product(("resident", "streamed"), at_once, optimizers, batches):
+        at_once = [0] + [k for k in (8, 4, 2, 1) if k < layers]  # 0: all layers in one pass
+        stage_teachers = [t for t in ("resident", "streamed") if t in teachers]
+        for teacher, k, optimizer, mb in itertools.product(stage_teachers, at_once, optimizers, batches):
             yield Strategy(micro_batch=mb, trainable=kinds, optimizer=optimizer, layers_at_once=k, teacher=teacher)
     elif step in ("distill stage 3", "finetune"):
         teacher = "resident" if step.endswith("3") else "none"
         modes = [("full", o, teacher) for o in optimizers] if trainable == "full" else []
-        modes += [("lora", "adamw", teacher)] + ([("lora", "adamw", "topk")] if teacher == "resident" else [])
+        topk = [("lora", "adamw", "topk")] if step.endswith("3") and "topk" in teachers else []
+        modes += [("lora", "adamw", teacher)] + topk
         for (kind, optimizer, source), ckpt, mb, chunk in itertools.product(modes, (False, True), batches,
                                                                            LOGIT_CHUNKS):
             yield Strategy(micro_batch=mb, trainable=kind, optimizer=optimizer, checkpointing=ckpt, teacher=source,
@@ -160,9 +168,11 @@ def _notes(st: Strategy, work: Workload, layers: int, eight_bit: str | None) -> 
         notes.append(f"{-(-layers // st.layers_at_once)} passes over the data, one per block of "
                      f"{st.layers_at_once} layer(s); the other student layers stay off the GPU")
     if st.teacher == "streamed":
-        notes.append("teacher weights in CPU memory, moved to the GPU one layer at a time")
+        notes.append("teacher weights in CPU memory, moved to the GPU one layer at a time (radistill distill "
+                     "does not do this yet)")
     if st.teacher == "topk":
-        notes.append(f"teacher top-{work.topk} logits precomputed once and read from disk")
+        notes.append(f"teacher top-{work.topk} logits precomputed once and read from disk (radistill distill "
+                     "does not do this yet)")
     if st.optimizer == "adamw8bit":
         notes.append(f"8-bit AdamW from {eight_bit}")
     if st.trainable == "lora":
@@ -173,11 +183,11 @@ def _notes(st: Strategy, work: Workload, layers: int, eight_bit: str | None) -> 
 
 
 def plan_step(estimator: Estimator, step: str, budget: int, eight_bit: str | None = None,
-              trainable: str = "full") -> StepPlan:
+              trainable: str = "full", trainer_only: bool = False) -> StepPlan:
     """The first candidate of ``step`` that fits ``budget``; if none does, the smallest one, marked as not fitting."""
     work, layers = estimator.w, estimator.s.layout.num_layers
     best: tuple[int, Strategy, Breakdown] | None = None
-    for strategy in candidates(step, work, layers, eight_bit is not None, trainable):
+    for strategy in candidates(step, work, layers, eight_bit is not None, trainable, trainer_only):
         memory = _estimate(estimator, step, strategy)
         if memory.total <= budget:
             return StepPlan(step, strategy, memory, True, _notes(strategy, work, layers, eight_bit))
@@ -234,5 +244,5 @@ def require_fit(plan: Plan, steps: tuple[str, ...] | None = None) -> None:
     )
 
 
-__all__ = ["Plan", "STEPS", "StepPlan", "candidates", "eight_bit_optimizer", "make_plan", "parse_size",
-           "plan_step", "require_fit"]
+__all__ = ["Plan", "STEPS", "StepPlan", "TRAINER_TEACHERS", "candidates", "eight_bit_optimizer", "make_plan",
+           "parse_size", "plan_step", "require_fit"]
