@@ -54,3 +54,37 @@ def tiny_recipe(corpus: Path, stages=(2, 3), **stage_overrides) -> DistillRecipe
         "dtype": "fp32",
     }
     return merge(DistillRecipe(), overrides)
+
+
+def run_two_gloo_processes(train, args: tuple, out: Path) -> dict:
+    """Run ``train(*args) -> student`` in two spawned gloo processes (ranks 0, 1 of one group); returns rank 0's
+    final student state dict. ``train`` must be a module-level function (spawn pickles it)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_gloo_rank, args=(port, train, args, out), nprocs=2, start_method="spawn")
+    return torch.load(out)
+
+
+def _gloo_rank(rank: int, port: int, train, args: tuple, out: Path) -> None:
+    import os
+
+    import torch
+
+    from radistill.scan.distributed import init_from_env
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_from_env()
+    try:
+        student = train(*args)
+        if rank == 0:
+            torch.save(student.state_dict(), out)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -5,11 +5,9 @@ bf16 base, and ``recipe_overrides`` turning a plan into exactly these recipe set
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 from transformers import AutoModelForCausalLM
 
@@ -30,8 +28,7 @@ from radistill.models import presets
 from radistill.models.access import decoder_layers
 from radistill.models.presets import random_model, tiny_config
 from radistill.utils.errors import RadistillError
-from distill_helpers import char_tokenizer, tiny_recipe, tiny_student, tiny_teacher
-from test_distill_distributed import _free_port
+from distill_helpers import char_tokenizer, run_two_gloo_processes, tiny_recipe, tiny_student, tiny_teacher
 
 # three layers; the middle one keeps all four heads, so stage 1 (recurrent heads only) trains layers 0 and 2
 KEPT = ((1,), (0, 1, 2, 3), (2,))
@@ -257,28 +254,15 @@ def short_blocks(corpus):
     return merge(blocked(corpus, 2, 2, tokens=16 * 4 * 3), {"keep_checkpoints": 10})
 
 
-def _blocks_worker(rank: int, port: int, corpus, run_dir, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from radistill.scan.distributed import init_from_env
-
-    init_from_env()
-    try:
-        student = train(char_tokenizer(), run_dir, short_blocks(corpus))
-        if rank == 0:
-            torch.save(student.state_dict(), out)
-    finally:
-        torch.distributed.destroy_process_group()
+def train_short_blocks(corpus, run_dir):
+    return train(char_tokenizer(), run_dir, short_blocks(corpus))
 
 
 def test_blocks_over_two_processes_end_where_one_process_ends(corpus, tokenizer, tmp_path):
     """Block [0, 1] is split over the two ranks, block [2] is rank 0's alone (rank 1 idles through it)."""
     out = tmp_path / "two.pt"
-    mp.start_processes(_blocks_worker, args=(_free_port(), corpus, tmp_path / "run2", out), nprocs=2,
-                       start_method="spawn")
+    two = run_two_gloo_processes(train_short_blocks, (corpus, tmp_path / "run2"), out)
     one = params_of(train(tokenizer, tmp_path / "run1", short_blocks(corpus)))
-    two = torch.load(out)
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6, msg=name)
     # each rank checkpoints the optimizer state of its own layers: at the end of block 0 one layer each
