@@ -115,4 +115,4 @@ def test_demo_quick(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "demo" / "report" / "index.html").read_text()
     assert "not run" not in page
-    assert "top40 (40 attention heads kept)" in page and "no-heads (0 attention heads kept)" in page
+    assert "top16 (16 attention heads kept)" in page and "no-heads (0 attention heads kept)" in page
