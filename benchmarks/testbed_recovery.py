@@ -4,6 +4,7 @@
     python benchmarks/testbed_recovery.py --budget-tokens 50e6     # another fixed budget per student
     python benchmarks/testbed_recovery.py --time-limit 540         # the largest budget (<= 50M) that fits 540 s
     python benchmarks/testbed_recovery.py --quick                  # CPU smoke run (tiny budget, few probe items)
+    python benchmarks/testbed_recovery.py --top 4,16               # also a top-16 student (same budget)
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus ``../shared/fixtures/corpus/prose-train.txt.xz`` as the
 only training text (no retrieval data; the students' decays and normaliser are calibrated on prose too):
@@ -134,6 +135,19 @@ def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: floa
         "dtype": "bf16",
         "keep_checkpoints": 1,
     })
+
+
+def student_specs(ranked: list, tops: list[int], seed: int) -> list[dict]:
+    """The students: the scan's top K heads (state 64) for each K in ``tops``, the first K also at state 8, no heads,
+    and as many random heads (the first K) from the lower half of the ranking."""
+    first = tops[0]
+    lower_half = ranked[len(ranked) // 2 :]
+    specs = [{"name": f"top{k}-s64", "kept_heads": ranked[:k], "state_size": 64} for k in tops]
+    specs.insert(1, {"name": f"top{first}-s8", "kept_heads": ranked[:first], "state_size": 8})
+    specs += [{"name": "none-s64", "kept_heads": [], "state_size": 64},
+              {"name": f"random-low{first}-s64", "kept_heads": sorted(random.Random(seed).sample(lower_half, first)),
+               "state_size": 64}]
+    return specs
 
 
 def scan_heads(args, device: str, work: Path):
@@ -281,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"default {MAX_AUTO_BUDGET:,}; quick 2,048)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for the whole run: size the budget from measured costs (default: no limit)")
+    parser.add_argument("--top", default="4", help="kept-head counts of the top-K students, e.g. 4,16 (the first "
+                        "also gets a state-8 student and a random-K control)")
     parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all)")
     parser.add_argument("--kv-items", type=int, default=None, help="KV items per dictionary size (200; quick 16)")
     parser.add_argument("--ppl-tokens", type=int, default=None,
@@ -333,23 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     console.print("scanning the teacher's heads ...")
     with timings("scan"):
         ranked = scan_heads(args, device, work)
-    lower_half = ranked[len(ranked) // 2 :]
-    random_low = sorted(random.Random(args.seed).sample(lower_half, 4))
-    students = [
-        {"name": "top4-s64", "kept_heads": ranked[:4], "state_size": 64},
-        {"name": "top4-s8", "kept_heads": ranked[:4], "state_size": 8},
-        {"name": "none-s64", "kept_heads": [], "state_size": 64},
-        {"name": "random-low4-s64", "kept_heads": random_low, "state_size": 64},
-    ]
+    students = student_specs(ranked, [int(k) for k in args.top.split(",")], args.seed)
     if args.students:
         wanted = [s.strip() for s in args.students.split(",")]
         unknown = sorted(set(wanted) - {s["name"] for s in students})
         if unknown:
             parser.error(f"unknown students {unknown}: choose from {', '.join(s['name'] for s in students)}")
         students = [s for s in students if s["name"] in wanted]
-    with timings("build students"):
+    with timings("build students (on the CPU: calibration in fp32, no GPU autotuning per shape)"):
+        cpu_teacher, _ = load_model(TEACHER, dtype="fp32", device="cpu")
         for s in students:
-            build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
+            build_student(cpu_teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
                           tokenizer=tokenizer, calibration_data=CORPUS, calibration_tokens=2048 if quick else 16384,
                           overwrite=True)
 
