@@ -16,11 +16,11 @@ from typing import Any
 
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
+from radistill.utils.optim import OPTIMIZERS
 
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
 TRAINABLE = ("recurrent", "mixer", "all", "lora")
-OPTIMIZERS = ("adamw", "adamw8bit")
 DTYPES = ("bf16", "fp32")
 
 

@@ -51,6 +51,7 @@ from radistill.scan.distributed import rank, world_size
 from radistill.utils.console import console, is_main_process, progress
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_text_atomic
+from radistill.utils.optim import make_adamw
 
 StepHook = Callable[[int, int], None]  # (stage, step) after every optimizer step; tests use it to interrupt
 
@@ -309,10 +310,9 @@ class Trainer:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        if cfg.optimizer == "adamw8bit":
-            return adamw_8bit(groups, cfg, self.device, eight_bit_library(objective.stage))
-        fused = self.device.startswith("cuda")
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+        library = eight_bit_library(objective.stage) if cfg.optimizer == "adamw8bit" else None
+        return make_adamw(groups, cfg.lr, betas=cfg.betas, kind=cfg.optimizer, on_cuda=self.device.startswith("cuda"),
+                          library=library, what=f"stage {objective.stage}")
 
     def _load_optimizer(self, optimizer, checkpoint: Path) -> None:
         own = ckpt.load_file(checkpoint / f"rank{rank()}.pt")["optimizer"]
@@ -429,30 +429,6 @@ def eight_bit_library(stage: int) -> str:
         raise RadistillError(f"stage {stage}: optimizer adamw8bit needs torchao or bitsandbytes: pip install torchao "
                              "(or bitsandbytes), or set the stage's optimizer to adamw")
     return library
-
-
-def adamw_8bit(groups: list[dict], cfg: StageConfig, device: str, library: str) -> torch.optim.Optimizer:
-    """AdamW with blockwise 8-bit moments from ``library`` (tensors under 4096 values keep fp32 moments in both).
-
-    torchao compiles its per-parameter update with ``torch.compile``. Off CUDA it runs the same update eagerly:
-    compiling costs seconds per parameter shape and needs a C++ toolchain, more than a CPU run (a test, a smoke
-    run) ever wins back.
-    """
-    if library == "torchao":
-        from torchao.optim import AdamW8bit
-
-        if device.startswith("cuda"):
-            return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
-
-        class EagerAdamW8bit(AdamW8bit):
-            def step(self, closure=None):
-                with torch.compiler.set_stance("force_eager"):
-                    return super().step(closure)
-
-        return EagerAdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
-    from bitsandbytes.optim import AdamW8bit
-
-    return AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def _summary_writer(path: Path):

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from radistill.finetune.data import IGNORE
 from radistill.finetune.lora import LoraSpec, adapter_parameters, check_adapter_gradients
 from radistill.utils.errors import RadistillError
+from radistill.utils.optim import make_adamw
 
 
 @dataclass
@@ -77,23 +78,8 @@ class FinetuneResult:
 
 
 def make_optimizer(params: list, lr: float, weight_decay: float, kind: str = "adamw"):
-    """AdamW, or an 8-bit AdamW from torchao (preferred) or bitsandbytes. ``params``: parameters, or param
-    groups (dicts with ``"params"``) as torch optimizers take them."""
-    if kind == "adamw":
-        flat = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
-        fused = all(p.is_cuda for p in flat) or None
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    if kind != "adamw8bit":
-        raise RadistillError(f"unknown optimizer {kind!r}: use adamw or adamw8bit")
-    try:
-        from torchao.optim import AdamW8bit
-    except ImportError:
-        try:
-            from bitsandbytes.optim import AdamW8bit
-        except ImportError as exc:
-            raise RadistillError("optimizer adamw8bit needs torchao or bitsandbytes: pip install torchao, or use "
-                                 "adamw") from exc
-    return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    """AdamW or 8-bit AdamW (:func:`radistill.utils.optim.make_adamw`); ``params``: parameters or param groups."""
+    return make_adamw(params, lr, weight_decay=weight_decay, kind=kind, what="finetune")
 
 
 def causal_lm_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, chunk: int) -> Tensor:

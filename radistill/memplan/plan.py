@@ -13,7 +13,6 @@ estimates leave out (kernel workspaces, the CUDA context when the cap is the car
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import re
@@ -24,6 +23,7 @@ from radistill.memplan.estimate import Breakdown, Estimator, GiB, ServingLimits,
 from radistill.memplan.shapes import Shapes
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
+from radistill.utils.optim import eight_bit_library as eight_bit_optimizer
 
 STEPS = ("scan", "build", "distill stage 1", "distill stage 2", "distill stage 3", "eval", "finetune")
 # teacher handling radistill distill implements (a streamed teacher and precomputed top-k logits are planned only)
@@ -43,14 +43,6 @@ def parse_size(text: str | int | float) -> int:
     if match is None or unit not in _UNITS:
         raise RadistillError(f"--gpu-memory {text!r} is not a size: write e.g. 24GiB, 24GB or 80g")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def eight_bit_optimizer() -> str | None:
-    """The 8-bit AdamW library that imports here (torchao, then bitsandbytes), or None."""
-    for module in ("torchao", "bitsandbytes"):
-        if importlib.util.find_spec(module) is not None:
-            return module
-    return None
 
 
 @dataclass
