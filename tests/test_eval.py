@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from distill_helpers import char_tokenizer, tiny_student, write_corpus
 from radistill.eval import EvalConfig, EvalReport, KVEvalConfig, TaskResult, coverage, evaluate_model
 from radistill.eval.choice import jsonl_task
 from radistill.eval.kv import greedy_exact_match, kv_retrieval, parse_generated
+from radistill.eval import perplexity as perplexity_module
 from radistill.eval.perplexity import PerplexityConfig, perplexity, window_spans
 from radistill.eval.runner import parse_task
 from radistill.models.presets import random_model, tiny_config
@@ -136,6 +138,42 @@ def test_windows_score_each_target_once(n, seq, stride):
     targets = [t for begin, end, first in window_spans(n, seq, stride) for t in range(first, end)]
     assert targets == list(range(1, n))
     assert all(end - begin <= seq for begin, end, _ in window_spans(n, seq, stride))
+
+
+def full_logits_nll(model, ids: torch.Tensor, spans, batch_size: int) -> float:
+    """Perplexity's summed NLL as it was computed before chunking: whole-window logits from the causal LM."""
+    total = 0.0
+    for start in range(0, len(spans), batch_size):
+        batch = spans[start : start + batch_size]
+        width = max(end - begin for begin, end, _ in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, (begin, end, _) in enumerate(batch):
+            input_ids[r, : end - begin] = ids[begin:end]
+            mask[r, : end - begin] = 1
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        for r, (begin, end, first) in enumerate(batch):
+            positions = torch.arange(first - 1, end - 1) - begin
+            total += float(torch.nn.functional.cross_entropy(logits[r, positions], ids[first:end], reduction="sum"))
+    return total
+
+
+@pytest.mark.parametrize("which", ["teacher", "hybrid"])
+def test_chunked_perplexity_equals_whole_window_logits(which, tmp_path, monkeypatch):
+    tokenizer = char_tokenizer()
+    teacher = random_model(tiny_config("llama", vocab_size=len(tokenizer), num_hidden_layers=2), seed=1)
+    model = (teacher if which == "teacher" else tiny_student(teacher, kept=((1,), (0, 2)))).eval()
+    write_corpus(tmp_path / "t.txt", docs=20)
+    # chunks much smaller than a batch's targets, so they straddle windows; the last window is shorter (padding)
+    monkeypatch.setattr(perplexity_module, "LOGIT_CHUNK", 37)
+    config = PerplexityConfig(str(tmp_path / "t.txt"), seq_len=64, stride=40, max_tokens=1000)
+    result = perplexity(model, tokenizer, config, batch_size=3)
+    ids = torch.tensor(tokenizer((tmp_path / "t.txt").read_text()).input_ids[:1000])
+    with torch.no_grad():
+        reference = math.exp(full_logits_nll(model, ids, window_spans(len(ids), 64, 40), 3) / (len(ids) - 1))
+    assert len(ids) == 1000 and len(window_spans(1000, 64, 40)) % 3 != 0  # a last, smaller batch too
+    assert result.value == pytest.approx(reference, rel=1e-6)
+    assert result.samples == 999
 
 
 def test_perplexity_matches_loss_of_one_window(teacher, tmp_path):

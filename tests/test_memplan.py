@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from distill_helpers import char_tokenizer
 from radistill.distill.recipe import LossConfig, StageConfig
 from radistill.distill.stages import make_objective, set_activation_checkpointing, stage_modules
 from radistill.finetune.lora import LoraSpec, add_lora
@@ -21,9 +22,13 @@ from radistill.hybrid.build import convert, student_config
 from radistill.memplan import GiB, LiveTensors, Plan, Strategy, Workload, make_plan, measure_peak, parse_size, \
     require_fit
 from radistill.memplan.estimate import Estimator
+from radistill.memplan.scan import ProbeShape, scan_breakdown
 from radistill.memplan.shapes import Shapes, hypothetical_kept_heads
 from radistill.models import presets
 from radistill.models.presets import random_model, tiny_config
+from radistill.probes.items import encode_items
+from radistill.probes.kv import KVProbeConfig, kv_items
+from radistill.probes.scoring import LOGIT_CHUNK
 from radistill.utils.errors import RadistillError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,8 +178,29 @@ def test_estimate_within_20_percent_of_measured(small, case):
     assert abs(estimate / measured - 1) < 0.20, (case, estimate, measured)
 
 
-def test_scan_only_plan_needs_no_student_and_shrinks_the_cache():
-    work = Workload(probe_tokens=256, scan_rows=256)
-    plan = make_plan("nanbeige4.1-3b", "24GiB", steps=("scan",), workload=work)
+def test_scan_only_plan_needs_no_student_and_counts_every_scored_positions_logits():
+    plan = make_plan("nanbeige4.1-3b", "24GiB", steps=("scan",))
     scan = plan.step("scan")
-    assert scan.fits and 0 < scan.strategy.prompt_chunk < 256  # 256 prompts' activations alone need ~30 GiB
+    rows = scan.strategy.micro_batch
+    assert scan.fits and rows * Workload().probe_scores > LOGIT_CHUNK  # enough rows to fill a logits chunk
+    # 4,096 positions x 166,144 vocabulary x (bf16 logits, their fp32 copy, the log-softmax): 6.3 GiB, where one
+    # position per row (0.3 GiB) was counted before
+    assert scan.memory.logits == LOGIT_CHUNK * 166144 * (2 + 4 + 4)
+
+
+@pytest.mark.parametrize("rows, chunk", [(4, 16), (32, 4), (256, 16)])
+def test_plan_scan_row_matches_the_scan_plan_of_a_real_probe(rows, chunk):
+    tokenizer = char_tokenizer()  # values of two digits are two tokens: tree-packed branches
+    # a large vocabulary, as real models have, so that the logits are part of the peak
+    config = tiny_config("llama", vocab_size=65536, num_hidden_layers=2)
+    items = encode_items(tokenizer, kv_items(tokenizer, KVProbeConfig(pairs=20, samples=16)))
+    probe = ProbeShape.of(items)
+    assert probe.branches and 1 < probe.scores <= Workload().probe_scores  # the default bounds a real probe
+    work = Workload(dtype="fp32", probe_tokens=probe.width, probe_samples=probe.items, probe_scores=probe.scores)
+    shapes = Shapes(config, keep=0)
+    st = Strategy(micro_batch=rows, trainable="none", optimizer="none", prompt_chunk=chunk)
+    planned = Estimator(shapes, work).scan(st)
+    exact = scan_breakdown(shapes, shapes.teacher, probe, st, torch.float32, shapes.layout.num_heads)
+    assert planned.logits == exact.logits > 0
+    # every row as long as the longest: a bound, close to the real probe's mix of lengths
+    assert exact.total <= planned.total < 1.2 * exact.total

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 
 from radistill.models.access import model_layout
 from radistill.models.presets import random_model, tiny_config
+from radistill.probes.items import EncodedItem
 from radistill.scan.ablation import head_means
 from radistill.scan.fast import fast_scan
 from radistill.scan.naive import naive_scan
@@ -70,6 +71,24 @@ def test_fast_scan_gqa_model_with_one_kv_head_and_head_subset():
     baseline, naive = naive_scan(model, items, heads)
     assert_same(fast, baseline, naive)
 
+
+
+def test_fast_scan_reads_each_scored_position_once():
+    """KV-probe-like items (20 one-token values): one LM head row per (prompt, head), not one per choice."""
+    model = random_model(tiny_config("llama"), seed=9)
+    items = [EncodedItem(tuple(range(30 + i, 36 + 2 * i)), tuple((100 + k,) for k in range(20)), 3 * i)
+             for i in range(4)]
+    heads = [(0, 1), (1, 3), (2, 0)]
+    calls: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        fast = fast_scan(model, items, heads, batch_size=5)
+    finally:
+        hook.remove()
+    assert fast.stats.scored_positions == len(items) * len(heads)
+    assert sum(calls) == len(items) * (1 + len(heads))  # the clean forward, then every ablated row
+    baseline, naive = naive_scan(model, items, heads)
+    assert_same(fast, baseline, naive)
 
 def _free_port() -> int:
     with socket.socket() as sock:

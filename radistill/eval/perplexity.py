@@ -4,6 +4,10 @@ Every token but the first is predicted exactly once. By default the windows are 
 the one token whose successor a window predicts first); with a smaller ``stride`` they overlap more and each
 window scores only its last ``stride`` tokens, so every prediction sees at least ``seq_len - stride`` tokens of
 context (the usual sliding-window perplexity).
+
+Logits are never made for a whole window: the decoder's final states go through the LM head ``LOGIT_CHUNK``
+scored positions at a time, each chunk's cross-entropy summed in fp64 before the next is made (a 166k vocabulary
+at a 2048-token window and batch 4 would otherwise hold 5 GiB of fp32 logits).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from radistill.eval.coverage import TaskResult
 from radistill.utils.errors import RadistillError
 
 CHARS_PER_TOKEN = 8  # generous: read enough characters to reach max_tokens without tokenising the whole file
+LOGIT_CHUNK = 1024  # scored positions per LM head call: bounds the [positions, vocab] logits and their loss
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,30 @@ def window_spans(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, 
     return spans
 
 
+def window_nll(decoder, head, ids: torch.Tensor, batch: list[tuple[int, int, int]], device) -> float:
+    """Summed next-token NLL of one batch of windows (``window_spans``), in fp64.
+
+    A function of its own so that its final states and last logits chunk are freed before the next batch's forward.
+    """
+    width = max(end - begin for begin, end, _ in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for r, (begin, end, _) in enumerate(batch):
+        input_ids[r, : end - begin] = ids[begin:end]
+        mask[r, : end - begin] = 1
+    hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    # every scored (row, position) of the batch, flattened: the state at p predicts token p + 1
+    rows = torch.cat([torch.full((end - first,), r) for r, (_, end, first) in enumerate(batch)]).to(device)
+    positions = torch.cat([torch.arange(first - 1, end - 1) - begin for begin, end, first in batch]).to(device)
+    targets = torch.cat([ids[first:end] for _, end, first in batch]).to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(targets), LOGIT_CHUNK):
+        chunk = slice(i, i + LOGIT_CHUNK)
+        logits = head(hidden[rows[chunk], positions[chunk]]).float()
+        total += torch.nn.functional.cross_entropy(logits, targets[chunk], reduction="none").double().sum()
+    return float(total)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, config: PerplexityConfig, batch_size: int = 8) -> TaskResult:
     """exp(mean next-token NLL) over the first ``config.max_tokens`` tokens of the file."""
@@ -76,20 +105,10 @@ def perplexity(model, tokenizer, config: PerplexityConfig, batch_size: int = 8) 
         raise RadistillError(f"{config.path} holds fewer than 2 tokens: perplexity needs more text")
     spans = window_spans(len(ids), seq_len, config.stride or seq_len - 1)
     device = model_device(model)
-    total_nll, total_targets = 0.0, 0
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    total_nll = 0.0
     for start in range(0, len(spans), batch_size):
-        batch = spans[start : start + batch_size]
-        width = max(end - begin for begin, end, _ in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for r, (begin, end, _) in enumerate(batch):
-            input_ids[r, : end - begin] = ids[begin:end]
-            mask[r, : end - begin] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-        for r, (begin, end, first) in enumerate(batch):
-            positions = torch.arange(first - 1, end - 1) - begin  # logits at p predict token p + 1
-            nll = torch.nn.functional.cross_entropy(logits[r, positions], ids[first:end], reduction="sum")
-            total_nll += float(nll)
-            total_targets += end - first
+        total_nll += window_nll(decoder, head, ids, spans[start : start + batch_size], device)
+    total_targets = len(ids) - 1  # window_spans scores every token but the first once
     value = math.exp(total_nll / total_targets)
     return TaskResult("ppl", "perplexity", value, higher_is_better=False, samples=total_targets)

@@ -165,7 +165,7 @@ def fit_eval(model_path: str | os.PathLike, config: EvalConfig, device: str | No
     device = resolve_device(device)
     model_config, tokenizer = load_config_and_tokenizer(model_path)
     plan = plan_eval(model_config, tokenizer, config, config.gpu_memory, dtype=model_dtype(dtype, device),
-                     on_cpu=device == "cpu", name=str(model_path))
+                     name=str(model_path))
     console.print(plan_table(plan))
     console.print(strategy_lines(plan, describe_eval))
     unplanned = [spec.name for spec in config.specs() if spec.kind == "lm_eval"]

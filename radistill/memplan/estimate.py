@@ -99,7 +99,12 @@ class Workload:
     dtype: str = "bf16"  # bf16: mixed precision (see the module docstring); fp32: everything fp32
     lora_targets: str = "recurrent,kept-heads"
     lora_rank: int = 16
-    probe_tokens: int = 256  # scan: tokens of the longest probe prompt (20 pairs ~ 200-260 tokens)
+    probe_tokens: int = 256  # scan: tokens of the longest tree-packed probe row (20 pairs ~ 200-260 tokens)
+    probe_samples: int = 64  # scan: probe prompts (radistill scan's --samples)
+    # scan: distinct scored positions of a probe row (ProbeShape.scores). 21 is the most a KV probe of 20 pairs
+    # (radistill scan's --pairs) can have: the prompt's last token, then one branch token per choice where the
+    # tokenizer splits the values 0-99 into two digits; 1 where every value is one token (GPT-2, Llama 3)
+    probe_scores: int = 21
     scan_rows: int = 256  # scan: (prompt, head) rows per forward
     calibration_batch: int = 8  # build: sequences of <= 256 tokens per calibration forward
     eval_batch: int = 8
@@ -177,15 +182,15 @@ class Estimator:
 
     # ---- steps -----------------------------------------------------------------------------------------------
     def scan(self, st: Strategy) -> Breakdown:
-        w, layers = self.w, self.s.layout.num_layers
-        # fast scan: per layer its input, attention output and o_proj input for every cached prompt
-        cache = 3 * layers * st.prompt_chunk * w.probe_tokens * self.hidden * w.act_bytes
-        return Breakdown(
-            weights=self._teacher_weights(),
-            activations=self._teacher_forward(st.micro_batch, w.probe_tokens),
-            logits=st.micro_batch * self.vocab * 4 * 2,  # fp32 logits + log-softmax at the scored positions
-            caches=cache,
-        )
+        """The fast scan of the teacher as ``radistill scan --gpu-memory`` plans it (zero ablation, every head of a
+        layer a candidate row), on a probe of ``probe_samples`` rows, all ``probe_tokens`` long, that branch when
+        their ``probe_scores`` scored positions are more than the prompt's last."""
+        from radistill.memplan.scan import ProbeShape, scan_breakdown  # it imports this module
+
+        w = self.w
+        probe = ProbeShape(lengths=(w.probe_tokens,) * w.probe_samples, prompt=w.probe_tokens,
+                           scores=w.probe_scores, branches=w.probe_scores > 1)
+        return scan_breakdown(self.s, self.s.teacher, probe, st, w.compute, self.s.layout.num_heads)
 
     def build(self, st: Strategy) -> Breakdown:
         if st.device == "cpu":

@@ -10,9 +10,8 @@ A task makes one or more kinds of forward (:class:`Pass`), each sized for ``batc
   positions, at most ``LOGIT_CHUNK`` at once;
 - ``generate``: greedy generation of the KV answers: the prefill of the left-padded prompts, and the model's cache
   at prompt + new tokens;
-- ``ppl``: perplexity windows: a forward that fills the model's cache (``use_cache`` is the config's), then the
-  full ``[batch, window, vocab]`` logits, their fp32 copy and -- when the model runs on the CPU -- one row's
-  cross-entropy.
+- ``ppl``: perplexity windows: a decoder forward (no cache), then the LM head and cross-entropy at the scored
+  positions, at most perplexity's own ``LOGIT_CHUNK`` at once.
 
 Every forward: the embeddings and one layer's input beside the largest layer's no-grad forward (meta dry runs,
 :meth:`Shapes.profile`), the padding or tree mask, and SDPA's repeated K/V under a mask. A task's peak is its
@@ -29,11 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from radistill.eval.perplexity import LOGIT_CHUNK as PPL_LOGIT_CHUNK
 from radistill.memplan.estimate import Breakdown, Strategy, Workload
 from radistill.memplan.plan import Plan, StepPlan, _micro_batches
 from radistill.memplan.scan import (
-    MASK_BUILD_BOOLS, budget, first_fit, inference_model, layer_peak, logit_bytes, model_name, phase_peak,
-    repeated_kv_bytes, workload_dtype,
+    INDEX_BYTES, MASK_BUILD_BOOLS, budget, first_fit, inference_model, layer_peak, logit_bytes, model_name,
+    phase_peak, repeated_kv_bytes, workload_dtype,
 )
 from radistill.memplan.shapes import Shapes
 from radistill.probes.items import EncodedItem
@@ -42,7 +42,7 @@ from radistill.probes.scoring import LOGIT_CHUNK, pack
 ADVICE = {
     "kv": "use fewer pairs (--kv-pairs: the longest prompt sets every row's width) or --no-generate (generation "
           "keeps a KV cache)",
-    "ppl": "lower --seq-len (the perplexity window: its [window, vocab] logits and its cache grow with it)",
+    "ppl": "lower --seq-len (the perplexity window: its activations grow with it)",
     "jsonl": "shorten the longest items of the task file",
 }
 GPU_ADVICE = "or use a GPU with more memory"
@@ -57,7 +57,7 @@ class Pass:
     kind: str  # last | tree | flat | generate | ppl
     width: int  # tokens of the longest row
     rows_per_item: int = 1  # flat packing: one row per choice
-    scores: int = 1  # scored positions of the row that has the most
+    scores: int = 1  # scored positions of the row (window) that has the most
     new_tokens: int = 0  # generate
     padded: bool = True  # rows differ in length: the model builds a [rows, 1, T, T] mask from the padding
 
@@ -70,7 +70,7 @@ def choice_pass(items: list[EncodedItem], hybrid: bool) -> Pass:
     packed = pack(items, tree=not hybrid)
     return Pass("flat" if hybrid else "tree", packed.input_ids.shape[1],
                 rows_per_item=max(len(item.choice_ids) for item in items) if hybrid else 1,
-                scores=packed.score_valid.shape[1], padded=len(set(packed.lengths.tolist())) > 1)
+                scores=int(packed.positions_per_row.max()), padded=len(set(packed.lengths.tolist())) > 1)
 
 
 def generate_pass(items: list[EncodedItem]) -> Pass:
@@ -83,7 +83,7 @@ def generate_pass(items: list[EncodedItem]) -> Pass:
 def ppl_pass(windows: list[tuple[int, int, int]]) -> Pass:
     """``radistill.eval.perplexity.perplexity`` over ``windows`` (``window_spans``)."""
     widths = {end - begin for begin, end, _ in windows}
-    return Pass("ppl", max(widths), padded=len(widths) > 1)
+    return Pass("ppl", max(widths), scores=max(end - first for _, end, first in windows), padded=len(widths) > 1)
 
 
 def cache_bytes(model: nn.Module, length: int, dtype: torch.dtype) -> int:
@@ -100,8 +100,7 @@ def cache_bytes(model: nn.Module, length: int, dtype: torch.dtype) -> int:
     return row.kv_bytes + row.ssm_bytes + row.conv_bytes
 
 
-def pass_breakdown(shapes: Shapes, model: nn.Module, p: Pass, batch: int, dtype: torch.dtype,
-                   on_cpu: bool = False) -> Breakdown:
+def pass_breakdown(shapes: Shapes, model: nn.Module, p: Pass, batch: int, dtype: torch.dtype) -> Breakdown:
     """Peak bytes of pass ``p`` with ``batch`` items (or windows) per forward."""
     a, hidden, vocab = dtype.itemsize, model.config.hidden_size, model.config.vocab_size
     rows, seq = batch * p.rows_per_item, p.width
@@ -121,12 +120,10 @@ def pass_breakdown(shapes: Shapes, model: nn.Module, p: Pass, batch: int, dtype:
     elif p.kind == "generate":
         full = rows * cache_bytes(model, seq + p.new_tokens, dtype)
         phases = [(forward, 0, rows * cache_bytes(model, seq, dtype)), (0, logit_bytes(rows, vocab, dtype), full)]
-    else:  # ppl: the cache lives as long as the model's output; the logits' fp32 copy (and CPU loss) after it
-        cache = rows * cache_bytes(model, seq, dtype)
-        logits = rows * seq * vocab * a
-        upcast = rows * seq * vocab * 4 if a != 4 else 0
-        loss = 2 * seq * vocab * 4 if on_cpu else 0  # one row's gathered logits and log-softmax
-        phases = [(forward, 0, cache), (state, logits, cache), (0, logits + upcast + loss, 0)]
+    else:  # ppl: the final states, and per chunk of scored positions their states, (row, position, target) ids
+        positions = min(rows * p.scores, PPL_LOGIT_CHUNK)
+        scoring = state + positions * hidden * a + 3 * rows * p.scores * INDEX_BYTES
+        phases = [(forward, 0, 0), (scoring, logit_bytes(positions, vocab, dtype), 0)]
     activations, logits, caches = phase_peak(phases)
     return Breakdown(weights=Shapes.params(model) * a, activations=activations, logits=logits, caches=caches)
 
@@ -157,11 +154,10 @@ def task_passes(spec, config, tokenizer, eval_config, hybrid: bool) -> tuple[Pas
     return (ppl_pass(window_spans(tokens, seq_len, eval_config.stride or seq_len - 1)),)
 
 
-def plan_eval(config, tokenizer, eval_config, gpu_memory: str | int, *, dtype: torch.dtype, on_cpu: bool = False,
-              reserve: float = 0.05, name: str | None = None) -> Plan:
+def plan_eval(config, tokenizer, eval_config, gpu_memory: str | int, *, dtype: torch.dtype, reserve: float = 0.05,
+              name: str | None = None) -> Plan:
     """Plan every task of ``eval_config`` but lm-eval's for ``config``'s model in ``gpu_memory``: one step per task
-    (``eval NAME``), each with the largest batch (at most the task's usual one) that fits. ``on_cpu``: the model
-    runs on the CPU, where perplexity's loss shares its memory."""
+    (``eval NAME``), each with the largest batch (at most the task's usual one) that fits."""
     from radistill.eval.runner import task_batch_size
 
     gpu, limit = budget(gpu_memory, reserve)
@@ -178,7 +174,7 @@ def plan_eval(config, tokenizer, eval_config, gpu_memory: str | int, *, dtype: t
         first = task_batch_size(spec, eval_config.batch_size)
 
         def estimate(st: Strategy, passes=passes) -> Breakdown:
-            return max((pass_breakdown(shapes, model, p, st.micro_batch, dtype, on_cpu) for p in passes),
+            return max((pass_breakdown(shapes, model, p, st.micro_batch, dtype) for p in passes),
                        key=lambda b: b.total)
 
         def notes(st: Strategy, first=first, passes=passes) -> list[str]:

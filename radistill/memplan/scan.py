@@ -11,7 +11,8 @@ rows of ``S`` tokens and ``R`` (prompt, head) rows per ablated forward, beside t
   and, with a mask, SDPA's K/V repeated to every query head) and its scoring,
 - or one ablated forward: the rows it gathers from the cache (``o_proj`` input, attention output, hidden state,
   cos/sin, mask, the ablated heads' ``o_proj`` columns), one layer's transient at ``[R, S]``, then the logits at
-  the scored positions (at most ``LOGIT_CHUNK`` rows of ``[vocab]`` at once).
+  the scored positions, one ``[vocab]`` row per distinct position however many choices read it (at most
+  ``LOGIT_CHUNK`` rows at once).
 
 Layer transients come from the meta-device dry runs every plan uses (:meth:`Shapes.profile`); the rest is
 arithmetic on the shapes the probe fixes, chunk by chunk in the scan's order (an ablated forward is cut at its
@@ -159,7 +160,7 @@ class ProbeShape:
 
     lengths: tuple[int, ...]  # tree-packed row length per item, in the fast scan's order (shortest items first)
     prompt: int  # tokens of the longest prompt (what mean ablation's means are measured on)
-    scores: int  # scored positions of the row that has the most
+    scores: int  # distinct scored positions of the row that has the most (single-token choices: 1)
     branches: bool  # some choice has several tokens: forwards carry a 4D tree mask (else SDPA's causal kernel)
 
     @classmethod
@@ -167,7 +168,7 @@ class ProbeShape:
         order = sorted(range(len(items)), key=lambda i: items[i].max_length)  # as radistill.scan.fast.fast_scan
         packed = pack([items[i] for i in order])
         return cls(tuple(packed.lengths.tolist()), max(len(item.prompt_ids) for item in items),
-                   packed.score_valid.shape[1], not packed.causal_only)
+                   int(packed.positions_per_row.max()), not packed.causal_only)
 
     @property
     def items(self) -> int:

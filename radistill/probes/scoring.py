@@ -14,6 +14,10 @@ no tokens at all. The sequence ends at its last scored position: nothing after i
 *Flat packing* (for models that cannot take a 4D mask, e.g. recurrent hybrids): one row per (item, choice),
 ``prompt + choice[:-1]`` with a plain 2D padding mask.
 
+Logits are computed once per distinct scored position of a row, however many choice tokens are read there: in a
+tree-packed row single-token choices all read the prompt's last position, so such an item costs one ``[vocab]``
+row of logits, not one per choice.
+
 Scores are summed log-probs per choice; :func:`summarize` turns them into accuracy (argmax = answer) and the
 continuous metric: the answer's log-prob normalised over the choices (``log_softmax(scores)[answer]``).
 """
@@ -56,6 +60,14 @@ class PackedBatch:
     @property
     def num_items(self) -> int:
         return self.answer.shape[0]
+
+    @property
+    def positions_per_row(self) -> Tensor:
+        """``[rows]`` distinct scored positions per row: the rows of logits each row sends through the LM head."""
+        pos = self.score_pos.masked_fill(~self.score_valid, -1).sort(dim=1).values
+        first = torch.ones_like(pos, dtype=torch.bool)
+        first[:, 1:] = pos[:, 1:] != pos[:, :-1]
+        return (first & (pos >= 0)).sum(1)
 
     @property
     def causal_only(self) -> bool:
@@ -141,7 +153,7 @@ def pack(items: Sequence[EncodedItem], tree: bool = True) -> PackedBatch:
 def row_choice_logprobs(
     hidden: Tensor, packed: PackedBatch, rows: Tensor, logits_fn: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """Summed log-probs per choice from final hidden states, computing logits only where scored.
+    """Summed log-probs per choice from final hidden states, computing logits only where scored, once per position.
 
     hidden ``[R, seq, dim]`` are the final (pre-lm_head) states of packed rows ``rows`` ``[R]`` (indices into
     ``packed``, repeats allowed); ``logits_fn`` maps ``[M, dim]`` to ``[M, vocab]``.
@@ -150,13 +162,17 @@ def row_choice_logprobs(
     valid = packed.score_valid[rows]  # [R, scores]
     r, s = valid.nonzero(as_tuple=True)
     source = rows[r]
-    states = hidden[r, packed.score_pos[source, s]]  # [M, dim]
     targets = packed.score_target[source, s]
-    token_lp = torch.cat([
-        torch.log_softmax(logits_fn(states[i : i + LOGIT_CHUNK]).float(), dim=-1)
-        .gather(-1, targets[i : i + LOGIT_CHUNK, None])[:, 0]
-        for i in range(0, len(targets), LOGIT_CHUNK)
-    ])
+    # distinct (hidden row, position) pairs: a repeated packed row is a different forward (the fast scan ablates
+    # another head in each copy), so positions are shared within a row of ``hidden`` only
+    seq = hidden.shape[1]
+    keys, read = torch.unique(r * seq + packed.score_pos[source, s], return_inverse=True)
+    states = hidden[keys // seq, keys % seq]  # [positions, dim]
+    token_lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for i in range(0, len(keys), LOGIT_CHUNK):
+        logprobs = torch.log_softmax(logits_fn(states[i : i + LOGIT_CHUNK]).float(), dim=-1)
+        here = (read >= i) & (read < i + LOGIT_CHUNK)
+        token_lp[here] = logprobs[read[here] - i, targets[here]]
     out = torch.zeros(len(rows), packed.choice_valid.shape[1], dtype=torch.float32, device=hidden.device)
     out.index_put_((r, packed.score_choice[source, s]), token_lp, accumulate=True)
     return out
@@ -230,9 +246,9 @@ def choice_logprobs(
 ) -> list[Tensor]:
     """Summed log-prob of every choice of every item, ``[num_choices]`` float32 per item, in input order.
 
-    One forward per ``batch_size`` items (tree packing), logits only at scored positions. ``packing``:
-    ``"tree"``, ``"flat"`` (one row per choice, for models without 4D masks) or ``"auto"`` (tree unless the
-    model is a radistill hybrid).
+    One forward per ``batch_size`` items (tree packing), logits only at scored positions, once per position.
+    ``packing``: ``"tree"``, ``"flat"`` (one row per choice, for models without 4D masks) or
+    ``"auto"`` (tree unless the model is a radistill hybrid).
     """
     if batch_size < 1:
         raise RadistillError("--batch-size must be at least 1")

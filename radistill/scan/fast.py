@@ -9,7 +9,7 @@
    run as they are, with the model's rotary embedding and the tree mask.
 3. Rows of the batch are (prompt, head) pairs: many heads × prompts per forward; each micro-batch is cut at its
    longest row (packed rows end at their last scored position), and logits are computed only at the scored
-   positions.
+   positions, once per position however many choices read it.
 4. Under ``torchrun`` (torch.distributed initialised) heads are split across ranks and the results gathered.
 """
 
@@ -156,7 +156,7 @@ class _Tail:
         stats.mlp_only_tokens += tokens
         stats.layer_tokens += tokens * (tail + 1)
         stats.attention_pairs += count * seq * (seq + 1) // 2 * tail
-        stats.scored_positions += int(packed.score_valid[rows].sum())
+        stats.scored_positions += int(packed.positions_per_row[rows].sum())
         stats.forwards += 1
         return self._metrics(self.norm(hidden), packed, rows)
 
