@@ -1,6 +1,6 @@
 """How many kept heads does teacher-19m's retrieval need? KV accuracy of *undistilled* students vs kept heads.
 
-    python benchmarks/fresh_retrieval.py            # CPU, 1 thread, ~6 min; writes benchmarks/results/fresh_retrieval.json
+    python benchmarks/fresh_retrieval.py     # CPU, 1 thread, ~6 min -> benchmarks/results/fresh_retrieval.json
 
 Students are built as ``radistill build`` does (``--calibration-data`` = the prose corpus, half-lives from the
 teacher's attention distance, DiscreteMamba2 state 64) keeping the scan's top K heads (KV probe, 20 pairs, 16

@@ -16,7 +16,7 @@ from radistill.eval import EvalConfig, EvalReport, KVEvalConfig, TaskResult, cov
 from radistill.eval.choice import jsonl_task
 from radistill.eval.kv import greedy_exact_match, kv_retrieval, parse_generated
 from radistill.eval import perplexity as perplexity_module
-from radistill.eval.perplexity import PerplexityConfig, perplexity, window_spans
+from radistill.eval.perplexity import PerplexityConfig, perplexity, window_batch, window_spans
 from radistill.eval.runner import parse_task
 from radistill.models.presets import random_model, tiny_config
 from radistill.probes.kv import KVProbeConfig, kv_items
@@ -145,12 +145,7 @@ def full_logits_nll(model, ids: torch.Tensor, spans, batch_size: int) -> float:
     total = 0.0
     for start in range(0, len(spans), batch_size):
         batch = spans[start : start + batch_size]
-        width = max(end - begin for begin, end, _ in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for r, (begin, end, _) in enumerate(batch):
-            input_ids[r, : end - begin] = ids[begin:end]
-            mask[r, : end - begin] = 1
+        input_ids, mask = window_batch(ids, batch)
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         for r, (begin, end, first) in enumerate(batch):
             positions = torch.arange(first - 1, end - 1) - begin

@@ -40,12 +40,7 @@ EXAMPLE_TEACHER = Path(__file__).resolve().parents[1] / "examples" / "teacher-19
 SCAN_ARGS = dict(pairs=4, samples=12, seed=0, device="cpu", dtype="fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _flush_denormals():
-    """Tiny random models produce denormal floats, which are ~30x slower on x86 CPUs."""
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from radistill.probes.scoring import choice_logprobs, forward_hidden, naive_choi
 PROMPT = (11, 12, 13, 14, 15)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _flush_denormals():
-    """Tiny random models produce denormal floats, which are ~30x slower on x86 CPUs."""
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
 
 @pytest.fixture(scope="module")

@@ -69,17 +69,24 @@ def window_spans(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, 
     return spans
 
 
-def window_nll(decoder, head, ids: torch.Tensor, batch: list[tuple[int, int, int]], device) -> float:
-    """Summed next-token NLL of one batch of windows (``window_spans``), in fp64.
-
-    A function of its own so that its final states and last logits chunk are freed before the next batch's forward.
-    """
+def window_batch(ids: torch.Tensor, batch: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(batch), widest window]: the windows ``(begin, end, first)`` of ``ids``,
+    right-padded with 0s."""
     width = max(end - begin for begin, end, _ in batch)
     input_ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
     for r, (begin, end, _) in enumerate(batch):
         input_ids[r, : end - begin] = ids[begin:end]
         mask[r, : end - begin] = 1
+    return input_ids, mask
+
+
+def window_nll(decoder, head, ids: torch.Tensor, batch: list[tuple[int, int, int]], device) -> float:
+    """Summed next-token NLL of one batch of windows (``window_spans``), in fp64.
+
+    A function of its own so that its final states and last logits chunk are freed before the next batch's forward.
+    """
+    input_ids, mask = window_batch(ids, batch)
     hidden = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
     # every scored (row, position) of the batch, flattened: the state at p predicts token p + 1
     rows = torch.cat([torch.full((end - first,), r) for r, (_, end, first) in enumerate(batch)]).to(device)
