@@ -117,7 +117,9 @@ def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainabl
     teachers = TRAINER_TEACHERS if trainer_only else ("resident", "streamed", "topk")
     batches = _micro_batches(work.batch_size)
     if step == "scan":
-        for chunk, rows in itertools.product((256, 128, 64, 32, 16, 8), _micro_batches(work.scan_rows)):
+        # a chunk never holds more prompts than the probe has (else the printed strategy would claim it does)
+        chunks = sorted({min(c, work.probe_samples) for c in (256, 128, 64, 32, 16, 8)}, reverse=True)
+        for chunk, rows in itertools.product(chunks, _micro_batches(work.scan_rows)):
             yield Strategy(micro_batch=rows, trainable="none", optimizer="none", prompt_chunk=chunk)
     elif step == "build":
         yield Strategy(trainable="none", optimizer="none")
