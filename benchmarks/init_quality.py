@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from radistill.eval.perplexity import read_text  # noqa: E402
 from radistill.hybrid.build import convert, select_heads, student_config  # noqa: E402
-from radistill.hybrid.calibrate import calibrate, calibration_batches  # noqa: E402
+from radistill.hybrid.calibrate import calibrate, calibration_batches, teacher_pass  # noqa: E402
 from radistill.utils.io import write_json_atomic  # noqa: E402
-from radistill.models.access import decoder_layers, load_model  # noqa: E402
+from radistill.models.access import decoder_layers, hidden_input, load_model  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
 from radistill.scan.run import scan_model  # noqa: E402
 
@@ -72,35 +72,22 @@ def collect(student, teacher, batches):
     hd = student.config.head_dim
     blocks = [layer.self_attn for layer in student.model.layers]
     store = {i: {"s": [], "t": [], "pos": []} for i, b in enumerate(blocks) if b.recurrent is not None}
-    cur = {}
 
     def mixer_hook(i):
-        def hook(module, args, kwargs):
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            y, _ = blocks[i].recurrent(hidden, attention_mask=cur["mask"])
-            store[i]["s"].append(y[cur["mask"].bool()])
-            store[i]["pos"].append(cur["pos"][cur["mask"].bool()])
+        def hook(module, args, kwargs, mask):
+            y, _ = blocks[i].recurrent(hidden_input(args, kwargs), attention_mask=mask)
+            real = mask.bool()
+            store[i]["s"].append(y[real])
+            store[i]["pos"].append(torch.arange(mask.shape[1]).expand_as(mask)[real])
         return hook
 
     def o_hook(i):
-        def hook(module, args):
+        def hook(module, args, mask):
             heads = args[0].view(*args[0].shape[:-1], -1, hd)[:, :, blocks[i].recurrent_heads]
-            store[i]["t"].append(heads[cur["mask"].bool()])
+            store[i]["t"].append(heads[mask.bool()])
         return hook
 
-    handles = []
-    for i, layer in enumerate(decoder_layers(teacher)):
-        if i in store:
-            handles.append(layer.self_attn.register_forward_pre_hook(mixer_hook(i), with_kwargs=True))
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
-    try:
-        for batch in batches:
-            cur["mask"] = batch["attention_mask"]
-            cur["pos"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-            teacher(input_ids=batch["input_ids"], attention_mask=cur["mask"], use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    teacher_pass(teacher, batches, {i: {"attn": mixer_hook(i), "o_proj": o_hook(i)} for i in store})
     return {i: {k: torch.cat(v).double() for k, v in d.items()} for i, d in store.items()}
 
 
@@ -154,7 +141,7 @@ def layer_errors(student, teacher, ids):
     handles = []
     for i, layer in enumerate(decoder_layers(teacher)):
         handles.append(layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: ins.__setitem__(i, (k.get("hidden_states") if "hidden_states" in k else a[0])),
+            lambda m, a, k, i=i: ins.__setitem__(i, hidden_input(a, k)),
             with_kwargs=True))
         handles.append(layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, first(o))))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(

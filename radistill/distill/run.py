@@ -48,13 +48,11 @@ def fit_recipe(student_dir: str | Path, recipe: DistillRecipe) -> DistillRecipe:
     """Plan the run for ``recipe.gpu_memory`` (printed), raise before any compute if it cannot fit, and return the
     recipe with the plan's settings applied (:func:`radistill.memplan.distill.recipe_overrides`: micro-batch,
     gradient accumulation, optimizer, layer blocks, activation checkpointing, logit chunk, LoRA)."""
-    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.cli import print_plan
     from radistill.memplan.distill import plan_distill, recipe_overrides
     from radistill.memplan.plan import require_fit
 
     plan = plan_distill(student_dir, recipe, recipe.gpu_memory)
-    if is_main_process():
-        console.print(plan_table(plan))
-        console.print(strategy_lines(plan))
+    print_plan(plan)
     require_fit(plan)
     return merge(recipe, recipe_overrides(plan, recipe))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from radistill.distill.losses import distillation_loss, hidden_alignment_loss, matrix_orientation_loss
 from radistill.distill.recipe import StageConfig
 from radistill.finetune.lora import adapter_parameters
-from radistill.models.access import decoder_layers, layout_from_config
+from radistill.models.access import decoder_layers, hidden_input, layout_from_config
 from radistill.models.attention import attention_probs
 from radistill.utils.errors import RadistillError
 
@@ -145,12 +145,9 @@ def teacher_taps(teacher: nn.Module, layers: list[int], stop: bool = False):
     handles = []
     all_layers = decoder_layers(teacher)
 
-    def first(args, kwargs, name="hidden_states"):
-        return args[0] if args else kwargs[name]
-
     for i, tap in taps.items():
         def pre(module, args, kwargs, tap=tap):
-            tap.layer_input = first(args, kwargs)
+            tap.layer_input = hidden_input(args, kwargs)
             names = ("position_embeddings", "attention_mask", "position_ids")
             tap.kwargs = {k: kwargs[k] for k in names if k in kwargs}
 
@@ -160,7 +157,7 @@ def teacher_taps(teacher: nn.Module, layers: list[int], stop: bool = False):
                 raise _TeacherDone
 
         def attn_pre(module, args, kwargs, tap=tap):
-            tap.attn_input = first(args, kwargs)
+            tap.attn_input = hidden_input(args, kwargs)
 
         handles.append(all_layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(all_layers[i].register_forward_hook(post, with_kwargs=True))

@@ -51,7 +51,7 @@ from radistill.scan.distributed import rank, world_size
 from radistill.utils.console import console, is_main_process, progress
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_text_atomic
-from radistill.utils.optim import make_adamw
+from radistill.utils.optim import make_adamw, require_eight_bit
 
 StepHook = Callable[[int, int], None]  # (stage, step) after every optimizer step; tests use it to interrupt
 
@@ -424,11 +424,7 @@ def eight_bit_library(stage: int) -> str:
     """The library 8-bit AdamW comes from (the one the memory plan names: torchao, else bitsandbytes)."""
     from radistill.memplan.plan import eight_bit_optimizer
 
-    library = eight_bit_optimizer()
-    if library is None:
-        raise RadistillError(f"stage {stage}: optimizer adamw8bit needs torchao or bitsandbytes: pip install torchao "
-                             "(or bitsandbytes), or set the stage's optimizer to adamw")
-    return library
+    return require_eight_bit(eight_bit_optimizer(), f"stage {stage}")
 
 
 def _summary_writer(path: Path):

@@ -157,7 +157,7 @@ def fit_eval(model_path: str | os.PathLike, config: EvalConfig, device: str | No
              dtype: str | None = "auto") -> dict[str, int]:
     """Plan ``config``'s tasks on ``model_path`` for ``config.gpu_memory`` from its config and tokenizer (printed),
     raise before loading the weights if a task cannot fit, and return each planned task's batch."""
-    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.cli import print_plan
     from radistill.memplan.eval import describe_eval, eval_advice, eval_batches, plan_eval
     from radistill.memplan.scan import load_config_and_tokenizer, model_dtype, require_step_fit
     from radistill.models.access import resolve_device
@@ -166,8 +166,7 @@ def fit_eval(model_path: str | os.PathLike, config: EvalConfig, device: str | No
     model_config, tokenizer = load_config_and_tokenizer(model_path)
     plan = plan_eval(model_config, tokenizer, config, config.gpu_memory, dtype=model_dtype(dtype, device),
                      name=str(model_path))
-    console.print(plan_table(plan))
-    console.print(strategy_lines(plan, describe_eval))
+    print_plan(plan, describe_eval)
     unplanned = [spec.name for spec in config.specs() if spec.kind == "lm_eval"]
     if unplanned:
         console.print(f"[yellow]not planned:[/] {', '.join(unplanned)} (lm-eval: the requests' lengths are known only "

@@ -32,7 +32,7 @@ from torch import nn
 
 from radistill.hybrid.modeling import HybridForCausalLM
 from radistill.hybrid.normalizer import ChannelMoments
-from radistill.models.access import decoder_layers
+from radistill.models.access import decoder_layers, hidden_input
 from radistill.utils.errors import RadistillError
 
 HALF_LIVES = ("attention", "fixed")
@@ -98,7 +98,7 @@ def _builtin_texts(tokenizer, probe_samples: int = 8) -> list[str]:
 def _packed_windows(tokenizer, source: str, max_tokens: int, seq_len: int) -> torch.Tensor:
     """[windows, seq_len] of the source's documents, each followed by EOS, concatenated. Training documents only,
     unless they are too few for one window (a single-document file): its held-out text is then used as well."""
-    from radistill.distill.data import eos_id, is_heldout, iter_documents
+    from radistill.distill.data import is_heldout, iter_documents, tokenize
     from radistill.distill.recipe import DataConfig
 
     cfg = DataConfig(source=source)
@@ -106,8 +106,7 @@ def _packed_windows(tokenizer, source: str, max_tokens: int, seq_len: int) -> to
     heldout: list[int] = []
     wanted = max_tokens // seq_len * seq_len
     for index, doc in enumerate(iter_documents(cfg)):
-        ids = tokenizer(doc, add_special_tokens=False).input_ids + [eos_id(tokenizer)]
-        (heldout if is_heldout(index, cfg) else training).extend(ids)
+        (heldout if is_heldout(index, cfg) else training).extend(tokenize(tokenizer, [doc])[0].tolist())
         if len(training) >= wanted:
             break
     ids = training if len(training) >= seq_len else training + heldout
@@ -162,9 +161,10 @@ def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
     return (math.log(2.0) / torch.log1p(1.0 / d)).clamp(MIN_HALF_LIFE, MAX_HALF_LIFE)
 
 
-def _teacher_passes(teacher: nn.Module, batches, hooks: dict[int, dict]):
-    """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(with kwargs), "o_proj": pre-hook}}
-    installed; each hook also gets the batch's attention mask. Returns the real tokens seen."""
+def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
+    """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(module, args, kwargs, mask),
+    "o_proj": pre-hook(module, args, mask)}} installed, ``mask`` being the batch's attention mask [B, T]. Returns the
+    real tokens seen. (Calibration's two passes use it; so does benchmarks/init_quality.py.)"""
     current: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(decoder_layers(teacher)):
@@ -187,10 +187,6 @@ def _teacher_passes(teacher: nn.Module, batches, hooks: dict[int, dict]):
     return tokens
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
 def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int, torch.Tensor]:
     """{layer: [recurrent heads]} the typical attention distance of each replaced teacher head (module docstring)."""
     from radistill.models.attention import attention_probs
@@ -200,7 +196,7 @@ def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int,
 
     def attn_hook(i):
         def hook(module, args, kwargs, mask):
-            hidden, heads = _hidden(args, kwargs), list(blocks[i].recurrent_heads)
+            hidden, heads = hidden_input(args, kwargs), list(blocks[i].recurrent_heads)
             seq = hidden.shape[1]
             distance = (torch.arange(seq)[:, None] - torch.arange(1, seq)[None, :]).clamp_min(0).to(hidden.device)
             queries = mask.bool().clone()
@@ -218,7 +214,7 @@ def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int,
 
         return hook
 
-    _teacher_passes(teacher, batches, {i: {"attn": attn_hook(i)} for i in blocks})
+    teacher_pass(teacher, batches, {i: {"attn": attn_hook(i)} for i in blocks})
     if any(c == 0 for c in counts.values()):
         raise RadistillError("calibration text too short: no query position beyond the first token")
     return {i: torch.expm1(sums[i] / counts[i]) for i in blocks}
@@ -231,7 +227,7 @@ def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
 
     def attn_hook(i):
         def hook(module, args, kwargs, mask):  # the teacher attention's normed input -> the student mixer's output
-            y, _ = blocks[i].recurrent(_hidden(args, kwargs), attention_mask=mask)  # [B, T, r, hd]
+            y, _ = blocks[i].recurrent(hidden_input(args, kwargs), attention_mask=mask)  # [B, T, r, hd]
             moments[i][0].add(y, mask)
 
         return hook
@@ -243,11 +239,11 @@ def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
 
         return hook
 
-    tokens = _teacher_passes(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
+    tokens = teacher_pass(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
     for i, (student_moments, teacher_moments) in moments.items():
         blocks[i].normalizer.calibrate(student_moments, teacher_moments)
     return tokens
 
 
 __all__ = ["BUILTIN_TEXT", "Calibration", "DEFAULT_TOKENS", "HALF_LIVES", "calibrate", "calibration_batches",
-           "half_life_for_distance"]
+           "half_life_for_distance", "teacher_pass"]

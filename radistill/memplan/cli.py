@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import typer
 from rich.table import Table
 
-from radistill.utils.console import console
+from radistill.utils.console import console, is_main_process
 
 PARTS = ("weights", "trainable", "activations", "teacher", "logits", "caches")
 SHORT = {"trainable": "grads+opt", "activations": "activ."}
@@ -39,6 +39,13 @@ def strategy_lines(plan, describe: Optional[Callable] = None) -> str:
         lines.append(f"[bold]{s.step}[/]: {describe(s)}")
         lines += [f"    [dim]{n}[/]" for n in s.notes]
     return "\n".join(lines)
+
+
+def print_plan(plan, describe: Optional[Callable] = None) -> None:
+    """The plan's table and chosen strategies, as every ``--gpu-memory`` step shows them first (main process only)."""
+    if is_main_process():
+        console.print(plan_table(plan))
+        console.print(strategy_lines(plan, describe))
 
 
 def serving_table(plan) -> Table:
@@ -84,8 +91,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        console.print(plan_table(result))
-        console.print(strategy_lines(result))
+        print_plan(result)
         console.print(serving_table(result))
         if not result.fits:
             bad = ", ".join(s.step for s in result.steps if not s.fits)

@@ -121,6 +121,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer or attention module was called with, from a forward pre-hook's
+    ``(args, kwargs)`` (transformers passes them by keyword, older or custom code positionally)."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 def attention_of(model: nn.Module, layer: int) -> nn.Module:
     return decoder_layers(model)[layer].self_attn
 

@@ -13,7 +13,6 @@ from radistill.scan.ablation import Head, check_ablation_name, head_means
 from radistill.scan.fast import default_batch_size, fast_scan
 from radistill.scan.naive import naive_scan
 from radistill.scan.result import METRICS, ScanResult, rank_heads
-from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept our 4D tree masks
@@ -144,7 +143,7 @@ def fit_scan(model_id: str | os.PathLike, gpu_memory: str | int, *, pairs: int, 
              dtype: str) -> tuple[int, int]:
     """Plan the fast scan of ``model_id`` for ``gpu_memory`` from its config and tokenizer (printed on rank 0),
     raise before loading the weights if it cannot fit, and return (rows per forward, prompts per chunk)."""
-    from radistill.memplan.cli import plan_table, strategy_lines
+    from radistill.memplan.cli import print_plan
     from radistill.memplan.scan import (
         SCAN_ADVICE, describe_scan, load_config_and_tokenizer, model_dtype, plan_scan, require_step_fit,
     )
@@ -155,9 +154,7 @@ def fit_scan(model_id: str | os.PathLike, gpu_memory: str | int, *, pairs: int, 
     plan = plan_scan(config, encoded, gpu_memory, batch_size=batch_size or default_batch_size(device),
                      prompt_chunk=PROMPT_CHUNK, dtype=model_dtype(dtype, device), ablation=ablation,
                      name=str(model_id))
-    if distributed.rank() == 0:
-        console.print(plan_table(plan))
-        console.print(strategy_lines(plan, describe_scan))
+    print_plan(plan, describe_scan)
     require_step_fit(plan, {"scan": SCAN_ADVICE}, describe_scan)
     chosen = plan.step("scan").strategy
     return chosen.micro_batch, chosen.prompt_chunk

@@ -19,6 +19,14 @@ def eight_bit_library() -> str | None:
     return None
 
 
+def require_eight_bit(library: str | None, what: str) -> str:
+    """``library`` (from :func:`eight_bit_library`), or a clear error naming ``what`` asked for 8-bit AdamW."""
+    if library is None:
+        raise RadistillError(f"{what}: optimizer adamw8bit needs torchao or bitsandbytes: pip install torchao (or "
+                             "bitsandbytes), or set the optimizer to adamw")
+    return library
+
+
 def make_adamw(params: list, lr: float, *, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                kind: str = "adamw", on_cuda: bool | None = None, library: str | None = None,
                what: str = "optimizer") -> torch.optim.Optimizer:
@@ -37,10 +45,7 @@ def make_adamw(params: list, lr: float, *, weight_decay: float = 0.0, betas: tup
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda or None)
     if kind != "adamw8bit":
         raise RadistillError(f"{what}: unknown optimizer {kind!r}: use {' or '.join(OPTIMIZERS)}")
-    library = library or eight_bit_library()
-    if library is None:
-        raise RadistillError(f"{what}: adamw8bit needs torchao or bitsandbytes: pip install torchao (or "
-                             "bitsandbytes), or use adamw")
+    library = require_eight_bit(library or eight_bit_library(), what)
     if library == "bitsandbytes":
         from bitsandbytes.optim import AdamW8bit
 
@@ -58,4 +63,4 @@ def make_adamw(params: list, lr: float, *, weight_decay: float = 0.0, betas: tup
     return EagerAdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-__all__ = ["OPTIMIZERS", "eight_bit_library", "make_adamw"]
+__all__ = ["OPTIMIZERS", "eight_bit_library", "make_adamw", "require_eight_bit"]
