@@ -133,6 +133,75 @@ def measure(teacher, student, device: str, seq_len: int, batch: int, steps: int,
             "peak_memory_gib": memory}
 
 
+def _timed(fn, device: str, repeats: int) -> float:
+    """Seconds per call of ``fn`` after one untimed call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: int) -> dict:
+    """Seconds per call of each part of a stage-3 step, alone: the teacher's forward, the student's forward and
+    backward up to its final norm, the fused KL (forward and its gradients) and the AdamW update. Their sum beside the
+    whole step's time shows what the step spends between them."""
+    from radistill.distill.losses import distillation_loss
+    from radistill.distill.recipe import LossConfig
+    from radistill.distill.stages import _final_hidden, _head_weight
+
+    ids = RandomTokens(teacher.config.vocab_size, seq_len).next_batch(batch).to(device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    student.requires_grad_(True)
+    with autocast, torch.no_grad():
+        teacher_hidden = _final_hidden(teacher, ids)
+        student_hidden = _final_hidden(student, ids)
+
+    def teacher_forward():
+        with autocast, torch.no_grad():
+            _final_hidden(teacher, ids)
+
+    def student_forward_backward():
+        with autocast:
+            _final_hidden(student, ids).float().square().mean().backward()
+
+    def loss():
+        hidden = student_hidden.detach().requires_grad_(True)
+        with autocast:
+            distillation_loss(hidden, _head_weight(student), teacher_hidden, _head_weight(teacher), ids,
+                              LossConfig()).backward()
+
+    parts = {"teacher forward": teacher_forward, "student forward+backward": student_forward_backward,
+             "fused KL (+grads)": loss}
+    times = {name: _timed(fn, device, repeats) for name, fn in parts.items()}
+    for p in student.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=device.startswith("cuda") or None)
+    times["AdamW step"] = _timed(optimizer.step, device, repeats)
+    student.zero_grad(set_to_none=True)
+    del optimizer
+    return times
+
+
+def kernel_table(teacher, student, device: str, seq_len: int, batch: int, top: int = 25) -> list[dict]:
+    """The ``top`` CUDA kernels of one whole stage-3 step by self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stage = dict(seq_len=seq_len, batch_size=batch, grad_accum=1, lr=1e-6, warmup=0.0, decay=0.0, schedule="constant")
+    recipe = merge(DistillRecipe(), {"dtype": "bf16", "stages": {3: stage}})
+    data = RandomTokens(teacher.config.vocab_size, seq_len)
+    time_steps(3, student, teacher, recipe, data, device, steps=1, warmup=1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_steps(3, student, teacher, recipe, data, device, steps=1, warmup=0)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) or 1
+    return [{"name": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1e3,
+             "share": e.self_device_time_total / total} for e in events[:top]]
+
+
 def versions() -> dict:
     import transformers
 
@@ -163,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-size", type=int, default=8)
     parser.add_argument("--compile", choices=("both", "on", "off"), default=None)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s")
+    parser.add_argument("--profile", action="store_true",
+                        help="also time each part of a step alone and list the top CUDA kernels (first batch size)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -198,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(_row_text(row), flush=True)
 
+    profile = None
+    if args.profile:
+        profile = {"batch_size": batches[0],
+                   "seconds": breakdown(teacher, student, device, seq_len, batches[0], steps),
+                   "kernels": kernel_table(teacher, student, device, seq_len, batches[0]) if device == "cuda" else []}
+        print(_profile_text(profile), flush=True)
+
     result = {
         "benchmark": "stage-3 distillation step (teacher fwd + student fwd/bwd + fused KL + AdamW)",
         "shape": "tiny" if quick else "llama-3.2-1b",
@@ -209,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"teacher_matmul": matmul_params(teacher), "student_matmul": matmul_params(student)},
         "versions": versions(),
         "runs": rows,
+        "profile": profile,
     }
     best = max((r for r in rows if "mfu" in r and r["mfu"] is not None), key=lambda r: r["mfu"], default=None)
     result["best_mfu"] = best["mfu"] if best else None
@@ -228,6 +307,16 @@ def _row_text(row: dict) -> str:
     mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
     return (f"batch {row['batch_size']} compile {row['compile']}: {row['tokens_per_s']:,.0f} tok/s, "
             f"{row['tflops']:.1f} TFLOP/s, MFU {mfu}")
+
+
+def _profile_text(profile: dict) -> str:
+    lines = [f"\nparts of one step alone, micro-batch {profile['batch_size']}:"]
+    lines += [f"  {name:<26} {seconds * 1e3:8.1f} ms" for name, seconds in profile["seconds"].items()]
+    lines += [f"  {'sum':<26} {sum(profile['seconds'].values()) * 1e3:8.1f} ms"]
+    if profile["kernels"]:
+        lines.append("top CUDA kernels of one step (self time):")
+        lines += [f"  {k['ms']:8.2f} ms {k['share']:6.1%} x{k['calls']:<5} {k['name']}" for k in profile["kernels"]]
+    return "\n".join(lines)
 
 
 def _table(result: dict) -> str:
