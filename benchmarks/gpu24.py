@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+# before CUDA starts: grown segments instead of fixed blocks, so a cap this tight is not lost to fragmentation
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 from radistill.distill.recipe import LossConfig, StageConfig
-from radistill.distill.stages import make_objective, trained_layers, trained_module
+from radistill.distill.stages import make_objective, set_activation_checkpointing, trained_layers, trained_module
 from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora
 from radistill.finetune.train import FinetuneConfig, enable_checkpointing, make_optimizer, train
 from radistill.hybrid.build import convert
@@ -140,6 +144,7 @@ def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args,
         rate = _time_objective(objective, params, st, work, student.config.vocab_size, args.steps, device)
     for module in trained:
         module.to(dtype=torch.bfloat16)
+    student.zero_grad(set_to_none=True)  # Module.to would carry the gradients to the next stage's device
     student.to("cpu")
     record.update(tokens_per_s=rate * k / len(layers), block_tokens_per_s=rate)
     return record
@@ -178,11 +183,15 @@ def run_stage3(teacher, student, plan_step, work: Workload, args, device, meter)
         objective.units = {"model": list(adapter_parameters(model).values())}
     params = objective.units["model"]
     record: dict = {}
-    with meter.measure(record):
-        record["tokens_per_s"] = _time_objective(objective, params, st, work, student.config.vocab_size, args.steps,
-                                                 device)
-    if peft_model is not None:
-        peft_model.unload()  # back to the plain student (the adapters are dropped, not merged)
+    try:
+        with meter.measure(record):
+            record["tokens_per_s"] = _time_objective(objective, params, st, work, student.config.vocab_size,
+                                                     args.steps, device)
+    finally:
+        if peft_model is not None:
+            peft_model.unload()  # back to the plain student (the adapters are dropped, not merged)
+        if st.checkpointing:
+            set_activation_checkpointing(model, False)
     return record
 
 
