@@ -38,6 +38,8 @@ from radistill.memplan.shapes import Shapes
 from radistill.models import presets
 from radistill.utils.io import write_json_atomic
 
+from distill import versions  # noqa: E402  (benchmarks/distill.py)
+
 RESULTS = Path(__file__).parent / "results"
 KEEP, STATE_SIZE = 13, 8
 
@@ -207,13 +209,14 @@ def run_finetune(student, plan_step, work: Workload, args, device, meter) -> dic
             ids = torch.randint(0, vocab, (st.micro_batch, work.seq_len))
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
-    cfg = FinetuneConfig(lora=None, steps=args.steps + 1, lr=1e-4, batch_size=st.micro_batch, seq_len=work.seq_len,
+    cfg = FinetuneConfig(lora=None, steps=1, lr=1e-4, batch_size=st.micro_batch, seq_len=work.seq_len,
                          optimizer=st.optimizer, checkpointing=st.checkpointing,
                          loss_chunk=st.logits_chunk or st.micro_batch * work.seq_len)
+    train(model, batches(), cfg, device, autocast=True)  # warm-up: compilation, the adapters' gradient check
+    cfg.steps = args.steps
     record: dict = {}
     with meter.measure(record):
         result = train(model, batches(), cfg, device, autocast=True)
-    # the first step includes the adapters' gradient check; the rate is over all steps, a slight underestimate
     record["tokens_per_s"] = result.tokens_per_s
     return record
 
@@ -311,8 +314,23 @@ def main() -> None:
     plan = make_plan(config, int(cap), keep=KEEP, state_size=STATE_SIZE, workload=work, reserve=args.reserve,
                      serving_context=batch_context)
     meter = Meter(device)
+    started = time.perf_counter()
     teacher, student = build_models(config, device)
-    stages = []
+    print(f"built the teacher and the hybrid in {time.perf_counter() - started:.0f} s", flush=True)
+    out = args.out or RESULTS / ("24gb-quick.json" if args.quick else "24gb.json")
+    result = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "cap_gib": cap / GiB,
+        "model": "nanbeige4.1-3b shape, random bf16" if not args.quick else keep_note,
+        "hybrid": {"keep": KEEP, "state_size": STATE_SIZE, "kept_heads": student.config.kept_heads},
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "versions": versions(),
+        "stages": [],
+        "serving": {},
+        "plan": plan.to_dict(),
+    }
+    stages = result["stages"]
     runs = [("distill stage 1", lambda s: run_layerwise(1, teacher, student, s, work, args, device, meter)),
             ("distill stage 2", lambda s: run_layerwise(2, teacher, student, s, work, args, device, meter)),
             ("distill stage 3", lambda s: run_stage3(teacher, student, s, work, args, device, meter)),
@@ -331,26 +349,20 @@ def main() -> None:
         stages.append({"name": name, "strategy": step.strategy.to_dict(), "estimate_gib": step.memory.total / GiB,
                        **record})
         print(f"  -> {json.dumps(record)}", flush=True)
+        write_json_atomic(out, result)  # what is measured survives a run cut short
 
     student.to(device="cpu")
     teacher.to(device=device)
-    served = {"teacher": serving(teacher.eval(), "teacher", plan.serving["teacher"], device, batch_context)}
-    teacher.to("cpu")
-    student.to(device=device, dtype=torch.bfloat16)
-    served["hybrid"] = serving(student.eval(), "student", plan.serving["student"], device, batch_context)
-    result = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "cap_gib": cap / GiB,
-        "model": "nanbeige4.1-3b shape, random bf16" if not args.quick else keep_note,
-        "hybrid": {"keep": KEEP, "state_size": STATE_SIZE, "kept_heads": student.config.kept_heads},
-        "seq_len": args.seq_len,
-        "batch_size": args.batch_size,
-        "stages": stages,
-        "serving": served,
-        "plan": plan.to_dict(),
-    }
-    out = args.out or RESULTS / ("24gb-quick.json" if args.quick else "24gb.json")
-    write_json_atomic(out, result)
+    served = result["serving"]
+    for which, model in (("teacher", teacher), ("hybrid", student)):
+        started = time.perf_counter()
+        if which == "hybrid":
+            teacher.to("cpu")
+            student.to(device=device, dtype=torch.bfloat16)
+        served[which] = serving(model.eval(), "teacher" if which == "teacher" else "student",
+                                plan.serving["teacher" if which == "teacher" else "student"], device, batch_context)
+        print(f"serving, {which} ({time.perf_counter() - started:.0f} s): {json.dumps(served[which])}", flush=True)
+        write_json_atomic(out, result)
     print(json.dumps({k: result[k] for k in ("device", "cap_gib", "stages", "serving")}, indent=2))
 
 
