@@ -53,6 +53,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one warm-up)")
     parser.add_argument("--reserve", type=float, default=0.10,
                         help="share of the cap the plan leaves free (allocator fragmentation)")
+    parser.add_argument("--serving-only", action="store_true",
+                        help="measure only the serving limits; keep the stages of the result file already at --out")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
@@ -257,9 +259,10 @@ def _filled_student_cache(model, batch: int, length: int, device):
 
 @torch.no_grad()
 def verify_fit(model, which: str, batch: int, context: int, chunk: int, device: str) -> dict:
-    """Fill a cache with ``context - chunk`` positions, prefill ``chunk`` more; report whether it fit and the peak."""
+    """Fill a cache with ``context - chunk`` positions, run ``chunk`` more (1: a decoding step, more: a prefill
+    chunk); report whether it fit and the peak."""
     fill = _filled_teacher_cache if which == "teacher" else _filled_student_cache
-    record = {"batch": batch, "context": context}
+    record = {"batch": batch, "context": context, "step_tokens": chunk}
     try:
         torch.cuda.empty_cache() if device.startswith("cuda") else None
         torch.cuda.reset_peak_memory_stats() if device.startswith("cuda") else None
@@ -286,9 +289,14 @@ def serving(model, which: str, limits, device: str, batch_context: int) -> dict:
         "max_batch_32k": limits.max_batch,
         "kv_bytes_per_token": limits.kv_bytes_per_token,
         "state_bytes": limits.state_bytes,
-        "verified_context_b1": verify_fit(model, which, 1, context, min(2048, context // 2), device),
-        "verified_batch": verify_fit(model, which, max(limits.max_batch, 1), batch_context,
-                                     min(256, batch_context // 2), device),
+        # serving = holding the cache and decoding into it: one token on top of a full cache
+        "verified_context_b1": verify_fit(model, which, 1, context, 1, device),
+        "verified_batch": verify_fit(model, which, max(limits.max_batch, 1), batch_context, 1, device),
+        # and, for the record, a prefill chunk on top: transformers' attention repeats a GQA layer's cached keys and
+        # values per query head when a mask is needed, an extra (heads / kv_heads) x one layer's cache
+        "prefill_context_b1": verify_fit(model, which, 1, context, min(2048, context // 2), device),
+        "prefill_batch": verify_fit(model, which, max(limits.max_batch, 1), batch_context,
+                                    min(256, batch_context // 2), device),
     }
 
 
@@ -331,12 +339,18 @@ def main() -> None:
         "plan": plan.to_dict(),
     }
     stages = result["stages"]
+    if args.serving_only:
+        earlier = json.loads(out.read_text())
+        if earlier["device"] != result["device"] or earlier["cap_gib"] != result["cap_gib"]:
+            raise SystemExit(f"--serving-only: {out} was measured on {earlier['device']} at {earlier['cap_gib']} GiB")
+        stages.extend(earlier["stages"])
+        result["stages_run"] = earlier.get("stages_run", "an earlier run of this script")
     runs = [("distill stage 1", lambda s: run_layerwise(1, teacher, student, s, work, args, device, meter)),
             ("distill stage 2", lambda s: run_layerwise(2, teacher, student, s, work, args, device, meter)),
             ("distill stage 3", lambda s: run_stage3(teacher, student, s, work, args, device, meter)),
             ("finetune", lambda s: run_finetune(student, s, work, args, device, meter))]
     # the finetune step has no teacher: it leaves the GPU before that step
-    for name, run in runs:
+    for name, run in [] if args.serving_only else runs:
         step = plan.step(name)
         if name == "finetune":
             teacher.to("cpu")

@@ -142,6 +142,22 @@ def test_stage3_with_activation_checkpointing_trains_like_without(corpus, tokeni
         assert torch.equal(value, want[name]), name
 
 
+def test_no_gradient_outlives_its_stage(corpus, tokenizer, tmp_path):
+    """Module.to carries .grad along: a stage's leftovers would sit on the next stage's device (a LoRA stage 3 would
+    hold the stage-2 gradients of weights it never trains)."""
+    teacher, student = two_layer_pair()
+    recipe = merge(tiny_recipe(corpus, stages=(2, 3)), {"stages": {3: {"trainable": "lora", "lora_rank": 2}}})
+    left = {}
+
+    def hook(stage, step):
+        if stage == 3 and step == 1:
+            left["stage 3"] = [n for n, p in student.named_parameters() if p.grad is not None and "lora_" not in n]
+
+    Trainer(student, teacher, tokenizer, recipe, tmp_path / "run", "cpu", step_hook=hook).run()
+    assert left == {"stage 3": []}
+    assert all(p.grad is None for p in student.parameters())
+
+
 # ---- layer blocks (stages 1/2) ---------------------------------------------------------------------------------------
 def blocked(corpus, stage: int, size: int | None, **extra):
     stage_cfg = {"tokens": 16 * 4 * 10, "lr": {1: 1e-2, 2: 1e-3}[stage], "layer_block": size, **extra}

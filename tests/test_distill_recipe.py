@@ -40,6 +40,11 @@ def test_round_trips_through_json_and_yaml(tmp_path):
     ({"stages": {"2": {"trainable": "heads"}}}, "trainable 'heads'"),
     ({"stages": {"2": {"warmup": 0.7, "decay": 0.5}}}, "warmup"),
     ({"dtype": "fp8"}, "dtype 'fp8'"),
+    ({"parallel": "zero3"}, "parallel 'zero3'"),
+    ({"shard_teacher": True}, "set parallel to fsdp"),
+    ({"parallel": "fsdp", "shard_teacher": True}, "shard_teacher is for stage 3 only"),  # stage 2 is on
+    ({"parallel": "fsdp", "stages": {"3": {"trainable": "lora"}}}, "'lora' does not run with parallel fsdp"),
+    ({"parallel": "fsdp", "stages": {"3": {"optimizer": "adamw8bit"}}}, "adamw8bit does not run with parallel fsdp"),
 ])
 def test_invalid_recipes_are_rejected(bad, match):
     with pytest.raises(RadistillError, match=match):
@@ -55,6 +60,9 @@ def test_flags_override_the_recipe_file(tmp_path):
     assert (recipe.stage(1).lr, recipe.seed, recipe.data.source) == (5e-4, 3, "x.txt")
     with pytest.raises(RadistillError, match="--stages"):
         overrides_from_flags(stages="2,4")
+    flags = overrides_from_flags(stages="3", parallel="fsdp", shard_teacher=True)
+    sharded = resolve_recipe(tmp_path / "run", None, flags, resume=False)
+    assert (sharded.parallel, sharded.shard_teacher, sharded.enabled_stages()) == ("fsdp", True, [3])
 
 
 def test_distill_command_end_to_end(tmp_path):

@@ -2,8 +2,9 @@
 
 ``recipe.py`` (settings), ``data.py`` (documents -> packed, resumable token stream), ``losses.py`` (the three
 losses as tensor functions), ``stages.py`` (objectives: forward + backward of one micro-batch), ``trainer.py``
-(the loop, checkpoints, NaN guard, DDP), ``checkpoint.py``, ``schedule.py``, ``parallel.py``, ``run.py`` and
-``cli.py`` (`radistill distill`). See docs/distill.md.
+(the loop, checkpoints, NaN guard, DDP), ``teacher_logits.py`` (stage 3's teacher top-k, precomputed to disk),
+``checkpoint.py``, ``schedule.py``, ``parallel.py``, ``run.py`` and ``cli.py`` (`radistill distill`). See
+docs/distill.md.
 """
 
 from radistill.distill.recipe import DataConfig, DistillRecipe, LossConfig, StageConfig

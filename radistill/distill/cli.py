@@ -15,9 +15,12 @@ def overrides_from_flags(*, stages: str | None = None, data: str | None = None, 
                          batch_size: int | None = None, grad_accum: int | None = None, seed: int | None = None,
                          dtype: str | None = None, compile: bool | None = None, tensorboard: bool | None = None,
                          checkpoint_every: int | None = None, gpu_memory: str | None = None,
+                         parallel: str | None = None, shard_teacher: bool | None = None,
                          tokens: dict[int, int | None] | None = None,
-                         lr: dict[int, float | None] | None = None) -> dict[str, Any]:
-    """CLI flags as a partial recipe (``None`` = not given); per-stage settings apply to every stage."""
+                         lr: dict[int, float | None] | None = None, teacher_logits: str | None = None,
+                         teacher_topk: int | None = None) -> dict[str, Any]:
+    """CLI flags as a partial recipe (``None`` = not given); per-stage settings apply to every stage, the teacher
+    logits' to stage 3."""
     out: dict[str, Any] = {}
     per_stage: dict[int, dict[str, Any]] = {s: {} for s in STAGES}
     if stages is not None:
@@ -36,11 +39,14 @@ def overrides_from_flags(*, stages: str | None = None, data: str | None = None, 
             per_stage[s]["tokens"] = tokens[s]
         if (lr or {}).get(s) is not None:
             per_stage[s]["lr"] = lr[s]
+    for key, value in dict(teacher_logits=teacher_logits, teacher_topk=teacher_topk).items():
+        if value is not None:
+            per_stage[3][key] = value
     out["stages"] = {s: v for s, v in per_stage.items() if v}
     if data is not None:  # a local file is recorded absolute, so that --resume works from any directory
         out["data"] = {"source": str(Path(data).resolve()) if Path(data).exists() else data}
-    for key, value in dict(seed=seed, dtype=dtype, compile=compile, tensorboard=tensorboard,
-                           gpu_memory=gpu_memory).items():
+    for key, value in dict(seed=seed, dtype=dtype, compile=compile, tensorboard=tensorboard, gpu_memory=gpu_memory,
+                           parallel=parallel, shard_teacher=shard_teacher).items():
         if value is not None:
             out[key] = value
     return out
@@ -70,6 +76,11 @@ def distill(
     lr_stage1: Optional[float] = typer.Option(None, "--lr-stage1", help="Peak learning rate of stage 1."),
     lr_stage2: Optional[float] = typer.Option(None, "--lr-stage2", help="Peak learning rate of stage 2."),
     lr_stage3: Optional[float] = typer.Option(None, "--lr-stage3", help="Peak learning rate of stage 3."),
+    teacher_logits: Optional[str] = typer.Option(
+        None, "--teacher-logits", help="Stage 3's teacher: online (run beside the student) or topk (its top-k logits "
+        "precomputed once into RUN/teacher_logits/, k*6+4 bytes/token on disk; stage 3 then runs without it)."),
+    teacher_topk: Optional[int] = typer.Option(None, "--teacher-topk", help="Logits kept per position with "
+                                               "--teacher-logits topk (default 64)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed sequence (all stages)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
@@ -80,6 +91,10 @@ def distill(
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Plan for this GPU memory (e.g. 24GiB) and "
                                              "apply the plan; stops before any compute if it cannot fit."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Stage 3 under torchrun: ddp (replicated "
+                                           "student) or fsdp (FSDP2: student sharded over the ranks)."),
+    shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help="With --parallel "
+                                                 "fsdp, shard the teacher too, all but its LM head (stage 3 only)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per rank)."),
 ) -> None:
@@ -89,8 +104,9 @@ def distill(
     flags = overrides_from_flags(
         stages=stages, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         dtype=dtype, compile=compile, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
-        gpu_memory=gpu_memory, tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3},
-        lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3},
+        gpu_memory=gpu_memory, parallel=parallel, shard_teacher=shard_teacher,
+        tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3},
+        lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3}, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
     )
     recipe = resolve_recipe(out, recipe_file, flags, resume)
     run_distill(student, teacher, recipe, out, device=device, resume=resume)

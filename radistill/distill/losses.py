@@ -4,7 +4,9 @@
   probabilities (:func:`radistill.models.attention.attention_probs`);
 * stage 2: :func:`hidden_alignment_loss`;
 * stage 3: :func:`distillation_loss`, KL(teacher || student) over the vocabulary (+ optional CE), fused with the
-  LM heads and chunked over tokens so the ``[tokens, vocab]`` logits never exist whole.
+  LM heads and chunked over tokens so the ``[tokens, vocab]`` logits never exist whole; and
+  :func:`topk_distillation_loss`, the same against the teacher's top-k logits stored on disk (:func:`teacher_topk`,
+  ``radistill/distill/teacher_logits.py``), the KL coarsened to the top k + one class for the rest.
 """
 
 from __future__ import annotations
@@ -43,36 +45,86 @@ def distillation_loss(student_hidden: Tensor, student_head: Tensor, teacher_hidd
     [vocab, hidden] LM-head weights; input_ids: [batch, seq] (CE targets are the next tokens; the last position
     has none). KL covers every position. Gradients flow to ``student_hidden`` and ``student_head``.
     """
-    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1)
-    label_count = input_ids.shape[0] * (input_ids.shape[1] - 1)  # from the shape: counting on the GPU would sync
-    return _FusedDistillation.apply(
-        student_hidden.flatten(0, 1), student_head, teacher_hidden.flatten(0, 1).detach(), teacher_head.detach(),
-        labels.flatten(), max(label_count, 1), cfg,
-    )
+    dtype = student_hidden.dtype  # of the head matmuls; under autocast they run in bf16 whatever this is
+    teacher_hidden, teacher_head = teacher_hidden.flatten(0, 1).detach(), teacher_head.detach().to(dtype)
+
+    def kl_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        teacher_logits = (teacher_hidden[rows].to(dtype) @ teacher_head.t()).float()
+        return _full_kl_terms(logits, teacher_logits, cfg.temperature)
+
+    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg)
+
+
+def topk_distillation_loss(student_hidden: Tensor, student_head: Tensor, teacher_logprobs: Tensor,
+                           teacher_indices: Tensor, input_ids: Tensor, cfg: LossConfig) -> Tensor:
+    """Stage 3 against the teacher's stored top-k (:func:`teacher_topk`): :func:`distillation_loss` with the KL taken
+    between the two next-token distributions coarsened to k + 1 classes.
+
+    The classes are the teacher's k most likely tokens and "any other token". The teacher's probabilities are
+    p_i = exp(teacher_logprobs_i) (exact, from the log-sum-exp of its whole row) and p_tail = 1 - sum_i p_i; the
+    student's are its softmax q at the same k ids and q_tail = 1 - sum_i q_i. Per position
+
+        KL_k = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+
+    which is the exact KL between the coarsened distributions, <= the full KL, and equal to it when k = vocab (no
+    tail class). Its gradient w.r.t. the student's logits is T (q - p~), where p~ is p on the top k and the teacher's
+    tail mass spread over the other tokens in the student's own proportions (p_tail q_j / q_tail). Temperature
+    applies as in :func:`distillation_loss` (the stored log-probabilities are those of the teacher's logits / T).
+
+    student_hidden: [batch, seq, hidden]; student_head: [vocab, hidden]; teacher_logprobs: [batch, seq, k] (any float
+    dtype: fp16 as stored); teacher_indices: [batch, seq, k] (any integer dtype); input_ids: [batch, seq].
+    """
+    logprobs, indices = teacher_logprobs.flatten(0, 1), teacher_indices.flatten(0, 1)
+
+    def kl_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        return _topk_kl_terms(logits, logprobs[rows], indices[rows].long(), cfg.temperature)
+
+    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg)
+
+
+def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's side of :func:`topk_distillation_loss` from its logits [rows, vocab]: the log-probabilities of
+    its k most likely tokens at ``temperature`` [rows, k] (fp32, in descending order), their ids [rows, k] and the
+    log-sum-exp of the whole row of logits / T [rows] (so the logits are ``T * (logprobs + lse)``)."""
+    scaled = logits.float() / temperature if temperature != 1 else logits.float()
+    lse = torch.logsumexp(scaled, dim=-1)
+    values, indices = scaled.topk(k, dim=-1)
+    return values - lse[:, None], indices, lse
+
+
+def _fused(student_hidden: Tensor, student_head: Tensor, kl_terms, input_ids: Tensor, cfg: LossConfig) -> Tensor:
+    labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
+    label_count = max(input_ids.shape[0] * (input_ids.shape[1] - 1), 1)  # from the shape: counting on the GPU syncs
+    tokens = input_ids.numel()
+
+    def chunk_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        return _chunk_terms(logits, rows, kl_terms, labels[rows], cfg, tokens, label_count)
+
+    return _FusedDistillation.apply(student_hidden.flatten(0, 1), student_head, chunk_terms, cfg.chunk_tokens)
 
 
 class _FusedDistillation(torch.autograd.Function):
-    """Forward and gradient together, ``cfg.chunk_tokens`` rows at a time.
+    """Forward and gradient together, ``chunk_tokens`` rows at a time.
 
-    Each chunk's student and teacher logits ([chunk, vocab], fp32) are made, turned into the loss and into the
-    gradient w.r.t. the student logits, which is immediately pushed through the head (d hidden = g W,
-    d W += gᵀ h) and dropped. Memory: O(tokens·hidden + chunk·vocab); compute: no recomputation in backward.
+    Each chunk's student logits ([chunk, vocab], fp32) are made and handed to ``chunk_terms(logits, rows)``, which
+    gives the chunk's share of the loss and the gradient w.r.t. those logits; the gradient is immediately pushed
+    through the head (d hidden = g W, d W += gᵀ h) and dropped. Memory: O(tokens·hidden + chunk·vocab); compute: no
+    recomputation in backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, label_count: int, cfg: LossConfig):
+    def forward(ctx, hidden, weight, chunk_terms, chunk_tokens: int):
         tokens = hidden.shape[0]
         dtype = hidden.dtype  # of the head matmuls; under autocast they run in bf16 whatever this is
-        w, tw = weight.to(dtype), teacher_weight.to(dtype)
+        w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, tokens, cfg.chunk_tokens):
-            rows = slice(start, start + cfg.chunk_tokens)
+        for start in range(0, tokens, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(dtype)
             logits = (h @ w.t()).float()
-            teacher_logits = (teacher_hidden[rows].to(dtype) @ tw.t()).float()
-            chunk_loss, grad_logits = _chunk_terms(logits, teacher_logits, labels[rows], cfg, tokens, label_count)
+            chunk_loss, grad_logits = chunk_terms(logits, rows)
             loss += chunk_loss
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
@@ -89,23 +141,19 @@ class _FusedDistillation(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None
 
 
-def _chunk_terms(logits: Tensor, teacher_logits: Tensor, target: Tensor, cfg: LossConfig, tokens: int,
+def _chunk_terms(logits: Tensor, rows: slice, kl_terms, target: Tensor, cfg: LossConfig, tokens: int,
                  label_count: int) -> tuple[Tensor, Tensor]:
     """One chunk's share of the loss and its gradient w.r.t. the student logits [chunk, vocab] (in-place where it
-    can: at a 128k vocabulary each [chunk, vocab] fp32 temporary is ~1 GB per 2048 rows)."""
-    temp = cfg.temperature
-    loss = logits.new_zeros(())
-    grad = torch.zeros_like(logits)
+    can: at a 128k vocabulary each [chunk, vocab] fp32 temporary is ~1 GB per 2048 rows). ``kl_terms(logits, rows)``
+    gives the chunk's summed ``T^2 KL`` and its gradient."""
+    loss, grad = logits.new_zeros(()), None
     if cfg.kl_weight:
-        log_q = F.log_softmax(logits / temp, dim=-1)
-        log_p = F.log_softmax(teacher_logits / temp, dim=-1)
-        p = log_p.exp()
-        loss += (cfg.kl_weight * temp * temp / tokens) * (p * (log_p - log_q)).sum()
-        # d/dz [T^2 KL(p_T || softmax(z/T))] = T (softmax(z/T) - p_T)
-        grad += log_q.exp_().sub_(p).mul_(cfg.kl_weight * temp / tokens)
+        kl, grad = kl_terms(logits, rows)
+        loss += (cfg.kl_weight / tokens) * kl
+        grad.mul_(cfg.kl_weight / tokens)
     if cfg.ce_weight:
         valid = target != -100
         safe = target.clamp(min=0)
@@ -113,8 +161,53 @@ def _chunk_terms(logits: Tensor, teacher_logits: Tensor, target: Tensor, cfg: Lo
         loss -= (cfg.ce_weight / label_count) * log_q1.gather(1, safe[:, None]).squeeze(1)[valid].sum()
         g = log_q1.exp_()
         g[torch.arange(len(safe), device=g.device), safe] -= 1.0
-        grad += g.mul_(valid[:, None] * (cfg.ce_weight / label_count))
+        g.mul_(valid[:, None] * (cfg.ce_weight / label_count))
+        grad = g if grad is None else grad.add_(g)
     return loss, grad
+
+
+def _full_kl_terms(logits: Tensor, teacher_logits: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+    """Summed ``T^2 KL(p_T || softmax(z/T))`` over the rows, and its gradient ``T (softmax(z/T) - p_T)``."""
+    log_q = F.log_softmax(logits / temp, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temp, dim=-1)
+    p = log_p.exp()
+    kl = temp * temp * (p * (log_p - log_q)).sum()
+    return kl, log_q.exp_().sub_(p).mul_(temp)
+
+
+def _topk_kl_terms(logits: Tensor, logprobs: Tensor, indices: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+    """:func:`topk_distillation_loss`'s summed ``T^2 KL_k`` over the rows and its gradient w.r.t. ``logits``.
+
+    logits: [rows, vocab] fp32; logprobs: [rows, k] the teacher's top-k log-probabilities; indices: [rows, k] int64.
+    The student's tail is summed off the top-k ids (never as 1 - sum q_i, which cancels to 0 when the student puts
+    almost all its mass on them) and shifted by its own maximum, so a tiny q_tail neither underflows nor divides.
+    """
+    vocab, k = logits.shape[-1], indices.shape[-1]
+    log_p = logprobs.float()
+    # rounding (fp16 storage) can push the top-k mass a hair over 1: renormalise so that p_top + p_tail = 1
+    log_p = log_p - log_p.exp().sum(-1, keepdim=True).clamp(min=1.0).log()
+    p = log_p.exp()
+    log_q = F.log_softmax(logits / temp if temp != 1 else logits, dim=-1)
+    log_q_top = log_q.gather(1, indices)
+    kl = (torch.xlogy(p, p) - p * log_q_top).sum()
+    if k < vocab:
+        p_tail = (1 - p.sum(-1)).clamp(min=0)
+        tail = log_q.scatter_(1, indices, float("-inf"))
+        peak = tail.amax(-1, keepdim=True)
+        ratio = tail.sub_(peak).exp_()  # q_j / (q_max off the top k), 0 on the top k
+        mass = ratio.sum(-1)
+        log_q_tail = peak.squeeze(-1) + mass.log()
+        kl = kl + (torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail).sum()
+        # off the top k: q_j - p_tail q_j / q_tail = (q_j / q_tail) (q_tail - p_tail)
+        grad = ratio.mul_(((log_q_tail.exp() - p_tail) / mass)[:, None])
+    else:
+        grad = log_q.zero_()
+    grad.scatter_(1, indices, log_q_top.exp() - p)
+    return temp * temp * kl, grad.mul_(temp)
+
+
+def _reference_ce(student_logits: Tensor, input_ids: Tensor) -> Tensor:
+    return F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
 def reference_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, input_ids: Tensor,
@@ -125,6 +218,24 @@ def reference_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, 
     log_p = F.log_softmax(teacher_logits.float() / temp, dim=-1)
     loss = cfg.kl_weight * temp * temp * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     if cfg.ce_weight:
-        ce = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-        loss = loss + cfg.ce_weight * ce
+        loss = loss + cfg.ce_weight * _reference_ce(student_logits, input_ids)
+    return loss
+
+
+def reference_topk_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, input_ids: Tensor, k: int,
+                                     cfg: LossConfig) -> Tensor:
+    """:func:`topk_distillation_loss` from whole logits [batch, seq, vocab], with autograd: its test oracle."""
+    temp = cfg.temperature
+    log_q = F.log_softmax(student_logits.float() / temp, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temp, dim=-1)
+    log_p_top, ids = log_p.topk(k, dim=-1)
+    p_top = log_p_top.exp()
+    kl = (p_top * (log_p_top - log_q.gather(-1, ids))).sum(-1)
+    if k < log_q.shape[-1]:
+        p_tail = (1 - p_top.sum(-1)).clamp(min=0)
+        log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+    loss = cfg.kl_weight * temp * temp * kl.mean()
+    if cfg.ce_weight:
+        loss = loss + cfg.ce_weight * _reference_ce(student_logits, input_ids)
     return loss

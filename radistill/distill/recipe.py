@@ -22,6 +22,8 @@ STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
 TRAINABLE = ("recurrent", "mixer", "all", "lora")
 DTYPES = ("bf16", "fp32")
+TEACHER_LOGITS = ("online", "topk")
+PARALLEL = ("ddp", "fsdp")  # how stage 3 spreads over torchrun ranks (stages 1/2 always split the layers)
 
 
 @dataclass
@@ -58,6 +60,11 @@ class StageConfig:
     # stages 1/2: train the layers this many at a time, block after block, each block a whole pass over the stage's
     # tokens with only its layers on the GPU; None = all layers in one pass. Same result, less memory, more time.
     layer_block: int | None = None
+    # stage 3: "online" runs the teacher beside the student; "topk" precomputes its top-k logits once into
+    # RUN/teacher_logits/ (teacher_topk per position, k * 6 + 4 bytes per token on disk) and trains against them
+    # with the teacher off the GPU (the KL coarsened to the top k + the rest: radistill.distill.losses)
+    teacher_logits: str = "online"
+    teacher_topk: int = 64
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint_every: int = 500  # optimizer steps; checkpoints are also written at the end of each stage and block
     log_every: int = 10
@@ -94,6 +101,8 @@ class DistillRecipe:
     tensorboard: bool = False
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk (the newest ones)
     gpu_memory: str | None = None  # e.g. "24GiB": plan the run for this GPU memory and apply the plan (memplan)
+    parallel: str = "ddp"  # stage 3 over several ranks: "ddp" (replicated student) or "fsdp" (FSDP2, sharded)
+    shard_teacher: bool = False  # fsdp: shard the frozen teacher (all but its LM head) over the ranks too; stage 3 only
 
     def __post_init__(self):
         self.validate()
@@ -118,6 +127,10 @@ class DistillRecipe:
             if st.trainable == "lora" and number != 3:
                 raise RadistillError(f"{where}: trainable 'lora' is for stage 3 only (stages 1/2 train layer by layer)")
             _validate_memory_fields(st, number, where)
+            _validate_teacher_logits(st, number, where)
+            if st.teacher_logits == "topk" and self.shard_teacher:
+                raise RadistillError(f"{where}: teacher_logits 'topk' takes the teacher off the GPU for stage 3, and "
+                                     "its precompute runs the whole teacher on each rank: drop shard_teacher")
             for name in ("tokens", "seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every", "lora_rank"):
                 if getattr(st, name) < 1:
                     raise RadistillError(f"{where}: {name} must be at least 1 (got {getattr(st, name)})")
@@ -132,6 +145,31 @@ class DistillRecipe:
                 raise RadistillError("stage 3: kl_weight and ce_weight are both 0, so nothing would be learned")
         if self.keep_checkpoints < 1:
             raise RadistillError("keep_checkpoints must be at least 1")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        if self.parallel not in PARALLEL:
+            raise RadistillError(f"recipe parallel '{self.parallel}' is not one of {', '.join(PARALLEL)}")
+        if not isinstance(self.shard_teacher, bool):
+            raise RadistillError(f"shard_teacher must be true or false (got {self.shard_teacher!r})")
+        if self.shard_teacher and self.parallel != "fsdp":
+            raise RadistillError("shard_teacher shards the teacher with FSDP2: set parallel to fsdp (--parallel fsdp)")
+        if self.shard_teacher and (self.stages[1].enabled or self.stages[2].enabled):
+            raise RadistillError(
+                "shard_teacher is for stage 3 only: stages 1/2 run the whole teacher on every rank. Run them without "
+                "it (--stages 2), then stage 3 on RUN/stage2 with --stages 3 --parallel fsdp --shard-teacher"
+            )
+        if self.parallel != "fsdp":
+            return
+        # FSDP2 shards each parameter as a DTensor: adapters beside bf16-held frozen weights (lora) and the 8-bit
+        # moments (adamw8bit) are not wired for that; fsdp already divides AdamW's moments by the number of ranks
+        st = self.stages[3]
+        if st.trainable == "lora":
+            raise RadistillError("stage 3: trainable 'lora' does not run with parallel fsdp; use parallel ddp for "
+                                 "LoRA, or train all (or recurrent/mixer) parameters with fsdp")
+        if st.optimizer == "adamw8bit":
+            raise RadistillError("stage 3: optimizer adamw8bit does not run with parallel fsdp (which already shards "
+                                 "AdamW's moments over the ranks); use optimizer adamw, or parallel ddp")
 
     # --- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +206,16 @@ def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
     if isinstance(st.layer_block, bool) or not isinstance(st.layer_block, int) or st.layer_block < 1:
         raise RadistillError(f"{where}: layer_block must be a whole number of layers >= 1, or null for all layers "
                              f"at once (got {st.layer_block!r})")
+
+
+def _validate_teacher_logits(st: StageConfig, number: int, where: str) -> None:
+    if st.teacher_logits not in TEACHER_LOGITS:
+        raise RadistillError(f"{where}: teacher_logits '{st.teacher_logits}' is not one of {', '.join(TEACHER_LOGITS)}")
+    if st.teacher_logits == "topk" and number != 3:
+        raise RadistillError(f"{where}: teacher_logits 'topk' is for stage 3 only (stages 1/2 read the teacher's "
+                             "hidden states, not its logits)")
+    if isinstance(st.teacher_topk, bool) or not isinstance(st.teacher_topk, int) or st.teacher_topk < 1:
+        raise RadistillError(f"{where}: teacher_topk must be a whole number >= 1 (got {st.teacher_topk!r})")
 
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:

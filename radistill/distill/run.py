@@ -7,7 +7,7 @@ from pathlib import Path
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.trainer import StageResult, Trainer
 from radistill.models.access import load_model, resolve_device
-from radistill.scan.distributed import init_from_env
+from radistill.scan.distributed import init_from_env, world_size
 from radistill.utils.console import console, is_main_process
 from radistill.utils.errors import RadistillError
 
@@ -19,8 +19,8 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     Under ``torchrun`` each rank takes its GPU (``LOCAL_RANK``) and joins the process group. The student is
     trained in fp32 (master weights) and loaded into CPU memory: the trainer moves to the GPU what each stage needs
     (stages 1/2 only the layers they train). The teacher is kept on the device, in bf16 on CUDA when the recipe
-    computes in bf16. With ``recipe.gpu_memory`` the run is first planned for that much GPU memory
-    (:func:`fit_recipe`).
+    computes in bf16 (with ``shard_teacher``: loaded into CPU memory, then sharded onto the devices). With
+    ``recipe.gpu_memory`` the run is first planned for that much GPU memory (:func:`fit_recipe`).
     """
     if not recipe.enabled_stages():
         raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
@@ -29,7 +29,9 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     device = init_from_env() or resolve_device(device)
     teacher_dtype = "bf16" if device.startswith("cuda") and recipe.dtype == "bf16" else "fp32"
     student, _ = load_model(student_dir, dtype="fp32", device="cpu")
-    teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device=device)
+    # a sharded teacher reaches the device only as shards (the Trainer shards it), never whole
+    sharded = recipe.shard_teacher and world_size() > 1
+    teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device="cpu" if sharded else device)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise RadistillError(
             f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "

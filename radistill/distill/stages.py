@@ -15,12 +15,16 @@ student a block needs on the GPU.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from radistill.distill.losses import distillation_loss, hidden_alignment_loss, matrix_orientation_loss
+from radistill.distill.losses import (
+    distillation_loss, hidden_alignment_loss, matrix_orientation_loss, topk_distillation_loss,
+)
+from radistill.distill.parallel import gradient_sync
 from radistill.distill.recipe import StageConfig
 from radistill.finetune.lora import adapter_parameters
 from radistill.models.access import decoder_layers, hidden_input, layout_from_config
@@ -179,12 +183,16 @@ class Objective:
     """Forward + backward of one micro-batch; ``units`` name the independently clipped parameter groups."""
 
     stage: int
+    student: nn.Module  # the model the units belong to (stage 3 under FSDP2: a sharded copy of the student)
     units: dict[str, list[nn.Parameter]]
     unit_count: int  # units across all ranks (stage 1/2 layers are spread over ranks)
 
-    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True,
+             teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Accumulate ``scale`` x the loss gradient into ``.grad``; return the (unscaled) loss summed over units,
-        detached, on the device (reading it would wait for the GPU: the trainer does so once per optimizer step)."""
+        detached, on the device (reading it would wait for the GPU: the trainer does so once per optimizer step).
+        ``teacher_topk``: stage 3 only, the batch's stored teacher top-k (log-probabilities [batch, seq, k], token ids
+        [batch, seq, k]; ``radistill/distill/teacher_logits.py``), used instead of running the teacher."""
         raise NotImplementedError
 
 
@@ -197,6 +205,7 @@ class _LayerwiseObjective(Objective):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[int], cfg: StageConfig,
                  block: list[int] | None = None):
+        self.student = student
         self.student_base = getattr(student, student.base_model_prefix)
         self.student_layers = student_layers(student)
         self.teacher = teacher
@@ -206,7 +215,7 @@ class _LayerwiseObjective(Objective):
         self.layers = [i for i in layers if i in scope]
         self.units = {f"layer{i}": layer_parameters(self.student_layers[i], cfg.trainable) for i in self.layers}
 
-    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True, teacher_topk=None) -> Tensor:
         total = torch.zeros((), device=input_ids.device)
         if not self.layers:  # a rank without a layer in this block: nothing to compute
             return total
@@ -270,15 +279,20 @@ class HiddenAlignment(_LayerwiseObjective):
 
 
 class _DistillationModule(nn.Module):
-    """Student + frozen teacher -> stage-3 loss, as one module so DDP sees the whole student forward."""
+    """Student + frozen teacher -> stage-3 loss, as one module so DDP / FSDP2 see the whole student forward (FSDP2's
+    root gathers the embeddings and the LM head, whose weight the loss reads, for it)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig):
         super().__init__()
         self.student = student
-        self._teacher = (teacher,)  # a tuple hides it from DDP (no broadcast, no gradient buckets)
+        self._teacher = (teacher,)  # a tuple hides it from DDP and FSDP2 (no broadcast, buckets or sharding)
         self.loss_cfg = cfg.loss
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if teacher_topk is not None:  # stored teacher logits: the teacher does not run (it is off the device)
+            student_hidden = _final_hidden(self.student, input_ids)
+            return topk_distillation_loss(student_hidden, _head_weight(self.student), *teacher_topk, input_ids,
+                                          self.loss_cfg)
         teacher = self._teacher[0]
         with torch.no_grad():
             teacher_hidden = _final_hidden(teacher, input_ids)
@@ -307,32 +321,31 @@ class Distillation(Objective):
     stage = 3
     unit_count = 1
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig, ddp_device: str | None = None):
-        self.module = _DistillationModule(student, teacher, cfg)
-        params = model_parameters(student, cfg.trainable)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+        inner = _DistillationModule(student, teacher, cfg)
+        self.module = inner if wrap is None else wrap(inner)
+        self.student = inner.student
+        # read after wrapping: FSDP2 replaces the parameters by sharded ones
+        params = model_parameters(self.student, cfg.trainable)
         if not params:
             raise RadistillError(f"stage 3: trainable '{cfg.trainable}' selects no parameters; use 'all'")
         self.units = {"model": params}
-        if ddp_device is not None:
-            from torch.nn.parallel import DistributedDataParallel
 
-            ids = [torch.device(ddp_device).index] if ddp_device.startswith("cuda") else None
-            self.module = DistributedDataParallel(self.module, device_ids=ids)
-
-    def step(self, input_ids: Tensor, scale: float, sync: bool = True) -> Tensor:
-        no_sync = getattr(self.module, "no_sync", None)
-        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
-            loss = self.module(input_ids)
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True,
+             teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        with gradient_sync(self.module, sync):
+            loss = self.module(input_ids, teacher_topk)
             (loss * scale).backward()
         return loss.detach()
 
 
 def make_objective(stage: int, student: nn.Module, teacher: nn.Module, cfg: StageConfig, layers: list[int],
-                   ddp_device: str | None = None, block: list[int] | None = None) -> Objective:
+                   wrap: Callable[[nn.Module], nn.Module] | None = None, block: list[int] | None = None) -> Objective:
     """The objective of ``stage``; ``layers`` are this rank's layers of ``block`` (stages 1/2; default block: every
-    trained layer), ``ddp_device`` turns on DDP (3)."""
+    trained layer), ``wrap`` spreads stage 3's module over the ranks (DDP or FSDP2, ``parallel.py``)."""
     if stage == 1:
         return MatrixOrientation(student, teacher, layers, cfg, block)
     if stage == 2:
         return HiddenAlignment(student, teacher, layers, cfg, block)
-    return Distillation(student, teacher, cfg, ddp_device)
+    return Distillation(student, teacher, cfg, wrap)

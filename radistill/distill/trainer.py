@@ -8,10 +8,16 @@ checkpoint is published (``checkpoint.py``); at each stage's end the student is 
 
 Several processes (``torchrun``): stages 1/2 split the layers being trained over the ranks (every rank reads the
 same batches, so the result equals one process's) and broadcast them back before every checkpoint and at the end
-of each block; stage 3 is DDP, each rank taking its slice of every global batch.
+of each block; stage 3 is DDP or FSDP2 (``parallel``), each rank taking its slice of every global batch. FSDP2 trains
+a sharded copy of the student, copied back whole at every checkpoint, so the student stays a plain module; with
+``shard_teacher`` the teacher's layers are sharded too (stage-3-only runs).
 
 A stage with ``trainable: lora`` injects LoRA adapters into the student (``radistill.finetune.lora``), trains only
 them, checks after its first step that each got a gradient, and exports ``stageN/`` with them merged.
+
+Stage 3 with ``teacher_logits: topk`` first has the teacher store its top-k logits of every sequence the stage will
+read (``teacher_logits.py``; reused or continued when already there), then moves the teacher off the device and
+trains each micro-batch against its stored top-k, read by the micro-batch's position in the stream.
 
 Memory (what ``radistill.memplan`` plans; docs/24gb.md): the trainer puts on the device only what a stage runs.
 Stages 1/2 need just the trained layers (for stage 1, their recurrent mixers), never the embeddings or LM head;
@@ -24,6 +30,8 @@ bitsandbytes). After each stage the student is back, in fp32, on the device it w
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import random
 import shutil
@@ -38,13 +46,17 @@ from torch import nn
 
 from radistill.distill import checkpoint as ckpt
 from radistill.distill.data import PackedStream
-from radistill.distill.parallel import all_reduce_sum, barrier, broadcast_layers, broadcast_object, owned_layers
+from radistill.distill.parallel import (
+    all_reduce_sum, barrier, broadcast_layers, broadcast_object, copy_full, data_parallel, full_optimizer_state,
+    full_value, fully_shard_training, is_sharded, load_full_optimizer_state, owned_layers, shard_frozen,
+)
 from radistill.distill.recipe import DistillRecipe, StageConfig
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import (
     Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, student_layers,
     trained_layers, trained_module,
 )
+from radistill.distill.teacher_logits import TeacherLogits, logits_settings, precompute
 from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora, check_adapter_gradients, merged_copy
 from radistill.models.access import decoder_layers
 from radistill.scan.distributed import rank, world_size
@@ -98,12 +110,14 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.autocast = device.startswith("cuda") and recipe.dtype == "bf16"
+        self.fsdp = recipe.parallel == "fsdp" and world_size() > 1
         self.home = next(student.parameters()).device  # where the student goes back to after each stage
+        self.teacher_home = next(teacher.parameters()).device  # stage 3 with stored teacher logits moves it off
         self._lowered: list[nn.Parameter] = []  # parameters _place() holds in bf16 for the current stage
         teacher.requires_grad_(False).eval()
-        if recipe.compile and device.startswith("cuda"):
-            for layer in [*student_layers(student), *decoder_layers(teacher)]:
-                layer.compile()
+        self._compile([*student_layers(student), *decoder_layers(teacher)])
+        if self.fsdp and recipe.shard_teacher:  # only stage 3 runs (the recipe checks), and the teacher stays frozen
+            shard_frozen(teacher, device)
         for stage in recipe.enabled_stages():  # up front: a missing 8-bit library fails before any training
             if recipe.stage(stage).optimizer == "adamw8bit":
                 eight_bit_library(stage)
@@ -184,7 +198,6 @@ class Trainer:
         cfg = self.recipe.stage(stage)
         layerwise = stage in (1, 2)
         data_shards = 1 if layerwise else world_size()
-        ddp = self.device if stage == 3 and world_size() > 1 else None
         if cfg.trainable == "lora":
             self._add_adapters(stage)
         blocks = self.blocks(stage)
@@ -206,6 +219,9 @@ class Trainer:
                 f"stage {stage}: {passes}{per_block:,} steps of {tokens_per_step:,} tokens "
                 f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum} accum x {data_shards} ranks)"
             )
+        stored = None  # stage 3's precomputed teacher logits (teacher_logits: topk)
+        if cfg.teacher_logits == "topk" and step < total:
+            stored = self._teacher_logits(stage, cfg, total * cfg.grad_accum * cfg.batch_size * data_shards)
         self.student.train()
         started, last_loss = time.perf_counter(), float("nan")
         window_start, window_tokens = started, 0
@@ -217,17 +233,17 @@ class Trainer:
                     continue
                 self._place(stage, block)
                 mine = owned_layers(block) if layerwise else block
-                objective = make_objective(stage, self.student, self.teacher, cfg, mine, ddp_device=ddp,
+                student, wrap = self._parallel(stage)
+                objective = make_objective(stage, student, self.teacher, cfg, mine, wrap=wrap,
                                            block=block if layerwise else None)
                 optimizer = self.make_optimizer(objective, cfg)
-                stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len,
-                                      seed=self.recipe.seed * 1000 + stage)
+                stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len, seed=self._seed(stage))
                 if position is not None and first < step:  # resumed inside this block: its data and optimizer
-                    self._load_optimizer(optimizer, position.checkpoint)
+                    self._load_optimizer(objective, optimizer, position.checkpoint)
                     stream.load_state_dict(position.data)
                 while step < end:
                     loss, grad_norm, lr = self.step(objective, optimizer, stream, cfg, stage, step, per_block,
-                                                    data_shards, first=first)
+                                                    data_shards, first=first, teacher_logits=stored)
                     step += 1
                     tokens += tokens_per_step
                     window_tokens += tokens_per_step
@@ -240,7 +256,8 @@ class Trainer:
                         bar.update(task, completed=step, status=f"loss {loss:.4f} · {rate:,.0f} tok/s")
                         window_start, window_tokens = now, 0
                     if step % cfg.checkpoint_every == 0 or step == end:
-                        self._save(stage, step, tokens, stream, optimizer, block if layerwise else None, blocks)
+                        self._save(stage, step, tokens, stream, objective, optimizer, block if layerwise else None,
+                                   blocks)
                     if self.step_hook is not None:
                         self.step_hook(stage, step)
                 # the block's last step was checkpointed, which gathered its layers onto every rank
@@ -249,6 +266,25 @@ class Trainer:
         self._export(stage)
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
+
+    def _parallel(self, stage: int) -> tuple[nn.Module, Callable[[nn.Module], nn.Module] | None]:
+        """The student ``stage``'s objective trains and how its module spreads over the ranks: in stage 3 over
+        several ranks DDP, or FSDP2 on a copy (sharding replaces the parameters and the modules' classes in place,
+        with no way back; :meth:`_save` copies the weights back). Otherwise the student, unwrapped (stages 1/2
+        split the layers instead)."""
+        if stage != 3 or world_size() == 1:
+            return self.student, None
+        if not self.fsdp:
+            return self.student, functools.partial(data_parallel, device=self.device)
+        student = copy.deepcopy(self.student)
+        self._compile(student_layers(student))  # a copied module is not compiled
+        return student, functools.partial(fully_shard_training, layers=student_layers(student),
+                                          bf16=self.autocast)
+
+    def _compile(self, layers) -> None:
+        if self.recipe.compile and self.device.startswith("cuda"):
+            for layer in layers:
+                layer.compile()
 
     def _gather(self, stage: int, block: list[int]) -> None:
         """Stages 1/2 over several processes: every rank gets the block's trained modules from their owners."""
@@ -260,7 +296,8 @@ class Trainer:
         """Put on the device what ``block`` of ``stage`` runs; the rest of the student waits in CPU memory.
 
         Stages 1/2: the modules the objective uses (:func:`stage_modules`), in fp32 (master weights); the rest stays
-        fp32 too, so nothing is rounded between blocks and stages. Stage 3: the whole student; with LoRA under bf16
+        fp32 too, so nothing is rounded between blocks and stages. Stage 3: the whole student (under FSDP2 the student
+        stays, and :meth:`_parallel` shards a copy onto the device); with LoRA under bf16
         autocast the frozen base weights are held in bf16 (the plan's numeric policy: they never get an update, and
         autocast would compute with bf16 copies of them anyway), the adapters in fp32.
         """
@@ -275,7 +312,8 @@ class Trainer:
             self._lowered = [p for p in self.student.parameters() if id(p) not in adapters and p.is_floating_point()]
             for p in self._lowered:  # cast before the move: the fp32 base never has to fit on the device
                 p.data = p.data.to(self.device, torch.bfloat16)
-        self.student.to(self.device)
+        if not self.fsdp:  # under FSDP2 only the shards of a copy go to the device (:meth:`_parallel`)
+            self.student.to(self.device)
         if cfg.activation_checkpointing:
             set_activation_checkpointing(self.student, True)
 
@@ -287,7 +325,28 @@ class Trainer:
         for p in self._lowered:
             p.data = p.data.float()
         self._lowered = []
+        # a stage's last gradients would follow the student to the next stage's device (Module.to moves them), and
+        # those of weights the next stage freezes (LoRA's base) would stay there all stage
+        self.student.zero_grad(set_to_none=True)
         self.student.to(self.home)
+        if self.recipe.stage(stage).teacher_logits == "topk":
+            self.teacher.to(self.teacher_home)
+
+    def _seed(self, stage: int) -> int:
+        """``stage``'s own seed: its data order (and stored teacher logits), its LoRA adapters' initialisation."""
+        return self.recipe.seed * 1000 + stage
+
+    def _teacher_logits(self, stage: int, cfg: StageConfig, sequences: int) -> TeacherLogits:
+        """Stage 3 with ``teacher_logits: topk``: the teacher's top-k of the first ``sequences`` sequences of the
+        stage's stream (every rank's), computed or continued into ``RUN/teacher_logits/``; the teacher then leaves the
+        device until the stage ends (:meth:`_release`), which is the point: stage 3 runs without it."""
+        settings = logits_settings(self.teacher, self.tokenizer, self.recipe.data, self._seed(stage), cfg.seq_len,
+                                   cfg.teacher_topk, cfg.loss.temperature)
+        root = self.run_dir / "teacher_logits"
+        precompute(self.teacher, self.tokenizer, root, settings, sequences, batch_size=cfg.batch_size,
+                   chunk_tokens=cfg.loss.chunk_tokens, autocast=self.autocast)
+        self.teacher.to("cpu")
+        return TeacherLogits(root, settings, sequences)
 
     def _add_adapters(self, stage: int) -> None:
         """``stage``'s LoRA adapters injected into the student in place (unless there already), initialised from the
@@ -296,12 +355,12 @@ class Trainer:
             return
         cfg = self.recipe.stage(stage)
         with torch.random.fork_rng():
-            torch.manual_seed(self.recipe.seed * 1000 + stage)
+            torch.manual_seed(self._seed(stage))
             add_lora(self.student, LoraSpec(targets=cfg.lora_targets, rank=cfg.lora_rank), quiet=not is_main_process())
 
     def make_optimizer(self, objective: Objective, cfg: StageConfig) -> torch.optim.Optimizer:
         """AdamW (or 8-bit AdamW) over the objective's parameters, which alone are left requiring grad."""
-        self.student.requires_grad_(False)
+        objective.student.requires_grad_(False)
         params = list({id(p): p for unit in objective.units.values() for p in unit}.values())
         for p in params:
             p.requires_grad_(True)
@@ -314,14 +373,20 @@ class Trainer:
         return make_adamw(groups, cfg.lr, betas=cfg.betas, kind=cfg.optimizer, on_cuda=self.device.startswith("cuda"),
                           library=library, what=f"stage {objective.stage}")
 
-    def _load_optimizer(self, optimizer, checkpoint: Path) -> None:
+    def _load_optimizer(self, objective: Objective, optimizer, checkpoint: Path) -> None:
         own = ckpt.load_file(checkpoint / f"rank{rank()}.pt")["optimizer"]
-        optimizer.load_state_dict(own if own is not None else ckpt.load_file(checkpoint / "rank0.pt")["optimizer"])
+        state = own if own is not None else ckpt.load_file(checkpoint / "rank0.pt")["optimizer"]
+        if is_sharded(objective.student):
+            load_full_optimizer_state(objective.student, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
 
     def step(self, objective: Objective, optimizer, stream: PackedStream, cfg: StageConfig, stage: int, step: int,
-             total: int, data_shards: int, first: int = 0) -> tuple[float, float, float]:
+             total: int, data_shards: int, first: int = 0,
+             teacher_logits: TeacherLogits | None = None) -> tuple[float, float, float]:
         """One optimizer step; ``step`` counts over the stage, ``first`` is the step its layer block began at and
-        ``total`` the block's steps (the lr schedule runs over each block)."""
+        ``total`` the block's steps (the lr schedule runs over each block). ``teacher_logits``: stage 3 reads each
+        micro-batch's teacher top-k there, by the stream position of its sequences, instead of running the teacher."""
         lr = cfg.lr * lr_multiplier(step - first, total, cfg)
         for group in optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor (no recompile when it moves)
@@ -331,22 +396,26 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
+            position = stream.sequences  # of the batch's first sequence in the stream
             batch = stream.next_batch(cfg.batch_size * data_shards)
             if data_shards > 1:
                 batch = batch[rank() * cfg.batch_size : (rank() + 1) * cfg.batch_size]
-            # a blocking copy to the GPU would wait for the kernels queued before it
-            cuda = self.device.startswith("cuda")
-            batch = (batch.pin_memory() if cuda else batch).to(self.device, non_blocking=cuda)
+                position += rank() * cfg.batch_size
+            topk = None
+            if teacher_logits is not None:  # read by the CPU batch, whose tokens are checked against the stored ones
+                topk = tuple(self._to_device(t) for t in teacher_logits.read(position, batch))
+            batch = self._to_device(batch)
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
-                final = micro == cfg.grad_accum - 1  # DDP syncs gradients on the last micro-batch only
-                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final)
+                final = micro == cfg.grad_accum - 1  # DDP / FSDP2 reduce gradients on the last one only
+                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final, teacher_topk=topk)
         if step == 0 and cfg.trainable == "lora":  # every adapter must be on the forward's path
             check_adapter_gradients(self.student)
         max_norm = cfg.clip if cfg.clip > 0 else float("inf")
-        norms = [torch.nn.utils.clip_grad_norm_(ps, max_norm) for ps in objective.units.values()]
+        # the norm of sharded (FSDP2) gradients is a DTensor, already the whole model's
+        norms = [full_value(torch.nn.utils.clip_grad_norm_(ps, max_norm)) for ps in objective.units.values()]
         squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), device=self.device)
-        # stage 3 (DDP): each rank's loss is its shard's mean, grads are already averaged; stages 1/2: each rank
-        # sums its own layers' losses and grad norms. One reduction, and the step's only wait for the GPU.
+        # stage 3 (DDP, FSDP2): each rank's loss is its shard's mean, every rank has the same grad norm; stages 1/2:
+        # each rank sums its own layers' losses and grad norms. One reduction, and the step's only wait for the GPU.
         loss_total, squares = all_reduce_sum(torch.stack([loss_sum.double() / cfg.grad_accum, squares]))
         loss = loss_total / (data_shards if stage == 3 else objective.unit_count)
         grad_norm = (squares / (data_shards if stage == 3 else 1)) ** 0.5
@@ -360,13 +429,20 @@ class Trainer:
         optimizer.step()
         return loss, grad_norm, lr
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # a blocking copy to the GPU would wait for the kernels queued before it
+        cuda = self.device.startswith("cuda")
+        return (tensor.pin_memory() if cuda else tensor).to(self.device, non_blocking=cuda)
+
     # --- files --------------------------------------------------------------------------------------------
-    def _save(self, stage: int, step: int, tokens: int, stream: PackedStream, optimizer, block: list[int] | None,
-              blocks: list[list[int]]) -> None:
+    def _save(self, stage: int, step: int, tokens: int, stream: PackedStream, objective: Objective, optimizer,
+              block: list[int] | None, blocks: list[list[int]]) -> None:
         """``block``: the layers being trained (stages 1/2), gathered from their ranks first; None in stage 3."""
         layerwise = block is not None
         if layerwise:
             self._gather(stage, block)
+        if objective.student is not self.student:  # a sharded copy trains (FSDP2): the student gets its weights
+            copy_full(objective.student, self.student)
         name = ckpt.checkpoint_name(stage, step)
         partial = ckpt.partial_dir(self.ckpt_root, name)
         if is_main_process():
@@ -377,8 +453,10 @@ class Trainer:
                                 world_size=world_size(), recipe=self.recipe.to_dict(), blocks=blocks),
                            partial / "trainer.pt")
         barrier()
-        sharded = layerwise and world_size() > 1  # in stage 3 every rank's optimizer state is the same
-        own = optimizer.state_dict() if sharded or is_main_process() else None
+        if is_sharded(objective.student):  # gathered whole onto rank 0, so the checkpoint looks like DDP's
+            own = full_optimizer_state(objective.student, optimizer)
+        else:  # in stage 3 (DDP) every rank's optimizer state is the same
+            own = optimizer.state_dict() if (layerwise and world_size() > 1) or is_main_process() else None
         ckpt.save_file({"rng": _rng_state(), "optimizer": own}, partial / f"rank{rank()}.pt")
         barrier()
         if is_main_process():

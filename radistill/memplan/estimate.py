@@ -24,6 +24,10 @@ from radistill.utils.errors import RadistillError
 
 GiB = 1 << 30
 FUSED_LOSS_BUFFERS = 7  # stage 3's fused KL keeps, per chunk row: logits, teacher logits, log q, log p, p, grad, temp
+# stage 3's top-k KL (stored teacher logits): logits, log q turned into the gradient in place, one temporary (logits/T,
+# the CE's log-softmax, or the next chunk's logits while this chunk's are still referenced)
+TOPK_LOSS_BUFFERS = 3
+TOPK_ROW_BYTES = 24  # per chunk row and stored logit: int64 id, fp32 log p, p, log q at the id and its gradient
 CE_LOSS_BUFFERS = 4  # finetune's chunked CE: logits, log-softmax, its gradient, the logits' gradient
 SCORING_POSITIONS = 4096  # radistill.probes.scoring.LOGIT_CHUNK: scored positions per lm_head call
 STAGE1_HEAD_CHUNK = 8  # radistill.distill.stages.HEAD_CHUNK: teacher heads whose [seq, seq] probs exist at once
@@ -109,7 +113,7 @@ class Workload:
     calibration_batch: int = 8  # build: sequences of <= 256 tokens per calibration forward
     eval_batch: int = 8
     eval_context: int = 2048
-    topk: int = 64  # teacher logits kept per position when precomputed
+    topk: int = 64  # teacher logits kept per position when precomputed (radistill distill's teacher_topk)
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp32"):
@@ -265,16 +269,25 @@ class Estimator:
         model, trained, frozen, head_trains = self._lora_or_full(st)
         weights, trainable = self._train_state(trained, frozen, st.optimizer)
         boundary = self._tokens(st.micro_batch) * self.hidden * self.w.act_bytes
-        if st.teacher == "topk":  # precomputed (value, index) pairs read from disk for the micro-batch
-            teacher = self._tokens(st.micro_batch) * self.w.topk * (4 + 8)
+        topk = st.teacher == "topk"
+        if topk:  # the micro-batch's stored fp16 log-probabilities and int32 ids, and one chunk's of them in fp32/int64
+            rows = st.logits_chunk or self._tokens(st.micro_batch)
+            teacher = (self._tokens(st.micro_batch) * (2 + 4) + rows * TOPK_ROW_BYTES) * self.w.topk
         else:  # its final hidden state waits for the student's forward
             teacher = self._teacher_weights() + boundary
-        logits = self._logits(st, FUSED_LOSS_BUFFERS, head_trains)
+        logits = self._logits(st, TOPK_LOSS_BUFFERS if topk else FUSED_LOSS_BUFFERS, head_trains)
         return Breakdown(
             weights=weights, trainable=trainable,
             activations=self._stack(model, st.micro_batch, st.trainable == "full", st.checkpointing, logits),
             teacher=teacher, logits=logits,
         )
+
+    def topk_precompute(self, st: Strategy) -> int:
+        """Peak bytes of the teacher pass that stores stage 3's top-k logits (radistill.distill.teacher_logits), run
+        before stage 3 with the student off the GPU: the teacher, its forward at the micro-batch, and its logits
+        ``logits_chunk`` rows at a time (the logits and the log-sum-exp's two temporaries)."""
+        rows = st.logits_chunk or self._tokens(st.micro_batch)
+        return self._teacher_weights() + self._teacher_forward(st.micro_batch) + 3 * rows * self.vocab * 4
 
     def finetune(self, st: Strategy) -> Breakdown:
         model, trained, frozen, head_trains = self._lora_or_full(st)

@@ -5,7 +5,9 @@ fp32 AdamW before 8-bit (only offered when torchao or bitsandbytes imports), no 
 checkpointing (it costs a second forward), the requested micro-batch before smaller ones (gradient accumulation
 keeps the tokens per step), larger logit chunks before smaller ones. Stages 1/2 train fewer layers at a time
 before streaming the teacher; stage 3 streams precomputed top-k teacher logits as the last resort. The trainer
-does not stream the teacher or read top-k logits yet: the plans it applies (``trainer_only``) leave them out.
+does not stream the teacher yet, and reads top-k logits only when its recipe opts in (``teacher_logits: topk``: they
+change the loss and cost k * 6 + 4 bytes of disk per token), so the plans it applies (``trainer_only``) never choose
+either; a recipe's own choice of teacher logits is planned as given (``stage3_teacher``).
 
 The budget is ``gpu_memory * (1 - reserve)``: the reserve covers the CUDA allocator's fragmentation and what the
 estimates leave out (kernel workspaces, the CUDA context when the cap is the card's size).
@@ -26,7 +28,7 @@ from radistill.utils.io import write_json_atomic
 from radistill.utils.optim import eight_bit_library as eight_bit_optimizer
 
 STEPS = ("scan", "build", "distill stage 1", "distill stage 2", "distill stage 3", "eval", "finetune")
-# teacher handling radistill distill implements (a streamed teacher and precomputed top-k logits are planned only)
+# teacher handling radistill distill's plan may choose (a streamed teacher is planned only; top-k logits are opt-in)
 TRAINER_TEACHERS = ("resident",)
 LOGIT_CHUNKS = (2048, 512, 128)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -110,9 +112,11 @@ def _micro_batches(batch: int) -> list[int]:
 
 
 def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainable: str = "full",
-               trainer_only: bool = False) -> Iterator[Strategy]:
+               trainer_only: bool = False, stage3_teacher: str | None = None) -> Iterator[Strategy]:
     """Strategies for ``step`` in order of preference (module docstring). ``trainer_only``: only what
-    ``radistill distill`` does (:data:`TRAINER_TEACHERS`), for plans it applies."""
+    ``radistill distill`` chooses by itself (:data:`TRAINER_TEACHERS`), for plans it applies. ``stage3_teacher``:
+    stage 3's teacher as the recipe sets it (``resident`` or ``topk``), the only one planned; None: resident, then
+    top-k logits with LoRA as the last resort."""
     optimizers = ("adamw", "adamw8bit") if eight_bit else ("adamw",)
     teachers = TRAINER_TEACHERS if trainer_only else ("resident", "streamed", "topk")
     batches = _micro_batches(work.batch_size)
@@ -131,9 +135,10 @@ def candidates(step: str, work: Workload, layers: int, eight_bit: bool, trainabl
         for teacher, k, optimizer, mb in itertools.product(stage_teachers, at_once, optimizers, batches):
             yield Strategy(micro_batch=mb, trainable=kinds, optimizer=optimizer, layers_at_once=k, teacher=teacher)
     elif step in ("distill stage 3", "finetune"):
-        teacher = "resident" if step.endswith("3") else "none"
+        stage3 = step.endswith("3")
+        teacher = (stage3_teacher or "resident") if stage3 else "none"
         modes = [("full", o, teacher) for o in optimizers] if trainable == "full" else []
-        topk = [("lora", "adamw", "topk")] if step.endswith("3") and "topk" in teachers else []
+        topk = [("lora", "adamw", "topk")] if stage3 and stage3_teacher is None and "topk" in teachers else []
         modes += [("lora", "adamw", teacher)] + topk
         for (kind, optimizer, source), ckpt, mb, chunk in itertools.product(modes, (False, True), batches,
                                                                            LOGIT_CHUNKS):
@@ -165,8 +170,11 @@ def _notes(st: Strategy, work: Workload, layers: int, eight_bit: str | None) -> 
         notes.append("teacher weights in CPU memory, moved to the GPU one layer at a time (radistill distill "
                      "does not do this yet)")
     if st.teacher == "topk":
-        notes.append(f"teacher top-{work.topk} logits precomputed once and read from disk (radistill distill "
-                     "does not do this yet)")
+        from radistill.distill.teacher_logits import bytes_per_token
+
+        notes.append(f"teacher top-{work.topk} logits precomputed once into RUN/teacher_logits "
+                     f"({bytes_per_token(work.topk)} B/token on disk) and read from there, the teacher off the GPU: "
+                     "radistill distill --teacher-logits topk (opt-in; --gpu-memory never chooses it)")
     if st.optimizer == "adamw8bit":
         notes.append(f"8-bit AdamW from {eight_bit}")
     if st.trainable == "lora":
@@ -177,11 +185,11 @@ def _notes(st: Strategy, work: Workload, layers: int, eight_bit: str | None) -> 
 
 
 def plan_step(estimator: Estimator, step: str, budget: int, eight_bit: str | None = None,
-              trainable: str = "full", trainer_only: bool = False) -> StepPlan:
+              trainable: str = "full", trainer_only: bool = False, stage3_teacher: str | None = None) -> StepPlan:
     """The first candidate of ``step`` that fits ``budget``; if none does, the smallest one, marked as not fitting."""
     work, layers = estimator.w, estimator.s.layout.num_layers
     best: tuple[int, Strategy, Breakdown] | None = None
-    for strategy in candidates(step, work, layers, eight_bit is not None, trainable, trainer_only):
+    for strategy in candidates(step, work, layers, eight_bit is not None, trainable, trainer_only, stage3_teacher):
         memory = _estimate(estimator, step, strategy)
         if memory.total <= budget:
             return StepPlan(step, strategy, memory, True, _notes(strategy, work, layers, eight_bit))
