@@ -59,6 +59,16 @@ def tiny_recipe(corpus: Path, stages=(2, 3), **stage_overrides) -> DistillRecipe
 def run_two_gloo_processes(train, args: tuple, out: Path) -> dict:
     """Run ``train(*args) -> student`` in two spawned gloo processes (ranks 0, 1 of one group); returns rank 0's
     final student state dict. ``train`` must be a module-level function (spawn pickles it)."""
+    return _run_two_processes(train, args, out, gpus=False)
+
+
+def run_two_gpu_processes(train, args: tuple, out: Path) -> dict:
+    """As :func:`run_two_gloo_processes`, over NCCL with one GPU per rank (``train`` finds its own through
+    ``torch.cuda.current_device()``)."""
+    return _run_two_processes(train, args, out, gpus=True)
+
+
+def _run_two_processes(train, args: tuple, out: Path, gpus: bool) -> dict:
     import socket
 
     import torch
@@ -67,13 +77,15 @@ def run_two_gloo_processes(train, args: tuple, out: Path) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_gloo_rank, args=(port, train, args, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(port, train, args, out, gpus), nprocs=2, start_method="spawn")
     return torch.load(out)
 
 
-def _gloo_rank(rank: int, port: int, train, args: tuple, out: Path) -> None:
+def _rank_main(rank: int, port: int, train, args: tuple, out: Path, gpus: bool) -> None:
     import os
 
+    if not gpus:  # before CUDA starts: init_from_env picks NCCL whenever a GPU is visible
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     from radistill.scan.distributed import init_from_env

@@ -1,6 +1,7 @@
 """Two gloo processes (stages 2/3: layers spread over ranks, then DDP; stage 3 under FSDP2) end where one process
-ends."""
+ends; on a machine with two GPUs, two NCCL processes too."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,7 +9,8 @@ from radistill.distill.parallel import is_sharded
 from radistill.distill.recipe import merge
 from radistill.distill.trainer import Trainer
 from distill_helpers import (
-    char_tokenizer, run_two_gloo_processes, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
+    char_tokenizer, run_two_gloo_processes, run_two_gpu_processes, tiny_recipe, tiny_student, tiny_teacher,
+    write_corpus,
 )
 
 FSDP = {"parallel": "fsdp", "shard_teacher": True}
@@ -24,15 +26,15 @@ def recipe_for(corpus, world: int, stages=(2, 3), **top):
     return merge(recipe, {"stages": {3: {"batch_size": 2 // world}}, **top})
 
 
-def train(recipe, run_dir, resume: bool = False, stop_after: int | None = None):
+def train(recipe, run_dir, resume: bool = False, stop_after: int | None = None, device: str = "cpu"):
     def hook(stage, step):
         if step == stop_after:
             raise Interrupt
 
-    teacher = tiny_teacher()
-    student = tiny_student(teacher)
-    Trainer(student, teacher, char_tokenizer(), recipe, run_dir, "cpu", step_hook=hook).run(resume=resume)
-    return student
+    teacher = tiny_teacher().to(device)
+    student = tiny_student(teacher).to(device)
+    Trainer(student, teacher, char_tokenizer(), recipe, run_dir, device, step_hook=hook).run(resume=resume)
+    return student.cpu()
 
 
 def train_two_ranks(corpus, run_dir):
@@ -79,3 +81,24 @@ def test_fsdp_over_two_gloo_processes_agrees_with_one_and_resumes(tmp_path):
         torch.testing.assert_close(two[f"whole.{name}"], one[name], rtol=1e-5, atol=1e-6, msg=name)
         assert torch.equal(two[f"resumed.{name}"], two[f"whole.{name}"]), name
         assert torch.equal(exported[name], two[f"whole.{name}"]), name
+
+
+def train_on_two_gpus(corpus, run_dir):
+    """Stages 2 and 3 (DDP), then stage 3 alone under FSDP2 with the teacher sharded, each rank on its own GPU."""
+    device = f"cuda:{torch.cuda.current_device()}"
+    ddp = train(recipe_for(corpus, 2), run_dir / "ddp", device=device)
+    fsdp = train(recipe_for(corpus, 2, stages=(3,), **FSDP), run_dir / "fsdp", device=device)
+    return nn.ModuleDict({"ddp": ddp, "fsdp": fsdp})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_over_nccl_agree_with_one(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, docs=50)
+    two = run_two_gpu_processes(train_on_two_gpus, (corpus, tmp_path / "two"), tmp_path / "two.pt")
+    for key, stages, top in (("ddp", (2, 3), {}), ("fsdp", (3,), FSDP)):
+        one = train(recipe_for(corpus, 1, stages=stages, **top), tmp_path / key, device="cuda:0")
+        for name, value in one.state_dict().items():
+            # TF32 is off by default for matmuls; NCCL's reduction order differs from one process's sum
+            torch.testing.assert_close(two[f"{key}.{name}"], value, rtol=1e-4, atol=1e-5, msg=f"{key}: {name}")
