@@ -47,8 +47,10 @@ class RandomTokens:
     def __init__(self, vocab: int, seq_len: int):
         self.vocab, self.seq_len = vocab, seq_len
         self.generator = torch.Generator().manual_seed(0)
+        self.sequences = 0  # emitted so far, as PackedStream counts them
 
     def next_batch(self, n: int) -> torch.Tensor:
+        self.sequences += n
         return torch.randint(0, self.vocab, (n, self.seq_len), generator=self.generator)
 
 

@@ -98,19 +98,18 @@ def _all_tensors():
 
 
 def build_models(config, device: str):
-    """Random bf16 teacher on ``device`` and its hybrid (kept heads spread as the plan assumes) in CPU memory.
-
-    Both are made on the CPU: ``convert`` builds the student in fp32 before casting it to the teacher's dtype,
-    which next to the teacher would not fit under a 24 GiB cap (and the stages move what they need anyway).
-    """
+    """Random bf16 teacher on ``device`` and its hybrid (kept heads spread as the plan assumes), built where the
+    teacher is (``convert`` works in the teacher's dtype: both fit under the cap) and left there; each step then
+    moves what it needs (stages 1/2 start by sending the student to CPU memory)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    with torch.device(device):  # random init of 3.9B values: minutes on the CPU, a second on the GPU
+        teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     student_config = Shapes(config, keep=KEEP, state_size=STATE_SIZE).student_config
     student = convert(teacher, student_config)  # on the teacher's device and dtype
     _MODELS[:] = [teacher, student]
-    return teacher.requires_grad_(False).to(device), student
+    return teacher.requires_grad_(False), student
 
 
 def _timed(step_fn, steps: int, tokens_per_step: int, sync) -> float:
