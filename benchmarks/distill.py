@@ -18,7 +18,6 @@ Writes ``benchmarks/results/distill.json`` and ``.md`` (only ``distill-quick.jso
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -35,6 +34,7 @@ from radistill.distill.stages import make_objective  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
 from radistill.hybrid.build import convert, student_config  # noqa: E402
 from radistill.models.presets import random_model, shape_config, tiny_config  # noqa: E402
+from radistill.utils.io import write_json_atomic  # noqa: E402
 
 # The authors' top-10 retrieval heads of Llama-3.2-1B-Instruct (layer, head), from their released code.
 TOP10_LLAMA_1B = [(9, 25), (4, 4), (10, 26), (0, 20), (8, 20), (8, 19), (8, 16), (7, 22), (10, 20), (5, 5)]
@@ -271,13 +271,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(_row_text(row), flush=True)
 
-    profile = None
-    if args.profile:
-        profile = {"batch_size": batches[0],
-                   "seconds": breakdown(teacher, student, device, seq_len, batches[0], steps),
-                   "kernels": kernel_table(teacher, student, device, seq_len, batches[0]) if device == "cuda" else []}
-        print(_profile_text(profile), flush=True)
-
     result = {
         "benchmark": "stage-3 distillation step (teacher fwd + student fwd/bwd + fused KL + AdamW)",
         "shape": "tiny" if quick else "llama-3.2-1b",
@@ -289,12 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         "params": {"teacher_matmul": matmul_params(teacher), "student_matmul": matmul_params(student)},
         "versions": versions(),
         "runs": rows,
-        "profile": profile,
+        "profile": None,
     }
     best = max((r for r in rows if "mfu" in r and r["mfu"] is not None), key=lambda r: r["mfu"], default=None)
     result["best_mfu"] = best["mfu"] if best else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out, result)  # the rows survive a profile cut short
+    if args.profile:
+        profile = result["profile"] = {"batch_size": batches[0],
+                                       "seconds": breakdown(teacher, student, device, seq_len, batches[0], steps)}
+        write_json_atomic(out, result)
+        profile["kernels"] = kernel_table(teacher, student, device, seq_len, batches[0]) if device == "cuda" else []
+        write_json_atomic(out, result)
+        print(_profile_text(profile), flush=True)
     table = _table(result)
     print(table)
     if not quick:  # quick results are smoke tests (the *-quick.json files are git-ignored)
