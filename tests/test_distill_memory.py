@@ -15,8 +15,8 @@ from radistill.distill.checkpoint import latest, load_file
 from radistill.distill.data import PackedStream
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.stages import (
-    _run_teacher, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, teacher_taps,
-    trained_layers,
+    _run_teacher, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, stream_teacher,
+    teacher_taps, trained_layers,
 )
 from radistill.distill.trainer import Trainer
 from radistill.finetune.lora import adapter_parameters
@@ -69,8 +69,10 @@ def stop_at(stage_step):
 # ---- the recipe ------------------------------------------------------------------------------------------------------
 def test_memory_fields_default_off_and_round_trip(tmp_path):
     default = DistillRecipe().stage(2)
-    assert (default.optimizer, default.activation_checkpointing, default.layer_block) == ("adamw", False, None)
-    recipe = merge(DistillRecipe(), {"stages": {1: {"layer_block": 4}, 2: {"layer_block": 8, "optimizer": "adamw8bit"},
+    assert (default.optimizer, default.activation_checkpointing, default.layer_block, default.teacher_offload) == (
+        "adamw", False, None, False)
+    recipe = merge(DistillRecipe(), {"stages": {1: {"layer_block": 4}, 2: {"layer_block": 8, "optimizer": "adamw8bit",
+                                                                           "teacher_offload": True},
                                                 3: {"activation_checkpointing": True}}})
     recipe.save(tmp_path / "r.json")
     assert DistillRecipe.load(tmp_path / "r.json") == recipe
@@ -78,7 +80,7 @@ def test_memory_fields_default_off_and_round_trip(tmp_path):
     assert DistillRecipe.load(tmp_path / "r.yaml") == recipe
     saved = json.loads((tmp_path / "r.json").read_text())["stages"]
     assert (saved["1"]["layer_block"], saved["2"]["optimizer"], saved["3"]["activation_checkpointing"],
-            saved["3"]["layer_block"]) == (4, "adamw8bit", True, None)
+            saved["3"]["layer_block"], saved["2"]["teacher_offload"]) == (4, "adamw8bit", True, None, True)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -89,6 +91,8 @@ def test_memory_fields_default_off_and_round_trip(tmp_path):
     ({3: {"layer_block": 4}}, "stage 3: layer_block is for stages 1/2 only"),
     ({2: {"activation_checkpointing": True}}, "stage 2: activation_checkpointing is for stage 3 only"),
     ({3: {"activation_checkpointing": "yes"}}, "stage 3: activation_checkpointing must be true or false"),
+    ({3: {"teacher_offload": True}}, "stage 3: teacher_offload is for stages 1/2 only .* use teacher_logits: topk"),
+    ({2: {"teacher_offload": "yes"}}, "stage 2: teacher_offload must be true or false"),
 ])
 def test_bad_memory_settings_are_rejected(bad, match):
     with pytest.raises(RadistillError, match=match):
@@ -305,6 +309,62 @@ def test_on_cuda_only_the_block_being_trained_is_on_the_gpu(corpus, tokenizer, t
     assert {p.device.type for p in student.parameters()} == {"cpu"}  # back where it came from
 
 
+# ---- the teacher streamed from CPU memory (stages 1/2) ---------------------------------------------------------------
+def hooked(teacher) -> set[str]:
+    """The teacher's modules that carry accelerate hooks."""
+    return {name for name, module in teacher.named_modules() if hasattr(module, "_hf_hook")}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_streamed_teacher_trains_like_a_resident_one(corpus, tokenizer, tmp_path, stage):
+    """teacher_offload changes where the teacher's weights wait, not what it computes: on CPU accelerate's hooks are
+    installed all the same (the execution device is the CPU), and gone after the stage."""
+    resident = params_of(train(tokenizer, tmp_path / "resident", blocked(corpus, stage, None)))
+    teacher, student = three_layer_pair()
+    weights = params_of(teacher)
+    seen = []
+
+    def check(*_):
+        seen.append(hooked(teacher))
+        assert all(p.device.type == "meta" for p in decoder_layers(teacher).parameters())  # in the hooks' CPU map
+
+    Trainer(student, teacher, tokenizer, blocked(corpus, stage, None, teacher_offload=True), tmp_path / "streamed",
+            "cpu", step_hook=check).run()
+    assert len(seen) == 10 and all({"model.embed_tokens", "model.layers.0.self_attn.q_proj"} <= names
+                                   for names in seen), seen[0]
+    assert hooked(teacher) == set() and not hasattr(teacher.model, "_old_forward")
+    assert {name: value for name, value in params_of(teacher).items() if not torch.equal(value, weights[name])} == {}
+    got = params_of(student)
+    assert [name for name, value in got.items() if not torch.equal(value, resident[name])] == []
+
+
+def test_a_streamed_teacher_is_given_back_with_its_own_parameters():
+    teacher = random_model(tiny_config("llama", num_hidden_layers=2, tie_word_embeddings=True), seed=0)
+    own = dict(teacher.named_parameters(remove_duplicate=False))
+    restore = stream_teacher(teacher, "cpu")
+    with teacher_taps(teacher, [0, 1], stop=True) as taps:
+        _run_teacher(teacher, torch.randint(2, 100, (1, 8)))
+    assert taps[1].output is not None and hooked(teacher)
+    restore()
+    assert all(p is own[name] for name, p in teacher.named_parameters(remove_duplicate=False))
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_streamed_teacher_stays_in_cpu_memory(corpus, tokenizer, tmp_path):
+    teacher, student = three_layer_pair()
+    seen = []
+
+    def devices(stage, step):
+        seen.append({p.device.type for p in teacher.parameters()})
+
+    recipe = blocked(corpus, 2, None, teacher_offload=True)
+    Trainer(student, teacher, tokenizer, recipe, tmp_path / "run", "cuda", step_hook=devices).run()
+    # between forwards the hooked modules hold meta tensors, the LM head (never run) its CPU weights
+    assert seen and all(snapshot <= {"meta", "cpu"} for snapshot in seen)
+    assert {p.device.type for p in teacher.parameters()} == {"cpu"} and hooked(teacher) == set()
+
+
 # ---- 8-bit AdamW -----------------------------------------------------------------------------------------------------
 def test_8bit_adamw_without_a_library_stops_before_training(corpus, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr("radistill.memplan.plan.eight_bit_optimizer", lambda: None)
@@ -381,6 +441,7 @@ def test_recipe_overrides_carry_every_planned_strategy(nanbeige_student):
         number, st = int(step.step[-1]), step.strategy
         cfg = fitted.stage(number)
         assert (cfg.batch_size, cfg.optimizer, st.teacher) == (st.micro_batch, st.optimizer, "resident")
+        assert not cfg.teacher_offload
         assert cfg.batch_size * cfg.grad_accum == 8 * 16
         if number == 3:
             assert (cfg.activation_checkpointing, cfg.trainable == "lora") == (st.checkpointing, st.trainable == "lora")
@@ -391,14 +452,21 @@ def test_recipe_overrides_carry_every_planned_strategy(nanbeige_student):
     assert fitted.stage(3).activation_checkpointing and fitted.stage(3).trainable == "lora"
 
 
-def test_the_distill_plan_leaves_out_what_the_trainer_does_not_do(nanbeige_student):
-    # in 8 GiB the bf16 teacher alone (7.7 GiB) leaves no room: `radistill plan` streams it from CPU memory, which
-    # the trainer does not do
-    assert make_plan(nanbeige_student, "8GiB", steps=("distill stage 2",)).steps[0].strategy.teacher == "streamed"
+def test_the_distill_plan_streams_the_teacher_when_it_cannot_stay_on_the_gpu(nanbeige_student):
+    # in 8 GiB the bf16 teacher alone (7.7 GiB) leaves no room: stage 2 streams it from CPU memory (teacher_offload)
     only_stage2 = merge(DistillRecipe(), {"stages": {3: {"enabled": False}}})
     plan = plan_distill(nanbeige_student, only_stage2, "8GiB")
-    assert plan.steps[0].strategy.teacher == "resident" and not plan.fits
-    for step in ("distill stage 1", "distill stage 2", "distill stage 3"):  # nor top-k teacher logits from disk
-        teachers = {st.teacher for st in candidates(step, Workload(), 32, True, trainer_only=True)}
-        assert teachers == {"resident"}, step
-        assert teachers < {st.teacher for st in candidates(step, Workload(), 32, True)}
+    assert plan.fits and plan.steps[0].strategy.teacher == "streamed"
+    assert plan.steps[0].strategy == make_plan(nanbeige_student, "8GiB", steps=("distill stage 2",)).steps[0].strategy
+    fitted = merge(only_stage2, recipe_overrides(plan, only_stage2))
+    assert fitted.stage(2).teacher_offload and not fitted.stage(3).teacher_offload
+    assert not any("does not" in note for note in plan.steps[0].notes)
+
+
+def test_the_distill_plan_leaves_out_what_the_trainer_does_not_do():
+    # stages 1/2: every teacher `radistill plan` knows; stage 3: not top-k teacher logits from disk (opt-in)
+    for step, trainer in [("distill stage 1", {"resident", "streamed"}), ("distill stage 2", {"resident", "streamed"}),
+                          ("distill stage 3", {"resident"})]:
+        assert {st.teacher for st in candidates(step, Workload(), 32, True, trainer_only=True)} == trainer, step
+        planned = {st.teacher for st in candidates(step, Workload(), 32, True)}
+        assert planned == trainer | ({"topk"} if step.endswith("3") else set()), step

@@ -60,6 +60,9 @@ class StageConfig:
     # stages 1/2: train the layers this many at a time, block after block, each block a whole pass over the stage's
     # tokens with only its layers on the GPU; None = all layers in one pass. Same result, less memory, more time.
     layer_block: int | None = None
+    # stages 1/2: keep the teacher's weights in CPU memory and move each of its modules' weights to the GPU only for
+    # that module's forward (accelerate's offload hooks). Same result, the teacher off the GPU, slower teacher forward.
+    teacher_offload: bool = False
     # stage 3: "online" runs the teacher beside the student; "topk" precomputes its top-k logits once into
     # RUN/teacher_logits/ (teacher_topk per position, k * 6 + 4 bytes per token on disk) and trains against them
     # with the teacher off the GPU (the KL coarsened to the top k + the rest: radistill.distill.losses)
@@ -198,6 +201,11 @@ def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
     if st.activation_checkpointing and number != 3:
         raise RadistillError(f"{where}: activation_checkpointing is for stage 3 only (stages 1/2 already run each "
                              "layer's backward right after its forward, so there is nothing to recompute)")
+    if not isinstance(st.teacher_offload, bool):
+        raise RadistillError(f"{where}: teacher_offload must be true or false (got {st.teacher_offload!r})")
+    if st.teacher_offload and number == 3:
+        raise RadistillError(f"{where}: teacher_offload is for stages 1/2 only (stage 3 runs the whole teacher on "
+                             "every micro-batch); to take the teacher off the GPU in stage 3 use teacher_logits: topk")
     if st.layer_block is None:
         return
     if number == 3:

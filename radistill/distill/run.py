@@ -19,8 +19,10 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     Under ``torchrun`` each rank takes its GPU (``LOCAL_RANK``) and joins the process group. The student is
     trained in fp32 (master weights) and loaded into CPU memory: the trainer moves to the GPU what each stage needs
     (stages 1/2 only the layers they train). The teacher is kept on the device, in bf16 on CUDA when the recipe
-    computes in bf16 (with ``shard_teacher``: loaded into CPU memory, then sharded onto the devices). With
-    ``recipe.gpu_memory`` the run is first planned for that much GPU memory (:func:`fit_recipe`).
+    computes in bf16 (with ``shard_teacher``: loaded into CPU memory, then sharded onto the devices; with a stage 1/2
+    that has ``teacher_offload``: loaded into CPU memory, the trainer moving it to the device for the stages that
+    hold it there). With ``recipe.gpu_memory`` the run is first planned for that much GPU memory
+    (:func:`fit_recipe`).
     """
     if not recipe.enabled_stages():
         raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
@@ -31,7 +33,9 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     student, _ = load_model(student_dir, dtype="fp32", device="cpu")
     # a sharded teacher reaches the device only as shards (the Trainer shards it), never whole
     sharded = recipe.shard_teacher and world_size() > 1
-    teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device="cpu" if sharded else device)
+    # a streamed teacher need never fit on the device whole
+    streamed = any(recipe.stage(s).teacher_offload for s in recipe.enabled_stages())
+    teacher, tokenizer = load_model(teacher_id, dtype=teacher_dtype, device="cpu" if sharded or streamed else device)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise RadistillError(
             f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
@@ -49,7 +53,7 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
 def fit_recipe(student_dir: str | Path, recipe: DistillRecipe) -> DistillRecipe:
     """Plan the run for ``recipe.gpu_memory`` (printed), raise before any compute if it cannot fit, and return the
     recipe with the plan's settings applied (:func:`radistill.memplan.distill.recipe_overrides`: micro-batch,
-    gradient accumulation, optimizer, layer blocks, activation checkpointing, logit chunk, LoRA)."""
+    gradient accumulation, optimizer, layer blocks, streamed teacher, activation checkpointing, logit chunk, LoRA)."""
     from radistill.memplan.cli import print_plan
     from radistill.memplan.distill import plan_distill, recipe_overrides
     from radistill.memplan.plan import require_fit

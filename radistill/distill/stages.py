@@ -9,7 +9,8 @@ see exactly what the teacher's layers saw (masks and RoPE included) and each lay
 so only one layer's activations are alive at a time. The teacher forward stops after the last layer an objective
 trains (a block of layers needs no teacher layer above it). Layers are independent problems there, so they can be
 trained a block at a time (:func:`layer_blocks`) with the same result; :func:`stage_modules` names the part of the
-student a block needs on the GPU.
+student a block needs on the GPU. With ``teacher_offload`` the teacher's weights stay in CPU memory and reach the GPU
+one module at a time (:func:`stream_teacher`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,42 @@ def teacher_taps(teacher: nn.Module, layers: list[int], stop: bool = False):
             handle.remove()
 
 
+def stream_teacher(teacher: nn.Module, device: str) -> Callable[[], None]:
+    """Keep ``teacher``'s weights in CPU memory and run its base model on ``device``: accelerate's offload hooks move
+    each module's own weights there for its forward and drop them after, so the device holds one module's weights at
+    a time (the teacher's outputs, and so the taps, are on ``device``). The LM head, which stages 1/2 never run, stays
+    in CPU memory. Returns the function that removes the hooks and gives the teacher back its own parameters (tied
+    weights stay tied), in CPU memory."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    teacher.to("cpu")
+    base = getattr(teacher, teacher.base_model_prefix)
+    # the hooks hold the same CPU tensors (no copy); removing them would make new parameters of those tensors,
+    # breaking ties between modules (a tied LM head would then be copied to the device twice)
+    own = [(module, name, param) for module in base.modules() for name, param in module.named_parameters(recurse=False)]
+    cpu_offload(base, execution_device=torch.device(device))
+
+    def restore() -> None:
+        remove_hook_from_module(base, recurse=True)
+        for module, name, param in own:
+            setattr(module, name, param)
+
+    return restore
+
+
+@contextlib.contextmanager
+def _weights_on_device(module: nn.Module):
+    """The weights under ``module`` of a streamed teacher (:func:`stream_teacher`) on its execution device while they
+    are read outside any forward; nothing to do for a teacher that is not streamed."""
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            stack.enter_context(align_module_device(sub))
+        yield
+
+
 def _run_teacher(teacher: nn.Module, input_ids: Tensor) -> None:
     with torch.no_grad(), contextlib.suppress(_TeacherDone):
         getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
@@ -252,12 +289,13 @@ class MatrixOrientation(_LayerwiseObjective):
         student = mixer.recurrent.mixing_matrix(tap.attn_input.detach())
         teacher_attn = self.teacher_layers[index].self_attn
         total, start = 0.0, 0
-        targets = attention_probs(teacher_attn, tap.attn_input, tap.kwargs["position_embeddings"], heads,
-                                  self.group_size, HEAD_CHUNK)
-        for target in targets:  # the head-weighted mean of per-chunk means
-            size = target.shape[1]
-            total = total + matrix_orientation_loss(student[:, start : start + size], target) * size
-            start += size
+        with _weights_on_device(teacher_attn):  # attention_probs reads the q/k weights, not through a forward
+            targets = attention_probs(teacher_attn, tap.attn_input, tap.kwargs["position_embeddings"], heads,
+                                      self.group_size, HEAD_CHUNK)
+            for target in targets:  # the head-weighted mean of per-chunk means
+                size = target.shape[1]
+                total = total + matrix_orientation_loss(student[:, start : start + size], target) * size
+                start += size
         return total / len(heads)
 
 

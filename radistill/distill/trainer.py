@@ -22,7 +22,9 @@ trains each micro-batch against its stored top-k, read by the micro-batch's posi
 Memory (what ``radistill.memplan`` plans; docs/24gb.md): the trainer puts on the device only what a stage runs.
 Stages 1/2 need just the trained layers (for stage 1, their recurrent mixers), never the embeddings or LM head;
 with ``layer_block`` they train one block of layers after another, each block a whole pass over the stage's data
-with its own optimizer, and everything else waits in CPU memory in fp32. Stage 3 holds the whole student; with
+with its own optimizer, and everything else waits in CPU memory in fp32. With ``teacher_offload`` (stages 1/2) the
+teacher's weights stay in CPU memory too, each module's moved to the device only for its forward
+(:func:`stream_teacher`), and the teacher is whole again after the stage. Stage 3 holds the whole student; with
 LoRA under bf16 autocast its frozen base weights are held in bf16. ``activation_checkpointing`` recomputes each
 student layer in stage 3's backward; ``optimizer: adamw8bit`` keeps 8-bit AdamW moments (torchao or
 bitsandbytes). After each stage the student is back, in fp32, on the device it was given on.
@@ -53,8 +55,8 @@ from radistill.distill.parallel import (
 from radistill.distill.recipe import DistillRecipe, StageConfig
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import (
-    Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, student_layers,
-    trained_layers, trained_module,
+    Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, stream_teacher,
+    student_layers, trained_layers, trained_module,
 )
 from radistill.distill.teacher_logits import TeacherLogits, logits_settings, precompute
 from radistill.finetune.lora import LoraSpec, adapter_parameters, add_lora, check_adapter_gradients, merged_copy
@@ -112,8 +114,11 @@ class Trainer:
         self.autocast = device.startswith("cuda") and recipe.dtype == "bf16"
         self.fsdp = recipe.parallel == "fsdp" and world_size() > 1
         self.home = next(student.parameters()).device  # where the student goes back to after each stage
-        self.teacher_home = next(teacher.parameters()).device  # stage 3 with stored teacher logits moves it off
+        # where the teacher goes back to after each stage (stage 3 with stored teacher logits and a streamed teacher
+        # take it off the device; a run that streams it gives it in CPU memory)
+        self.teacher_home = next(teacher.parameters()).device
         self._lowered: list[nn.Parameter] = []  # parameters _place() holds in bf16 for the current stage
+        self._unstream: Callable[[], None] | None = None  # undoes stream_teacher() for the current stage
         teacher.requires_grad_(False).eval()
         self._compile([*student_layers(student), *decoder_layers(teacher)])
         if self.fsdp and recipe.shard_teacher:  # only stage 3 runs (the recipe checks), and the teacher stays frozen
@@ -219,6 +224,7 @@ class Trainer:
                 f"stage {stage}: {passes}{per_block:,} steps of {tokens_per_step:,} tokens "
                 f"({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum} accum x {data_shards} ranks)"
             )
+        self._place_teacher(stage)
         stored = None  # stage 3's precomputed teacher logits (teacher_logits: topk)
         if cfg.teacher_logits == "topk" and step < total:
             stored = self._teacher_logits(stage, cfg, total * cfg.grad_accum * cfg.batch_size * data_shards)
@@ -317,9 +323,20 @@ class Trainer:
         if cfg.activation_checkpointing:
             set_activation_checkpointing(self.student, True)
 
+    def _place_teacher(self, stage: int) -> None:
+        """The teacher where ``stage`` runs it: on the device, or with ``teacher_offload`` in CPU memory with its
+        forward on the device (:func:`stream_teacher`, undone by :meth:`_release`). A sharded teacher stays sharded."""
+        if is_sharded(self.teacher):
+            return
+        if self.recipe.stage(stage).teacher_offload:
+            self._unstream = stream_teacher(self.teacher, self.device)
+        else:
+            self.teacher.to(self.device)
+
     def _release(self, stage: int) -> None:
-        """Undo :meth:`_place`: the student whole, in fp32, on the device it came on (exports merge adapters in
-        fp32, and the next stage starts from the same state whatever this one held where)."""
+        """Undo :meth:`_place` and :meth:`_place_teacher`: the student whole, in fp32, on the device it came on
+        (exports merge adapters in fp32, and the next stage starts from the same state whatever this one held where);
+        the teacher a plain module again, where it was given."""
         if self.recipe.stage(stage).activation_checkpointing:
             set_activation_checkpointing(self.student, False)
         for p in self._lowered:
@@ -329,7 +346,10 @@ class Trainer:
         # those of weights the next stage freezes (LoRA's base) would stay there all stage
         self.student.zero_grad(set_to_none=True)
         self.student.to(self.home)
-        if self.recipe.stage(stage).teacher_logits == "topk":
+        if self._unstream is not None:
+            self._unstream()
+            self._unstream = None
+        if not is_sharded(self.teacher):
             self.teacher.to(self.teacher_home)
 
     def _seed(self, stage: int) -> int:

@@ -3,7 +3,7 @@
 ``plan_distill`` plans each enabled stage with that stage's own sequence length and batch, among the strategies
 the trainer implements; ``recipe_overrides`` turns the chosen strategies into recipe settings, so the trainer does
 what the plan printed: micro-batch and gradient accumulation, the optimizer (8-bit AdamW), stages 1/2's layer
-blocks, stage 3's activation checkpointing, logit chunk and LoRA.
+blocks and streamed teacher, stage 3's activation checkpointing, logit chunk and LoRA.
 
 Stage 3's teacher logits are the recipe's choice, never the plan's: stored top-k logits change the loss (a KL over
 the top k + the rest) and take k * 6 + 4 bytes of disk per token, so they are planned only when the recipe asks
@@ -73,9 +73,10 @@ def _teacher_logits_notes(step: StepPlan, estimator: Estimator, cfg, budget: int
 def recipe_overrides(plan: Plan, recipe) -> dict:
     """A partial recipe (for ``radistill.distill.recipe.merge``) with every memory setting of each planned stage: the
     micro-batch, with gradient accumulation raised so the sequences per step stay the same; the optimizer; stages
-    1/2's ``layer_block`` (None: all layers in one pass); stage 3's ``activation_checkpointing`` and logit chunk;
-    LoRA where chosen. The plan decides these settings whatever the recipe had (they change memory and time; apart
-    from 8-bit moments, which the plan takes only when fp32 AdamW cannot fit, not what is learned)."""
+    1/2's ``layer_block`` (None: all layers in one pass) and ``teacher_offload``; stage 3's
+    ``activation_checkpointing`` and logit chunk; LoRA where chosen. The plan decides these settings whatever the
+    recipe had (they change memory and time; apart from 8-bit moments, which the plan takes only when fp32 AdamW
+    cannot fit, not what is learned)."""
     stages: dict[int, dict] = {}
     for step in plan.steps:
         number = int(step.step.rsplit(" ", 1)[1])
@@ -89,6 +90,7 @@ def recipe_overrides(plan: Plan, recipe) -> dict:
                 override["loss"] = {"chunk_tokens": st.logits_chunk}
         else:
             override["layer_block"] = st.layers_at_once or None
+            override["teacher_offload"] = st.teacher == "streamed"
         if st.trainable == "lora":
             override["trainable"] = "lora"
         stages[number] = override

@@ -65,7 +65,7 @@ class Strategy:
     optimizer: str = "adamw"  # adamw | adamw8bit | none
     checkpointing: bool = False  # activation checkpointing: keep each layer's input, recompute in backward
     layers_at_once: int = 0  # stages 1/2: decoder layers trained together (0 = all)
-    teacher: str = "resident"  # resident (bf16 on the GPU) | streamed (one layer at a time) | topk | none
+    teacher: str = "resident"  # resident (bf16 on the GPU) | streamed (from CPU memory, by module) | topk | none
     logits_chunk: int = 0  # tokens whose [tokens, vocab] logits exist at once (0 = all of them)
     prompt_chunk: int = 0  # scan: prompts whose clean activations are cached at once
     device: str = "gpu"  # build: gpu | cpu
@@ -237,7 +237,9 @@ class Estimator:
         weights, trainable = self._train_state(sum(trained), 0, st.optimizer)
         boundary = self._tokens(st.micro_batch) * self.hidden * w.act_bytes
         taps = (2 * k + 1) * boundary  # per tapped layer its input and normed input; outputs are next inputs
-        if st.teacher == "streamed":  # embeddings + two layers in flight (one computing, one arriving)
+        # streamed: the trainer's offload hooks hold one module's weights at a time (stage 1 also one layer's
+        # attention while it reads its q/k), of which embeddings + two layers is an upper bound
+        if st.teacher == "streamed":
             teacher_weights = (s.teacher.get_input_embeddings().weight.numel()
                                + 2 * s.params(s.layers(s.teacher)[0])) * w.act_bytes
         else:

@@ -5,9 +5,9 @@ fp32 AdamW before 8-bit (only offered when torchao or bitsandbytes imports), no 
 checkpointing (it costs a second forward), the requested micro-batch before smaller ones (gradient accumulation
 keeps the tokens per step), larger logit chunks before smaller ones. Stages 1/2 train fewer layers at a time
 before streaming the teacher; stage 3 streams precomputed top-k teacher logits as the last resort. The trainer
-does not stream the teacher yet, and reads top-k logits only when its recipe opts in (``teacher_logits: topk``: they
-change the loss and cost k * 6 + 4 bytes of disk per token), so the plans it applies (``trainer_only``) never choose
-either; a recipe's own choice of teacher logits is planned as given (``stage3_teacher``).
+reads top-k logits only when its recipe opts in (``teacher_logits: topk``: they change the loss and cost k * 6 + 4
+bytes of disk per token), so the plans it applies (``trainer_only``) never choose them; a recipe's own choice of
+teacher logits is planned as given (``stage3_teacher``). A streamed teacher they do choose (``teacher_offload``).
 
 The budget is ``gpu_memory * (1 - reserve)``: the reserve covers the CUDA allocator's fragmentation and what the
 estimates leave out (kernel workspaces, the CUDA context when the cap is the card's size).
@@ -28,8 +28,8 @@ from radistill.utils.io import write_json_atomic
 from radistill.utils.optim import eight_bit_library as eight_bit_optimizer
 
 STEPS = ("scan", "build", "distill stage 1", "distill stage 2", "distill stage 3", "eval", "finetune")
-# teacher handling radistill distill's plan may choose (a streamed teacher is planned only; top-k logits are opt-in)
-TRAINER_TEACHERS = ("resident",)
+# teacher handling radistill distill's plan may choose (streamed: stages 1/2's teacher_offload; top-k logits are opt-in)
+TRAINER_TEACHERS = ("resident", "streamed")
 LOGIT_CHUNKS = (2048, 512, 128)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -167,8 +167,8 @@ def _notes(st: Strategy, work: Workload, layers: int, eight_bit: str | None) -> 
         notes.append(f"{-(-layers // st.layers_at_once)} passes over the data, one per block of "
                      f"{st.layers_at_once} layer(s); the other student layers stay off the GPU")
     if st.teacher == "streamed":
-        notes.append("teacher weights in CPU memory, moved to the GPU one layer at a time (radistill distill "
-                     "does not do this yet)")
+        notes.append("teacher weights in CPU memory, moved to the GPU one module at a time for its forward "
+                     "(teacher_offload)")
     if st.teacher == "topk":
         from radistill.distill.teacher_logits import bytes_per_token
 
