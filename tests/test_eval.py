@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from distill_helpers import char_tokenizer, tiny_student, write_corpus
+from eval_helpers import constant_model
 from radistill.eval import EvalConfig, EvalReport, KVEvalConfig, TaskResult, coverage, evaluate_model
 from radistill.eval.choice import jsonl_task
 from radistill.eval.kv import greedy_exact_match, kv_retrieval, parse_generated
@@ -25,31 +25,11 @@ from radistill.utils.errors import RadistillError
 EXAMPLE_TEACHER = Path(__file__).resolve().parents[1] / "examples" / "teacher-19m"
 
 
-class ConstantLogits(nn.Module):
-    """An lm_head that ignores its input: the same logits at every position, favouring ``token``."""
-
-    def __init__(self, vocab: int, token: int | None):
-        super().__init__()
-        logits = torch.zeros(vocab)
-        if token is not None:
-            logits[token] = 20.0
-        self.register_buffer("logits", logits)
-
-    def forward(self, hidden):  # [..., hidden] -> [..., vocab]
-        return self.logits.expand(*hidden.shape[:-1], -1).to(hidden.dtype)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     from radistill.models.access import load_model
 
     return load_model(EXAMPLE_TEACHER, device="cpu", dtype="fp32")
-
-
-def constant_model(tokenizer, token: int | None):
-    model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))
-    model.lm_head = ConstantLogits(len(tokenizer), token)
-    return model
 
 
 def test_teacher_solves_kv_both_ways(teacher):

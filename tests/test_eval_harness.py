@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_helpers import constant_model
 from radistill.eval.harness import lm_eval_tasks, pick_metric
 from radistill.eval.runner import EvalConfig, evaluate_model
 from radistill.utils.errors import RadistillError
@@ -51,8 +52,6 @@ def teacher():
 
 
 def test_local_task_on_a_rigged_model(teacher, task_dir):
-    from tests.test_eval import constant_model
-
     _, tokenizer = teacher
     (no,) = tokenizer(" no", add_special_tokens=False).input_ids
     (result,) = lm_eval_tasks(constant_model(tokenizer, no), tokenizer, {"tiny_capitals": "knowledge"},
