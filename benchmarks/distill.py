@@ -104,6 +104,11 @@ def build_pair(quick: bool, device: str, state_size: int):
     return teacher, student.float().train()
 
 
+def synchronizer(device: str):
+    """What waits for ``device``'s queued work before a clock is read (nothing to wait for on the CPU)."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 def time_steps(stage: int, student, teacher, recipe, data, device: str, steps: int, warmup: int) -> tuple[float, float]:
     """(seconds per optimizer step of ``stage``, last loss): ``Trainer.step`` on ``data`` (``next_batch(n)``) after
     ``warmup`` untimed steps (compilation, kernel selection, allocator). One process: every layer is trained."""
@@ -112,7 +117,7 @@ def time_steps(stage: int, student, teacher, recipe, data, device: str, steps: i
     layers = list(range(student.config.num_hidden_layers))
     objective = make_objective(stage, student, teacher, cfg, layers)
     optimizer = trainer.make_optimizer(objective, cfg)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     for i in range(warmup):
         trainer.step(objective, optimizer, data, cfg, stage, i, warmup + steps, 1)
     sync()
@@ -135,9 +140,9 @@ def measure(teacher, student, device: str, seq_len: int, batch: int, steps: int,
             "peak_memory_gib": memory}
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    """Seconds per call of ``fn`` after one untimed call."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def seconds_per_call(fn, device: str, repeats: int) -> float:
+    """Seconds per call of ``fn`` after one untimed call (compilation, kernel selection, optimizer state)."""
+    sync = synchronizer(device)
     fn()
     sync()
     start = time.perf_counter()
@@ -153,36 +158,36 @@ def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: 
     whole step's time shows what the step spends between them."""
     from radistill.distill.losses import distillation_loss
     from radistill.distill.recipe import LossConfig
-    from radistill.distill.stages import _final_hidden, _head_weight
+    from radistill.distill.stages import final_hidden, head_weight
 
     ids = RandomTokens(teacher.config.vocab_size, seq_len).next_batch(batch).to(device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     student.requires_grad_(True)
     with autocast, torch.no_grad():
-        teacher_hidden = _final_hidden(teacher, ids)
-        student_hidden = _final_hidden(student, ids)
+        teacher_hidden = final_hidden(teacher, ids)
+        student_hidden = final_hidden(student, ids)
 
     def teacher_forward():
         with autocast, torch.no_grad():
-            _final_hidden(teacher, ids)
+            final_hidden(teacher, ids)
 
     def student_forward_backward():
         with autocast:
-            _final_hidden(student, ids).float().square().mean().backward()
+            final_hidden(student, ids).float().square().mean().backward()
 
     def loss():
         hidden = student_hidden.detach().requires_grad_(True)
         with autocast:
-            distillation_loss(hidden, _head_weight(student), teacher_hidden, _head_weight(teacher), ids,
+            distillation_loss(hidden, head_weight(student), teacher_hidden, head_weight(teacher), ids,
                               LossConfig()).backward()
 
     parts = {"teacher forward": teacher_forward, "student forward+backward": student_forward_backward,
              "fused KL (+grads)": loss}
-    times = {name: _timed(fn, device, repeats) for name, fn in parts.items()}
+    times = {name: seconds_per_call(fn, device, repeats) for name, fn in parts.items()}
     for p in student.parameters():
         p.grad = torch.zeros_like(p)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=device.startswith("cuda") or None)
-    times["AdamW step"] = _timed(optimizer.step, device, repeats)
+    times["AdamW step"] = seconds_per_call(optimizer.step, device, repeats)
     student.zero_grad(set_to_none=True)
     del optimizer
     return times

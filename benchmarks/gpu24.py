@@ -38,7 +38,7 @@ from radistill.memplan.shapes import Shapes
 from radistill.models import presets
 from radistill.utils.io import write_json_atomic
 
-from distill import versions  # noqa: E402  (benchmarks/distill.py)
+from distill import seconds_per_call, versions  # noqa: E402  (benchmarks/distill.py)
 
 RESULTS = Path(__file__).parent / "results"
 KEEP, STATE_SIZE = 13, 8
@@ -112,16 +112,6 @@ def build_models(config, device: str):
     return teacher.requires_grad_(False), student
 
 
-def _timed(step_fn, steps: int, tokens_per_step: int, sync) -> float:
-    step_fn()  # warm-up (compilation, optimizer state)
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    sync()
-    return steps * tokens_per_step / (time.perf_counter() - started)
-
-
 def run_layerwise(stage: int, teacher, student, plan_step, work: Workload, args, device, meter) -> dict:
     st = plan_step.strategy
     layers = student.model.layers
@@ -164,7 +154,7 @@ def _time_objective(objective, params, st, work: Workload, vocab_size: int, step
             objective.step(ids, 1.0)
         optimizer.step()
 
-    return _timed(step, steps, ids.numel(), _sync(device))
+    return ids.numel() / seconds_per_call(step, device, steps)
 
 
 def run_stage3(teacher, student, plan_step, work: Workload, args, device, meter) -> dict:
@@ -220,10 +210,6 @@ def run_finetune(student, plan_step, work: Workload, args, device, meter) -> dic
         result = train(model, batches(), cfg, device, autocast=True)
     record["tokens_per_s"] = result.tokens_per_s
     return record
-
-
-def _sync(device: str):
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
 # ---- serving ------------------------------------------------------------------------------------------------------
@@ -367,13 +353,12 @@ def main() -> None:
     student.to(device="cpu")
     teacher.to(device=device)
     served = result["serving"]
-    for which, model in (("teacher", teacher), ("hybrid", student)):
+    for which, model, role in (("teacher", teacher, "teacher"), ("hybrid", student, "student")):
         started = time.perf_counter()
         if which == "hybrid":
             teacher.to("cpu")
             student.to(device=device, dtype=torch.bfloat16)
-        served[which] = serving(model.eval(), "teacher" if which == "teacher" else "student",
-                                plan.serving["teacher" if which == "teacher" else "student"], device, batch_context)
+        served[which] = serving(model.eval(), role, plan.serving[role], device, batch_context)
         print(f"serving, {which} ({time.perf_counter() - started:.0f} s): {json.dumps(served[which])}", flush=True)
         write_json_atomic(out, result)
     print(json.dumps({k: result[k] for k in ("device", "cap_gib", "stages", "serving")}, indent=2))

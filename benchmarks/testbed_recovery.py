@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from distill import time_steps  # noqa: E402  (benchmarks/distill.py)
+from distill import synchronizer, time_steps  # noqa: E402  (benchmarks/distill.py)
 from radistill.distill.data import PackedStream, heldout_sequences  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
-    timings = Timings(torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    timings = Timings(synchronizer(device))
     graphs_at_start = _compiled_graphs()
     kv_per_size = args.kv_items or (16 if quick else 200)
     ppl_tokens = args.ppl_tokens or (4096 if quick else 65536)

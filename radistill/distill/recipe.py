@@ -153,8 +153,7 @@ class DistillRecipe:
     def _validate_parallel(self) -> None:
         if self.parallel not in PARALLEL:
             raise RadistillError(f"recipe parallel '{self.parallel}' is not one of {', '.join(PARALLEL)}")
-        if not isinstance(self.shard_teacher, bool):
-            raise RadistillError(f"shard_teacher must be true or false (got {self.shard_teacher!r})")
+        _require_bool(self.shard_teacher, "shard_teacher")
         if self.shard_teacher and self.parallel != "fsdp":
             raise RadistillError("shard_teacher shards the teacher with FSDP2: set parallel to fsdp (--parallel fsdp)")
         if self.shard_teacher and (self.stages[1].enabled or self.stages[2].enabled):
@@ -195,14 +194,11 @@ class DistillRecipe:
 def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
     if st.optimizer not in OPTIMIZERS:
         raise RadistillError(f"{where}: optimizer '{st.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-    if not isinstance(st.activation_checkpointing, bool):
-        raise RadistillError(f"{where}: activation_checkpointing must be true or false "
-                             f"(got {st.activation_checkpointing!r})")
+    _require_bool(st.activation_checkpointing, f"{where}: activation_checkpointing")
     if st.activation_checkpointing and number != 3:
         raise RadistillError(f"{where}: activation_checkpointing is for stage 3 only (stages 1/2 already run each "
                              "layer's backward right after its forward, so there is nothing to recompute)")
-    if not isinstance(st.teacher_offload, bool):
-        raise RadistillError(f"{where}: teacher_offload must be true or false (got {st.teacher_offload!r})")
+    _require_bool(st.teacher_offload, f"{where}: teacher_offload")
     if st.teacher_offload and number == 3:
         raise RadistillError(f"{where}: teacher_offload is for stages 1/2 only (stage 3 runs the whole teacher on "
                              "every micro-batch); to take the teacher off the GPU in stage 3 use teacher_logits: topk")
@@ -211,9 +207,20 @@ def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
     if number == 3:
         raise RadistillError(f"{where}: layer_block is for stages 1/2 only (stage 3 trains every layer through one "
                              "loss); for stage 3 memory use activation_checkpointing, optimizer adamw8bit or lora")
-    if isinstance(st.layer_block, bool) or not isinstance(st.layer_block, int) or st.layer_block < 1:
+    if not _is_count(st.layer_block):
         raise RadistillError(f"{where}: layer_block must be a whole number of layers >= 1, or null for all layers "
                              f"at once (got {st.layer_block!r})")
+
+
+def _require_bool(value, name: str) -> None:
+    """YAML's yes/no and JSON's strings are not booleans here: a setting that switches something is true or false."""
+    if not isinstance(value, bool):
+        raise RadistillError(f"{name} must be true or false (got {value!r})")
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 1 (bool is an int in Python, and not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _validate_teacher_logits(st: StageConfig, number: int, where: str) -> None:
@@ -222,7 +229,7 @@ def _validate_teacher_logits(st: StageConfig, number: int, where: str) -> None:
     if st.teacher_logits == "topk" and number != 3:
         raise RadistillError(f"{where}: teacher_logits 'topk' is for stage 3 only (stages 1/2 read the teacher's "
                              "hidden states, not its logits)")
-    if isinstance(st.teacher_topk, bool) or not isinstance(st.teacher_topk, int) or st.teacher_topk < 1:
+    if not _is_count(st.teacher_topk):
         raise RadistillError(f"{where}: teacher_topk must be a whole number >= 1 (got {st.teacher_topk!r})")
 
 

@@ -328,25 +328,25 @@ class _DistillationModule(nn.Module):
 
     def forward(self, input_ids: Tensor, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if teacher_topk is not None:  # stored teacher logits: the teacher does not run (it is off the device)
-            student_hidden = _final_hidden(self.student, input_ids)
-            return topk_distillation_loss(student_hidden, _head_weight(self.student), *teacher_topk, input_ids,
+            student_hidden = final_hidden(self.student, input_ids)
+            return topk_distillation_loss(student_hidden, head_weight(self.student), *teacher_topk, input_ids,
                                           self.loss_cfg)
         teacher = self._teacher[0]
         with torch.no_grad():
-            teacher_hidden = _final_hidden(teacher, input_ids)
-        student_hidden = _final_hidden(self.student, input_ids)
+            teacher_hidden = final_hidden(teacher, input_ids)
+        student_hidden = final_hidden(self.student, input_ids)
         return distillation_loss(
-            student_hidden, _head_weight(self.student), teacher_hidden, _head_weight(teacher), input_ids,
+            student_hidden, head_weight(self.student), teacher_hidden, head_weight(teacher), input_ids,
             self.loss_cfg,
         )
 
 
-def _final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
+def final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
     """[batch, seq, hidden]: the final-norm output that the LM head reads."""
     return getattr(model, model.base_model_prefix)(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def _head_weight(model: nn.Module) -> Tensor:
+def head_weight(model: nn.Module) -> Tensor:
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise RadistillError(f"{type(model).__name__}'s LM head has a bias; stage 3 supports bias-free heads only")

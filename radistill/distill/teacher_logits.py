@@ -48,7 +48,7 @@ from radistill.distill.data import PackedStream, eos_id
 from radistill.distill.losses import teacher_topk
 from radistill.distill.parallel import barrier
 from radistill.distill.recipe import DataConfig
-from radistill.distill.stages import _final_hidden, _head_weight
+from radistill.distill.stages import final_hidden, head_weight
 from radistill.models.access import weights_fingerprint
 from radistill.scan.distributed import rank, world_size
 from radistill.utils.console import console, is_main_process
@@ -162,12 +162,12 @@ def _shard_tensors(teacher: nn.Module, ids: Tensor, settings: dict, batch_size: 
                    autocast: bool) -> dict[str, Tensor]:
     """The shard's tensors (module docstring) for ``ids`` [n, seq_len]."""
     device = next(teacher.parameters()).device
-    head = _head_weight(teacher)
+    head = head_weight(teacher)
     k, temperature = settings["topk"], settings["temperature"]
     logprobs, indices, lse = [], [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for batch in ids.split(batch_size):
-            hidden = _final_hidden(teacher, batch.to(device)).flatten(0, 1)
+            hidden = final_hidden(teacher, batch.to(device)).flatten(0, 1)
             for rows in hidden.split(chunk_tokens):
                 values, ids_k, norm = teacher_topk((rows.to(head.dtype) @ head.t()).float(), k, temperature)
                 logprobs.append(values.to(torch.float16).cpu())
