@@ -115,7 +115,7 @@ def time_steps(stage: int, student, teacher, recipe, data, device: str, steps: i
     cfg = recipe.stage(stage)
     trainer = Trainer(student, teacher, tokenizer=None, recipe=recipe, run_dir=Path("unused"), device=device)
     layers = list(range(student.config.num_hidden_layers))
-    objective = make_objective(stage, student, teacher, cfg, layers)
+    objective = make_objective(stage, student, teacher, cfg, layers, compile_loss=trainer.compiles)
     optimizer = trainer.make_optimizer(objective, cfg)
     sync = synchronizer(device)
     for i in range(warmup):
@@ -152,10 +152,11 @@ def seconds_per_call(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: int) -> dict:
+def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: int, compiled: bool) -> dict:
     """Seconds per call of each part of a stage-3 step, alone: the teacher's forward, the student's forward and
-    backward up to its final norm, the fused KL (forward and its gradients) and the AdamW update. Their sum beside the
-    whole step's time shows what the step spends between them."""
+    backward up to its final norm, the fused KL (forward and its gradients; its chunk arithmetic compiled if
+    ``compiled``) and the AdamW update. Their sum beside the whole step's time shows what the step spends between
+    them. The layers run as the last measured rows left them (compiled once a compiled row ran)."""
     from radistill.distill.losses import distillation_loss
     from radistill.distill.recipe import LossConfig
     from radistill.distill.stages import final_hidden, head_weight
@@ -179,7 +180,7 @@ def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: 
         hidden = student_hidden.detach().requires_grad_(True)
         with autocast:
             distillation_loss(hidden, head_weight(student), teacher_hidden, head_weight(teacher), ids,
-                              LossConfig()).backward()
+                              LossConfig(), compiled).backward()
 
     parts = {"teacher forward": teacher_forward, "student forward+backward": student_forward_backward,
              "fused KL (+grads)": loss}
@@ -193,12 +194,12 @@ def breakdown(teacher, student, device: str, seq_len: int, batch: int, repeats: 
     return times
 
 
-def kernel_table(teacher, student, device: str, seq_len: int, batch: int, top: int = 25) -> list[dict]:
+def kernel_table(teacher, student, device: str, seq_len: int, batch: int, compiled: bool, top: int = 25) -> list[dict]:
     """The ``top`` CUDA kernels of one whole stage-3 step by self time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     stage = dict(seq_len=seq_len, batch_size=batch, grad_accum=1, lr=1e-6, warmup=0.0, decay=0.0, schedule="constant")
-    recipe = merge(DistillRecipe(), {"dtype": "bf16", "stages": {3: stage}})
+    recipe = merge(DistillRecipe(), {"compile": compiled, "dtype": "bf16", "stages": {3: stage}})
     data = RandomTokens(teacher.config.vocab_size, seq_len)
     time_steps(3, student, teacher, recipe, data, device, steps=1, warmup=1)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -294,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)  # the rows survive a profile cut short
     if args.profile:
-        profile = result["profile"] = {"batch_size": batches[0],
-                                       "seconds": breakdown(teacher, student, device, seq_len, batches[0], steps)}
+        compiled = compile_modes[-1]
+        profile = result["profile"] = {
+            "batch_size": batches[0], "compile": compiled,
+            "seconds": breakdown(teacher, student, device, seq_len, batches[0], steps, compiled),
+        }
         write_json_atomic(out, result)
-        profile["kernels"] = kernel_table(teacher, student, device, seq_len, batches[0]) if device == "cuda" else []
+        profile["kernels"] = (kernel_table(teacher, student, device, seq_len, batches[0], compiled)
+                              if device == "cuda" else [])
         write_json_atomic(out, result)
         print(_profile_text(profile), flush=True)
     table = _table(result)
@@ -317,7 +322,7 @@ def _row_text(row: dict) -> str:
 
 
 def _profile_text(profile: dict) -> str:
-    lines = [f"\nparts of one step alone, micro-batch {profile['batch_size']}:"]
+    lines = [f"\nparts of one step alone, micro-batch {profile['batch_size']}, compile {profile['compile']}:"]
     lines += [f"  {name:<26} {seconds * 1e3:8.1f} ms" for name, seconds in profile["seconds"].items()]
     lines += [f"  {'sum':<26} {sum(profile['seconds'].values()) * 1e3:8.1f} ms"]
     if profile["kernels"]:

@@ -7,9 +7,16 @@
   LM heads and chunked over tokens so the ``[tokens, vocab]`` logits never exist whole; and
   :func:`topk_distillation_loss`, the same against the teacher's top-k logits stored on disk (:func:`teacher_topk`,
   ``radistill/distill/teacher_logits.py``), the KL coarsened to the top k + one class for the rest.
+
+Stage 3's per-chunk arithmetic (log-softmaxes, KL, gradient w.r.t. the logits) is a handful of passes over a
+[chunk, vocab] block: eager, each is its own kernel and fp32 temporary (at a 128k vocabulary it took 70% of the
+fused loss's time on an H200, benchmarks/results/distill.json). ``compiled=True`` runs those functions under
+torch.compile (CUDA only), which fuses them into a few kernels that read the bf16 logits once.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -38,25 +45,27 @@ def hidden_alignment_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 # --- stage 3 ----------------------------------------------------------------------------------------------
 def distillation_loss(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
-                      input_ids: Tensor, cfg: LossConfig) -> Tensor:
+                      input_ids: Tensor, cfg: LossConfig, compiled: bool = False) -> Tensor:
     """``kl_weight * T^2 * mean_tokens KL(p_teacher/T || p_student/T) + ce_weight * mean CE(student, next token)``.
 
     student_hidden, teacher_hidden: [batch, seq, hidden] (final-norm outputs); student_head, teacher_head:
     [vocab, hidden] LM-head weights; input_ids: [batch, seq] (CE targets are the next tokens; the last position
-    has none). KL covers every position. Gradients flow to ``student_hidden`` and ``student_head``.
+    has none). KL covers every position. Gradients flow to ``student_hidden`` and ``student_head``. ``compiled``:
+    the per-chunk arithmetic under torch.compile on CUDA (module docstring); the same numbers up to rounding.
     """
     dtype = student_hidden.dtype  # of the head matmuls; under autocast they run in bf16 whatever this is
     teacher_hidden, teacher_head = teacher_hidden.flatten(0, 1).detach(), teacher_head.detach().to(dtype)
+    terms = _kernel(_full_kl_terms, compiled and student_hidden.is_cuda)
 
-    def kl_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        teacher_logits = (teacher_hidden[rows].to(dtype) @ teacher_head.t()).float()
-        return _full_kl_terms(logits, teacher_logits, cfg.temperature)
+    def kl_terms(logits: Tensor, rows: slice, scale: Tensor) -> tuple[Tensor, Tensor]:
+        return terms(logits, teacher_hidden[rows].to(dtype) @ teacher_head.t(), cfg.temperature, scale)
 
-    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg)
+    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg, compiled)
 
 
 def topk_distillation_loss(student_hidden: Tensor, student_head: Tensor, teacher_logprobs: Tensor,
-                           teacher_indices: Tensor, input_ids: Tensor, cfg: LossConfig) -> Tensor:
+                           teacher_indices: Tensor, input_ids: Tensor, cfg: LossConfig,
+                           compiled: bool = False) -> Tensor:
     """Stage 3 against the teacher's stored top-k (:func:`teacher_topk`): :func:`distillation_loss` with the KL taken
     between the two next-token distributions coarsened to k + 1 classes.
 
@@ -75,11 +84,12 @@ def topk_distillation_loss(student_hidden: Tensor, student_head: Tensor, teacher
     dtype: fp16 as stored); teacher_indices: [batch, seq, k] (any integer dtype); input_ids: [batch, seq].
     """
     logprobs, indices = teacher_logprobs.flatten(0, 1), teacher_indices.flatten(0, 1)
+    terms = _kernel(_topk_kl_terms, compiled and student_hidden.is_cuda)
 
-    def kl_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        return _topk_kl_terms(logits, logprobs[rows], indices[rows].long(), cfg.temperature)
+    def kl_terms(logits: Tensor, rows: slice, scale: Tensor) -> tuple[Tensor, Tensor]:
+        return terms(logits, logprobs[rows], indices[rows].long(), cfg.temperature, scale)
 
-    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg)
+    return _fused(student_hidden, student_head, kl_terms, input_ids, cfg, compiled)
 
 
 def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,13 +102,36 @@ def teacher_topk(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tens
     return values - lse[:, None], indices, lse
 
 
-def _fused(student_hidden: Tensor, student_head: Tensor, kl_terms, input_ids: Tensor, cfg: LossConfig) -> Tensor:
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    # dynamic=None: one static graph per chunk shape, then one dynamic graph once a second shape (a last, shorter
+    # chunk) turns up; the temperature is a constant of the graph
+    return torch.compile(fn)
+
+
+def _kernel(fn, compiled: bool):
+    return _compiled(fn) if compiled else fn
+
+
+def _fused(student_hidden: Tensor, student_head: Tensor, kl_terms, input_ids: Tensor, cfg: LossConfig,
+           compiled: bool) -> Tensor:
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1).flatten()
     label_count = max(input_ids.shape[0] * (input_ids.shape[1] - 1), 1)  # from the shape: counting on the GPU syncs
-    tokens = input_ids.numel()
+    # the weights enter the chunk functions as tensors: a Python float that changes with the batch shape would be
+    # baked into (and recompile) a compiled graph
+    kl_scale = torch.full((), cfg.kl_weight / input_ids.numel(), device=input_ids.device)
+    ce_scale = torch.full((), cfg.ce_weight / label_count, device=input_ids.device)
+    ce_terms = _kernel(_ce_terms, compiled and student_hidden.is_cuda)
 
     def chunk_terms(logits: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
-        return _chunk_terms(logits, rows, kl_terms, labels[rows], cfg, tokens, label_count)
+        """One chunk's share of the loss (fp32) and its gradient w.r.t. the logits [chunk, vocab] (logits' dtype)."""
+        loss, grad = None, None
+        if cfg.kl_weight:
+            loss, grad = kl_terms(logits, rows, kl_scale)
+        if cfg.ce_weight:
+            ce, g = ce_terms(logits, labels[rows], ce_scale)
+            loss, grad = (ce, g) if grad is None else (loss + ce, grad.add_(g))
+        return loss, grad
 
     return _FusedDistillation.apply(student_hidden.flatten(0, 1), student_head, chunk_terms, cfg.chunk_tokens)
 
@@ -106,10 +139,10 @@ def _fused(student_hidden: Tensor, student_head: Tensor, kl_terms, input_ids: Te
 class _FusedDistillation(torch.autograd.Function):
     """Forward and gradient together, ``chunk_tokens`` rows at a time.
 
-    Each chunk's student logits ([chunk, vocab], fp32) are made and handed to ``chunk_terms(logits, rows)``, which
-    gives the chunk's share of the loss and the gradient w.r.t. those logits; the gradient is immediately pushed
-    through the head (d hidden = g W, d W += gᵀ h) and dropped. Memory: O(tokens·hidden + chunk·vocab); compute: no
-    recomputation in backward.
+    Each chunk's student logits ([chunk, vocab], in the head matmul's dtype) are made and handed to
+    ``chunk_terms(logits, rows)``, which gives the chunk's share of the loss and the gradient w.r.t. those logits;
+    the gradient is immediately pushed through the head (d hidden = g W, d W += gᵀ h) and dropped. Memory:
+    O(tokens·hidden + chunk·vocab); compute: no recomputation in backward.
     """
 
     @staticmethod
@@ -123,13 +156,12 @@ class _FusedDistillation(torch.autograd.Function):
         for start in range(0, tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows].to(dtype)
-            logits = (h @ w.t()).float()
-            chunk_loss, grad_logits = chunk_terms(logits, rows)
+            chunk_loss, grad_logits = chunk_terms(h @ w.t(), rows)
             loss += chunk_loss
             if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+                grad_hidden[rows] = (grad_logits @ w.to(grad_logits.dtype)).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.t() @ h.float()
+                grad_weight += grad_logits.t() @ h.to(grad_logits.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -144,41 +176,38 @@ class _FusedDistillation(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def _chunk_terms(logits: Tensor, rows: slice, kl_terms, target: Tensor, cfg: LossConfig, tokens: int,
-                 label_count: int) -> tuple[Tensor, Tensor]:
-    """One chunk's share of the loss and its gradient w.r.t. the student logits [chunk, vocab] (in-place where it
-    can: at a 128k vocabulary each [chunk, vocab] fp32 temporary is ~1 GB per 2048 rows). ``kl_terms(logits, rows)``
-    gives the chunk's summed ``T^2 KL`` and its gradient."""
-    loss, grad = logits.new_zeros(()), None
-    if cfg.kl_weight:
-        kl, grad = kl_terms(logits, rows)
-        loss += (cfg.kl_weight / tokens) * kl
-        grad.mul_(cfg.kl_weight / tokens)
-    if cfg.ce_weight:
-        valid = target != -100
-        safe = target.clamp(min=0)
-        log_q1 = F.log_softmax(logits, dim=-1)
-        loss -= (cfg.ce_weight / label_count) * log_q1.gather(1, safe[:, None]).squeeze(1)[valid].sum()
-        g = log_q1.exp_()
-        g[torch.arange(len(safe), device=g.device), safe] -= 1.0
-        g.mul_(valid[:, None] * (cfg.ce_weight / label_count))
-        grad = g if grad is None else grad.add_(g)
-    return loss, grad
+# --- stage 3, per chunk: logits [rows, vocab] in the head matmul's dtype -> (scale * summed loss (fp32), scale *
+# its gradient w.r.t. the logits, in the logits' dtype). Plain tensor functions, so torch.compile can fuse them;
+# arithmetic in fp32 (fp64 stays fp64), in place where it can: each [2048, 128k] fp32 temporary is ~1 GB.
+def _wide(logits: Tensor) -> Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _full_kl_terms(logits: Tensor, teacher_logits: Tensor, temp: float) -> tuple[Tensor, Tensor]:
-    """Summed ``T^2 KL(p_T || softmax(z/T))`` over the rows, and its gradient ``T (softmax(z/T) - p_T)``."""
-    log_q = F.log_softmax(logits / temp, dim=-1)
-    log_p = F.log_softmax(teacher_logits / temp, dim=-1)
+def _full_kl_terms(logits: Tensor, teacher_logits: Tensor, temp: float, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``T^2 KL(p_T || softmax(z/T))`` summed over the rows, and its gradient ``T (softmax(z/T) - p_T)``."""
+    log_q = F.log_softmax(_wide(logits) / temp, dim=-1)
+    log_p = F.log_softmax(_wide(teacher_logits) / temp, dim=-1)
     p = log_p.exp()
     kl = temp * temp * (p * (log_p - log_q)).sum()
-    return kl, log_q.exp_().sub_(p).mul_(temp)
+    return scale * kl, log_q.exp_().sub_(p).mul_(scale * temp).to(logits.dtype)
 
 
-def _topk_kl_terms(logits: Tensor, logprobs: Tensor, indices: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+def _ce_terms(logits: Tensor, target: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy with the next tokens ``target`` [rows] (-100: no target) summed over the rows, and its gradient."""
+    valid = target != -100
+    safe = target.clamp(min=0)
+    log_q = F.log_softmax(_wide(logits), dim=-1)
+    loss = -log_q.gather(1, safe[:, None]).squeeze(1).mul(valid).sum()
+    grad = log_q.exp_()
+    grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
+    return scale * loss, grad.mul_(valid[:, None] * scale).to(logits.dtype)
+
+
+def _topk_kl_terms(logits: Tensor, logprobs: Tensor, indices: Tensor, temp: float,
+                   scale: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`topk_distillation_loss`'s summed ``T^2 KL_k`` over the rows and its gradient w.r.t. ``logits``.
 
-    logits: [rows, vocab] fp32; logprobs: [rows, k] the teacher's top-k log-probabilities; indices: [rows, k] int64.
+    logprobs: [rows, k] the teacher's top-k log-probabilities; indices: [rows, k] int64.
     The student's tail is summed off the top-k ids (never as 1 - sum q_i, which cancels to 0 when the student puts
     almost all its mass on them) and shifted by its own maximum, so a tiny q_tail neither underflows nor divides.
     """
@@ -187,7 +216,7 @@ def _topk_kl_terms(logits: Tensor, logprobs: Tensor, indices: Tensor, temp: floa
     # rounding (fp16 storage) can push the top-k mass a hair over 1: renormalise so that p_top + p_tail = 1
     log_p = log_p - log_p.exp().sum(-1, keepdim=True).clamp(min=1.0).log()
     p = log_p.exp()
-    log_q = F.log_softmax(logits / temp if temp != 1 else logits, dim=-1)
+    log_q = F.log_softmax(_wide(logits) / temp, dim=-1)
     log_q_top = log_q.gather(1, indices)
     kl = (torch.xlogy(p, p) - p * log_q_top).sum()
     if k < vocab:
@@ -203,7 +232,7 @@ def _topk_kl_terms(logits: Tensor, logprobs: Tensor, indices: Tensor, temp: floa
     else:
         grad = log_q.zero_()
     grad.scatter_(1, indices, log_q_top.exp() - p)
-    return temp * temp * kl, grad.mul_(temp)
+    return scale * temp * temp * kl, grad.mul_(scale * temp).to(logits.dtype)
 
 
 def _reference_ce(student_logits: Tensor, input_ids: Tensor) -> Tensor:

@@ -320,24 +320,25 @@ class _DistillationModule(nn.Module):
     """Student + frozen teacher -> stage-3 loss, as one module so DDP / FSDP2 see the whole student forward (FSDP2's
     root gathers the embeddings and the LM head, whose weight the loss reads, for it)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig, compile_loss: bool = False):
         super().__init__()
         self.student = student
         self._teacher = (teacher,)  # a tuple hides it from DDP and FSDP2 (no broadcast, buckets or sharding)
         self.loss_cfg = cfg.loss
+        self.compile_loss = compile_loss
 
     def forward(self, input_ids: Tensor, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if teacher_topk is not None:  # stored teacher logits: the teacher does not run (it is off the device)
             student_hidden = final_hidden(self.student, input_ids)
             return topk_distillation_loss(student_hidden, head_weight(self.student), *teacher_topk, input_ids,
-                                          self.loss_cfg)
+                                          self.loss_cfg, self.compile_loss)
         teacher = self._teacher[0]
         with torch.no_grad():
             teacher_hidden = final_hidden(teacher, input_ids)
         student_hidden = final_hidden(self.student, input_ids)
         return distillation_loss(
             student_hidden, head_weight(self.student), teacher_hidden, head_weight(teacher), input_ids,
-            self.loss_cfg,
+            self.loss_cfg, self.compile_loss,
         )
 
 
@@ -360,8 +361,8 @@ class Distillation(Objective):
     unit_count = 1
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: StageConfig,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None):
-        inner = _DistillationModule(student, teacher, cfg)
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, compile_loss: bool = False):
+        inner = _DistillationModule(student, teacher, cfg, compile_loss)
         self.module = inner if wrap is None else wrap(inner)
         self.student = inner.student
         # read after wrapping: FSDP2 replaces the parameters by sharded ones
@@ -379,11 +380,13 @@ class Distillation(Objective):
 
 
 def make_objective(stage: int, student: nn.Module, teacher: nn.Module, cfg: StageConfig, layers: list[int],
-                   wrap: Callable[[nn.Module], nn.Module] | None = None, block: list[int] | None = None) -> Objective:
+                   wrap: Callable[[nn.Module], nn.Module] | None = None, block: list[int] | None = None,
+                   compile_loss: bool = False) -> Objective:
     """The objective of ``stage``; ``layers`` are this rank's layers of ``block`` (stages 1/2; default block: every
-    trained layer), ``wrap`` spreads stage 3's module over the ranks (DDP or FSDP2, ``parallel.py``)."""
+    trained layer), ``wrap`` spreads stage 3's module over the ranks (DDP or FSDP2, ``parallel.py``),
+    ``compile_loss`` fuses stage 3's per-chunk loss arithmetic with torch.compile (CUDA; ``losses.py``)."""
     if stage == 1:
         return MatrixOrientation(student, teacher, layers, cfg, block)
     if stage == 2:
         return HiddenAlignment(student, teacher, layers, cfg, block)
-    return Distillation(student, teacher, cfg, wrap)
+    return Distillation(student, teacher, cfg, wrap, compile_loss)

@@ -241,7 +241,7 @@ class Trainer:
                 mine = owned_layers(block) if layerwise else block
                 student, wrap = self._parallel(stage)
                 objective = make_objective(stage, student, self.teacher, cfg, mine, wrap=wrap,
-                                           block=block if layerwise else None)
+                                           block=block if layerwise else None, compile_loss=self.compiles)
                 optimizer = self.make_optimizer(objective, cfg)
                 stream = PackedStream(self.recipe.data, self.tokenizer, cfg.seq_len, seed=self._seed(stage))
                 if position is not None and first < step:  # resumed inside this block: its data and optimizer
@@ -287,8 +287,17 @@ class Trainer:
         return student, functools.partial(fully_shard_training, layers=student_layers(student),
                                           bf16=self.autocast)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether torch.compile is on: ``compile: true`` on CUDA (on CPU it would need a C++ toolchain)."""
+        return self.recipe.compile and self.device.startswith("cuda")
+
     def _compile(self, layers) -> None:
-        if self.recipe.compile and self.device.startswith("cuda"):
+        if self.compiles:
+            # all decoder layers of a model share one forward, and dynamo counts its graphs per function: each
+            # layer shape (kept-head count), grad mode and static/dynamic batch is one, so the default limit of 8
+            # is soon reached, after which every new kind of layer silently runs eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for layer in layers:
                 layer.compile()
 
