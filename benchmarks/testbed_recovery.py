@@ -115,7 +115,7 @@ class Timings:
 
 
 def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: float = 5e-4,
-               trainable2: str = "recurrent", trainable3: str = "recurrent") -> DistillRecipe:
+               trainable2: str = "recurrent", trainable3: str = "recurrent", compile: bool = False) -> DistillRecipe:
     """The recipe every student gets: stage 2 then stage 3, cosine schedules, seq 512 (--quick: 128).
 
     Learning rates are those of a small model (the teacher-19m was trained at ~1e-3), not the 1B defaults."""
@@ -133,6 +133,7 @@ def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: floa
         "data": {"source": str(CORPUS)},
         "seed": seed,
         "dtype": "bf16",
+        "compile": compile,
         "keep_checkpoints": 1,
     })
 
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     # on the H100 (benchmarks/results/testbed_recovery-trainable-all.md)
     parser.add_argument("--trainable-stage2", default="recurrent", help="what stage 2 trains: recurrent, mixer or all")
     parser.add_argument("--trainable-stage3", default="recurrent", help="what stage 3 trains: recurrent, mixer or all")
+    parser.add_argument("--compile", action="store_true", help="the recipe's compile: true (torch.compile on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default 1: on a shared machine oversubscribed OpenMP is 10-20x slower)")
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     with timings("setup (teacher, held-out, probe items)"):
         teacher, tokenizer = load_model(TEACHER, dtype="bf16" if device == "cuda" else "fp32", device=device)
         recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
-                            args.trainable_stage3)
+                            args.trainable_stage3, args.compile)
         evalset = EvalSet(tokenizer, recipe, kv_per_size, ppl_tokens, recipe.stage(3).seq_len)
 
     console.print("scanning the teacher's heads ...")
@@ -409,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--budget-tokens.")
         budget = min(budget, fits)
         recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
-                            args.trainable_stage3)
+                            args.trainable_stage3, args.compile)
         predicted_train = budget * seconds_per_token
         predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
     budget = recipe.stage(2).tokens + recipe.stage(3).tokens  # whole steps
