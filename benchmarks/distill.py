@@ -308,9 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(result)
     print(table)
     if not quick:  # quick results are smoke tests (the *-quick.json files are git-ignored)
-        out.with_suffix(".md").write_text(table.lstrip() + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {out}" + ("" if quick else f" and {out.with_suffix('.md')}"))
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The results file's table, versions and (if profiled) the step's parts and top kernels."""
+    versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    text = f"{_table(result).lstrip()}\n\n{versions}; MFU against {result['peak_bf16_tflops']} TFLOP/s dense bf16.\n"
+    if result["profile"]:
+        text += "\n```" + _profile_text(result["profile"]) + "\n```\n"
+    return text
 
 
 def _row_text(row: dict) -> str:

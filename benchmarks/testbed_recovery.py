@@ -5,6 +5,7 @@
     python benchmarks/testbed_recovery.py --time-limit 540         # the largest budget (<= 50M) that fits 540 s
     python benchmarks/testbed_recovery.py --quick                  # CPU smoke run (tiny budget, few probe items)
     python benchmarks/testbed_recovery.py --top 4,16               # also a top-16 student (same budget)
+    python benchmarks/testbed_recovery.py --merge a.json b.json    # one table from runs of different students
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus ``../shared/fixtures/corpus/prose-train.txt.xz`` as the
 only training text (no retrieval data; the students' decays and normaliser are calibrated on prose too):
@@ -288,8 +289,36 @@ def _compiled_graphs() -> int | None:
         return None
 
 
+# what runs merged into one table must share, and what each run keeps as its own
+SAME_SETUP = ("teacher", "recipe", "budget_tokens", "budget_mode", "device", "torch", "kv_items_per_size",
+              "heldout_tokens", "quick")
+PER_RUN = ("wall_seconds", "predicted_seconds", "timings", "compiled_graphs", "measured_tokens_per_s",
+           "measured_seconds_per_student")
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """One result from runs of different students with the same setup (e.g. one run per device call): the students
+    in the runs' order, wall and predicted seconds summed, each run's timings kept under ``runs``."""
+    first = results[0]
+    for other in results[1:]:
+        differ = [k for k in SAME_SETUP if other[k] != first[k]]
+        if differ:
+            raise SystemExit(f"cannot merge runs whose {', '.join(differ)} differ: they are not one experiment")
+    names = [s["name"] for r in results for s in r["students"]]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"a student appears in more than one run: {', '.join(names)}")
+    merged = {k: v for k, v in first.items() if k not in PER_RUN}
+    merged["students"] = [s for r in results for s in r["students"]]
+    merged["runs"] = [{"students": [s["name"] for s in r["students"]], **{k: r[k] for k in PER_RUN}} for r in results]
+    for key in ("wall_seconds", "predicted_seconds"):
+        merged[key] = round(sum(r[key] for r in results), 1)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="merge these result files (runs of different students, same setup) into --out")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny budget, few probe items")
     parser.add_argument("--budget-tokens", type=float, default=None,
                         help=f"tokens per student (default {DEFAULT_BUDGET:,}; with --time-limit: at most this, "
@@ -318,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        result = merge_runs([json.loads(path.read_text()) for path in args.merge])
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+        print(markdown(result) + f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+        return 0
     if not TEACHER.exists() or not CORPUS.exists():
         console.print(f"[red]needs {TEACHER} and {CORPUS}[/]")
         return 2
@@ -505,7 +542,8 @@ def markdown(result: dict) -> str:
                  f"(predicted {result['predicted_seconds']:.0f} s), "
                  f"{result['kv_items_per_size']} KV items per size, {result['heldout_tokens']:,} held-out tokens; "
                  f"stage 2 {stages['2']['tokens']:,} + stage 3 {stages['3']['tokens']:,} tokens per student "
-                 f"({result['budget_mode']} budget).")
+                 f"({result['budget_mode']} budget)"
+                 + (f"; merged from {len(result['runs'])} runs, one process each." if "runs" in result else "."))
     return "\n".join(lines)
 
 
