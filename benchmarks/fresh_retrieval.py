@@ -36,6 +36,15 @@ RANDOM_K = (4, 8, 16, 32)
 STATE = 64
 
 
+def fresh_student(teacher, heads: list[tuple[int, int]], batches, state: int = STATE):
+    """The untrained student keeping ``heads`` (layer, head), built and calibrated as ``radistill build`` does."""
+    layers = teacher.config.num_hidden_layers
+    kept = select_heads(teacher, heads=heads).kept_per_layer(layers) if heads else [[] for _ in range(layers)]
+    student = convert(teacher, student_config(teacher, kept, "discrete_mamba2", {"state_size": state}))
+    calibrate(student, teacher, batches)
+    return student
+
+
 def main() -> int:
     if not TEACHER.exists() or not CORPUS.exists():
         print(f"needs {TEACHER} and {CORPUS}")
@@ -47,15 +56,12 @@ def main() -> int:
     ranked = [(h.layer, h.head) for h in scan_model(teacher, tok, "teacher-19m", items=items, probe=probe).heads]
     evalset = EvalSet(tok, recipe_for(1 << 20, True, 0), 48, 4096, 256)
     batches = calibration_batches(tok, CORPUS, 8192)
-    layers = teacher.config.num_hidden_layers
     students = [("top", k, ranked[:k]) for k in TOP_K]
     students += [("random", k, random.Random(k).sample(ranked, k)) for k in RANDOM_K]
     teacher_row = {"name": "teacher", **evaluate(teacher, evalset, "cpu", 16)}
     rows = []
     for kind, k, heads in students:
-        kept = select_heads(teacher, heads=heads).kept_per_layer(layers) if heads else [[] for _ in range(layers)]
-        student = convert(teacher, student_config(teacher, kept, "discrete_mamba2", {"state_size": STATE}))
-        calibrate(student, teacher, batches)
+        student = fresh_student(teacher, heads, batches)
         row = {"name": f"{kind}-{k}", "selection": kind, "keep": k, "kept_heads": [list(h) for h in heads],
                **evaluate(student, evalset, "cpu", 16)}
         rows.append(row)
