@@ -6,6 +6,7 @@
     python benchmarks/testbed_recovery.py --quick                  # CPU smoke run (tiny budget, few probe items)
     python benchmarks/testbed_recovery.py --top 4,16               # also a top-16 student (same budget)
     python benchmarks/testbed_recovery.py --merge a.json b.json    # one table from runs of different students
+    python benchmarks/testbed_recovery.py --heads 8.2,7.6 --students chosen2-s64   # a student keeping these heads
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus ``../shared/fixtures/corpus/prose-train.txt.xz`` as the
 only training text (no retrieval data; the students' decays and normaliser are calibrated on prose too):
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", default="4", help="kept-head counts of the top-K students, e.g. 4,16 (the first "
                         "also gets a state-8 student and a random-K control)")
     parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all)")
+    parser.add_argument("--heads", default=None, help="also a student keeping these heads, e.g. 8.2,7.6,0.5,7.3 "
+                        "(joint_selection.py's choice): 'chosenK-s64'")
     parser.add_argument("--kv-items", type=int, default=None, help="KV items per dictionary size (200; quick 16)")
     parser.add_argument("--ppl-tokens", type=int, default=None,
                         help="held-out tokens for perplexity (65,536; quick 4,096)")
@@ -391,6 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     with timings("scan"):
         ranked = scan_heads(args, device, work)
     students = student_specs(ranked, [int(k) for k in args.top.split(",")], args.seed)
+    if args.heads:
+        try:
+            chosen = [tuple(int(x) for x in h.strip().split(".")) for h in args.heads.split(",")]
+        except ValueError:
+            parser.error(f"--heads {args.heads!r}: write heads as layer.head, comma-separated, e.g. 8.2,7.6")
+        if not set(chosen) <= set(ranked) or any(len(h) != 2 for h in chosen):
+            parser.error(f"--heads {args.heads!r}: the teacher's heads are layer.head with layer < "
+                         f"{max(l for l, _ in ranked) + 1} and head < {max(h for _, h in ranked) + 1}")
+        students.append({"name": f"chosen{len(chosen)}-s64", "kept_heads": chosen, "state_size": 64})
     if args.students:
         wanted = [s.strip() for s in args.students.split(",")]
         unknown = sorted(set(wanted) - {s["name"] for s in students})
