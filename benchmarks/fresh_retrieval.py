@@ -36,6 +36,12 @@ RANDOM_K = (4, 8, 16, 32)
 STATE = 64
 
 
+def cpu_scan(teacher, tokenizer) -> list[tuple[int, int]]:
+    """The teacher's heads, best first: the KV probe at 20 pairs, 16 samples, seed 0 (this script's ranking)."""
+    items, probe = probe_items(tokenizer, pairs=20, samples=16, seed=0, probe_file=None)
+    return [(h.layer, h.head) for h in scan_model(teacher, tokenizer, "teacher-19m", items=items, probe=probe).heads]
+
+
 def fresh_student(teacher, heads: list[tuple[int, int]], batches, state: int = STATE):
     """The untrained student keeping ``heads`` (layer, head), built and calibrated as ``radistill build`` does."""
     layers = teacher.config.num_hidden_layers
@@ -52,8 +58,7 @@ def main() -> int:
     torch.set_num_threads(1)
     start = time.time()
     teacher, tok = load_model(TEACHER, dtype="fp32", device="cpu")
-    items, probe = probe_items(tok, pairs=20, samples=16, seed=0, probe_file=None)
-    ranked = [(h.layer, h.head) for h in scan_model(teacher, tok, "teacher-19m", items=items, probe=probe).heads]
+    ranked = cpu_scan(teacher, tok)
     evalset = EvalSet(tok, recipe_for(1 << 20, True, 0), 48, 4096, 256)
     batches = calibration_batches(tok, CORPUS, 8192)
     students = [("top", k, ranked[:k]) for k in TOP_K]

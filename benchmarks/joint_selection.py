@@ -30,13 +30,12 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from fresh_retrieval import fresh_student  # noqa: E402
+from fresh_retrieval import cpu_scan, fresh_student  # noqa: E402
 from testbed_recovery import CORPUS, KV_SEED, TEACHER, EvalSet, evaluate, kv_accuracy, recipe_for  # noqa: E402
 from radistill.hybrid.calibrate import calibration_batches  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
 from radistill.probes.items import encode_items  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
-from radistill.scan.run import probe_items, scan_model  # noqa: E402
 from radistill.utils.io import write_json_atomic  # noqa: E402
 
 SELECT_SEED = KV_SEED + 1  # selection items: neither the scan's (0) nor the evaluation's
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - start:6.0f} s] {message}", flush=True)
 
     teacher, tok = load_model(TEACHER, dtype="fp32", device="cpu")
-    scan_items, probe = probe_items(tok, pairs=20, samples=16, seed=0, probe_file=None)
-    ranked = [(h.layer, h.head) for h in scan_model(teacher, tok, "teacher-19m", items=scan_items, probe=probe).heads]
+    ranked = cpu_scan(teacher, tok)
     batches = calibration_batches(tok, CORPUS, 8192)
     selection = {p: encode_items(tok, kv_items(tok, KVProbeConfig(pairs=p, samples=select_items, seed=SELECT_SEED)))
                  for p in SELECT_PAIRS}

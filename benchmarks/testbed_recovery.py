@@ -59,6 +59,7 @@ from radistill.probes.items import EncodedItem, encode_items  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
 from radistill.probes.scoring import choice_logprobs, summarize  # noqa: E402
 from radistill.utils.console import console  # noqa: E402
+from radistill.utils.io import write_json_atomic  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fixtures"
 TEACHER = SHARED / "teacher-19m"
@@ -354,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             parser.error("--merge needs --out")
         result = merge_runs([json.loads(path.read_text()) for path in args.merge])
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
-        print(markdown(result) + f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+        table = markdown(result)
+        write_json_atomic(args.out, result)
+        args.out.with_suffix(".md").write_text(table + "\n")
+        print(table + f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
         return 0
     if not TEACHER.exists() or not CORPUS.exists():
         console.print(f"[red]needs {TEACHER} and {CORPUS}[/]")
@@ -382,12 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="testbed-recovery-"))
     work.mkdir(parents=True, exist_ok=True)
 
+    def recipe_of(tokens: int) -> DistillRecipe:
+        return recipe_for(tokens, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
+                          args.trainable_stage3, args.compile)
+
     from radistill.hybrid.build import build_student
 
     with timings("setup (teacher, held-out, probe items)"):
         teacher, tokenizer = load_model(TEACHER, dtype="bf16" if device == "cuda" else "fp32", device=device)
-        recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
-                            args.trainable_stage3, args.compile)
+        recipe = recipe_of(budget)
         evalset = EvalSet(tokenizer, recipe, kv_per_size, ppl_tokens, recipe.stage(3).seq_len)
 
     console.print("scanning the teacher's heads ...")
@@ -399,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [tuple(int(x) for x in h.strip().split(".")) for h in args.heads.split(",")]
         except ValueError:
             parser.error(f"--heads {args.heads!r}: write heads as layer.head, comma-separated, e.g. 8.2,7.6")
-        if not set(chosen) <= set(ranked) or any(len(h) != 2 for h in chosen):
+        if not set(chosen) <= set(ranked):  # ranked holds every (layer, head) pair: this also checks the form
             parser.error(f"--heads {args.heads!r}: the teacher's heads are layer.head with layer < "
                          f"{max(l for l, _ in ranked) + 1} and head < {max(h for _, h in ranked) + 1}")
         students.append({"name": f"chosen{len(chosen)}-s64", "kept_heads": chosen, "state_size": 64})
@@ -459,8 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"(need >= {MIN_TOKENS[device]:,}): {why}. Raise --time-limit, or drop it and pass "
                               "--budget-tokens.")
         budget = min(budget, fits)
-        recipe = recipe_for(budget, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
-                            args.trainable_stage3, args.compile)
+        recipe = recipe_of(budget)
         predicted_train = budget * seconds_per_token
         predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
     budget = recipe.stage(2).tokens + recipe.stage(3).tokens  # whole steps
