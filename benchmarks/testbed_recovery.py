@@ -118,8 +118,10 @@ class Timings:
 
 
 def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: float = 5e-4,
-               trainable2: str = "recurrent", trainable3: str = "recurrent", compile: bool = False) -> DistillRecipe:
-    """The recipe every student gets: stage 2 then stage 3, cosine schedules, seq 512 (--quick: 128).
+               trainable2: str = "recurrent", trainable3: str = "recurrent", compile: bool = False,
+               stage1_share: float = 0.0) -> DistillRecipe:
+    """The recipe every student gets: stage 2 then stage 3, cosine schedules, seq 512 (--quick: 128); with
+    ``stage1_share`` > 0 first stage 1 (matrix orientation, the recurrent heads, stage 2's lr) on that share.
 
     Learning rates are those of a small model (the teacher-19m was trained at ~1e-3), not the 1B defaults."""
     batch, accum = (4, 1) if quick else (64, 1)
@@ -127,10 +129,12 @@ def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: floa
     shared = dict(seq_len=seq, batch_size=batch, grad_accum=accum, schedule="cosine", warmup=0.05, decay=0.0,
                   min_lr_ratio=0.1, checkpoint_every=10**9, log_every=5 if quick else 20, clip=1.0)
     per_step = seq * batch * accum
+    stage1 = int(tokens * stage1_share) // per_step * per_step
     stage2 = max(int(tokens * STAGE2_SHARE) // per_step, 1) * per_step
-    stage3 = max((tokens - stage2) // per_step, 1) * per_step
+    stage3 = max((tokens - stage1 - stage2) // per_step, 1) * per_step
     return merge(DistillRecipe(), {
-        "stages": {1: {"enabled": False},
+        "stages": {1: {**shared, "enabled": stage1 > 0, "tokens": max(stage1, per_step), "lr": lr2,
+                       "trainable": "recurrent"},
                    2: {**shared, "tokens": stage2, "lr": lr2, "trainable": trainable2},
                    3: {**shared, "tokens": stage3, "lr": lr3, "trainable": trainable3}},
         "data": {"source": str(CORPUS)},
@@ -238,15 +242,15 @@ def measure_costs(student, teacher, tokenizer, recipe: DistillRecipe, device: st
       ``Trainer.run`` of one step per stage, minus those two steps at the measured rates.
     Returns ({stage: tokens/s}, fixed seconds)."""
     rates = {}
-    for stage in (2, 3):
+    for stage in _stages(recipe):
         stream = PackedStream(recipe.data, tokenizer, recipe.stage(stage).seq_len, seed=0)
         warmup, steps = (1, 2) if device == "cpu" else (3, 10)
         seconds, _ = time_steps(stage, student, teacher, recipe, stream, device, steps=steps, warmup=warmup)
         rates[stage] = _tokens_per_step(recipe, stage) / seconds
-    one_step = merge(recipe, {"stages": {k: {"tokens": _tokens_per_step(recipe, k)} for k in (2, 3)}})
+    one_step = merge(recipe, {"stages": {k: {"tokens": _tokens_per_step(recipe, k)} for k in rates}})
     start = time.perf_counter()
     Trainer(student, teacher, tokenizer, one_step, run_dir, device).run()
-    fixed = time.perf_counter() - start - sum(_tokens_per_step(recipe, k) / rates[k] for k in (2, 3))
+    fixed = time.perf_counter() - start - sum(_tokens_per_step(recipe, k) / rates[k] for k in rates)
     return rates, max(fixed, 0.0)
 
 
@@ -274,6 +278,10 @@ def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillR
             truncated = True
     tokens = sum(step * _tokens_per_step(recipe, stage) for stage, step in steps_done.items())
     return tokens, truncated, stage_seconds
+
+
+def _stages(recipe: DistillRecipe) -> list[int]:
+    return [k for k in (1, 2, 3) if recipe.stage(k).enabled]
 
 
 def _tokens_per_step(recipe: DistillRecipe, stage: int) -> int:
@@ -343,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     # on the H100 (benchmarks/results/testbed_recovery-trainable-all.md)
     parser.add_argument("--trainable-stage2", default="recurrent", help="what stage 2 trains: recurrent, mixer or all")
     parser.add_argument("--trainable-stage3", default="recurrent", help="what stage 3 trains: recurrent, mixer or all")
+    parser.add_argument("--stage1-share", type=float, default=0.0,
+                        help="share of each student's tokens for stage 1 (matrix orientation) before stage 2 "
+                             "(default 0: skipped, as the paper does for hybrids)")
     parser.add_argument("--compile", action="store_true", help="the recipe's compile: true (torch.compile on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def recipe_of(tokens: int) -> DistillRecipe:
         return recipe_for(tokens, quick, args.seed, args.lr_stage2, args.lr_stage3, args.trainable_stage2,
-                          args.trainable_stage3, args.compile)
+                          args.trainable_stage3, args.compile, args.stage1_share)
 
     from radistill.hybrid.build import build_student
 
@@ -445,9 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     # the first evaluation of each shape pays compilation/autotuning, which the later (post-training) ones reuse
     eval_cost = min(eval_costs)
 
-    seconds_per_token = STAGE2_SHARE / rates[2] + (1 - STAGE2_SHARE) / rates[3]
+    shares = {k: recipe.stage(k).tokens / sum(recipe.stage(j).tokens for j in rates) for k in rates}
+    seconds_per_token = sum(share / rates[k] for k, share in shares.items())
     per_student_overhead = eval_cost + trainer_fixed + 1.0  # + loading the student
-    rate_text = f"stage 2 {rates[2]:,.0f} tok/s, stage 3 {rates[3]:,.0f} tok/s after warm-up"
+    rate_text = ", ".join(f"stage {k} {rate:,.0f} tok/s" for k, rate in rates.items()) + " after warm-up"
     predicted_train = budget * seconds_per_token
     predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
     if limited:
@@ -467,9 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_of(budget)
         predicted_train = budget * seconds_per_token
         predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
-    budget = recipe.stage(2).tokens + recipe.stage(3).tokens  # whole steps
-    console.print(f"budget: {budget:,} tokens per student (stage 2 {recipe.stage(2).tokens:,} + stage 3 "
-                  f"{recipe.stage(3).tokens:,}); {rate_text}; predicted {predicted_train:.0f} s training + "
+    budget = sum(recipe.stage(k).tokens for k in _stages(recipe))  # whole steps
+    console.print(f"budget: {budget:,} tokens per student ({_split_text(recipe.to_dict()['stages'])}); "
+                  f"{rate_text}; predicted {predicted_train:.0f} s training + "
                   f"{per_student_overhead:.0f} s overhead per student, {predicted_total:.0f} s in all")
 
     rows = []
@@ -538,6 +550,11 @@ def _row_line(row: dict) -> str:
     return f"{row['name']}: KV {kv}  ppl {row['heldout_ppl']:.2f}{tokens}"
 
 
+def _split_text(stages: dict) -> str:
+    """'stage 2 N + stage 3 M' over the enabled stages of a recipe's ``stages`` dict (JSON keys)."""
+    return " + ".join(f"stage {k} {cfg['tokens']:,}" for k, cfg in sorted(stages.items()) if cfg["enabled"])
+
+
 def markdown(result: dict) -> str:
     head = "| model | kept heads | state | tokens | " + " | ".join(f"KV@{p}" for p in PAIRS) + " | held-out ppl |"
     lines = [head, "|" + "---|" * (5 + len(PAIRS))]
@@ -557,7 +574,7 @@ def markdown(result: dict) -> str:
     lines.append(f"\n{result['device']}, {result['wall_seconds']:.0f} s wall "
                  f"(predicted {result['predicted_seconds']:.0f} s), "
                  f"{result['kv_items_per_size']} KV items per size, {result['heldout_tokens']:,} held-out tokens; "
-                 f"stage 2 {stages['2']['tokens']:,} + stage 3 {stages['3']['tokens']:,} tokens per student "
+                 f"{_split_text(stages)} tokens per student "
                  f"({result['budget_mode']} budget)"
                  + (f"; merged from {len(result['runs'])} runs, one process each." if "runs" in result else "."))
     return "\n".join(lines)
