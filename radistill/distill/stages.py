@@ -132,7 +132,6 @@ class LayerTap:
     """What one teacher layer saw and produced in the last forward."""
 
     layer_input: Tensor | None = None  # [batch, seq, hidden]
-    attn_input: Tensor | None = None  # the normed input of self_attn [batch, seq, hidden]
     kwargs: dict | None = None  # position_embeddings, attention_mask, position_ids as the layer got them
     output: Tensor | None = None  # [batch, seq, hidden]
 
@@ -161,12 +160,8 @@ def teacher_taps(teacher: nn.Module, layers: list[int], stop: bool = False):
             if done:
                 raise _TeacherDone
 
-        def attn_pre(module, args, kwargs, tap=tap):
-            tap.attn_input = hidden_input(args, kwargs)
-
         handles.append(all_layers[i].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(all_layers[i].register_forward_hook(post, with_kwargs=True))
-        handles.append(all_layers[i].self_attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
     try:
         yield taps
     finally:
@@ -208,6 +203,16 @@ def _weights_on_device(module: nn.Module):
         for sub in module.modules():
             stack.enter_context(align_module_device(sub))
         yield
+
+
+def attention_input(layer: nn.Module, tap: LayerTap) -> Tensor:
+    """The normed input the teacher ``layer``'s self_attn got in the tapped forward, ``[batch, seq, hidden]``.
+
+    Made again from the layer's input rather than caught by a hook on ``self_attn``: dynamo does not guard on hooks
+    of modules inside a compiled layer (``skip_nnmodule_hook_guards``), so such a hook, added after the layer's first
+    compiled forward, would silently never run."""
+    with torch.no_grad(), _weights_on_device(layer.input_layernorm):
+        return layer.input_layernorm(tap.layer_input)
 
 
 def _run_teacher(teacher: nn.Module, input_ids: Tensor) -> None:
@@ -286,11 +291,12 @@ class MatrixOrientation(_LayerwiseObjective):
     def layer_loss(self, index: int, tap: LayerTap, context=None) -> Tensor:
         mixer = self.student_layers[index].self_attn
         heads = list(mixer.recurrent_heads)
-        student = mixer.recurrent.mixing_matrix(tap.attn_input.detach())
+        attn_input = attention_input(self.teacher_layers[index], tap)
+        student = mixer.recurrent.mixing_matrix(attn_input)
         teacher_attn = self.teacher_layers[index].self_attn
         total, start = 0.0, 0
         with _weights_on_device(teacher_attn):  # attention_probs reads the q/k weights, not through a forward
-            targets = attention_probs(teacher_attn, tap.attn_input, tap.kwargs["position_embeddings"], heads,
+            targets = attention_probs(teacher_attn, attn_input, tap.kwargs["position_embeddings"], heads,
                                       self.group_size, HEAD_CHUNK)
             for target in targets:  # the head-weighted mean of per-chunk means
                 size = target.shape[1]
