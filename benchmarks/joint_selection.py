@@ -11,7 +11,10 @@ retrieval at 20 and 40 pairs, ``--keep`` times. The selection's items have their
 then evaluated beside the scan's top K on the testbed's evaluation items (``benchmarks/testbed_recovery.py``), as
 ``fresh_retrieval.py`` does. An untrained student is where distillation starts (docs/distill.md: top-16 went from
 0.30 to 1.00 at 40 pairs, top-4 from 0.09 to 0.32 in 50M tokens), so a better start is a candidate for a better
-distilled student, not a proof of one.
+distilled student, not a proof of one. Measured (H100, 50M tokens, ``testbed_recovery.py --heads``): it is not —
+greedy-8 starts at 0.68 at 40 pairs and distils to 0.66, the scan's top 8 start at 0.15 and distil to 0.98
+(``benchmarks/results/testbed_recovery-greedy.md``). The untrained score rewards heads the initialisation happens to
+serve; the teacher's ablation ranking predicts the distilled student.
 
 Writes ``benchmarks/results/joint_selection.json`` (``joint_selection-quick.json`` with --quick).
 """

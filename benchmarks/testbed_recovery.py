@@ -133,8 +133,8 @@ def recipe_for(tokens: int, quick: bool, seed: int, lr2: float = 1e-3, lr3: floa
     stage2 = max(int(tokens * STAGE2_SHARE) // per_step, 1) * per_step
     stage3 = max((tokens - stage1 - stage2) // per_step, 1) * per_step
     return merge(DistillRecipe(), {
-        "stages": {1: {**shared, "enabled": stage1 > 0, "tokens": max(stage1, per_step), "lr": lr2,
-                       "trainable": "recurrent"},
+        "stages": {1: {**shared, "enabled": True, "tokens": stage1, "lr": lr2, "trainable": "recurrent"} if stage1
+                   else {"enabled": False},
                    2: {**shared, "tokens": stage2, "lr": lr2, "trainable": trainable2},
                    3: {**shared, "tokens": stage3, "lr": lr3, "trainable": trainable3}},
         "data": {"source": str(CORPUS)},
@@ -306,12 +306,20 @@ PER_RUN = ("wall_seconds", "predicted_seconds", "timings", "compiled_graphs", "m
            "measured_seconds_per_student")
 
 
+def _setup(result: dict, key: str):
+    """``result[key]``, for the recipe without the settings of stages it skips (they change nothing)."""
+    if key != "recipe":
+        return result[key]
+    return {**result[key], "stages": {k: v for k, v in result[key]["stages"].items() if v["enabled"]}}
+
+
 def merge_runs(results: list[dict]) -> dict:
     """One result from runs of different students with the same setup (e.g. one run per device call): the students
-    in the runs' order, wall and predicted seconds summed, each run's timings kept under ``runs``."""
+    in the runs' order, wall and predicted seconds summed, each run's timings kept under ``runs`` (a merged result
+    may be merged again: its runs are carried over)."""
     first = results[0]
     for other in results[1:]:
-        differ = [k for k in SAME_SETUP if other[k] != first[k]]
+        differ = [k for k in SAME_SETUP if _setup(other, k) != _setup(first, k)]
         if differ:
             raise SystemExit(f"cannot merge runs whose {', '.join(differ)} differ: they are not one experiment")
     names = [s["name"] for r in results for s in r["students"]]
@@ -319,7 +327,8 @@ def merge_runs(results: list[dict]) -> dict:
         raise SystemExit(f"a student appears in more than one run: {', '.join(names)}")
     merged = {k: v for k, v in first.items() if k not in PER_RUN}
     merged["students"] = [s for r in results for s in r["students"]]
-    merged["runs"] = [{"students": [s["name"] for s in r["students"]], **{k: r[k] for k in PER_RUN}} for r in results]
+    merged["runs"] = [run for r in results for run in r.get("runs") or
+                      [{"students": [s["name"] for s in r["students"]], **{k: r[k] for k in PER_RUN}}]]
     for key in ("wall_seconds", "predicted_seconds"):
         merged[key] = round(sum(r[key] for r in results), 1)
     return merged

@@ -42,8 +42,9 @@ def test_gpu24_benchmark_quick_runs_every_step_and_the_serving_checks(tmp_path):
 def test_testbed_merge_joins_runs_of_one_setup_and_refuses_others(tmp_path):
     """``testbed_recovery.py --merge``: students of separate runs in one table; a differing setup or a student in two
     runs is refused (the merged file is the issue's table, it must be one experiment)."""
-    def run(names, budget=50, wall=10.0):
-        return {"students": [{"name": n} for n in names], "teacher": {"ppl": 5.5}, "recipe": {"lr": 1},
+    def run(names, budget=50, wall=10.0, lr=1, skipped_lr=1):
+        recipe = {"seed": 0, "stages": {"1": {"enabled": False, "lr": skipped_lr}, "2": {"enabled": True, "lr": lr}}}
+        return {"students": [{"name": n} for n in names], "teacher": {"ppl": 5.5}, "recipe": recipe,
                 "budget_tokens": budget, "budget_mode": "fixed", "device": "H100", "torch": "2.11",
                 "kv_items_per_size": 200, "heldout_tokens": 64, "quick": False, "wall_seconds": wall,
                 "predicted_seconds": wall, "timings": {}, "compiled_graphs": 1, "measured_tokens_per_s": {},
@@ -52,9 +53,26 @@ def test_testbed_merge_joins_runs_of_one_setup_and_refuses_others(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from testbed_recovery import merge_runs
 
-    merged = merge_runs([run(["top4"], wall=2.0), run(["none", "random"], wall=3.0)])
-    assert [s["name"] for s in merged["students"]] == ["top4", "none", "random"]
+    merged = merge_runs([run(["top4"], wall=2.0), run(["none", "random"], wall=3.0, skipped_lr=9)])  # a skipped
+    assert [s["name"] for s in merged["students"]] == ["top4", "none", "random"]  # stage's settings change nothing
     assert merged["wall_seconds"] == 5.0 and [r["students"] for r in merged["runs"]] == [["top4"], ["none", "random"]]
-    for bad, why in (([run(["a"]), run(["b"], budget=60)], "budget_tokens"), ([run(["a"]), run(["a"])], "more than one")):
+    again = merge_runs([merged, run(["top8"], wall=4.0)])  # a merged file merged again keeps its runs
+    assert [r["students"] for r in again["runs"]] == [["top4"], ["none", "random"], ["top8"]]
+    assert again["wall_seconds"] == 9.0
+    for bad, why in (([run(["a"]), run(["b"], budget=60)], "budget_tokens"), ([run(["a"]), run(["b"], lr=2)], "recipe"),
+                     ([run(["a"]), run(["a"])], "more than one")):
         with pytest.raises(SystemExit, match=why):
             merge_runs(bad)
+
+
+@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "fixtures" / "teacher-19m").exists(),
+                    reason="needs ../shared/fixtures (teacher-19m and the prose corpus)")
+def test_testbed_quick_runs_stage1_before_stages_2_and_3(tmp_path):
+    result = run_quick("testbed_recovery.py", tmp_path / "testbed.json", "--students", "top4-s64",
+                       "--stage1-share", "0.25", "--budget-tokens", "4096", "--work", str(tmp_path / "work"))
+    stages = result["recipe"]["stages"]
+    assert [k for k, cfg in stages.items() if cfg["enabled"]] == ["1", "2", "3"]
+    (student,) = result["students"]
+    assert student["tokens"] == sum(cfg["tokens"] for cfg in stages.values()) > stages["3"]["tokens"]
+    assert set(student["kv_retrieval"]) == {"5", "10", "20", "40"}
+    assert (tmp_path / "work" / "top4-s64").is_dir()
