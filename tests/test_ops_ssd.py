@@ -147,6 +147,28 @@ def test_dispatch_on_cpu():
         ssd(x, log_a, b, c, backend="fla")
 
 
+@pytest.mark.parametrize("installed, backward_ok, backend, needs_grad, want", [
+    (True, True, "auto", True, "fla"), (True, False, "auto", False, "fla"), (True, False, "auto", True, "torch"),
+    (True, False, "fla", True, "fla-recurrent"), (False, True, "auto", True, "torch"), (True, True, "torch", True, "torch"),
+])
+def test_backend_plan_is_one_constant_inside_compiled_code(monkeypatch, installed, backward_ok, backend, needs_grad,
+                                                           want):
+    """``plan`` (what a CUDA call of ``ssd`` runs) traces as a constant: a compiled layer keeps one graph however
+    the checks and the fallback log line behind it go (fullgraph raises on any break). Decided on the CPU as for a GPU."""
+    import radistill.ops.ssd as ops
+
+    monkeypatch.setattr(ops, "fla_installed", lambda: installed)
+    monkeypatch.setattr(ops, "chunk_backward_ok", lambda device: backward_ok)
+    cuda = torch.device("cuda")
+    assert ops.plan(backend, cuda, needs_grad) == want
+
+    def choose(x):
+        return x + len(ops.plan(backend, cuda, needs_grad))
+
+    torch._dynamo.reset()  # the answer is baked into the graph: a graph of another case must not be reused
+    assert torch.compile(choose, fullgraph=True, backend="eager")(torch.zeros(1)).item() == len(want)
+
+
 # ---- GPU: fla's kernels and the compiled scan against the PyTorch path (bf16 tolerances) -------------------------
 
 
@@ -183,3 +205,14 @@ def test_compiled_chunk_and_auto_dispatch_on_gpu(caplog):
             for actual, expected in zip(got, want):
                 assert_close(actual, expected, torch.bfloat16)
     assert len(caplog.records) <= 1  # at most one fallback message, however often it falls back
+    # inside a compiled layer: where training takes the PyTorch scan (Hopper, Triton < 3.7.1), one graph, dispatch
+    # included (fla's own kernels are not ours to make traceable); under no_grad (fla's chunked kernel) the values
+    torch._dynamo.reset()
+    from radistill.ops.ssd import plan
+
+    if plan("auto", inputs[0].device, True) == "torch":
+        whole = torch.compile(lambda *t: ssd(*t, backend="auto"), fullgraph=True)
+        for actual, expected in zip(outputs_and_grads(whole, inputs), want):
+            assert_close(actual, expected, torch.bfloat16)
+    with torch.no_grad():
+        assert_close(torch.compile(lambda *t: ssd(*t, backend="auto"))(*inputs)[0], want[0], torch.bfloat16)

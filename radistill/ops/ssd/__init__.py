@@ -26,11 +26,6 @@ logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    logger.warning(message)
-
-
-@functools.lru_cache(maxsize=None)
 def compiled_ssd_chunk():
     """ssd_chunk under torch.compile (built on first use; on CUDA only: on CPU it would need a C++ toolchain).
 
@@ -38,6 +33,43 @@ def compiled_ssd_chunk():
     then a recompile each time another dimension turns out to vary) a run that meets layers with different numbers
     of recurrent heads, then a student of another state size, compiles three times (tens of seconds each on H100)."""
     return torch.compile(ssd_chunk, dynamic=True)
+
+
+@torch.compiler.assume_constant_result
+def plan(backend: str, device: torch.device, needs_grad: bool) -> str:
+    """Which implementation ``ssd`` runs for ``backend`` (one of BACKENDS): "fla" (fla's chunked kernel),
+    "fla-recurrent" (fla's fused-recurrent kernel) or "torch" (the chunked PyTorch scan); raises for a backend this
+    call cannot have.
+
+    Called once per trace inside a compiled layer and its answer baked in (``assume_constant_result``): its cached
+    checks and its log line would otherwise break the layer's graph, three times per ``ssd`` call (measured on the
+    H100: dynamo resumed the graph after each)."""
+    if backend == "torch":
+        return "torch"
+    if device.type != "cuda":
+        if backend == "fla":
+            raise RadistillError("backend 'fla' runs on CUDA tensors only: move the model to a GPU or use backend "
+                                 "'torch'")
+        return "torch"
+    if not fla_installed():
+        if backend == "fla":
+            raise RadistillError("backend 'fla' needs flash-linear-attention: pip install 'radistill[gpu]', "
+                                 "or use backend 'torch'")
+        _log_once("flash-linear-attention is not installed: the recurrent heads use the compiled PyTorch "
+                  "chunked scan (pip install 'radistill[gpu]' for fla's kernels)")
+        return "torch"
+    if not needs_grad or chunk_backward_ok(device):
+        return "fla"
+    if backend == "fla":
+        return "fla-recurrent"
+    _log_once("fla's chunked backward is unreliable on Hopper with Triton < 3.7.1 (fla #640): with "
+              "gradients, the recurrent heads use the compiled PyTorch chunked scan; fla serves the rest")
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)
 
 
 def ssd(
@@ -60,24 +92,12 @@ def ssd(
         h = initial_state if initial_state is not None else x.new_zeros(B, H, b.shape[-1], P)
         y, final = ssd_step(x[:, 0], log_a[:, 0], b[:, 0], c[:, 0], h)
         return y.unsqueeze(1), final
-    if backend != "torch" and x.is_cuda:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, log_a, b, c, initial_state)
-        )
-        if not fla_installed():
-            if backend == "fla":
-                raise RadistillError("backend 'fla' needs flash-linear-attention: pip install 'radistill[gpu]', "
-                                     "or use backend 'torch'")
-            _log_once("flash-linear-attention is not installed: the recurrent heads use the compiled PyTorch "
-                      "chunked scan (pip install 'radistill[gpu]' for fla's kernels)")
-        elif not needs_grad or chunk_backward_ok(x.device):
-            return ssd_fla(x, log_a, b, c, initial_state)
-        elif backend == "fla":
-            return ssd_fla(x, log_a, b, c, initial_state, recurrent=True)
-        else:
-            _log_once("fla's chunked backward is unreliable on Hopper with Triton < 3.7.1 (fla #640): with "
-                      "gradients, the recurrent heads use the compiled PyTorch chunked scan; fla serves the rest")
-    elif backend == "fla":
-        raise RadistillError("backend 'fla' runs on CUDA tensors only: move the model to a GPU or use backend 'torch'")
-    chunk = compiled_ssd_chunk() if x.is_cuda else ssd_chunk
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, log_a, b, c, initial_state)
+    )
+    how = plan(backend, x.device, needs_grad)
+    if how != "torch":
+        return ssd_fla(x, log_a, b, c, initial_state, recurrent=how == "fla-recurrent")
+    # inside a compiled region the plain scan joins the caller's graph; a nested compiled function would not
+    chunk = compiled_ssd_chunk() if x.is_cuda and not torch.compiler.is_compiling() else ssd_chunk
     return chunk(x, log_a, b, c, initial_state, chunk_size)
