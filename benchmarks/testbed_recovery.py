@@ -242,7 +242,7 @@ def measure_costs(student, teacher, tokenizer, recipe: DistillRecipe, device: st
       ``Trainer.run`` of one step per stage, minus those two steps at the measured rates.
     Returns ({stage: tokens/s}, fixed seconds)."""
     rates = {}
-    for stage in _stages(recipe):
+    for stage in recipe.enabled_stages():
         stream = PackedStream(recipe.data, tokenizer, recipe.stage(stage).seq_len, seed=0)
         warmup, steps = (1, 2) if device == "cpu" else (3, 10)
         seconds, _ = time_steps(stage, student, teacher, recipe, stream, device, steps=steps, warmup=warmup)
@@ -278,10 +278,6 @@ def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillR
             truncated = True
     tokens = sum(step * _tokens_per_step(recipe, stage) for stage, step in steps_done.items())
     return tokens, truncated, stage_seconds
-
-
-def _stages(recipe: DistillRecipe) -> list[int]:
-    return [k for k in (1, 2, 3) if recipe.stage(k).enabled]
 
 
 def _tokens_per_step(recipe: DistillRecipe, stage: int) -> int:
@@ -465,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     # the first evaluation of each shape pays compilation/autotuning, which the later (post-training) ones reuse
     eval_cost = min(eval_costs)
 
-    shares = {k: recipe.stage(k).tokens / sum(recipe.stage(j).tokens for j in rates) for k in rates}
-    seconds_per_token = sum(share / rates[k] for k, share in shares.items())
+    stage_tokens = {k: recipe.stage(k).tokens for k in rates}
+    seconds_per_token = sum(stage_tokens[k] / rates[k] for k in rates) / sum(stage_tokens.values())
     per_student_overhead = eval_cost + trainer_fixed + 1.0  # + loading the student
     rate_text = ", ".join(f"stage {k} {rate:,.0f} tok/s" for k, rate in rates.items()) + " after warm-up"
     predicted_train = budget * seconds_per_token
@@ -488,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_of(budget)
         predicted_train = budget * seconds_per_token
         predicted_total = timings.elapsed() + len(students) * (predicted_train + per_student_overhead)
-    budget = sum(recipe.stage(k).tokens for k in _stages(recipe))  # whole steps
+    budget = sum(recipe.stage(k).tokens for k in recipe.enabled_stages())  # whole steps
     console.print(f"budget: {budget:,} tokens per student ({_split_text(recipe.to_dict()['stages'])}); "
                   f"{rate_text}; predicted {predicted_train:.0f} s training + "
                   f"{per_student_overhead:.0f} s overhead per student, {predicted_total:.0f} s in all")
