@@ -52,7 +52,8 @@ def test_two_gloo_processes_agree_with_one(tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
     # the 2-process run's checkpoints hold one optimizer shard per rank for stage 2, rank 0's for stage 3
     assert sorted(p.name for p in (tmp_path / "run2" / "checkpoints" / "stage3-step00000006").iterdir()) == [
-        "manifest.json", "model.pt", "rank0.pt", "rank1.pt", "trainer.pt"]
+        "manifest.json", "model.json", "model.safetensors", "rank0.json", "rank0.safetensors", "rank1.json",
+        "rank1.safetensors", "trainer.json"]
 
 
 def train_fsdp_two_ranks(corpus, run_dir):

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from radistill.distill.checkpoint import latest, load_file
+from radistill.distill.checkpoint import latest, load_rank, load_trainer
 from radistill.distill.data import PackedStream
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.stages import (
@@ -240,10 +240,10 @@ def test_a_block_trains_only_its_layers_with_only_their_optimizer_state(corpus, 
     assert changed == {"0", "1"}
     # block 0's last checkpoint holds optimizer state for layers 0 and 1 only; the stage's last one for layer 2 only
     layer_params = {i: sum(1 for _ in student.model.layers[i].parameters()) for i in range(3)}
-    first = load_file(run / "checkpoints" / "stage2-step00000010" / "rank0.pt")["optimizer"]
+    first = load_rank(run / "checkpoints" / "stage2-step00000010", 0)["optimizer"]
     assert len(first["state"]) == layer_params[0] + layer_params[1]
-    assert len(load_file(latest(run / "checkpoints") / "rank0.pt")["optimizer"]["state"]) == layer_params[2]
-    assert load_file(latest(run / "checkpoints") / "trainer.pt")["blocks"] == [[0, 1], [2]]
+    assert len(load_rank(latest(run / "checkpoints"), 0)["optimizer"]["state"]) == layer_params[2]
+    assert load_trainer(latest(run / "checkpoints"))["blocks"] == [[0, 1], [2]]
 
 
 @pytest.mark.parametrize("cut", [12, 10])  # inside block 1 between checkpoints; exactly at the block boundary
@@ -288,7 +288,7 @@ def test_blocks_over_two_processes_end_where_one_process_ends(corpus, tokenizer,
     # each rank checkpoints the optimizer state of its own layers: at the end of block 0 one layer each
     block0 = tmp_path / "run2" / "checkpoints" / "stage2-step00000003"
     layers = three_layer_pair()[1].model.layers
-    assert [len(load_file(block0 / f"rank{r}.pt")["optimizer"]["state"]) for r in (0, 1)] == [
+    assert [len(load_rank(block0, r)["optimizer"]["state"]) for r in (0, 1)] == [
         sum(1 for _ in layers[i].parameters()) for i in (0, 1)]
 
 
@@ -395,7 +395,7 @@ def test_8bit_adamw_trains_and_resumes_exactly(corpus, tokenizer, tmp_path, monk
     run = tmp_path / "cut"
     with pytest.raises(Stop):
         train(tokenizer, run, recipe, two_layer_pair, hook=stop_at((3, 5)))
-    assert _eight_bit_states(load_file(latest(run / "checkpoints") / "rank0.pt")["optimizer"]["state"]) > 0
+    assert _eight_bit_states(load_rank(latest(run / "checkpoints"), 0)["optimizer"]["state"]) > 0
     got = params_of(train(tokenizer, run, recipe, two_layer_pair, resume=True))
     assert all(torch.equal(v, want[k]) for k, v in got.items())
 

@@ -99,7 +99,7 @@ def test_damaged_checkpoints_are_detected(corpus, tokenizer, tmp_path, damage):
     Trainer(student, teacher, tokenizer, recipe, run, "cpu").run()
     path = latest(run / "checkpoints")
     verify(path)  # intact
-    target = path / "model.pt"
+    target = path / "model.safetensors"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-100])
         match = "truncated"
@@ -112,8 +112,8 @@ def test_damaged_checkpoints_are_detected(corpus, tokenizer, tmp_path, damage):
         (path / "manifest.json").unlink()
         match = "no manifest.json"
     else:
-        (path / "rank0.pt").unlink()
-        match = "lacks rank0.pt"
+        (path / "rank0.safetensors").unlink()
+        match = "lacks rank0.safetensors"
     teacher, student = fresh_pair()
     with pytest.raises(CheckpointError, match=match) as info:
         Trainer(student, teacher, tokenizer, recipe, run, "cpu").run(resume=True)

@@ -128,11 +128,13 @@ class Trainer:
                 eight_bit_library(stage)
         self._tensorboard = None
         if recipe.tensorboard and is_main_process():  # up front: a missing package fails before any training
-            self._tensorboard = _summary_writer(self.run_dir / "tensorboard")
+            _summary_writer_class()
 
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[StageResult]:
         position = self._restore() if resume else self._check_fresh()
+        if self.recipe.tensorboard and is_main_process():  # only now: a refused --out gets no tensorboard/ folder
+            self._tensorboard = _summary_writer_class()(self.run_dir / "tensorboard")
         if is_main_process():
             self.recipe.save(self.run_dir / "recipe.json")
             if position is None:  # nothing to continue: drop records of an attempt that never checkpointed
@@ -148,29 +150,38 @@ class Trainer:
         return results
 
     def _check_fresh(self) -> None:
-        if ckpt.latest(self.ckpt_root) is not None:
+        """A new run goes only into a folder that holds no run: starting over would truncate one run's metrics,
+        replace its recipe and exports and mix the two."""
+        # rank 0 looks, before it writes recipe.json; the others must not look after it did
+        found = broadcast_object(run_artifacts(self.run_dir) if is_main_process() else None)
+        if found:
             raise RadistillError(
-                f"{self.run_dir} already holds a distillation run: pass --resume to continue it, or choose a new --out"
+                f"{self.run_dir} already holds a distillation run ({', '.join(found)}): pass --resume to continue "
+                "it, or choose a new --out"
             )
         return None
 
     def _restore(self) -> Position | None:
-        path = ckpt.latest(self.ckpt_root)
-        if path is None:
+        # rank 0 finds and hashes the checkpoint; the others learn the verdict (and raise the same error) from it
+        verdict: tuple[str | None, str | None, str | None] = (None, None, None)
+        if is_main_process():
+            try:
+                found, note = ckpt.resumable(self.ckpt_root)
+                verdict = (str(found) if found else None, note, None)
+            except ckpt.CheckpointError as exc:
+                verdict = (None, None, str(exc))
+        found, note, error = broadcast_object(verdict)
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        if found is None:
+            self._check_restartable()
             if is_main_process():
                 console.print(f"[yellow]{self.run_dir} has no checkpoint yet: starting from the beginning[/]")
             return None
-        # rank 0 hashes the files; the others learn the verdict (and raise the same error) from it
-        verdict = None
-        if is_main_process():
-            try:
-                ckpt.verify(path)
-            except ckpt.CheckpointError as exc:
-                verdict = str(exc)
-        verdict = broadcast_object(verdict)
-        if verdict is not None:
-            raise ckpt.CheckpointError(verdict)
-        state = ckpt.load_file(path / "trainer.pt")
+        path = Path(found)
+        if note is not None and is_main_process():
+            console.print(f"[yellow]{note}[/]")
+        state = ckpt.load_trainer(path)
         if state["world_size"] != world_size():
             raise RadistillError(
                 f"{path} was written by {state['world_size']} processes; resume it with the same number "
@@ -184,7 +195,7 @@ class Trainer:
             )
         if self.recipe.stage(state["stage"]).trainable == "lora":  # the checkpoint holds the stage's adapters
             self._add_adapters(state["stage"])
-        self.student.load_state_dict(ckpt.load_file(path / "model.pt"))
+        self.student.load_state_dict(ckpt.load_model_state(path))
         self._truncate_metrics(state["stage"], state["step"])
         if is_main_process():
             console.print(f"resuming from {path.name} ({state['tokens']:,} tokens into stage {state['stage']})")
@@ -217,7 +228,7 @@ class Trainer:
                     f"{blocks}: resume with the student the run was started with"
                 )
             step, tokens = position.step, position.tokens
-            _set_rng_state(ckpt.load_file(position.checkpoint / f"rank{rank()}.pt")["rng"])
+            _set_rng_state(ckpt.load_rank(position.checkpoint, rank())["rng"])
         if is_main_process() and step < total:
             passes = f"{len(blocks)} blocks of <= {len(blocks[0])} layers, each " if len(blocks) > 1 else ""
             console.print(
@@ -403,8 +414,8 @@ class Trainer:
                           library=library, what=f"stage {objective.stage}")
 
     def _load_optimizer(self, objective: Objective, optimizer, checkpoint: Path) -> None:
-        own = ckpt.load_file(checkpoint / f"rank{rank()}.pt")["optimizer"]
-        state = own if own is not None else ckpt.load_file(checkpoint / "rank0.pt")["optimizer"]
+        own = ckpt.load_rank(checkpoint, rank())["optimizer"]
+        state = own if own is not None else ckpt.load_rank(checkpoint, 0)["optimizer"]
         if is_sharded(objective.student):
             load_full_optimizer_state(objective.student, optimizer, state)
         else:
@@ -477,16 +488,15 @@ class Trainer:
         if is_main_process():
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            ckpt.save_file(self.student.state_dict(), partial / "model.pt")
-            ckpt.save_file(dict(stage=stage, step=step, tokens=tokens, data=stream.state_dict(),
-                                world_size=world_size(), recipe=self.recipe.to_dict(), blocks=blocks),
-                           partial / "trainer.pt")
+            ckpt.save_model(self.student.state_dict(), partial)
+            ckpt.save_trainer(dict(stage=stage, step=step, tokens=tokens, data=stream.state_dict(),
+                                   world_size=world_size(), recipe=self.recipe.to_dict(), blocks=blocks), partial)
         barrier()
         if is_sharded(objective.student):  # gathered whole onto rank 0, so the checkpoint looks like DDP's
             own = full_optimizer_state(objective.student, optimizer)
         else:  # in stage 3 (DDP) every rank's optimizer state is the same
             own = optimizer.state_dict() if (layerwise and world_size() > 1) or is_main_process() else None
-        ckpt.save_file({"rng": _rng_state(), "optimizer": own}, partial / f"rank{rank()}.pt")
+        ckpt.save_rank({"rng": _rng_state(), "optimizer": own}, partial, rank())
         barrier()
         if is_main_process():
             meta = dict(stage=stage, step=step, tokens=tokens, world_size=world_size())
@@ -519,12 +529,48 @@ class Trainer:
                 self._tensorboard.add_scalar(f"stage{record['stage']}/{key}", record[key], record["tokens"])
 
     def _truncate_metrics(self, stage: int, step: int) -> None:
-        """Drop log records written after the checkpoint being resumed (they will be logged again)."""
+        """Drop log records written after the checkpoint being resumed (they will be logged again), and a torn last
+        line (the process was killed mid-write; said in one line). A damaged line before the end is refused."""
         if not is_main_process() or not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and (json.loads(line)["stage"], json.loads(line)["step"]) <= (stage, step)]
-        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        lines = [line for line in self.metrics_path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                key = (record["stage"], record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if number == len(lines):
+                    console.print(f"[yellow]{self.metrics_path}: dropped a torn last line (the run was killed "
+                                  f"while writing it)[/]")
+                    break
+                raise RadistillError(f"{self.metrics_path} line {number} is damaged ({exc}), not just torn at the "
+                                     "end: repair or delete that line, then --resume again") from exc
+            if key <= (stage, step):
+                records.append(line)
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in records))
+
+    def _check_restartable(self) -> None:
+        """--resume with no checkpoint starts from the beginning, which is only right for a run that never got past
+        its first checkpoint with the same recipe: not for a folder holding stage exports (its checkpoints were
+        deleted) or another recipe's run."""
+        exports = sorted(p.name for p in self.run_dir.glob("stage*") if p.is_dir())
+        if exports:
+            raise RadistillError(
+                f"{self.run_dir} holds exported stages ({', '.join(exports)}) but no checkpoint to resume from: "
+                "choose a new --out"
+            )
+        saved = self.run_dir / "recipe.json"
+        if saved.exists():
+            try:
+                same = DistillRecipe.load(saved).to_dict() == self.recipe.to_dict()
+            except (RadistillError, ValueError, KeyError, TypeError):
+                same = False
+            if not same:
+                raise RadistillError(
+                    f"{saved} is not this run's recipe (or is unreadable) and there is no checkpoint: resume with "
+                    "the same settings, or choose a new --out"
+                )
 
 
 def eight_bit_library(stage: int) -> str:
@@ -534,13 +580,23 @@ def eight_bit_library(stage: int) -> str:
     return require_eight_bit(eight_bit_optimizer(), f"stage {stage}")
 
 
-def _summary_writer(path: Path):
+def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise RadistillError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop the flag; "
                              "metrics.jsonl has the same numbers)") from exc
-    return SummaryWriter(path)
+    return SummaryWriter
+
+
+RUN_ARTIFACTS = ("recipe.json", "metrics.jsonl", "checkpoints", "stage*")
+
+
+def run_artifacts(run_dir: Path) -> list[str]:
+    """What of a distillation run ``run_dir`` already holds (names, sorted); empty for a new or empty folder."""
+    found = {p.name for pattern in RUN_ARTIFACTS for p in Path(run_dir).glob(pattern)
+             if not p.name.startswith(".")}
+    return sorted(found)
 
 
 def _rng_state() -> dict:
