@@ -167,7 +167,8 @@ def scan_heads(args, device: str, work: Path):
     else:
         from radistill.scan.run import run_scan
 
-        result = run_scan(TEACHER, out=work / "scan", pairs=20, samples=4 if args.quick else 64, device=device)
+        result = run_scan(TEACHER, out=work / "scan", pairs=20, samples=4 if args.quick else 64, device=device,
+                          overwrite=True)  # the work folder is scratch
     return [(h.layer, h.head) for h in result.heads]
 
 

@@ -195,7 +195,7 @@ class Pipeline:
             result = run_scan(self.recipe.teacher, self.layout.scan_dir, pairs=settings.pairs, samples=settings.samples,
                               metric=settings.metric, ablation=settings.ablation, seed=settings.seed,
                               device=self.recipe.device, batch_size=settings.batch_size,
-                              gpu_memory=settings.gpu_memory)
+                              gpu_memory=settings.gpu_memory, overwrite=True)  # stale: _fresh said so
             if settings.analyze_top:
                 self._analyze(result)
             self._stamp("scan", inputs)

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from radistill.eval.coverage import EvalReport, by_group
 from radistill.eval.kv import KVEvalConfig
-from radistill.eval.runner import EvalConfig, evaluate
+from radistill.eval.runner import EvalConfig, default_eval_path, evaluate, harness_path
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
@@ -54,7 +54,9 @@ def eval_command(
     teacher: str = typer.Option(None, "--teacher", help="Also evaluate this model, for coverage = model ÷ teacher."),
     tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, PATH.jsonl, lm-eval task names; "
                               "NAME@knowledge or NAME@retrieval sets a task's group."),
-    out: Path = typer.Option(None, "--out", help="Write the results here (eval.json)."),
+    out: Path = typer.Option(None, "--out", help="Write the results to this file (default: eval.json in the model's "
+                             "directory; eval-ID.json here for a hub id); lm-eval's own results go beside it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file."),
     kv_pairs: str = typer.Option("5,10,20,40", "--kv-pairs", help="Dictionary sizes for 'kv' (1-100)."),
     kv_samples: int = typer.Option(64, "--kv-samples", help="Prompts per dictionary size."),
     kv_seed: int = typer.Option(1234, "--kv-seed"),
@@ -81,10 +83,15 @@ def eval_command(
         include_path=str(include_path) if include_path else None, limit=limit, num_fewshot=num_fewshot,
         batch_size=batch_size, gpu_memory=gpu_memory,
     )
-    report = evaluate(model, config, teacher=teacher, out=out, device=device, dtype=dtype)
+    if out is None:
+        out = default_eval_path(model)
+    elif out.is_dir():
+        out = out / "eval.json"
+    report = evaluate(model, config, teacher=teacher, out=out, device=device, dtype=dtype, overwrite=overwrite)
     console.print(results_table(report))
-    if out is not None:
-        console.print(f"results: {out}")
+    ran_harness = any(spec.kind == "lm_eval" for spec in config.specs())
+    extra = f" and lm-eval's results to {harness_path(out)}" if ran_harness else ""
+    console.print(f"wrote {out}{extra}")
 
 
 def register(app: typer.Typer) -> None:

@@ -52,8 +52,10 @@ def lm_eval_tasks(
     num_fewshot: int | None = None,
     batch_size: int = 16,
     max_length: int | None = None,
+    raw: dict | None = None,
 ) -> list[TaskResult]:
-    """Run lm-eval ``tasks`` (name -> group or None) on ``model``; one :class:`TaskResult` per task."""
+    """Run lm-eval ``tasks`` (name -> group or None) on ``model``; one :class:`TaskResult` per task. ``raw``, when
+    given, receives lm-eval's own results (every metric with its stderr, task versions, configs; no samples)."""
     lm_eval, HFLM, TaskManager = _lm_eval()
     logging.getLogger("lm-eval").setLevel(logging.ERROR)  # its per-request chatter drowns our progress
     manager = TaskManager(include_path=str(include_path) if include_path else None)
@@ -71,6 +73,8 @@ def lm_eval_tasks(
         raise RadistillError(f"lm-eval could not load the data of {', '.join(tasks)} ({exc}): these tasks need "
                              "their datasets reachable (HF hub or a local cache); offline, use local task YAMLs "
                              "with --include-path") from exc
+    if raw is not None:
+        raw.update({k: v for k, v in output.items() if k != "samples"})
     results = []
     for name, group in tasks.items():
         metrics = output["results"].get(name)

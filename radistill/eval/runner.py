@@ -11,6 +11,7 @@ and any of the last two may end in ``@knowledge`` or ``@retrieval`` to put it in
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from radistill.eval.kv import KVEvalConfig, kv_retrieval
 from radistill.eval.perplexity import PerplexityConfig, perplexity
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
+from radistill.utils.io import refuse_existing, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,12 @@ def task_batch_size(spec: TaskSpec, batch_size: int) -> int:
     return max(1, batch_size // 4) if spec.kind == "ppl" else batch_size
 
 
-def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int] | None = None) -> list[TaskResult]:
+def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int] | None = None,
+                   harness_output: dict | None = None) -> list[TaskResult]:
     """Run every task of ``config`` on a loaded model; KV first, lm-eval tasks together in one harness call.
 
     ``batches``: rows per forward by task name (a memory plan's, :func:`fit_eval`); others use ``task_batch_size``.
+    ``harness_output``: receives lm-eval's own results JSON when lm-eval tasks ran.
     """
     results: list[TaskResult] = []
     harness: dict[str, str | None] = {}
@@ -117,7 +121,7 @@ def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int]
     if harness:
         console.log(f"eval: lm-eval {', '.join(harness)}")
         results += lm_eval_tasks(model, tokenizer, harness, config.include_path, config.limit, config.num_fewshot,
-                                 config.batch_size, config.seq_len)
+                                 config.batch_size, config.seq_len, raw=harness_output)
     return results
 
 
@@ -128,10 +132,11 @@ def evaluate_path(
     device: str | None = "auto",
     dtype: str | None = "auto",
     batches: dict[str, int] | None = None,
+    harness_output: dict | None = None,
 ) -> EvalReport:
     """Load and evaluate one model. If ``cache`` is an ``eval.json`` of the same weights and settings, reuse it;
     otherwise write the new report there. ``batches``: the model's plan (:func:`fit_eval`) when made beforehand;
-    with ``config.gpu_memory`` and no plan it is planned here."""
+    with ``config.gpu_memory`` and no plan it is planned here. ``harness_output``: as :func:`evaluate_model`."""
     from radistill.models.access import load_model, weights_fingerprint
 
     if batches is None and config.gpu_memory is not None:
@@ -146,8 +151,8 @@ def evaluate_path(
         if cached is not None and cached.fingerprint == fingerprint and cached.settings == config.to_dict():
             console.log(f"eval: {model_path} unchanged since {cache}; reusing it")
             return cached
-    report = EvalReport(str(model_path), fingerprint, evaluate_model(model, tokenizer, config, batches),
-                        config.to_dict())
+    report = EvalReport(str(model_path), fingerprint,
+                        evaluate_model(model, tokenizer, config, batches, harness_output), config.to_dict())
     if cache is not None:
         report.save(cache)
     return report
@@ -183,16 +188,52 @@ def evaluate(
     teacher_cache: str | os.PathLike | None = None,
     device: str | None = "auto",
     dtype: str | None = "auto",
+    overwrite: bool = False,
 ) -> EvalReport:
-    """Evaluate a model (and its teacher, for coverage) on ``config.tasks``; write ``out`` (``eval.json``).
+    """Evaluate a model (and its teacher, for coverage) on ``config.tasks``; write ``out`` (``eval.json``) and,
+    when lm-eval tasks ran, lm-eval's own results beside it (:func:`harness_path`).
 
-    With ``config.gpu_memory`` both models are planned before either is loaded, so a teacher that cannot fit stops
-    the evaluation before any compute."""
+    An ``out`` (or its lm-eval file) that exists is refused before anything is loaded, unless ``overwrite``. With
+    ``config.gpu_memory`` both models are planned before either is loaded, so a teacher that cannot fit stops the
+    evaluation before any compute."""
+    if out is not None:
+        runs_harness = any(spec.kind == "lm_eval" for spec in config.specs())
+        refuse_existing([out, *([harness_path(out)] if runs_harness else [])], overwrite)
     models = [model_path] + ([teacher] if teacher is not None else [])
     plans = [fit_eval(m, config, device, dtype) if config.gpu_memory is not None else None for m in models]
-    report = evaluate_path(model_path, config, None, device, dtype, plans[0])
+    harness: dict[str, dict] = {"model": {}, "teacher": {}}
+    report = evaluate_path(model_path, config, None, device, dtype, plans[0], harness["model"])
     if teacher is not None:
-        report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype, plans[1]))
+        report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype, plans[1],
+                                                   harness["teacher"]))
     if out is not None:
         report.save(out)
+        if any(harness.values()):
+            write_harness_output(harness_path(out), {"model": str(model_path), "teacher": teacher and str(teacher),
+                                                     "lm_eval": {k: v for k, v in harness.items() if v}})
+        else:  # one left from the results just replaced (--overwrite) would describe another evaluation
+            harness_path(out).unlink(missing_ok=True)
     return report
+
+
+def default_eval_path(model_path: str | os.PathLike) -> Path:
+    """Where ``radistill eval`` writes without ``--out``: ``eval.json`` inside a local model directory; for a hub
+    id, ``eval-<id>.json`` in the current directory (a hub model has no folder of ours)."""
+    if Path(model_path).is_dir():
+        return Path(model_path) / "eval.json"
+    return Path(f"eval-{str(model_path).replace('/', '--')}.json")
+
+
+def harness_path(out: str | os.PathLike) -> Path:
+    """lm-eval's own results beside ``out``: ``eval.json`` -> ``eval.lm-eval.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.lm-eval.json")
+
+
+def write_harness_output(path: Path, output: dict) -> None:
+    """lm-eval's results as lm-eval writes them (its own encoder for what JSON lacks, e.g. numpy numbers)."""
+    try:
+        from lm_eval.utils import handle_non_serializable
+    except ImportError:  # the output came from lm-eval, but stay writable without it (tests feed their own)
+        handle_non_serializable = str
+    write_text_atomic(path, json.dumps(output, indent=2, default=handle_non_serializable) + "\n")

@@ -37,7 +37,7 @@ from radistill.models.access import (
 )
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
-from radistill.utils.io import write_json_atomic
+from radistill.utils.io import refuse_existing, write_json_atomic
 
 Head = tuple[int, int]  # (layer, query head)
 
@@ -391,6 +391,8 @@ def build_student(
     distillation data) supplies up to ``calibration_tokens`` tokens for :func:`~radistill.hybrid.calibrate.calibrate`
     (``half_lives``: ``"attention"`` or ``"fixed"``); without it a small built-in text is used, fit for tests only.
     """
+    # before loading anything: a refusal after the work would waste it
+    refuse_existing([out], overwrite, "choose another --out or pass --overwrite")
     if isinstance(teacher, nn.Module):
         if tokenizer is None:
             raise RadistillError("build_student got a loaded teacher but no tokenizer: pass tokenizer=...")

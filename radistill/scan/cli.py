@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="plan for this GPU memory (e.g. 24GiB): "
                                                  "rows per forward and prompts cached at once that fit; stops "
                                                  "before loading the weights if nothing fits"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace the scan files already in --out"),
     ) -> None:
         """Rank every attention head by how much in-context retrieval depends on it (ablation scan)."""
         from radistill.scan.run import run_scan
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
             result = run_scan(model, out, pairs=pairs, samples=samples, metric=metric, ablation=ablation, seed=seed,
                               device=device, dtype=dtype, batch_size=batch_size, probe_file=probe, progress=advance,
-                              gpu_memory=gpu_memory)
+                              gpu_memory=gpu_memory, overwrite=overwrite)
         if is_main_process():
             console.print(_top_table(result, top))
             console.print(f"wrote {out / 'scan.json'}, scan.csv, heads.png")

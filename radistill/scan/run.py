@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from radistill.models.access import load_model, model_layout, resolve_device, weights_fingerprint
 from radistill.probes.items import EncodedItem, ProbeItem, encode_items, load_jsonl
@@ -14,8 +15,10 @@ from radistill.scan.fast import default_batch_size, fast_scan
 from radistill.scan.naive import naive_scan
 from radistill.scan.result import METRICS, ScanResult, rank_heads
 from radistill.utils.errors import RadistillError
+from radistill.utils.io import refuse_existing
 
 MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that accept our 4D tree masks
+SCAN_FILES = ("scan.json", "scan.csv", "heads.png")  # what ``ScanResult.save`` writes into ``out``
 PROMPT_CHUNK = 256  # prompts whose clean activations the fast scan caches at once, unless a memory plan says less
 
 
@@ -112,14 +115,18 @@ def run_scan(
     method: str = "fast",
     progress: Callable[[int, int], None] | None = None,
     gpu_memory: str | int | None = None,
+    overwrite: bool = False,
 ) -> ScanResult:
     """Load ``model_id`` (HF id or local directory), scan all heads, write ``out`` (rank 0) and return the result.
 
     Under torchrun each rank loads the model on its own GPU and scans its share of the heads. With ``gpu_memory``
-    (e.g. ``"24GiB"``) the fast scan is first planned for that much memory (:func:`fit_scan`).
+    (e.g. ``"24GiB"``) the fast scan is first planned for that much memory (:func:`fit_scan`). An ``out`` that
+    already holds a scan's files is refused before anything is loaded, unless ``overwrite``.
     """
     if metric not in METRICS:  # fail before loading a model
         raise RadistillError(f"unknown metric '{metric}': use logprob or accuracy")
+    if out is not None:
+        refuse_existing([Path(out) / name for name in SCAN_FILES], overwrite)
     device = resolve_device(distributed.init_from_env() or device)
     probe_path = None if probe_file is None else str(probe_file)
     prompt_chunk = PROMPT_CHUNK

@@ -53,3 +53,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def refuse_existing(paths, overwrite: bool, advice: str = "pass --overwrite to replace it, or choose another --out"):
+    """Raise a one-line RadistillError naming the first of ``paths`` that exists, unless ``overwrite``; commands
+    call it before loading anything, so a refusal costs nothing and loses nothing."""
+    from radistill.utils.errors import RadistillError
+
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise RadistillError(f"{path} already exists: {advice}")
