@@ -45,7 +45,7 @@ from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 
 from radistill.utils.errors import RadistillError
-from radistill.utils.io import atomic_path, write_json_atomic
+from radistill.utils.io import atomic_path, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
@@ -331,6 +331,39 @@ def verify(path: Path) -> dict:
             raise CheckpointError(f"checkpoint file {file} does not match its sha256 in the manifest (corrupted); "
                                   f"{fallback}")
     return manifest
+
+
+# --- the run folder around the checkpoints ----------------------------------------------------------------------
+RUN_ARTIFACTS = ("recipe.json", "metrics.jsonl", "checkpoints", "stage*")
+
+
+def run_artifacts(run_dir: Path) -> list[str]:
+    """What of a distillation run ``run_dir`` already holds (names, sorted); empty for a new folder or one holding
+    only other files."""
+    found = {p.name for pattern in RUN_ARTIFACTS for p in Path(run_dir).glob(pattern) if not p.name.startswith(".")}
+    return sorted(found)
+
+
+def trim_metrics(path: Path, upto: tuple[int, int]) -> bool:
+    """Keep the records of ``metrics.jsonl`` up to (stage, step) ``upto``, rewritten atomically; a torn last line (a
+    kill mid-write) is dropped, and True returned so the caller can say so. A damaged line before the end is not
+    something a kill makes: refused (RadistillError) rather than silently dropped."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            key = (record["stage"], record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if number == len(lines):
+                torn = True
+                break
+            raise RadistillError(f"{path} line {number} is damaged ({exc}), not just torn at the end: repair or "
+                                 "delete that line, then --resume again") from exc
+        if key <= upto:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return torn
 
 
 # --- what the trainer writes and reads --------------------------------------------------------------------------

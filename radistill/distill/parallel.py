@@ -1,12 +1,16 @@
 """What the trainer needs from ``torch.distributed`` beyond the process group (radistill.scan.distributed):
 spreading a block of layers over ranks, syncing them back, reductions that are no-ops in one process, and stage 3's
 data parallelism — DDP, or FSDP2 (``fully_shard``) over the student and optionally the frozen teacher, applied
-from here so that the models know nothing of it."""
+from here so that the models and the trainer know nothing of it (:func:`stage_student`), with the optimizer state
+each rank checkpoints and restores (:func:`optimizer_state_to_save`, :func:`load_optimizer_state`)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -66,6 +70,43 @@ def broadcast_object(obj):
 
 
 # --- stage 3: DDP or FSDP2 ---------------------------------------------------------------------------------
+def stage_student(stage: int, student: nn.Module, *, fsdp: bool, device: str, bf16: bool,
+                  compile_layers: Callable[[list[nn.Module]], None]
+                  ) -> tuple[nn.Module, Callable[[nn.Module], nn.Module] | None]:
+    """The student ``stage``'s objective trains and how its module spreads over the ranks (the wrapper the objective
+    applies): in stage 3 over several ranks DDP, or FSDP2 on a copy (sharding replaces the parameters and the
+    modules' classes in place, with no way back; the trainer copies the weights back with :func:`copy_full`, and
+    ``compile_layers`` compiles the copy's layers, which a deep copy leaves uncompiled). Otherwise the student,
+    unwrapped (stages 1/2 split the layers instead)."""
+    from radistill.distill.stages import student_layers  # stages imports this module
+
+    if stage != 3 or world_size() == 1:
+        return student, None
+    if not fsdp:
+        return student, functools.partial(data_parallel, device=device)
+    student = copy.deepcopy(student)
+    compile_layers(student_layers(student))
+    return student, functools.partial(fully_shard_training, layers=student_layers(student), bf16=bf16)
+
+
+def optimizer_state_to_save(model: nn.Module, optimizer: torch.optim.Optimizer, layerwise: bool) -> dict | None:
+    """What this rank checkpoints of the optimizer (every rank must call): stages 1/2 over several ranks each rank
+    its own layers' state; stage 3 rank 0 alone, the state being the same on every rank under DDP, and gathered
+    whole onto rank 0 under FSDP2 (so the checkpoint looks like DDP's). None where the rank saves nothing."""
+    if is_sharded(model):
+        return full_optimizer_state(model, optimizer)
+    return optimizer.state_dict() if (layerwise and world_size() > 1) or rank() == 0 else None
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore :func:`optimizer_state_to_save`'s ``state`` (this rank's, or rank 0's in stage 3) into the optimizer of
+    ``model``, sharded or not."""
+    if is_sharded(model):
+        load_full_optimizer_state(model, optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
+
+
 def data_parallel(module: nn.Module, device: str) -> nn.Module:
     """``module`` under DDP: replicated on every rank, gradients all-reduced."""
     from torch.nn.parallel import DistributedDataParallel

@@ -32,8 +32,6 @@ bitsandbytes). After each stage the student is back, in fp32, on the device it w
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import random
 import shutil
@@ -49,8 +47,8 @@ from torch import nn
 from radistill.distill import checkpoint as ckpt
 from radistill.distill.data import PackedStream
 from radistill.distill.parallel import (
-    all_reduce_sum, barrier, broadcast_layers, broadcast_object, copy_full, data_parallel, full_optimizer_state,
-    full_value, fully_shard_training, is_sharded, load_full_optimizer_state, owned_layers, shard_frozen,
+    all_reduce_sum, barrier, broadcast_layers, broadcast_object, copy_full, full_value, is_sharded,
+    load_optimizer_state, optimizer_state_to_save, owned_layers, shard_frozen, stage_student,
 )
 from radistill.distill.recipe import DistillRecipe, StageConfig
 from radistill.distill.schedule import lr_multiplier
@@ -64,7 +62,6 @@ from radistill.models.access import decoder_layers
 from radistill.scan.distributed import rank, world_size
 from radistill.utils.console import console, is_main_process, progress
 from radistill.utils.errors import RadistillError
-from radistill.utils.io import write_text_atomic
 from radistill.utils.optim import make_adamw, require_eight_bit
 
 StepHook = Callable[[int, int], None]  # (stage, step) after every optimizer step; tests use it to interrupt
@@ -153,7 +150,7 @@ class Trainer:
         """A new run goes only into a folder that holds no run: starting over would truncate one run's metrics,
         replace its recipe and exports and mix the two."""
         # rank 0 looks, before it writes recipe.json; the others must not look after it did
-        found = broadcast_object(run_artifacts(self.run_dir) if is_main_process() else None)
+        found = broadcast_object(ckpt.run_artifacts(self.run_dir) if is_main_process() else None)
         if found:
             raise RadistillError(
                 f"{self.run_dir} already holds a distillation run ({', '.join(found)}): pass --resume to continue "
@@ -250,7 +247,8 @@ class Trainer:
                     continue
                 self._place(stage, block)
                 mine = owned_layers(block) if layerwise else block
-                student, wrap = self._parallel(stage)
+                student, wrap = stage_student(stage, self.student, fsdp=self.fsdp, device=self.device,
+                                              bf16=self.autocast, compile_layers=self._compile)
                 objective = make_objective(stage, student, self.teacher, cfg, mine, wrap=wrap,
                                            block=block if layerwise else None, compile_loss=self.compiles)
                 optimizer = self.make_optimizer(objective, cfg)
@@ -284,20 +282,6 @@ class Trainer:
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
 
-    def _parallel(self, stage: int) -> tuple[nn.Module, Callable[[nn.Module], nn.Module] | None]:
-        """The student ``stage``'s objective trains and how its module spreads over the ranks: in stage 3 over
-        several ranks DDP, or FSDP2 on a copy (sharding replaces the parameters and the modules' classes in place,
-        with no way back; :meth:`_save` copies the weights back). Otherwise the student, unwrapped (stages 1/2
-        split the layers instead)."""
-        if stage != 3 or world_size() == 1:
-            return self.student, None
-        if not self.fsdp:
-            return self.student, functools.partial(data_parallel, device=self.device)
-        student = copy.deepcopy(self.student)
-        self._compile(student_layers(student))  # a copied module is not compiled
-        return student, functools.partial(fully_shard_training, layers=student_layers(student),
-                                          bf16=self.autocast)
-
     @property
     def compiles(self) -> bool:
         """Whether torch.compile is on: ``compile: true`` on CUDA (on CPU it would need a C++ toolchain)."""
@@ -323,7 +307,7 @@ class Trainer:
 
         Stages 1/2: the modules the objective uses (:func:`stage_modules`), in fp32 (master weights); the rest stays
         fp32 too, so nothing is rounded between blocks and stages. Stage 3: the whole student (under FSDP2 the student
-        stays, and :meth:`_parallel` shards a copy onto the device); with LoRA under bf16
+        stays, and :func:`stage_student` shards a copy onto the device); with LoRA under bf16
         autocast the frozen base weights are held in bf16 (the plan's numeric policy: they never get an update, and
         autocast would compute with bf16 copies of them anyway), the adapters in fp32.
         """
@@ -338,7 +322,7 @@ class Trainer:
             self._lowered = [p for p in self.student.parameters() if id(p) not in adapters and p.is_floating_point()]
             for p in self._lowered:  # cast before the move: the fp32 base never has to fit on the device
                 p.data = p.data.to(self.device, torch.bfloat16)
-        if not self.fsdp:  # under FSDP2 only the shards of a copy go to the device (:meth:`_parallel`)
+        if not self.fsdp:  # under FSDP2 only the shards of a copy go to the device (:func:`stage_student`)
             self.student.to(self.device)
         if cfg.activation_checkpointing:
             set_activation_checkpointing(self.student, True)
@@ -416,10 +400,7 @@ class Trainer:
     def _load_optimizer(self, objective: Objective, optimizer, checkpoint: Path) -> None:
         own = ckpt.load_rank(checkpoint, rank())["optimizer"]
         state = own if own is not None else ckpt.load_rank(checkpoint, 0)["optimizer"]
-        if is_sharded(objective.student):
-            load_full_optimizer_state(objective.student, optimizer, state)
-        else:
-            optimizer.load_state_dict(state)
+        load_optimizer_state(objective.student, optimizer, state)
 
     def step(self, objective: Objective, optimizer, stream: PackedStream, cfg: StageConfig, stage: int, step: int,
              total: int, data_shards: int, first: int = 0,
@@ -492,10 +473,7 @@ class Trainer:
             ckpt.save_trainer(dict(stage=stage, step=step, tokens=tokens, data=stream.state_dict(),
                                    world_size=world_size(), recipe=self.recipe.to_dict(), blocks=blocks), partial)
         barrier()
-        if is_sharded(objective.student):  # gathered whole onto rank 0, so the checkpoint looks like DDP's
-            own = full_optimizer_state(objective.student, optimizer)
-        else:  # in stage 3 (DDP) every rank's optimizer state is the same
-            own = optimizer.state_dict() if (layerwise and world_size() > 1) or is_main_process() else None
+        own = optimizer_state_to_save(objective.student, optimizer, layerwise)
         ckpt.save_rank({"rng": _rng_state(), "optimizer": own}, partial, rank())
         barrier()
         if is_main_process():
@@ -533,22 +511,9 @@ class Trainer:
         line (the process was killed mid-write; said in one line). A damaged line before the end is refused."""
         if not is_main_process() or not self.metrics_path.exists():
             return
-        lines = [line for line in self.metrics_path.read_text(errors="replace").splitlines() if line.strip()]
-        records = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-                key = (record["stage"], record["step"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                if number == len(lines):
-                    console.print(f"[yellow]{self.metrics_path}: dropped a torn last line (the run was killed "
-                                  f"while writing it)[/]")
-                    break
-                raise RadistillError(f"{self.metrics_path} line {number} is damaged ({exc}), not just torn at the "
-                                     "end: repair or delete that line, then --resume again") from exc
-            if key <= (stage, step):
-                records.append(line)
-        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in records))
+        if ckpt.trim_metrics(self.metrics_path, (stage, step)):
+            console.print(f"[yellow]{self.metrics_path}: dropped a torn last line (the run was killed while writing "
+                          "it)[/]")
 
     def _check_restartable(self) -> None:
         """--resume with no checkpoint starts from the beginning, which is only right for a run that never got past
@@ -588,15 +553,6 @@ def _summary_writer_class():
                              "metrics.jsonl has the same numbers)") from exc
     return SummaryWriter
 
-
-RUN_ARTIFACTS = ("recipe.json", "metrics.jsonl", "checkpoints", "stage*")
-
-
-def run_artifacts(run_dir: Path) -> list[str]:
-    """What of a distillation run ``run_dir`` already holds (names, sorted); empty for a new or empty folder."""
-    found = {p.name for pattern in RUN_ARTIFACTS for p in Path(run_dir).glob(pattern)
-             if not p.name.startswith(".")}
-    return sorted(found)
 
 
 def _rng_state() -> dict:
