@@ -108,6 +108,19 @@ def test_any_run_artifact_makes_a_fresh_run_refuse(corpus, tokenizer, tmp_path, 
     assert sorted(p.name for p in run.iterdir()) == sorted([artifact, "notes.txt"])
 
 
+def test_run_distill_refuses_before_loading_any_model(tmp_path, monkeypatch):
+    from radistill.distill.run import run_distill
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("radistill.distill.run.load_model", no_loading)
+    run = tmp_path / "run"
+    (run / "stage2").mkdir(parents=True)
+    with pytest.raises(RadistillError, match=r"already holds a distillation run \(stage2\): pass --resume"):
+        run_distill("student", "teacher", tiny_recipe(tmp_path / "corpus.txt"), run, device="cpu")
+
+
 def test_a_folder_with_other_files_only_is_used(corpus, tokenizer, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -329,3 +342,26 @@ def test_a_json_index_cannot_name_a_class_to_construct(tmp_path):
     (tmp_path / "rank0.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="not on the allow-list"):
         ckpt.load_state(tmp_path, "rank0")
+
+
+def test_model_weights_and_adapters_in_pickle_are_never_loaded(tmp_path):
+    """A model directory holding only a pickled pytorch_model.bin, and an adapter holding only adapter_model.bin,
+    are refused (the adapter's payload never runs)."""
+    from radistill.finetune.lora import load_adapter
+    from radistill.models.access import load_model
+
+    marker = tmp_path / "pwned"
+    model_dir = tmp_path / "model"
+    teacher = tiny_teacher()
+    teacher.config.save_pretrained(model_dir)
+    torch.save(teacher.state_dict(), model_dir / "pytorch_model.bin")  # genuine weights: still refused
+    with pytest.raises(RadistillError, match="model.safetensors"):
+        load_model(model_dir, device="cpu")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with open(adapter / "adapter_model.bin", "wb") as fh:
+        pickle.dump({"payload": _Payload(marker)}, fh)
+    with pytest.raises(RadistillError, match="holds no adapter_model.safetensors"):
+        load_adapter(teacher, adapter)
+    assert not marker.exists()

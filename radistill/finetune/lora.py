@@ -9,6 +9,7 @@ after a backward that every adapter took part in it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -145,8 +146,14 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 
 def load_adapter(student: nn.Module, adapter_dir, trainable: bool = False):
-    """``PeftModel.from_pretrained(student, adapter_dir)``: a saved adapter on its student."""
+    """``PeftModel.from_pretrained(student, adapter_dir)``: a saved adapter on its student. Only a local adapter in
+    safetensors (``adapter_model.safetensors``, what ``radistill finetune`` writes): PEFT would otherwise fall back to
+    unpickling ``adapter_model.bin``, which can run code."""
     from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise RadistillError(f"{adapter_dir} holds no adapter_model.safetensors: give the directory `radistill "
+                             "finetune --out` wrote (a pickled adapter_model.bin is never loaded)")
 
     return PeftModel.from_pretrained(student, str(adapter_dir), is_trainable=trainable)
 

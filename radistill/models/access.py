@@ -213,7 +213,8 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     config = load_config(model_id)
-    kwargs = {"dtype": torch_dtype}
+    # safetensors only: a pickled pytorch_model.bin could run code when unpickled, so it is never loaded
+    kwargs = {"dtype": torch_dtype, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
