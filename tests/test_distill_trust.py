@@ -365,3 +365,10 @@ def test_model_weights_and_adapters_in_pickle_are_never_loaded(tmp_path):
     with pytest.raises(RadistillError, match="holds no adapter_model.safetensors"):
         load_adapter(teacher, adapter)
     assert not marker.exists()
+
+
+def test_an_unreadable_tensor_file_is_a_checkpoint_error(tmp_path):
+    ckpt.save_state({"x": torch.zeros(2)}, tmp_path, "rank0")
+    (tmp_path / "rank0.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ckpt.load_state(tmp_path, "rank0")

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_tensors
 from safetensors.torch import save_file as save_tensors
 
@@ -164,7 +165,7 @@ def load_state(directory: Path, stem: str) -> Any:
         index = json.loads(index_path.read_text())
         tensors = load_tensors(str(tensor_path))
         return _decode(index["state"], tensors)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # json / safetensors errors are ValueErrors
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"{directory / stem}.{{json,safetensors}} cannot be read ({exc})") from exc
 
 
