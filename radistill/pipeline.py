@@ -21,8 +21,6 @@ import typer
 
 from radistill.distill.recipe import DistillRecipe, read_recipe_file
 from radistill.eval.coverage import EvalReport
-from radistill.eval.runner import EvalConfig, evaluate_path
-from radistill.report.build import build_report
 from radistill.report.inputs import RunLayout, final_checkpoint, read_json
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
@@ -85,7 +83,9 @@ class Recipe:
             recipe.data.source = self.data
         return recipe
 
-    def eval_config(self) -> EvalConfig:
+    def eval_config(self) -> "EvalConfig":
+        from radistill.eval.runner import EvalConfig  # imports torch: not at `radistill --help` time
+
         return EvalConfig.from_dict(self.eval)
 
     def to_dict(self) -> dict:
@@ -246,6 +246,8 @@ class Pipeline:
     def evaluate(self, student: StudentSpec | None) -> None:
         """Evaluate the teacher (``None``) or a student's final checkpoint; ``eval.json`` is reused when the
         weights and settings are unchanged."""
+        from radistill.eval.runner import evaluate_path
+
         config = self.recipe.eval_config()
         if student is None:
             model, cache = self.recipe.teacher, self.layout.teacher_eval
@@ -261,6 +263,8 @@ class Pipeline:
 
     def run(self) -> Path:
         """All steps in order; returns the report page."""
+        from radistill.report.build import build_report
+
         if self.recipe.threads:
             import torch
 

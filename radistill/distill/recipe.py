@@ -16,7 +16,6 @@ from typing import Any
 
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
-from radistill.utils.optim import OPTIMIZERS
 
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -192,6 +191,8 @@ class DistillRecipe:
 
 
 def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
+    from radistill.utils.optim import OPTIMIZERS  # here: it imports torch, and the CLI reads recipes without it
+
     if st.optimizer not in OPTIMIZERS:
         raise RadistillError(f"{where}: optimizer '{st.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
     _require_bool(st.activation_checkpointing, f"{where}: activation_checkpointing")

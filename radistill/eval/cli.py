@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from radistill.eval.coverage import EvalReport, by_group
-from radistill.eval.kv import KVEvalConfig
-from radistill.eval.runner import EvalConfig, evaluate
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
@@ -74,6 +72,9 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
     """Evaluate a model (and its teacher): KV retrieval, perplexity, your JSONL tasks, any lm-eval task."""
+    from radistill.eval.kv import KVEvalConfig
+    from radistill.eval.runner import EvalConfig, evaluate
+
     config = EvalConfig(
         tasks=tuple(t for t in tasks.split(",") if t.strip()),
         kv=KVEvalConfig(_ints(kv_pairs, "--kv-pairs"), kv_samples, kv_seed, not no_generate),
