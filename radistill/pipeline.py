@@ -263,8 +263,12 @@ class Pipeline:
 
     def run(self) -> Path:
         """All steps in order; returns the report page."""
+        from radistill.distill.data import check_source
         from radistill.report.build import build_report
 
+        distill = self.recipe.distill_recipe()
+        if distill.enabled_stages():  # a bad data file fails now, not after the scan and the builds
+            check_source(distill.data)
         if self.recipe.threads:
             import torch
 

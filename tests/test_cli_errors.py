@@ -116,3 +116,32 @@ def test_cli_import_is_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"import radistill.cli imported {result.stdout.strip()}"
+
+
+# --- data problems surface before any model is loaded, and leave nothing behind ------------------------------
+def _bad_data(tmp: Path) -> dict[str, tuple[Path, str]]:
+    binary = tmp / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    broken_xz = tmp / "broken.txt.xz"
+    broken_xz.write_bytes(b"not xz at all")
+    held_out = tmp / "one-doc.txt"  # its only document is held out for perplexity
+    held_out.write_text("a single document")
+    bad_jsonl = tmp / "rows.jsonl"
+    bad_jsonl.write_text('{"content": "no text field"}\n')
+    return {"binary": (binary, "not UTF-8"), "empty": (empty, "is empty"), "xz": (broken_xz, "not UTF-8"),
+            "held-out": (held_out, "no training documents"), "jsonl": (bad_jsonl, "'text'"),
+            "missing": (tmp / "missing.txt", "does not exist")}
+
+
+@pytest.mark.parametrize("case", ["binary", "empty", "xz", "held-out", "jsonl", "missing"])
+def test_distill_checks_data_before_loading_models(case, tmp_path, capsys):
+    data, words = _bad_data(tmp_path)[case]
+    out = tmp_path / "run"
+    # neither model exists: reaching a model load would fail with another message
+    code, _, err = _run(["distill", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                         "--data", str(data), "--out", str(out)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert "Traceback" not in err
+    assert not out.exists(), "a run that failed on its data left files behind"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from radistill.distill.data import check_source
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.trainer import StageResult, Trainer
 from radistill.models.access import load_model, resolve_device
@@ -26,6 +27,7 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     """
     if not recipe.enabled_stages():
         raise RadistillError("no stage is enabled: pass --stages (e.g. --stages 2,3) or enable one in the recipe")
+    check_source(recipe.data)  # a bad data file fails now, not after loading two models
     if recipe.gpu_memory is not None:
         recipe = fit_recipe(student_dir, recipe)
     device = init_from_env() or resolve_device(device)
