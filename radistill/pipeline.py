@@ -25,6 +25,7 @@ from radistill.report.inputs import RunLayout, final_checkpoint, read_json
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
+from radistill.utils.typed import check_fields, coerce
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -74,7 +75,10 @@ class Recipe:
         names = [s.name for s in self.students]
         if not names or len(set(names)) != len(names):
             raise RadistillError(f"a recipe needs students with distinct names (got {names})")
-        self.distill_recipe()  # validate now, not after the scan
+        try:  # validate now, not after the scan
+            self.distill_recipe()
+        except RadistillError as exc:
+            raise RadistillError(f"distill: {exc}") from exc
         self.eval_config()
 
     def distill_recipe(self) -> DistillRecipe:
@@ -100,9 +104,13 @@ class Recipe:
                                  f"valid keys: {', '.join(cls.__dataclass_fields__)}")
         if "teacher" not in data:
             raise RadistillError("the recipe names no teacher: add `teacher: HF_ID_OR_DIRECTORY`")
+        data = check_fields(cls, data, "")
         try:
-            data["scan"] = ScanSettings(**data.get("scan", {}))
-            data["students"] = [StudentSpec(**s) for s in data.get("students", [{"name": "top10", "keep": 10}])]
+            scan = coerce(data.get("scan", {}), dict, "scan")
+            data["scan"] = ScanSettings(**check_fields(ScanSettings, scan, "scan"))
+            students = data.get("students", [{"name": "top10", "keep": 10}])
+            data["students"] = [StudentSpec(**check_fields(StudentSpec, coerce(s, dict, f"students.{i}"),
+                                                           f"students.{i}")) for i, s in enumerate(students)]
         except TypeError as exc:
             raise RadistillError(f"recipe: {exc}") from exc
         recipe = cls(**data)
