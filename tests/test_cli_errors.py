@@ -145,3 +145,23 @@ def test_distill_checks_data_before_loading_models(case, tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
     assert "Traceback" not in err
     assert not out.exists(), "a run that failed on its data left files behind"
+
+
+# --- a model without attention heads -----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_scan_of_a_non_attention_model_says_it_is_unsupported(kind, tmp_path, capsys):
+    import transformers
+
+    if kind == "mamba":
+        config = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2)
+        model = transformers.MambaForCausalLM(config)
+    else:
+        config = transformers.Mamba2Config(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2,
+                                           num_heads=4, head_dim=8, n_groups=1, expand=2)
+        model = transformers.Mamba2ForCausalLM(config)
+    model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()  # the progress bar of saving
+    code, _, err = _run(["scan", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"'{kind}'" in err and "not supported" in err and "Llama" in err, err
+    assert not (tmp_path / "out").exists()

@@ -42,8 +42,10 @@ def register(app: typer.Typer) -> None:
                                                  "before loading the weights if nothing fits"),
     ) -> None:
         """Rank every attention head by how much in-context retrieval depends on it (ablation scan)."""
+        from radistill.models.access import load_config, require_attention
         from radistill.scan.run import run_scan
 
+        require_attention(load_config(model))  # before the progress bar: an unsupported model is one error line
         with progress() as bar:
             task = bar.add_task("scanning heads", total=None, status="")
 
