@@ -165,3 +165,35 @@ def test_scan_of_a_non_attention_model_says_it_is_unsupported(kind, tmp_path, ca
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert f"'{kind}'" in err and "not supported" in err and "Llama" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# --- one option name, one meaning ----------------------------------------------------------------------------------
+def _visible_options() -> dict[str, set[str]]:
+    """{command: its option names shown in --help}."""
+    import typer
+
+    group = typer.main.get_command(app)
+    return {name: {opt for p in command.params if not getattr(p, "hidden", False) for opt in p.opts}
+            for name, command in group.commands.items()}
+
+
+def test_option_names_have_one_meaning():
+    options = _visible_options()
+    assert not [c for c, opts in options.items() if "--batch-size" in opts], "--batch-size meant three things"
+    assert {c for c, opts in options.items() if "--micro-batch" in opts} == {"distill", "plan", "finetune"}
+    assert "--rows-per-forward" in options["scan"] and "--eval-batch" in options["eval"] | options["plan"]
+    for command in ("finetune", "plan"):  # the same LoRA flags wherever LoRA is set
+        assert {"--lora-rank", "--lora-targets"} <= options[command]
+    assert not {"--rank", "--targets", "--alpha", "--dropout"} & options["finetune"]
+
+
+def test_old_spellings_still_work_with_a_note(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("radistill.distill.run.run_distill", lambda student, teacher, recipe, *a, **k: seen.append(
+        recipe.stage(2).batch_size))
+    args = ["distill", "s", "--teacher", "t", "--out", str(tmp_path / "run")]
+    assert _run([*args, "--micro-batch", "3"], capsys)[0] == 0
+    code, _, err = _run([*args, "--batch-size", "5"], capsys)
+    assert code == 0 and seen == [3, 5] and "--batch-size is now --micro-batch" in err
+    code, _, err = _run([*args, "--batch-size", "3", "--micro-batch", "4"], capsys)
+    assert code == 2 and "give one of them" in err and seen == [3, 5]

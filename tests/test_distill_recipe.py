@@ -79,7 +79,7 @@ def test_distill_command_end_to_end(tmp_path):
     app.command("noop")(lambda: None)  # a second command keeps typer's subcommand form
     args = ["distill", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data", str(corpus),
             "--out", str(tmp_path / "run"), "--stages", "2,3", "--tokens-stage2", "128", "--tokens-stage3", "128",
-            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
+            "--seq-len", "16", "--micro-batch", "2", "--grad-accum", "1", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
