@@ -296,13 +296,58 @@ class Pipeline:
         return page
 
 
+def results_table(root: Path):
+    """The run's results as one rich table: the teacher, then each student, with its kept heads, the KV heads it
+    caches, each evaluated task's score (summary tasks only: ``kv_ret``, not ``kv_ret@N``; accuracies in %) and
+    its retrieval coverage (student ÷ teacher). None when nothing was evaluated."""
+    from rich.table import Table
+
+    from radistill.eval.cli import _number
+    from radistill.report.inputs import discover
+
+    inputs = discover(root)
+    reports = [("teacher", inputs.teacher_eval, None)] + [(s.name, s.eval, s) for s in inputs.students]
+    reports = [(name, report, student) for name, report, student in reports if report is not None]
+    if not reports:
+        return None
+    tasks: list[tuple[str, str]] = []
+    for _, report, _ in reports:
+        tasks += [(t.name, t.metric) for t in report.tasks if "@" not in t.name and (t.name, t.metric) not in tasks]
+    teacher = inputs.teacher_config or {}
+    heads = teacher.get("num_hidden_layers", 0) * teacher.get("num_attention_heads", 0)
+    kv_total = teacher.get("num_hidden_layers", 0) * (teacher.get("num_key_value_heads")
+                                                       or teacher.get("num_attention_heads", 0))
+    table = Table(title=f"results ({inputs.root}; accuracies in %, coverage = student ÷ teacher on retrieval)")
+    for column in ("model", "kept heads", "KV heads", *(n for n, _ in tasks), "coverage"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, report, student in reports:
+        if student is None:
+            kept, cached = f"all {heads}" if heads else "all", f"{kv_total}" if kv_total else "all"
+        else:
+            selection = student.selection or {}
+            kept = str(len(student.kept_heads)) if student.config else str(selection.get("keep", "?"))
+            cached = str((selection.get("kv_heads_cached") or {}).get("total", "?"))
+        values = [_number(report.task(n).value if report.task(n) else None, m) for n, m in tasks]
+        coverage = report.coverage.get("retrieval") if student is not None else None
+        table.add_row(name, kept, cached, *values, "—" if coverage is None else f"{100 * coverage:.1f}%")
+    return table
+
+
+def _print_results(root: Path) -> None:
+    table = results_table(root)
+    if table is not None:
+        console.print(table)
+
+
 def run_command(
     recipe: Path = typer.Argument(..., help="Recipe file (YAML/JSON): teacher, scan, students, data, distill, eval."),
     out: Path = typer.Option(None, "--out", help="Run directory (overrides the recipe's `out`)."),
 ) -> None:
     """Run scan → build → distill → eval → report from one recipe, skipping steps whose output is up to date."""
     overrides = {"out": str(out.resolve())} if out is not None else {}
-    page = Pipeline(Recipe.load(recipe, overrides)).run()
+    pipeline = Pipeline(Recipe.load(recipe, overrides))
+    page = pipeline.run()
+    _print_results(pipeline.layout.root)
     console.print(f"[bold green]report:[/] {page}")
 
 
@@ -326,7 +371,9 @@ def demo_command(
     if data:
         overrides["data"] = str(Path(data).resolve()) if Path(data).exists() else data
     start = time.perf_counter()
-    page = Pipeline(Recipe.load(recipe_file, overrides)).run()
+    pipeline = Pipeline(Recipe.load(recipe_file, overrides))
+    page = pipeline.run()
+    _print_results(pipeline.layout.root)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
     console.print(f"[bold green]report:[/] {page}")
 
