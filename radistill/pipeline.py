@@ -344,6 +344,9 @@ def run_command(
     out: Path = typer.Option(None, "--out", help="Run directory (overrides the recipe's `out`)."),
 ) -> None:
     """Run scan → build → distill → eval → report from one recipe, skipping steps whose output is up to date."""
+    from radistill.utils.console import quiet_transformers
+
+    quiet_transformers()
     overrides = {"out": str(out.resolve())} if out is not None else {}
     pipeline = Pipeline(Recipe.load(recipe, overrides))
     page = pipeline.run()
@@ -370,6 +373,9 @@ def demo_command(
         overrides["teacher"] = str(Path(teacher).resolve()) if Path(teacher).exists() else teacher
     if data:
         overrides["data"] = str(Path(data).resolve()) if Path(data).exists() else data
+    from radistill.utils.console import quiet_transformers
+
+    quiet_transformers()
     start = time.perf_counter()
     pipeline = Pipeline(Recipe.load(recipe_file, overrides))
     page = pipeline.run()

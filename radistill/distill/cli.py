@@ -103,7 +103,9 @@ def distill(
 ) -> None:
     """Distill a hybrid student from its teacher: MOHAWK stages 1-3 (stage 1 off by default), resumable."""
     from radistill.distill.run import run_distill
+    from radistill.utils.console import quiet_transformers
 
+    quiet_transformers()
     micro_batch = renamed(micro_batch, old_batch_size, "--batch-size", "--micro-batch")
     flags = overrides_from_flags(
         stages=stages, data=data, seq_len=seq_len, batch_size=micro_batch, grad_accum=grad_accum, seed=seed,
