@@ -58,8 +58,8 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, advance=n, total=total)
 
             result = run_scan(model, out, pairs=pairs, samples=samples, metric=metric, ablation=ablation, seed=seed,
-                              device=device, dtype=dtype, batch_size=rows_per_forward, probe_file=probe, progress=advance,
-                              gpu_memory=gpu_memory)
+                              device=device, dtype=dtype, batch_size=rows_per_forward, probe_file=probe,
+                              progress=advance, gpu_memory=gpu_memory)
         if is_main_process():
             console.print(_top_table(result, top))
             console.print(f"wrote {out / 'scan.json'}, scan.csv, heads.png")
