@@ -1,7 +1,13 @@
 """The ``radistill`` command line: scan -> build -> distill -> eval -> report, or ``run`` for all of it.
 
 Each pipeline area contributes its commands through ``register(app)`` in its own ``cli`` module, so this
-file stays a table of contents.
+file stays a table of contents. Those modules import torch, transformers and the heavy parts of radistill only
+inside their commands: ``radistill --help`` and a usage error answer in a fraction of a second
+(``benchmarks/startup.py``).
+
+What users see when something is wrong: a usage error (missing argument, unknown option or command, a value of the
+wrong type) and a :class:`RadistillError` (bad input found by radistill) are one line on stderr and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +18,13 @@ import sys
 import typer
 from rich.console import Console
 
+from radistill import __version__
 from radistill.utils.errors import RadistillError
+
+try:  # typer >= 0.16 ships its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 app = typer.Typer(
     name="radistill",
@@ -34,6 +46,20 @@ COMMAND_MODULES = (
     "radistill.finetune.cli",
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"radistill {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Retrieval-aware distillation: find a Transformer's retrieval heads, keep them, make the rest recurrent."""
+
+
 for _name in COMMAND_MODULES:
     try:
         _module = importlib.import_module(_name)
@@ -44,17 +70,37 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
-def main() -> None:
-    """Entry point that turns a :class:`RadistillError` into one red line and exit code 2."""
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    # soft_wrap: rich would otherwise break a long message at the terminal width (80 columns off a terminal)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, highlight=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point: usage errors and :class:`RadistillError` become one red line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        result = app(args=args, prog_name="radistill", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `radistill` or `radistill scan`: the help is the answer
+        typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        sys.exit(2)
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "radistill"
+        _error(f"{_one_line(exc.format_message())} (see `{where} --help`)")
+        sys.exit(2)
+    except ClickException as exc:
+        _error(_one_line(exc.format_message()))
+        sys.exit(exc.exit_code)
     except RadistillError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        _error(_one_line(str(exc)))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

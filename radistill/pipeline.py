@@ -21,12 +21,11 @@ import typer
 
 from radistill.distill.recipe import DistillRecipe, read_recipe_file
 from radistill.eval.coverage import EvalReport
-from radistill.eval.runner import EvalConfig, evaluate_path
-from radistill.report.build import build_report
 from radistill.report.inputs import RunLayout, final_checkpoint, read_json
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
+from radistill.utils.typed import check_fields, coerce
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -76,7 +75,10 @@ class Recipe:
         names = [s.name for s in self.students]
         if not names or len(set(names)) != len(names):
             raise RadistillError(f"a recipe needs students with distinct names (got {names})")
-        self.distill_recipe()  # validate now, not after the scan
+        try:  # validate now, not after the scan
+            self.distill_recipe()
+        except RadistillError as exc:
+            raise RadistillError(f"distill: {exc}") from exc
         self.eval_config()
 
     def distill_recipe(self) -> DistillRecipe:
@@ -85,7 +87,9 @@ class Recipe:
             recipe.data.source = self.data
         return recipe
 
-    def eval_config(self) -> EvalConfig:
+    def eval_config(self) -> "EvalConfig":
+        from radistill.eval.runner import EvalConfig  # imports torch: not at `radistill --help` time
+
         return EvalConfig.from_dict(self.eval)
 
     def to_dict(self) -> dict:
@@ -100,9 +104,13 @@ class Recipe:
                                  f"valid keys: {', '.join(cls.__dataclass_fields__)}")
         if "teacher" not in data:
             raise RadistillError("the recipe names no teacher: add `teacher: HF_ID_OR_DIRECTORY`")
+        data = check_fields(cls, data, "")
         try:
-            data["scan"] = ScanSettings(**data.get("scan", {}))
-            data["students"] = [StudentSpec(**s) for s in data.get("students", [{"name": "top10", "keep": 10}])]
+            scan = coerce(data.get("scan", {}), dict, "scan")
+            data["scan"] = ScanSettings(**check_fields(ScanSettings, scan, "scan"))
+            students = data.get("students", [{"name": "top10", "keep": 10}])
+            data["students"] = [StudentSpec(**check_fields(StudentSpec, coerce(s, dict, f"students.{i}"),
+                                                           f"students.{i}")) for i, s in enumerate(students)]
         except TypeError as exc:
             raise RadistillError(f"recipe: {exc}") from exc
         recipe = cls(**data)
@@ -246,6 +254,8 @@ class Pipeline:
     def evaluate(self, student: StudentSpec | None) -> None:
         """Evaluate the teacher (``None``) or a student's final checkpoint; ``eval.json`` is reused when the
         weights and settings are unchanged."""
+        from radistill.eval.runner import evaluate_path
+
         config = self.recipe.eval_config()
         if student is None:
             model, cache = self.recipe.teacher, self.layout.teacher_eval
@@ -261,6 +271,12 @@ class Pipeline:
 
     def run(self) -> Path:
         """All steps in order; returns the report page."""
+        from radistill.distill.data import check_source
+        from radistill.report.build import build_report
+
+        distill = self.recipe.distill_recipe()
+        if distill.enabled_stages():  # a bad data file fails now, not after the scan and the builds
+            check_source(distill.data)
         if self.recipe.threads:
             import torch
 
@@ -280,13 +296,61 @@ class Pipeline:
         return page
 
 
+def results_table(root: Path):
+    """The run's results as one rich table: the teacher, then each student, with its kept heads, the KV heads it
+    caches, each evaluated task's score (summary tasks only: ``kv_ret``, not ``kv_ret@N``; accuracies in %) and
+    its retrieval coverage (student ÷ teacher). None when nothing was evaluated."""
+    from rich.table import Table
+
+    from radistill.eval.cli import _number
+    from radistill.report.inputs import discover
+
+    inputs = discover(root)
+    reports = [("teacher", inputs.teacher_eval, None)] + [(s.name, s.eval, s) for s in inputs.students]
+    reports = [(name, report, student) for name, report, student in reports if report is not None]
+    if not reports:
+        return None
+    tasks: list[tuple[str, str]] = []
+    for _, report, _ in reports:
+        tasks += [(t.name, t.metric) for t in report.tasks if "@" not in t.name and (t.name, t.metric) not in tasks]
+    teacher = inputs.teacher_config or {}
+    heads = teacher.get("num_hidden_layers", 0) * teacher.get("num_attention_heads", 0)
+    kv_total = teacher.get("num_hidden_layers", 0) * (teacher.get("num_key_value_heads")
+                                                       or teacher.get("num_attention_heads", 0))
+    table = Table(title=f"results ({inputs.root}; accuracies in %, coverage = student ÷ teacher on retrieval)")
+    for column in ("model", "kept heads", "KV heads", *(n for n, _ in tasks), "coverage"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for name, report, student in reports:
+        if student is None:
+            kept, cached = f"all {heads}" if heads else "all", f"{kv_total}" if kv_total else "all"
+        else:
+            selection = student.selection or {}
+            kept = str(len(student.kept_heads)) if student.config else str(selection.get("keep", "?"))
+            cached = str((selection.get("kv_heads_cached") or {}).get("total", "?"))
+        values = [_number(report.task(n).value if report.task(n) else None, m) for n, m in tasks]
+        coverage = report.coverage.get("retrieval") if student is not None else None
+        table.add_row(name, kept, cached, *values, "—" if coverage is None else f"{100 * coverage:.1f}%")
+    return table
+
+
+def _print_results(root: Path) -> None:
+    table = results_table(root)
+    if table is not None:
+        console.print(table)
+
+
 def run_command(
     recipe: Path = typer.Argument(..., help="Recipe file (YAML/JSON): teacher, scan, students, data, distill, eval."),
     out: Path = typer.Option(None, "--out", help="Run directory (overrides the recipe's `out`)."),
 ) -> None:
     """Run scan → build → distill → eval → report from one recipe, skipping steps whose output is up to date."""
+    from radistill.utils.console import quiet_transformers
+
+    quiet_transformers()
     overrides = {"out": str(out.resolve())} if out is not None else {}
-    page = Pipeline(Recipe.load(recipe, overrides)).run()
+    pipeline = Pipeline(Recipe.load(recipe, overrides))
+    page = pipeline.run()
+    _print_results(pipeline.layout.root)
     console.print(f"[bold green]report:[/] {page}")
 
 
@@ -309,8 +373,13 @@ def demo_command(
         overrides["teacher"] = str(Path(teacher).resolve()) if Path(teacher).exists() else teacher
     if data:
         overrides["data"] = str(Path(data).resolve()) if Path(data).exists() else data
+    from radistill.utils.console import quiet_transformers
+
+    quiet_transformers()
     start = time.perf_counter()
-    page = Pipeline(Recipe.load(recipe_file, overrides)).run()
+    pipeline = Pipeline(Recipe.load(recipe_file, overrides))
+    page = pipeline.run()
+    _print_results(pipeline.layout.root)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
     console.print(f"[bold green]report:[/] {page}")
 

@@ -76,3 +76,17 @@ def test_testbed_quick_runs_stage1_before_stages_2_and_3(tmp_path):
     assert student["tokens"] == sum(cfg["tokens"] for cfg in stages.values()) > stages["3"]["tokens"]
     assert set(student["kv_retrieval"]) == {"5", "10", "20", "40"}
     assert (tmp_path / "work" / "top4-s64").is_dir()
+
+
+def test_startup_benchmark_times_help_and_usage_errors(tmp_path):
+    out = tmp_path / "startup.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "startup.py"), "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["versions"]["python"] and result["machine"]["cpus"]
+    rows = {r["case"]: r for r in result["rows"]}
+    for row in rows.values():
+        assert row["exit_code"] == row["expected_exit"] and row["median_s"] > 0, row
+        if row["expected_exit"] == 2:  # a usage error is one line
+            assert row["stderr_lines"] == 1, row

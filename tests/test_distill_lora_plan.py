@@ -101,7 +101,7 @@ def test_gpu_memory_too_small_stops_before_training(saved_pair, corpus, tmp_path
     app.command("noop")(lambda: None)  # a second command keeps typer's subcommand form
     args = ["distill", str(student), "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "run"),
             "--stages", "2,3", "--tokens-stage2", "128", "--tokens-stage3", "128", "--seq-len", "16",
-            "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", "--gpu-memory", "100KiB"]
+            "--micro-batch", "2", "--grad-accum", "1", "--device", "cpu", "--gpu-memory", "100KiB"]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, RadistillError), result.output
     assert "does not fit in 0.0 GiB" in str(result.exception) and "distill stage 2 needs" in str(result.exception)

@@ -79,7 +79,7 @@ def test_distill_command_end_to_end(tmp_path):
     app.command("noop")(lambda: None)  # a second command keeps typer's subcommand form
     args = ["distill", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data", str(corpus),
             "--out", str(tmp_path / "run"), "--stages", "2,3", "--tokens-stage2", "128", "--tokens-stage3", "128",
-            "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"]
+            "--seq-len", "16", "--micro-batch", "2", "--grad-accum", "1", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
@@ -90,3 +90,24 @@ def test_distill_command_end_to_end(tmp_path):
     assert CliRunner().invoke(app, [*args, "--resume"]).exit_code == 0
     changed = CliRunner().invoke(app, [*args, "--resume", "--lr-stage3", "1e-3"])
     assert isinstance(changed.exception, RadistillError) and "recipe differs" in str(changed.exception)
+
+
+def test_budget_not_a_whole_number_of_steps_is_announced(corpus, tokenizer, tmp_path):
+    """The note says exactly what the trainer then runs (rounded down to whole steps, up to one step)."""
+    from distill_helpers import tiny_recipe, tiny_student, tiny_teacher
+    from radistill.distill.run import whole_step_notes
+    from radistill.distill.trainer import Trainer
+
+    per_step = 16 * 2 * 2  # tiny_recipe: seq_len 16, batch 2, accum 2
+    assert whole_step_notes(tiny_recipe(corpus, stages=(2,), tokens=3 * per_step), 1) == []
+    small = whole_step_notes(tiny_recipe(corpus, stages=(2,), tokens=per_step // 2), 1)
+    assert small == [f"stage 2: {per_step // 2} tokens is not a whole number of optimizer steps of {per_step} tokens "
+                     f"(2 x 16 x 2 accum x 1 ranks); it runs 1 step = {per_step} tokens"]
+    recipe = tiny_recipe(corpus, stages=(2, 3), tokens=per_step * 5 // 2)
+    notes = whole_step_notes(recipe, 2)  # stage 3 splits its data over the ranks, stage 2 does not
+    assert notes[0].endswith(f"it runs 2 steps = {2 * per_step} tokens")
+    assert notes[1].endswith(f"it runs 1 step = {2 * per_step} tokens")
+    teacher = tiny_teacher()
+    recipe = tiny_recipe(corpus, stages=(2,), tokens=per_step * 5 // 2)
+    results = Trainer(tiny_student(teacher), teacher, tokenizer, recipe, tmp_path / "run", "cpu").run()
+    assert results[0].tokens == 2 * per_step

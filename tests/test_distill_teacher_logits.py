@@ -391,7 +391,7 @@ def test_distill_command_precomputes_and_trains_on_stored_logits(tmp_path):
     run = tmp_path / "run"
     args = ["distill", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data",
             str(tmp_path / "corpus.txt"), "--out", str(run), "--stages", "3", "--tokens-stage3", "128", "--seq-len",
-            "16", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu", "--teacher-logits", "topk",
+            "16", "--micro-batch", "2", "--grad-accum", "1", "--device", "cpu", "--teacher-logits", "topk",
             "--teacher-topk", "32"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)

@@ -82,7 +82,7 @@ def test_restricted_is_a_small_fraction_of_all(student):
 
 def test_groups_that_match_nothing_fail_loudly(student):
     everything = tiny_student(tiny_teacher(), kept=((0, 1, 2, 3), (0, 1, 2, 3)))
-    with pytest.raises(RadistillError, match="--targets recurrent matches no module.*no recurrent heads"):
+    with pytest.raises(RadistillError, match="--lora-targets recurrent matches no module.*no recurrent heads"):
         target_modules(everything, "recurrent")
     with pytest.raises(RadistillError, match="no recurrent heads"):
         target_modules(tiny_teacher(), "recurrent,kept-heads")
@@ -170,7 +170,7 @@ def test_cli_finetune_saves_adapter_and_merged_student(student, tokenizer, tmp_p
     data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in PAIRS))
     out = tmp_path / "ft"
     args = ["finetune", str(tmp_path / "student"), "--data", str(data), "--out", str(out), "--steps", "2",
-            "--batch-size", "3", "--seq-len", "64", "--rank", str(RANK), "--merge", "--device", "cpu"]
+            "--micro-batch", "3", "--seq-len", "64", "--lora-rank", str(RANK), "--merge", "--device", "cpu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "finetune.json").read_text())

@@ -7,9 +7,14 @@ losses as tensor functions), ``stages.py`` (objectives: forward + backward of on
 docs/distill.md.
 """
 
-from radistill.distill.recipe import DataConfig, DistillRecipe, LossConfig, StageConfig
-from radistill.distill.run import run_distill
-from radistill.distill.trainer import NonFiniteLossError, StageResult, Trainer
+from radistill.utils.lazy import lazy_exports
+
+# imported on first use, so that importing this package (as `radistill --help` does) does not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "radistill.distill.recipe": ("DataConfig", "DistillRecipe", "LossConfig", "StageConfig"),
+    "radistill.distill.run": ("run_distill"),
+    "radistill.distill.trainer": ("NonFiniteLossError", "StageResult", "Trainer"),
+})
 
 __all__ = ["DataConfig", "DistillRecipe", "LossConfig", "NonFiniteLossError", "StageConfig", "StageResult", "Trainer",
            "run_distill"]

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from radistill.distill.recipe import STAGES, DistillRecipe, merge, read_recipe_file
+from radistill.utils.cli_options import renamed
 from radistill.utils.errors import RadistillError
 
 
@@ -82,7 +83,9 @@ def distill(
     teacher_topk: Optional[int] = typer.Option(None, "--teacher-topk", help="Logits kept per position with "
                                                "--teacher-logits topk (default 64)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed sequence (all stages)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per micro-batch per process "
+                                              "(recipe key batch_size)."),
+    old_batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -100,9 +103,12 @@ def distill(
 ) -> None:
     """Distill a hybrid student from its teacher: MOHAWK stages 1-3 (stage 1 off by default), resumable."""
     from radistill.distill.run import run_distill
+    from radistill.utils.console import quiet_transformers
 
+    quiet_transformers()
+    micro_batch = renamed(micro_batch, old_batch_size, "--batch-size", "--micro-batch")
     flags = overrides_from_flags(
-        stages=stages, data=data, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+        stages=stages, data=data, seq_len=seq_len, batch_size=micro_batch, grad_accum=grad_accum, seed=seed,
         dtype=dtype, compile=compile, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
         gpu_memory=gpu_memory, parallel=parallel, shard_teacher=shard_teacher,
         tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3},

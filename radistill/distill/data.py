@@ -58,6 +58,46 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
         yield from _hf_documents(cfg)
 
 
+LOCAL_SUFFIXES = (".txt", ".txt.xz", ".jsonl", ".jsonl.xz", ".parquet")
+
+
+def is_local_source(source: str) -> bool:
+    """Whether ``source`` names a local file (by its suffix, or because it exists) rather than an HF dataset id."""
+    return Path(source).name.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Raise a :class:`RadistillError` now, before any model is loaded, if a local data file is missing, empty,
+    unreadable (binary, not UTF-8, a broken .xz) or holds no training document; reads only up to the first
+    training document. An HF dataset id is left to the hub (checking it means streaming it)."""
+    if not cfg.source:
+        raise RadistillError("no training data: pass --data FILE_OR_DATASET_ID")
+    if not is_local_source(cfg.source):
+        return
+    path = Path(cfg.source)
+    if not path.exists():
+        raise RadistillError(f"--data {path} does not exist")
+    if not path.is_file():
+        raise RadistillError(f"--data {path} is not a file")
+    if path.stat().st_size == 0:
+        raise RadistillError(f"--data {path} is empty")
+    try:
+        for index, _ in enumerate(iter_documents(cfg)):
+            if not is_heldout(index, cfg):
+                return
+    except (UnicodeDecodeError, lzma.LZMAError, EOFError) as exc:
+        raise RadistillError(f"--data {path} is not UTF-8 text{' (.xz)' if path.suffix == '.xz' else ''}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise RadistillError(f"--data {path} could not be read: {exc}") from exc
+    except Exception as exc:  # pyarrow's errors for a file that is not parquet have no common base we can name
+        if isinstance(exc, RadistillError):
+            raise
+        raise RadistillError(f"--data {path} could not be read: {type(exc).__name__}: {exc}") from exc
+    raise RadistillError(f"--data {path} holds no training documents (none, or all held out for perplexity: "
+                         f"data.heldout_docs {cfg.heldout_docs}, heldout_stride {cfg.heldout_stride})")
+
+
 def _open_text(path: Path):
     if not path.exists():
         raise RadistillError(f"--data {path} does not exist")

@@ -16,7 +16,7 @@ from typing import Any
 
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import write_json_atomic
-from radistill.utils.optim import OPTIMIZERS
+from radistill.utils.typed import check_fields
 
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -192,6 +192,8 @@ class DistillRecipe:
 
 
 def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
+    from radistill.utils.optim import OPTIMIZERS  # here: it imports torch, and the CLI reads recipes without it
+
     if st.optimizer not in OPTIMIZERS:
         raise RadistillError(f"{where}: optimizer '{st.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
     _require_bool(st.activation_checkpointing, f"{where}: activation_checkpointing")
@@ -256,13 +258,14 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
 def merge(recipe: DistillRecipe, overrides: dict[str, Any]) -> DistillRecipe:
     """A new recipe: ``recipe`` with ``overrides`` (a partial nested dict, as in a recipe file) applied.
 
-    Stage keys may be ints or strings ("2"). Unknown keys raise, naming the key and the valid ones.
+    Stage keys may be ints or strings ("2"). Unknown keys raise, naming the key and the valid ones; so do values of
+    the wrong type (:func:`radistill.utils.typed.check_fields`), naming the key and what it expects.
     """
     base = recipe.to_dict()
     _merge_into(base, overrides, "recipe")
     stages = {int(k): _build(StageConfig, v, f"stages.{k}") for k, v in base.pop("stages").items()}
     data = _build(DataConfig, base.pop("data"), "data")
-    return DistillRecipe(stages=stages, data=data, **base)
+    return DistillRecipe(stages=stages, data=data, **check_fields(DistillRecipe, base, ""))
 
 
 def _merge_into(base: dict, overrides: dict, where: str) -> None:
@@ -272,15 +275,18 @@ def _merge_into(base: dict, overrides: dict, where: str) -> None:
             raise RadistillError(f"unknown recipe key '{where}.{key}': valid keys are {', '.join(map(str, base))}")
         if isinstance(base[key], dict) and isinstance(value, dict):
             _merge_into(base[key], value, f"{where}.{key}")
+        elif isinstance(base[key], dict):
+            section = f"{where}.{key}".removeprefix("recipe.")
+            raise RadistillError(f"recipe key '{section}' must be a mapping of settings, e.g. "
+                                 f"{{{next(iter(base[key]))}: ...}} (got {value!r})")
         else:
             base[key] = value
 
 
 def _build(cls, values: dict, where: str):
-    values = dict(values)
+    values = check_fields(cls, dict(values), where)
     if cls is StageConfig:
-        values["betas"] = tuple(values["betas"])
-        values["loss"] = LossConfig(**values["loss"])
+        values["loss"] = LossConfig(**check_fields(LossConfig, values["loss"], f"{where}.loss"))
     try:
         return cls(**values)
     except TypeError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from radistill.distill.checkpoint import run_artifacts
+from radistill.distill.data import check_source
 from radistill.distill.recipe import DistillRecipe, merge
 from radistill.distill.trainer import StageResult, Trainer
 from radistill.models.access import load_model, resolve_device
@@ -31,9 +32,12 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     if found and not resume:  # before loading anything (the Trainer checks again, for callers that skip this)
         raise RadistillError(f"{run_dir} already holds a distillation run ({', '.join(found)}): pass --resume to "
                              "continue it, or choose a new --out")
+    check_source(recipe.data)  # a bad data file fails now, not after loading two models
     if recipe.gpu_memory is not None:
         recipe = fit_recipe(student_dir, recipe)
     device = init_from_env() or resolve_device(device)
+    for line in whole_step_notes(recipe, world_size()) if is_main_process() else ():
+        console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     teacher_dtype = "bf16" if device.startswith("cuda") and recipe.dtype == "bf16" else "fp32"
     student, _ = load_model(student_dir, dtype="fp32", device="cpu")
     # a sharded teacher reaches the device only as shards (the Trainer shards it), never whole
@@ -56,6 +60,28 @@ def run_distill(student_dir: str | Path, teacher_id: str | Path, recipe: Distill
     for r in results if is_main_process() else ():
         console.print(f"stage {r.stage}: {r.steps:,} steps, {r.tokens:,} tokens, loss {r.loss:.4f}, {r.seconds:.0f} s")
     return results
+
+
+def whole_step_notes(recipe: DistillRecipe, ranks: int) -> list[str]:
+    """One line per enabled stage whose token budget is not a whole number of optimizer steps, saying what runs.
+
+    The rule (the :class:`Trainer`'s): a stage runs ``max(1, tokens // tokens_per_step)`` optimizer steps of
+    ``seq_len * batch_size * grad_accum * ranks`` tokens (ranks: 1 for stages 1/2, which split layers, not data),
+    so a budget is rounded down to whole steps, and up to one step when it is smaller than one.
+    """
+    notes = []
+    for number in recipe.enabled_stages():
+        cfg = recipe.stage(number)
+        shards = 1 if number in (1, 2) else ranks
+        per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum * shards
+        steps = max(1, cfg.tokens // per_step)
+        if steps * per_step != cfg.tokens:
+            notes.append(
+                f"stage {number}: {cfg.tokens:,} tokens is not a whole number of optimizer steps of {per_step:,} "
+                f"tokens ({cfg.batch_size} x {cfg.seq_len} x {cfg.grad_accum} accum x {shards} ranks); it runs "
+                f"{steps:,} step{'s' if steps != 1 else ''} = {steps * per_step:,} tokens"
+            )
+    return notes
 
 
 def fit_recipe(student_dir: str | Path, recipe: DistillRecipe) -> DistillRecipe:

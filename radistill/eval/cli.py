@@ -8,8 +8,6 @@ import typer
 from rich.table import Table
 
 from radistill.eval.coverage import EvalReport, by_group
-from radistill.eval.kv import KVEvalConfig
-from radistill.eval.runner import EvalConfig, default_eval_path, evaluate, harness_path
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
@@ -69,19 +67,26 @@ def eval_command(
     include_path: Path = typer.Option(None, "--include-path", help="Directory of local lm-eval task YAMLs."),
     limit: float = typer.Option(None, "--limit", help="lm-eval: items per task (or a fraction < 1)."),
     num_fewshot: int = typer.Option(None, "--num-fewshot"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    eval_batch: int = typer.Option(16, "--eval-batch", help="Prompts per forward (a quarter of it for ppl windows)."),
+    old_batch_size: int = typer.Option(None, "--batch-size", hidden=True),
     gpu_memory: str = typer.Option(None, "--gpu-memory", help="Plan each task's batch for this GPU memory (e.g. "
                                    "24GiB) and use it; stops before loading the weights if a task cannot fit."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
     """Evaluate a model (and its teacher): KV retrieval, perplexity, your JSONL tasks, any lm-eval task."""
+    from radistill.eval.kv import KVEvalConfig
+    from radistill.eval.runner import EvalConfig, default_eval_path, evaluate, harness_path
+    from radistill.utils.cli_options import renamed
+
+    eval_batch = renamed(eval_batch, old_batch_size, "--batch-size", "--eval-batch", default=16)
+
     config = EvalConfig(
         tasks=tuple(t for t in tasks.split(",") if t.strip()),
         kv=KVEvalConfig(_ints(kv_pairs, "--kv-pairs"), kv_samples, kv_seed, not no_generate),
         text=str(text) if text else None, seq_len=seq_len, stride=stride, ppl_tokens=ppl_tokens,
         include_path=str(include_path) if include_path else None, limit=limit, num_fewshot=num_fewshot,
-        batch_size=batch_size, gpu_memory=gpu_memory,
+        batch_size=eval_batch, gpu_memory=gpu_memory,
     )
     if out is None:
         out = default_eval_path(model)

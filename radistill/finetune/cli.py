@@ -18,14 +18,19 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="directory for the adapter (and merged/ with --merge)"),
         data: Optional[str] = typer.Option(None, "--data", help="JSONL of {prompt, answer} pairs, or text "
                                                                  "(.txt/.txt.xz/.jsonl/.parquet/HF dataset id)"),
-        targets: str = typer.Option("recurrent,kept-heads", "--targets",
+        targets: str = typer.Option("recurrent,kept-heads", "--lora-targets",
                                     help="recurrent, kept-heads, o-proj, mlp (comma-separated), or all"),
-        rank: int = typer.Option(16, "--rank", help="LoRA rank"),
-        alpha: float = typer.Option(32.0, "--alpha", help="LoRA alpha (scale = alpha / rank)"),
-        dropout: float = typer.Option(0.0, "--dropout"),
+        rank: int = typer.Option(16, "--lora-rank", help="LoRA rank"),
+        alpha: float = typer.Option(32.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)"),
+        dropout: float = typer.Option(0.0, "--lora-dropout"),
+        old_targets: Optional[str] = typer.Option(None, "--targets", hidden=True),
+        old_rank: Optional[int] = typer.Option(None, "--rank", hidden=True),
+        old_alpha: Optional[float] = typer.Option(None, "--alpha", hidden=True),
+        old_dropout: Optional[float] = typer.Option(None, "--dropout", hidden=True),
         steps: int = typer.Option(100, "--steps"),
         lr: float = typer.Option(2e-4, "--lr"),
-        batch_size: int = typer.Option(8, "--batch-size"),
+        micro_batch: int = typer.Option(8, "--micro-batch", help="sequences per step"),
+        old_batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True),
         seq_len: int = typer.Option(512, "--seq-len", help="longest pair / packed text length in tokens"),
         optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit"),
         checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing",
@@ -42,6 +47,13 @@ def register(app: typer.Typer) -> None:
         from radistill.finetune.lora import LoraSpec
         from radistill.finetune.run import finetune_student, merge_adapter
         from radistill.finetune.train import FinetuneConfig
+        from radistill.utils.cli_options import renamed
+
+        targets = renamed(targets, old_targets, "--targets", "--lora-targets", default="recurrent,kept-heads")
+        rank = renamed(rank, old_rank, "--rank", "--lora-rank", default=16)
+        alpha = renamed(alpha, old_alpha, "--alpha", "--lora-alpha", default=32.0)
+        dropout = renamed(dropout, old_dropout, "--dropout", "--lora-dropout", default=0.0)
+        micro_batch = renamed(micro_batch, old_batch_size, "--batch-size", "--micro-batch", default=8)
 
         if adapter is not None:
             if data is not None:
@@ -51,7 +63,7 @@ def register(app: typer.Typer) -> None:
         if data is None:
             raise RadistillError("say what to train on: --data FILE (or --adapter DIR to merge a saved adapter)")
         cfg = FinetuneConfig(lora=LoraSpec(targets=targets, rank=rank, alpha=alpha, dropout=dropout), steps=steps,
-                             lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
+                             lr=lr, batch_size=micro_batch, seq_len=seq_len, optimizer=optimizer,
                              checkpointing=checkpointing, seed=seed)
         result = finetune_student(student, data, out, cfg, device=device, merge=merge, overwrite=overwrite)
         console.print(f"{result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "

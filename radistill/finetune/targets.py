@@ -57,11 +57,11 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     bad = [n for n in names if n not in known]
     if not names or bad:
         raise RadistillError(
-            f"--targets {spec!r}: {'unknown group ' + ', '.join(bad) if bad else 'names no group'}; choose from "
+            f"--lora-targets {spec!r}: {'unknown group ' + ', '.join(bad) if bad else 'names no group'}; choose from "
             f"{', '.join(known)} (comma-separated; default {DEFAULT_TARGETS})"
         )
     if ALL in names and len(names) > 1:
-        raise RadistillError(f"--targets {spec!r}: 'all' already covers every linear layer; give it alone")
+        raise RadistillError(f"--lora-targets {spec!r}: 'all' already covers every linear layer; give it alone")
     return tuple(dict.fromkeys(names))
 
 
@@ -86,7 +86,7 @@ def target_modules(model: nn.Module, targets: str | tuple[str, ...] = DEFAULT_TA
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
         if not names:
-            raise RadistillError(f"--targets all: {type(model).__name__} has no linear layers besides its LM head")
+            raise RadistillError(f"--lora-targets all: {type(model).__name__} has no linear layers besides its LM head")
         return {ALL: names}
     found: dict[str, list[str]] = {}
     for group in groups:
@@ -98,7 +98,7 @@ def target_modules(model: nn.Module, targets: str | tuple[str, ...] = DEFAULT_TA
                 "kept-heads": "it keeps no attention heads",
             }.get(group, "it has no such layers")
             raise RadistillError(
-                f"--targets {group} matches no module of this {type(model).__name__}: {why}; pick other groups "
+                f"--lora-targets {group} matches no module of this {type(model).__name__}: {why}; pick other groups "
                 f"({', '.join((*GROUPS, ALL))})"
             )
     return found

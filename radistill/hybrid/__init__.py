@@ -1,27 +1,20 @@
-"""The head-level Transformer-SSM hybrid (issue 3). Registration with the Auto classes happens here.
+"""The head-level Transformer-SSM hybrid (issue 3).
 
-After ``import radistill`` (or ``import radistill.hybrid``), ``AutoConfig`` / ``AutoModel`` /
-``AutoModelForCausalLM`` ``.from_pretrained(student_dir)`` load a student without ``trust_remote_code``.
+After ``import radistill``, ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` ``.from_pretrained(student_dir)``
+load a student without ``trust_remote_code``: :mod:`radistill.hybrid.auto` registers the classes as soon as
+transformers is imported (:mod:`radistill._autoregister`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from radistill.utils.lazy import lazy_exports
 
-from radistill.hybrid.cache import HybridCache, HybridLayerCache
-from radistill.hybrid.configuration import MODEL_TYPE, HybridConfig
-from radistill.hybrid.modeling import (
-    HybridDecoderLayer,
-    HybridForCausalLM,
-    HybridMixer,
-    HybridModel,
-    HybridPreTrainedModel,
-    KeptHeadAttention,
-    output_cache,
-)
-from radistill.hybrid.normalizer import StaticNormalizer
-
-AutoConfig.register(MODEL_TYPE, HybridConfig, exist_ok=True)
-AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
-AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+# imported on first use, so that importing this package (as `radistill --help` does) does not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "radistill.hybrid.cache": ("HybridCache", "HybridLayerCache"),
+    "radistill.hybrid.configuration": ("MODEL_TYPE", "HybridConfig"),
+    "radistill.hybrid.modeling": ("HybridDecoderLayer", "HybridForCausalLM", "HybridMixer", "HybridModel",
+                                  "HybridPreTrainedModel", "KeptHeadAttention", "output_cache"),
+    "radistill.hybrid.normalizer": ("StaticNormalizer"),
+})
 
 __all__ = [
     "HybridCache",

@@ -183,7 +183,7 @@ def load_any_config(model_or_config: str | os.PathLike):
         return presets.shape_config(str(model_or_config))
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
-    import radistill.hybrid  # noqa: F401  (registers the student config type)
+    import radistill.hybrid.auto  # noqa: F401  (registers the hybrid classes with the Auto factories)
 
     return load_config(path if path.exists() else model_or_config)
 

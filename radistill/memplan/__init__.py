@@ -4,9 +4,16 @@
 compute when a step cannot fit; ``radistill plan`` prints the table. See docs/24gb.md.
 """
 
-from radistill.memplan.estimate import Breakdown, Estimator, GiB, ServingLimits, Strategy, Workload, serving_limits
-from radistill.memplan.measure import LiveTensors, measure_peak
-from radistill.memplan.plan import STEPS, Plan, StepPlan, eight_bit_optimizer, make_plan, parse_size, require_fit
+from radistill.utils.lazy import lazy_exports
+
+# imported on first use, so that importing this package (as `radistill --help` does) does not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "radistill.memplan.estimate": ("Breakdown", "Estimator", "GiB", "ServingLimits", "Strategy", "Workload",
+                                   "serving_limits"),
+    "radistill.memplan.measure": ("LiveTensors", "measure_peak"),
+    "radistill.memplan.plan": ("STEPS", "Plan", "StepPlan", "eight_bit_optimizer", "make_plan", "parse_size",
+                               "require_fit"),
+})
 
 __all__ = [
     "Breakdown", "Estimator", "GiB", "LiveTensors", "Plan", "STEPS", "ServingLimits", "StepPlan", "Strategy",

@@ -69,10 +69,12 @@ def register(app: typer.Typer) -> None:
         keep: Optional[int] = typer.Option(None, "--keep", help="teacher: heads the student keeps"),
         state_size: Optional[int] = typer.Option(None, "--state-size", help="teacher: the student's state size"),
         seq_len: int = typer.Option(2048, "--seq-len", help="training sequence length"),
-        batch_size: int = typer.Option(8, "--batch-size", help="sequences per optimizer step (per process)"),
+        micro_batch: int = typer.Option(8, "--micro-batch", help="training sequences per micro-batch (per process)"),
+        old_batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True),
         eval_batch: int = typer.Option(8, "--eval-batch", help="sequences per eval forward"),
-        lora_rank: int = typer.Option(16, "--lora-rank"),
-        lora_targets: str = typer.Option("recurrent,kept-heads", "--lora-targets"),
+        lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank (as finetune's --lora-rank)"),
+        lora_targets: str = typer.Option("recurrent,kept-heads", "--lora-targets",
+                                         help="LoRA target groups (as finetune's --lora-targets)"),
         dtype: str = typer.Option("bf16", "--dtype", help="bf16 (mixed precision) or fp32"),
         reserve: float = typer.Option(0.05, "--reserve", help="fraction of the GPU kept free for fragmentation"),
         out: Optional[Path] = typer.Option(None, "--out", help="also write the plan as JSON here"),
@@ -82,8 +84,10 @@ def register(app: typer.Typer) -> None:
         caches) and choose how it fits: layer-at-a-time stages, checkpointing, chunked logits, 8-bit or LoRA."""
         from radistill.memplan.plan import make_plan
         from radistill.memplan.estimate import Workload
+        from radistill.utils.cli_options import renamed
 
-        work = Workload(seq_len=seq_len, batch_size=batch_size, dtype=dtype, lora_rank=lora_rank,
+        micro_batch = renamed(micro_batch, old_batch_size, "--batch-size", "--micro-batch", default=8)
+        work = Workload(seq_len=seq_len, batch_size=micro_batch, dtype=dtype, lora_rank=lora_rank,
                         lora_targets=lora_targets, eval_batch=eval_batch, eval_context=seq_len)
         result = make_plan(model, gpu_memory, keep=keep, state_size=state_size, workload=work, reserve=reserve)
         if out is not None:

@@ -241,7 +241,7 @@ def require_fit(plan: Plan, steps: tuple[str, ...] | None = None) -> None:
                      f"({s.strategy.describe()}; {parts} GiB)")
     raise RadistillError(
         f"does not fit in {plan.gpu_memory / GiB:.1f} GiB ({plan.budget / GiB:.1f} GiB after the reserve): "
-        + "; ".join(lines) + ". Lower --seq-len or --batch-size, keep fewer heads, install torchao for 8-bit "
+        + "; ".join(lines) + ". Lower --seq-len or --micro-batch, keep fewer heads, install torchao for 8-bit "
         "optimizer states, or use a GPU with more memory (`radistill plan` shows every part)"
     )
 

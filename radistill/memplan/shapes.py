@@ -105,7 +105,7 @@ class Shapes:
     """Meta teacher and student of one plan; layer profiles are cached per (layer kind, shape, mode)."""
 
     def __init__(self, config, keep: int | None = None, state_size: int | None = None, mixer: str = "discrete_mamba2"):
-        import radistill.hybrid  # noqa: F401  (registers the student config type)
+        import radistill.hybrid.auto  # noqa: F401  (registers the hybrid classes with the Auto factories)
         from radistill.hybrid.build import student_config
 
         if getattr(config, "model_type", None) == "radistill_hybrid":

@@ -75,6 +75,22 @@ class HeadLayout:
         return asdict(self)
 
 
+SUPPORTED = "Llama-like attention decoders (Llama, Qwen2/2.5/3, Mistral and models built like them)"
+
+
+def require_attention(config) -> None:
+    """Raise :class:`UnsupportedModelError` for a config without attention heads (Mamba, RWKV, ...), before its
+    weights are loaded: transformers would otherwise fail on the attention implementation asked for."""
+    inner = getattr(config, "text_config", None) or config
+    if not getattr(inner, "num_attention_heads", None):
+        model_type = getattr(inner, "model_type", type(inner).__name__)
+        architectures = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+        raise UnsupportedModelError(
+            f"'{model_type}' ({architectures}) is not supported: it has no attention heads to scan or keep. "
+            f"radistill handles {SUPPORTED}"
+        )
+
+
 def layout_from_config(config) -> HeadLayout:
     """Read the head layout off an HF config (no weights needed)."""
     config = getattr(config, "text_config", None) or config
@@ -208,7 +224,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import radistill.hybrid  # noqa: F401  (registers the hybrid classes with the Auto factories)
+    import radistill.hybrid.auto  # noqa: F401  (registers the hybrid classes with the Auto factories)
 
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
@@ -216,6 +232,7 @@ def load_model(
     # safetensors only: a pickled pytorch_model.bin could run code when unpickled, so it is never loaded
     kwargs = {"dtype": torch_dtype, "use_safetensors": True}
     if attn_implementation:
+        require_attention(config)
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_id), config=config, **kwargs)

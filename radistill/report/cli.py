@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from radistill.report.build import build_report
 from radistill.utils.console import console
 
 
@@ -15,6 +14,8 @@ def report_command(
     out: Path = typer.Option(None, "--out", help="Where to write index.html and the PNGs (default: RUN/report)."),
 ) -> None:
     """Build the report: head heatmap, kept heads, eval table with coverage, training curves, memory, settings."""
+    from radistill.report.build import build_report
+
     page = build_report(run, out)
     console.print(f"report: {page}")
 

@@ -4,7 +4,12 @@
 ``load_scan`` reads a ``scan.json``. See :mod:`radistill.scan.fast` for how it is fast.
 """
 
-from radistill.scan.result import HeadScore, ScanResult, load_scan
-from radistill.scan.run import run_scan, scan_model
+from radistill.utils.lazy import lazy_exports
+
+# imported on first use, so that importing this package (as `radistill --help` does) does not import torch
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "radistill.scan.result": ("HeadScore", "ScanResult", "load_scan"),
+    "radistill.scan.run": ("run_scan", "scan_model"),
+})
 
 __all__ = ["HeadScore", "ScanResult", "load_scan", "run_scan", "scan_model"]

@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="seed of the KV probe"),
         device: str = typer.Option("auto", help="cuda, cuda:1, cpu or auto"),
         dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)"),
-        batch_size: Optional[int] = typer.Option(None, help="(prompt, head) rows per forward [GPU 256, CPU 32]"),
+        rows_per_forward: Optional[int] = typer.Option(None, "--rows-per-forward",
+                                                       help="(prompt, head) rows per forward [GPU 256, CPU 32]"),
+        old_batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True),
         probe: Optional[Path] = typer.Option(None, help="your own probe: JSONL of {prompt, choices, answer}"),
         top: int = typer.Option(10, help="heads shown in the table"),
         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="plan for this GPU memory (e.g. 24GiB): "
@@ -43,8 +45,13 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the scan files already in --out"),
     ) -> None:
         """Rank every attention head by how much in-context retrieval depends on it (ablation scan)."""
+        from radistill.models.access import load_config, require_attention
         from radistill.scan.run import run_scan
+        from radistill.utils.cli_options import renamed
 
+        rows_per_forward = renamed(rows_per_forward, old_batch_size, "--batch-size", "--rows-per-forward")
+
+        require_attention(load_config(model))  # before the progress bar: an unsupported model is one error line
         with progress() as bar:
             task = bar.add_task("scanning heads", total=None, status="")
 
@@ -52,8 +59,8 @@ def register(app: typer.Typer) -> None:
                 bar.update(task, advance=n, total=total)
 
             result = run_scan(model, out, pairs=pairs, samples=samples, metric=metric, ablation=ablation, seed=seed,
-                              device=device, dtype=dtype, batch_size=batch_size, probe_file=probe, progress=advance,
-                              gpu_memory=gpu_memory, overwrite=overwrite)
+                              device=device, dtype=dtype, batch_size=rows_per_forward, probe_file=probe,
+                              progress=advance, gpu_memory=gpu_memory, overwrite=overwrite)
         if is_main_process():
             console.print(_top_table(result, top))
             console.print(f"wrote {out / 'scan.json'}, scan.csv, heads.png")

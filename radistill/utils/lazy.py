@@ -1,0 +1,31 @@
+"""Lazy re-exports for package ``__init__`` modules (PEP 562).
+
+An area's package re-exports its main names (``from radistill.scan import run_scan``), but importing them eagerly
+would make ``import radistill.scan.cli`` import torch, and ``radistill --help`` take seconds. With
+:func:`lazy_exports` a name's module is imported the first time the name is looked up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterable
+
+
+def lazy_exports(package: str, exports: dict[str, Iterable[str]]) -> tuple[Callable, Callable]:
+    """``(__getattr__, __dir__)`` for ``package``, exporting each module's names (``{module: names}``) on first
+    access; the value is then stored on the package, so later lookups are plain attribute reads."""
+    where = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(where))
+
+    return __getattr__, __dir__
