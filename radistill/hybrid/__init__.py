@@ -7,6 +7,7 @@ After ``import radistill`` (or ``import radistill.hybrid``), ``AutoConfig`` / ``
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from radistill.hybrid.cache import HybridCache, HybridLayerCache
+from radistill.hybrid.card import write_model_card
 from radistill.hybrid.configuration import MODEL_TYPE, HybridConfig
 from radistill.hybrid.modeling import (
     HybridDecoderLayer,
@@ -36,4 +37,5 @@ __all__ = [
     "MODEL_TYPE",
     "StaticNormalizer",
     "output_cache",
+    "write_model_card",
 ]
