@@ -1,12 +1,5 @@
-"""`radistill eval` as a function: task specs -> evaluators -> an :class:`EvalReport` (``eval.json``).
-
-A task spec is one of
-  ``kv``              KV retrieval at ``EvalConfig.kv.pairs`` (log-likelihood and greedy generation)
-  ``ppl``             perplexity on ``EvalConfig.text``
-  ``PATH.jsonl``      the user's multiple-choice items, named after the file
-  ``NAME``            an lm-eval task (``arc_easy``, ``hellaswag``, ``mmlu``, a local YAML's task, ...)
-and any of the last two may end in ``@knowledge`` or ``@retrieval`` to put it in one of the paper's groups
-(lm-eval's paper tasks are grouped already).
+"""`radistill eval` as a function: task specs (radistill/eval/tasks.py) -> evaluators -> an :class:`EvalReport`
+(``eval.json``).
 """
 
 from __future__ import annotations
@@ -17,35 +10,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from radistill.eval.choice import jsonl_task
-from radistill.eval.coverage import DEFAULT_GROUPS, EvalReport, TaskResult, check_group
+from radistill.eval.coverage import EvalReport, TaskResult
 from radistill.eval.harness import lm_eval_tasks
 from radistill.eval.kv import KVEvalConfig, kv_retrieval
 from radistill.eval.perplexity import PerplexityConfig, perplexity
+from radistill.eval.tasks import TaskSpec, parse_task, task_batch_size  # noqa: F401  (TaskSpec: re-exported)
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 from radistill.utils.io import refuse_existing, write_text_atomic
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    kind: str  # "kv" | "ppl" | "jsonl" | "lm_eval"
-    name: str
-    group: str | None = None
-    path: str | None = None
-
-
-def parse_task(spec: str) -> TaskSpec:
-    name, _, group = spec.strip().partition("@")
-    group = check_group(group or None, f"task '{spec}'")
-    if name in ("kv", "ppl"):
-        if group:
-            raise RadistillError(f"task '{spec}': the built-in task '{name}' has a fixed group; drop '@{group}'")
-        return TaskSpec(name, name)
-    if name.endswith(".jsonl"):
-        return TaskSpec("jsonl", Path(name).stem, group, name)
-    if not name:
-        raise RadistillError(f"empty task name in '{spec}': --tasks takes names separated by commas")
-    return TaskSpec("lm_eval", name, group or DEFAULT_GROUPS.get(name))
 
 
 @dataclass(frozen=True)
@@ -89,11 +61,6 @@ class EvalConfig:
                                      f"known: {', '.join(known)}")
         kv = KVEvalConfig(**{**kv, "pairs": tuple(kv.get("pairs", KVEvalConfig.pairs))})
         return cls(**{**data, "tasks": tuple(data.get("tasks", cls.tasks)), "kv": kv})
-
-
-def task_batch_size(spec: TaskSpec, batch_size: int) -> int:
-    """Rows per forward of a task at ``--batch-size``: perplexity windows are the model's context long, a quarter."""
-    return max(1, batch_size // 4) if spec.kind == "ppl" else batch_size
 
 
 def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int] | None = None,

@@ -1,4 +1,4 @@
-"""The head-level Transformer-SSM hybrid (issue 3).
+"""The head-level Transformer-SSM hybrid: configuration, model, cache, mixers, build and memory accounting.
 
 After ``import radistill``, ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` ``.from_pretrained(student_dir)``
 load a student without ``trust_remote_code``: :mod:`radistill.hybrid.auto` registers the classes as soon as
@@ -10,10 +10,11 @@ from radistill.utils.lazy import lazy_exports
 # imported on first use, so that importing this package (as `radistill --help` does) does not import torch
 __getattr__, __dir__ = lazy_exports(__name__, {
     "radistill.hybrid.cache": ("HybridCache", "HybridLayerCache"),
+    "radistill.hybrid.card": ("write_model_card",),
     "radistill.hybrid.configuration": ("MODEL_TYPE", "HybridConfig"),
     "radistill.hybrid.modeling": ("HybridDecoderLayer", "HybridForCausalLM", "HybridMixer", "HybridModel",
                                   "HybridPreTrainedModel", "KeptHeadAttention", "output_cache"),
-    "radistill.hybrid.normalizer": ("StaticNormalizer"),
+    "radistill.hybrid.normalizer": ("StaticNormalizer",),
 })
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "MODEL_TYPE",
     "StaticNormalizer",
     "output_cache",
+    "write_model_card",
 ]

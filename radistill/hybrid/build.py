@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radistill.hybrid.card import write_model_card
 from radistill.hybrid.configuration import HybridConfig
 from radistill.hybrid.memory import attention_windows
 from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
@@ -30,7 +31,9 @@ from radistill.hybrid.calibrate import DEFAULT_TOKENS, calibrate, calibration_ba
 from radistill.models.access import (
     HeadLayout,
     UnsupportedModelError,
+    _resolve_dtype,
     decoder_layers,
+    load_config,
     load_model,
     model_layout,
     weights_fingerprint,
@@ -307,6 +310,17 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
     return student.eval()
 
 
+def checkpoint_dtype(config, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a teacher's checkpoint is stored in (its config's ``dtype``, ``torch_dtype`` before transformers 5),
+    or ``fallback`` when the config does not say."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, value.removeprefix("torch."))
+    return fallback
+
+
 # ---- the whole build ----------------------------------------------------------------------------------------------
 
 
@@ -390,6 +404,9 @@ def build_student(
     ``mixer_settings["state_size"]``. ``calibration_data`` (what ``radistill distill --data`` takes; use the
     distillation data) supplies up to ``calibration_tokens`` tokens for :func:`~radistill.hybrid.calibrate.calibrate`
     (``half_lives``: ``"attention"`` or ``"fixed"``); without it a small built-in text is used, fit for tests only.
+    ``dtype``: ``"auto"`` computes in bf16 on GPU and fp32 on CPU and saves in the dtype of the teacher's checkpoint
+    (its config's ``dtype``); any other value (``bf16``, ``fp16``, ``fp32``) is both the compute and the saved dtype.
+    The folder gets a model card (``README.md``, :func:`~radistill.hybrid.card.write_model_card`).
     """
     # before loading anything: a refusal after the work would waste it
     refuse_existing([out], overwrite, "choose another --out or pass --overwrite")
@@ -397,9 +414,13 @@ def build_student(
         if tokenizer is None:
             raise RadistillError("build_student got a loaded teacher but no tokenizer: pass tokenizer=...")
         model, teacher_id = teacher.eval(), getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
+        stored = checkpoint_dtype(teacher.config, next(teacher.parameters()).dtype)
     else:
+        # the config as stored: a loaded model's config says the dtype it was loaded in, not the checkpoint's
+        stored = checkpoint_dtype(load_config(teacher), torch.float32)
         model, tokenizer = load_model(teacher, dtype=dtype, device=device)
         teacher_id = str(teacher)
+    save_dtype = stored if dtype in (None, "auto") else _resolve_dtype(dtype, "cpu")
     settings = dict(mixer_settings or {})
     if state_size is not None:
         settings["state_size"] = state_size
@@ -425,9 +446,11 @@ def build_student(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        student.save_pretrained(tmp)
+        # calibrated in the compute dtype, saved in the teacher's: an fp32 CPU build is not twice a bf16 teacher
+        student.to(save_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "selection.json", record)
+        write_model_card(tmp)
         _publish(tmp, out, overwrite)
     finally:
         if tmp.exists():
@@ -446,6 +469,7 @@ def load_selection(student_dir: str | os.PathLike) -> dict:
 __all__ = [
     "Selection",
     "build_student",
+    "checkpoint_dtype",
     "convert",
     "load_selection",
     "parse_heads",

@@ -55,7 +55,8 @@ def register(app: typer.Typer) -> None:
         half_lives: str = typer.Option("attention", "--half-lives", help="recurrent heads' initial decay: "
                                        "'attention' (from each teacher head's attention distance) or 'fixed'"),
         device: str = typer.Option("auto", help="cuda, cuda:1, cpu or auto"),
-        dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)"),
+        dtype: str = typer.Option("auto", help="bf16, fp16 or fp32: compute and save in it; auto: compute in bf16 on "
+                                   "GPU, fp32 on CPU, and save in the teacher checkpoint's dtype"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
     ) -> None:
         """Build the head-level hybrid student: kept heads stay attention, the rest become recurrent heads."""
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         cached = record["kv_heads_cached"]
         console.print(f"KV heads cached: {cached['total']} of the teacher's {cached['teacher_total']}; "
-                      f"wrote {path} (selection.json says why each head was kept)")
+                      f"wrote {path} (README.md is its model card; selection.json says why each head was kept)")
 
     @app.command("memory")
     def memory(

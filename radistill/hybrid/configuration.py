@@ -7,6 +7,8 @@ teacher's weights, every other head is a recurrent head of the registered mixer 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -15,8 +17,31 @@ from transformers.modeling_rope_utils import RopeParameters
 
 from radistill.models.access import HeadLayout
 from radistill.utils.errors import RadistillError
+from radistill.utils.io import write_text_atomic
 
 MODEL_TYPE = "radistill_hybrid"
+
+# A saved student names a tiny module of its own folder in config.json's auto_map, so that transformers, asked to load
+# it without radistill imported, says what to install instead of "upgrade Transformers" (it does not know the
+# model_type). The module runs no model code of its own: it imports radistill and re-exports its classes.
+LOADER_MODULE = "modeling_radistill"
+AUTO_MAP = {name: f"{LOADER_MODULE}.{cls}" for name, cls in (("AutoConfig", "HybridConfig"),
+                                                              ("AutoModel", "HybridModel"),
+                                                              ("AutoModelForCausalLM", "HybridForCausalLM"))}
+INSTALL_HINT = ("this model is a radistill head-level hybrid student: pip install radistill, then `import radistill` "
+                "before AutoModelForCausalLM.from_pretrained(path) (no trust_remote_code needed)")
+LOADER_SOURCE = f'''"""Loads a radistill student with trust_remote_code=True. The model code is the radistill package's (a
+pip-installed library); this file only imports it. Without trust_remote_code: `import radistill` first."""
+
+try:
+    import radistill.hybrid as _hybrid
+except ImportError as exc:
+    raise ImportError({INSTALL_HINT!r}) from exc
+
+HybridConfig = _hybrid.HybridConfig
+HybridModel = _hybrid.HybridModel
+HybridForCausalLM = _hybrid.HybridForCausalLM
+'''
 
 
 @strict
@@ -98,6 +123,15 @@ class HybridConfig(PreTrainedConfig):
                     f"0..{self.num_attention_heads - 1}"
                 )
 
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """config.json with the ``auto_map`` of the folder's loader module, and that module (``LOADER_SOURCE``)."""
+        self.auto_map = dict(AUTO_MAP)
+        # loaded through trust_remote_code, transformers would copy radistill's own source files in and repoint
+        # auto_map at them; the loader module is the one this folder should name
+        self._auto_class = None
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_text_atomic(Path(save_directory) / f"{LOADER_MODULE}.py", LOADER_SOURCE)
+
     # ---- derived head bookkeeping (not serialised) -------------------------------------------------------------
 
     @property
@@ -128,4 +162,4 @@ class HybridConfig(PreTrainedConfig):
         return sum(len(heads) for heads in self.kept_heads)
 
 
-__all__ = ["HybridConfig", "MODEL_TYPE"]
+__all__ = ["AUTO_MAP", "HybridConfig", "INSTALL_HINT", "LOADER_MODULE", "MODEL_TYPE"]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from radistill.eval.perplexity import LOGIT_CHUNK as PPL_LOGIT_CHUNK
+from radistill.eval.tasks import task_batch_size
 from radistill.memplan.estimate import Breakdown, Strategy, Workload
 from radistill.memplan.plan import Plan, StepPlan, _micro_batches
 from radistill.memplan.scan import (
@@ -129,7 +130,7 @@ def pass_breakdown(shapes: Shapes, model: nn.Module, p: Pass, batch: int, dtype:
 
 
 def task_passes(spec, config, tokenizer, eval_config, hybrid: bool) -> tuple[Pass, ...]:
-    """The passes of one task (``radistill.eval.runner.TaskSpec``), from its inputs tokenised as the task does."""
+    """The passes of one task (``radistill.eval.tasks.TaskSpec``), from its inputs tokenised as the task does."""
     from radistill.eval.perplexity import CHARS_PER_TOKEN, read_text, window_spans
     from radistill.probes.items import encode_items, load_jsonl
     from radistill.probes.kv import KVProbeConfig, kv_items
@@ -158,8 +159,6 @@ def plan_eval(config, tokenizer, eval_config, gpu_memory: str | int, *, dtype: t
               name: str | None = None) -> Plan:
     """Plan every task of ``eval_config`` but lm-eval's for ``config``'s model in ``gpu_memory``: one step per task
     (``eval NAME``), each with the largest batch (at most the task's usual one) that fits."""
-    from radistill.eval.runner import task_batch_size
-
     gpu, limit = budget(gpu_memory, reserve)
     shapes, model = inference_model(config)
     hybrid = model is shapes.student

@@ -222,9 +222,9 @@ def load_model(
     Returns ``(model, tokenizer)``, the model in eval mode on ``device``. Raises :class:`ModelLoadError`
     when nothing can be loaded and :class:`UnsupportedModelError` when the model is not Llama-like.
     """
+    # A student directory loads through the Auto classes because radistill/__init__.py registers the hybrid with
+    # them, and it runs before any radistill module; this ground module does not import the hybrid wing.
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import radistill.hybrid.auto  # noqa: F401  (registers the hybrid classes with the Auto factories)
 
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
