@@ -132,3 +132,17 @@ def test_padding_between_tokens_is_refused_left_and_trailing_padding_work(studen
         student.generate(input_ids=ids, attention_mask=trailing, cache_implementation="static", **GREEDY)
     with pytest.raises(RadistillError, match="padding between real tokens"):
         student.generate(input_ids=ids, attention_mask=trailing, **GREEDY)
+
+
+def test_teacher_order_scatter_equals_the_concatenate_and_gather_reference():
+    student = make_student(make_teacher(), MIXED)
+    mixer = student.model.layers[0].self_attn  # kept {0, 1, 3}, recurrent {2}
+    kept = torch.randn(2, 5, 3, 16, dtype=torch.float64, requires_grad=True)
+    recurrent = torch.randn(2, 5, 1, 16, dtype=torch.float64, requires_grad=True)
+    mixer.double()
+    got, want = mixer.teacher_order(kept, recurrent), mixer.teacher_order_reference(kept, recurrent)
+    assert torch.equal(got, want)
+    probe = torch.randn(got.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((got * probe).sum(), (kept, recurrent))
+    wants = torch.autograd.grad((want * probe).sum(), (kept, recurrent))
+    assert all(torch.equal(a, b) for a, b in zip(grads, wants))

@@ -228,11 +228,28 @@ class HybridMixer(nn.Module):
         concatenated = self.kept_heads + self.recurrent_heads
         self._head_order = [concatenated.index(h) for h in range(config.num_attention_heads)]
         self.register_buffer("head_order", torch.empty(len(self._head_order), dtype=torch.long), persistent=False)
+        # and the inverse, per part: where each kept / recurrent head goes in teacher order (`teacher_order`)
+        self.register_buffer("kept_index", torch.empty(len(self.kept_heads), dtype=torch.long), persistent=False)
+        self.register_buffer("recurrent_index", torch.empty(len(self.recurrent_heads), dtype=torch.long),
+                             persistent=False)
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        """(Re)compute the non-persistent ``head_order`` (also after from_pretrained built the module on meta)."""
+        """(Re)compute the non-persistent index buffers (also after from_pretrained built the module on meta)."""
         init.copy_(self.head_order, torch.tensor(self._head_order, dtype=torch.long))
+        init.copy_(self.kept_index, torch.tensor(self.kept_heads, dtype=torch.long))
+        init.copy_(self.recurrent_index, torch.tensor(self.recurrent_heads, dtype=torch.long))
+
+    def teacher_order(self, kept: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """kept [B, T, k, hd], recurrent [B, T, r, hd] -> [B, T, H, hd] in teacher head order, each part written once
+        into its slots (``teacher_order_reference``, a concatenation then a gather, moves every head twice)."""
+        heads = kept.new_empty(*kept.shape[:2], len(self._head_order), kept.shape[-1])
+        heads.index_copy_(2, self.kept_index, kept)
+        return heads.index_copy_(2, self.recurrent_index, recurrent.to(kept.dtype))
+
+    def teacher_order_reference(self, kept: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """The plain version of :meth:`teacher_order` (what the tests compare it with)."""
+        return torch.cat([kept, recurrent], dim=2).index_select(2, self.head_order)
 
     def forward(
         self,
@@ -273,7 +290,7 @@ class HybridMixer(nn.Module):
         if layer_cache is not None:
             layer_cache.advance(seq_len)
 
-        heads = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2).index_select(2, self.head_order)
+        heads = parts[0] if len(parts) == 1 else self.teacher_order(*parts)
         output = self.o_proj(heads.reshape(batch, seq_len, -1))  # [B, T, H, hd] -> [B, T, D]
         return output, attn_weights
 
