@@ -146,3 +146,21 @@ def test_teacher_order_scatter_equals_the_concatenate_and_gather_reference():
     grads = torch.autograd.grad((got * probe).sum(), (kept, recurrent))
     wants = torch.autograd.grad((want * probe).sum(), (kept, recurrent))
     assert all(torch.equal(a, b) for a, b in zip(grads, wants))
+
+
+def test_bf16_normalizer_fast_path_equals_the_float32_reference():
+    from radistill.hybrid.normalizer import StaticNormalizer
+
+    norm = StaticNormalizer(3, 16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("student_mean", "teacher_mean"):
+            getattr(norm, name).copy_(torch.randn(3, 16, generator=g))
+        for name in ("student_std", "teacher_std"):
+            getattr(norm, name).copy_(torch.rand(3, 16, generator=g) + 0.5)
+    norm = norm.to(torch.bfloat16)
+    y = (torch.randn(4, 257, 3, 16, generator=g) * 3).to(torch.bfloat16)
+    fast, reference = norm(y), norm.forward_reference(y)
+    assert fast.dtype == torch.bfloat16
+    # one rounding of the same fp32 value either way (CPU and CUDA compute 16-bit addcmul in fp32)
+    assert (fast.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
