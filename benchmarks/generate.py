@@ -56,7 +56,8 @@ def prompt(model, batch: int, length: int, device: str, seed: int = 0) -> torch.
 
 
 @torch.no_grad()
-def generate(model, ids: torch.Tensor, new_tokens: int, compile_config, static: bool = True) -> tuple[float, torch.Tensor]:
+def generate(model, ids: torch.Tensor, new_tokens: int, compile_config,
+             static: bool = True) -> tuple[float, torch.Tensor]:
     """Seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens, and its output ids."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                   pad_token_id=0)

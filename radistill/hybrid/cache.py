@@ -10,10 +10,10 @@ Per decoder layer one :class:`HybridLayerCache` holds
   growing it is a Python int; once static it lives in a 0-d device tensor (``position``) advanced in place, so a
   compiled decode step neither guards on a changing Python number (a recompile per token) nor syncs to read it.
 
-Recurrent states are kept at float32 whatever the model's dtype (``state_dtype``): the scan already accumulates in
-float32, and re-rounding the state to bf16 after every one-token step compounds (16.5% relative error after 3,000
-steps at a 1,024-token half-life, 0.9% in float32). The conv window holds past *inputs*, which are exact in the
-model's dtype, so it stays there.
+The mixer's SSM state is float32 whatever the model's dtype (its ``empty_state`` decides): the scan accumulates in
+float32, and re-rounding the state to bf16 after every one-token step compounds (docs/hybrid.md, "State precision":
+15% relative error after 2,000 steps at a 1,024-token half-life, 0.8% in float32). The conv window holds past
+*inputs*, exact in the model's dtype, so it stays there.
 
 Keys/values live in one of transformers' cache layers, the one a teacher layer of the same kind would use:
 ``DynamicLayer`` (grows by concatenation), or after ``make_static(max_length)`` ``StaticLayer`` (preallocated

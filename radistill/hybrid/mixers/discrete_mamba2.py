@@ -180,8 +180,8 @@ class DiscreteMamba2(RecurrentMixer):
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         """{"conv": [B, channels = H (P + 2N), conv_width - 1] past conv inputs in ``dtype``, "ssm": [B, H, N, P] in
         float32 (float64 for float64)}, zeros. The SSM state is what the scan accumulates in float32; storing it in
-        bf16 would re-round it after every decoded token (16.5% relative error after 3,000 steps at a 1,024-token
-        half-life, 0.9% kept in float32). The conv state holds past inputs, exact in ``dtype``."""
+        bf16 would re-round it after every decoded token, an error that compounds (docs/hybrid.md, "State
+        precision"). The conv state holds past inputs, exact in ``dtype``."""
         return {
             "conv": torch.zeros(batch_size, self.conv_channels, self.conv_width - 1, device=device, dtype=dtype),
             "ssm": torch.zeros(batch_size, self.num_heads, self.state_size, self.head_dim, device=device,
