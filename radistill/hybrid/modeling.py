@@ -84,6 +84,14 @@ def build_recurrent(config: HybridConfig, num_heads: int) -> RecurrentMixer:
     return mixer
 
 
+def may_sync() -> bool:
+    """Whether this forward may read device values on the host: not while dynamo traces it (a graph break) nor while
+    a CUDA graph captures it (a sync is illegal there; ``benchmarks/decode.py`` captures eager steps)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def refuse_inner_padding(attention_mask: torch.Tensor | None) -> None:
     """Raise if a 2D ``attention_mask`` [B, past+T] has padding between real tokens of a row.
 
@@ -466,7 +474,7 @@ class HybridModel(HybridPreTrainedModel):
             use_cache = True
         if use_cache and cache is None:
             cache = HybridCache(self.config)
-        if not torch.compiler.is_compiling():  # checks that read device values stay out of compiled decode steps
+        if may_sync():  # checks that read device values stay out of compiled and captured decode steps
             if cache is not None:
                 cache.place(inputs_embeds.device)
                 cache.check_room(inputs_embeds.shape[1])
