@@ -164,3 +164,15 @@ def test_bf16_normalizer_fast_path_equals_the_float32_reference():
     assert fast.dtype == torch.bfloat16
     # one rounding of the same fp32 value either way (CPU and CUDA compute 16-bit addcmul in fp32)
     assert (fast.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
+
+
+def test_static_cache_beam_search_and_sampled_returns_match_the_growing_cache(student):
+    """Beam search reorders the cache every step; a static cache does it in place (fixed addresses)."""
+    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
+    for kwargs in (dict(num_beams=2), dict(do_sample=True, top_k=5, num_return_sequences=2)):
+        outputs = []
+        for implementation in (None, "static"):
+            torch.manual_seed(0)
+            outputs.append(student.generate(input_ids=ids, attention_mask=mask, cache_implementation=implementation,
+                                            **{**GREEDY, "max_new_tokens": 4}, **kwargs))
+        assert torch.equal(*outputs)
