@@ -90,3 +90,19 @@ def test_startup_benchmark_times_help_and_usage_errors(tmp_path):
         assert row["exit_code"] == row["expected_exit"] and row["median_s"] > 0, row
         if row["expected_exit"] == 2:  # a usage error is one line
             assert row["stderr_lines"] == 1, row
+
+
+@pytest.mark.slow
+def test_generate_benchmark_quick_runs_teacher_and_hybrid_through_generate(tmp_path):
+    result = run_quick("generate.py", tmp_path / "generate.json")
+    assert result["errors"] == []
+    teacher, hybrid = result["models"]
+    for name in (teacher, hybrid):
+        assert all(v > 0 for v in result["prefill_s"][name].values())
+        assert all(cell["tokens_per_s"] > 0 and cell["bound_tokens_per_s"] > 0
+                   for cell in result["decode"][name].values())
+        assert result["long"][name]["ttft_s"] > 0
+    # the compiled static path continues prompts exactly as the eager growing cache does (float32 on CPU)
+    assert result["hybrid_static_compiled_vs_eager_token_agreement"] == 1.0
+    assert "Name" in result["profile_hybrid_prefill"]
+    assert (tmp_path / "generate.md").read_text().startswith("# generate() benchmark")

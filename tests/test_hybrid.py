@@ -279,7 +279,8 @@ def test_measured_cuda_cache_bytes_match_memory():
     student = make_student(make_teacher(), MIXED).to("cuda", torch.bfloat16)
     measured = measure_cache_bytes(student, length=512, batch_size=4)
     (row,) = [r for r in memory_rows(student.config, [512], dtype="bf16") if r.model.startswith("student")]
-    assert (measured["kv"], measured["ssm"], measured["conv"]) == (row.kv_bytes, row.ssm_bytes, row.conv_bytes)
-    expected = row.kv_bytes + row.ssm_bytes + row.conv_bytes
+    # the SSM state is held at float32 (twice the bf16 convention of the memory rows), KV and conv at bf16
+    assert (measured["kv"], measured["ssm"], measured["conv"]) == (row.kv_bytes, 2 * row.ssm_bytes, row.conv_bytes)
+    expected = row.kv_bytes + 2 * row.ssm_bytes + row.conv_bytes
     # what the allocator holds for the cache: the same bytes, up to its 512-byte block rounding per tensor
     assert abs(measured["allocated"] - expected) <= 0.02 * expected + 16 * 512

@@ -118,7 +118,9 @@ def test_init_gate_decay_and_state_bytes():
                                                         dtype=torch.float64), rtol=1e-5, atol=0)
     state = m.empty_state(3, "cpu", torch.bfloat16)
     assert state["ssm"].shape == (3, HEADS, 8, HEAD_DIM) and state["conv"].shape == (3, HEADS * (HEAD_DIM + 16), 3)
-    sizes = DiscreteMamba2.state_bytes(HEADS, HEAD_DIM, 2, **m.settings)
+    # the SSM state is held at float32 (no re-rounding per decoded token), the conv window in the model's dtype
+    assert state["ssm"].dtype == torch.float32 and state["conv"].dtype == torch.bfloat16
+    sizes = DiscreteMamba2.state_bytes(HEADS, HEAD_DIM, 2, **m.settings)  # the paper's convention: all at bf16
     assert sizes == {k: t[0].numel() * 2 for k, t in state.items()}
 
 
@@ -216,3 +218,23 @@ def test_mixer_on_gpu_backends_agree_and_decode():
     scale = y_torch.abs().max()
     assert (y_auto - y_torch).abs().max() <= 1e-2 * scale
     assert (torch.cat([y_pre, *y_steps], 1) - y_torch).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("length", [1, 9])
+def test_token_major_causal_conv_equals_conv1d_values_and_gradients(length):
+    """The mixer's conv (shifted multiply-adds on [B, T, C]) against nn.Conv1d's op on the [B, C, T] layout."""
+    from radistill.hybrid.mixers.discrete_mamba2 import causal_conv
+
+    g = torch.Generator().manual_seed(3)
+    C, W = 6, 4
+    window = torch.randn(2, W - 1 + length, C, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(C, W, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    got = causal_conv(window, weight, bias)
+    want = torch.nn.functional.conv1d(window.transpose(1, 2), weight.unsqueeze(1), bias, groups=C).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    probe = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got * probe).sum(), (window, weight, bias))
+    wants = torch.autograd.grad((want * probe).sum(), (window, weight, bias))
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -6,7 +6,14 @@ Per decoder layer one :class:`HybridLayerCache` holds
   (GQA: one entry per kept KV head, shared by its kept query heads); ``None`` in layers without kept heads;
 - ``state``: the mixer's state dict (``mixer.empty_state(...)``, e.g. ``{"conv": ..., "ssm": ...}``), advanced in
   place by the mixer; ``None`` in layers without recurrent heads;
-- ``seen_tokens``: how many positions (padding included) the layer has consumed, which is what masks need.
+- ``seen_tokens``: how many positions (padding included) the layer has consumed, which is what masks need. While
+  growing it is a Python int; once static it lives in a 0-d device tensor (``position``) advanced in place, so a
+  compiled decode step neither guards on a changing Python number (a recompile per token) nor syncs to read it.
+
+The mixer's SSM state is float32 whatever the model's dtype (its ``empty_state`` decides): the scan accumulates in
+float32, and re-rounding the state to bf16 after every one-token step compounds (docs/hybrid.md, "State precision":
+15% relative error after 2,000 steps at a 1,024-token half-life, 0.8% in float32). The conv window holds past
+*inputs*, exact in the model's dtype, so it stays there.
 
 Keys/values live in one of transformers' cache layers, the one a teacher layer of the same kind would use:
 ``DynamicLayer`` (grows by concatenation), or after ``make_static(max_length)`` ``StaticLayer`` (preallocated
@@ -57,8 +64,21 @@ class HybridLayerCache:
         self.attention = attention
         self.kv: CacheLayerMixin | None = self._kv_layer()
         self.state: dict[str, torch.Tensor] | None = None
-        self.seen_tokens = 0
+        self._seen = 0  # growing: the count; static: the count at make_static time, `position` takes over
+        self.position: torch.Tensor | None = None if max_length is None else torch.zeros((), dtype=torch.long)
         self.is_initialized = False
+
+    @property
+    def seen_tokens(self) -> int:
+        """Positions consumed so far, as a Python int (static: read from the device, so not inside a decode step)."""
+        return self._seen if self.position is None else int(self.position)
+
+    def place(self, device: torch.device) -> None:
+        """Static: put ``position`` on the model's device and fix its address, before any step is compiled."""
+        if self.position is not None and self.position.device != device:
+            self.position = self.position.to(device)
+        if self.position is not None and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.position)
 
     def _kv_layer(self) -> CacheLayerMixin | None:
         """An empty transformers layer for this layer's keys/values, of the kind ``max_length`` and the window ask."""
@@ -103,14 +123,17 @@ class HybridLayerCache:
         new; static: the whole buffers; sliding: the past the window still reaches + new)."""
         if self.kv is None:
             raise RadistillError("this layer has no kept attention heads, so its cache holds no keys/values")
-        new = key_states.shape[-2]
-        if self.max_length is not None and self.seen_tokens + new > self.max_length:
+        self.is_initialized = True
+        return self.kv.update(key_states, value_states)
+
+    def check_room(self, new: int) -> None:
+        """Raise if ``new`` more positions do not fit a static cache (called outside compiled steps only: it reads
+        the device-side position)."""
+        if self.max_length is not None and self.kv is not None and self.seen_tokens + new > self.max_length:
             raise RadistillError(
                 f"the static hybrid cache holds {self.max_length} positions and is full ({self.seen_tokens} seen, "
                 f"{new} new): make it static with a larger max_length"
             )
-        self.is_initialized = True
-        return self.kv.update(key_states, value_states)
 
     def make_static(self, max_length: int) -> None:
         """Move growing keys/values into preallocated buffers of ``max_length`` positions (module docstring)."""
@@ -118,7 +141,10 @@ class HybridLayerCache:
             raise RadistillError("the cache is static already: call make_static once, on a growing cache")
         if max_length < self.seen_tokens:
             raise RadistillError(f"max_length {max_length} is below the {self.seen_tokens} positions already cached")
+        seen = self.seen_tokens
         growing, self.max_length = self.kv, max_length
+        device = next((t.device for t in self.tensors()), torch.device("cpu"))
+        self.position = torch.full((), seen, dtype=torch.long, device=device)
         self.kv = self._kv_layer()
         if growing is None or not growing.is_initialized:
             return
@@ -126,34 +152,42 @@ class HybridLayerCache:
         held, slots = growing.keys.shape[-2], self.kv.max_cache_len
         # A full sliding buffer rolls left and writes the new token into its last slot, so the held positions go
         # right-aligned; otherwise the next write goes to slot `held`.
-        start = slots - held if self.seen_tokens >= slots else 0
+        start = slots - held if seen >= slots else 0
         self.kv.keys[:, :, start : start + held].copy_(growing.keys)
         self.kv.values[:, :, start : start + held].copy_(growing.values)
         self.kv.cumulative_length.fill_(start + held)
         if isinstance(self.kv, StaticSlidingWindowLayer):
-            self.kv.cumulative_length_int = self.seen_tokens
+            self.kv.cumulative_length_int = seen
 
     def mixer_state(self, make_empty: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The mixer state, created by ``make_empty()`` (the mixer's ``empty_state``) on first use."""
         if self.state is None:
             self.state = make_empty()
             self.is_initialized = True
+            if self.max_length is not None:  # fixed addresses, which a CUDA graph of the decode step replays on
+                for tensor in self.state.values():
+                    torch._dynamo.mark_static_address(tensor)
         return self.state
 
     def advance(self, num_tokens: int) -> None:
-        self.seen_tokens += num_tokens
+        if self.position is None:
+            self._seen += num_tokens
+        else:
+            self.position.add_(num_tokens)  # in place: the address a captured step reads stays the same
 
     # ---- what transformers' Cache asks of a layer ---------------------------------------------------------------
 
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Growing: an int. Static: the 0-d device tensor (as transformers' ``StaticLayer`` answers), which the
+        mask helpers and position ids use without leaving the device."""
+        return self._seen if self.position is None else self.position
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the mask for ``query_length`` new tokens, as the keys/values layer sizes it
         (static: the whole buffer, whose unwritten slots the causal mask excludes; sliding: the window's span). A
         layer without kept heads answers as a growing full-attention layer would."""
         if self.kv is None:
-            return self.seen_tokens + query_length, 0
+            return self._seen + query_length, 0
         return self.kv.get_mask_sizes(query_length)
 
     def get_max_length(self) -> int:
@@ -168,17 +202,25 @@ class HybridLayerCache:
     def reset(self) -> None:
         self.kv = self._kv_layer()
         self.state = None
-        self.seen_tokens = 0
+        self._seen = 0
+        if self.position is not None:
+            self.position.zero_()
         self.is_initialized = False
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` to the batch dimension (dim 0) of every tensor; mixer states are rewritten in place so that a
         mixer holding a reference to the dict sees the change."""
+        def apply(tensor: torch.Tensor) -> torch.Tensor:
+            mapped = fn(tensor)
+            if self.max_length is not None and mapped.shape == tensor.shape:
+                return tensor.copy_(mapped)  # static: keep the addresses a compiled step was traced on
+            return mapped
+
         if self.keys is not None:
-            self.kv.keys, self.kv.values = fn(self.kv.keys), fn(self.kv.values)
+            self.kv.keys, self.kv.values = apply(self.kv.keys), apply(self.kv.values)
         if self.state is not None:
             for name, tensor in list(self.state.items()):
-                self.state[name] = fn(tensor)
+                self.state[name] = apply(tensor)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -219,14 +261,29 @@ class HybridCache(Cache):
         # masks of all; layers without kept heads hold no keys/values to size anything by.
         self._mask_layer = next((i for i, heads in enumerate(config.kept_heads) if heads), 0)
 
+    @property
+    def max_length(self) -> int | None:
+        """The static buffers' length, or None while growing."""
+        return self.layers[0].max_length
+
     def make_static(self, max_length: int) -> HybridCache:
         """Static keys/values of ``max_length`` positions from now on (e.g. after a prefill); returns self."""
         for layer in self.layers:
             layer.make_static(max_length)
         return self
 
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+    def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:
+        """Positions consumed: an int while growing, a 0-d device tensor once static (see the layer's)."""
         return self.layers[layer_idx or 0].get_seq_length()
+
+    def place(self, device: torch.device) -> None:
+        """Static: move the position counters to ``device`` with fixed addresses (before a step is compiled)."""
+        for layer in self.layers:
+            layer.place(device)
+
+    def check_room(self, new: int) -> None:
+        """Raise a clear error when ``new`` positions do not fit a static cache (outside compiled steps)."""
+        self.layers[self._mask_layer].check_room(new)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length(layer_idx)

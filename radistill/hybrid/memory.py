@@ -3,7 +3,10 @@
 Accounting (docs/hybrid.md, /work/shared/notes/method.md):
 - KV: per cached KV head and token, K and V of ``head_dim`` values: ``2 * head_dim * dtype_bytes``.
 - recurrent heads: whatever the mixer's ``state_bytes`` says (DiscreteMamba2: SSM ``heads * state_size * head_dim``,
-  conv ``heads * (head_dim + 2 * state_size) * (conv_width - 1)`` values), independent of the length.
+  conv ``heads * (head_dim + 2 * state_size) * (conv_width - 1)`` values), independent of the length. Every kind is
+  counted at the one ``dtype`` asked for (the paper's convention: all bf16). :class:`HybridCache` itself keeps the
+  SSM state at float32 for accuracy (docs/hybrid.md, "The cache"), so a measured bf16 cache holds twice the SSM
+  bytes of the bf16 row; ``measure_cache_bytes`` reports what is really held.
 - sliding-window attention (Mistral; Qwen2's ``sliding_attention`` layers): a layer keeps the K/V of its last
   ``window - 1`` positions (the next token brings the window's last), as transformers' sliding-window cache layers and
   :class:`HybridCache` do, so its KV bytes stop growing there.

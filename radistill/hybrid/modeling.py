@@ -84,6 +84,36 @@ def build_recurrent(config: HybridConfig, num_heads: int) -> RecurrentMixer:
     return mixer
 
 
+def may_sync() -> bool:
+    """Whether this forward may read device values on the host: not while dynamo traces it (a graph break) nor while
+    a CUDA graph captures it (a sync is illegal there; ``benchmarks/decode.py`` captures eager steps)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def refuse_inner_padding(attention_mask: torch.Tensor | None) -> None:
+    """Raise if a 2D ``attention_mask`` [B, past+T] has padding between real tokens of a row.
+
+    Left padding (before a row's first token) and right padding (after its last) are fine: the recurrent heads skip
+    padded positions and causality keeps trailing pads from reaching real tokens. Padding *between* tokens is not:
+    the cached path skips those positions in the conv window while a full forward's conv reads them as zeros, so the
+    two would disagree (by up to 45 in logits on a random model) and neither is what the text means."""
+    if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
+        return
+    real = attention_mask.bool()
+    started = real.int().cummax(dim=-1).values.bool()  # a real token at or before this column
+    later = real.flip(-1).int().cummax(dim=-1).values.flip(-1).bool()  # a real token at or after it
+    inner = ~real & started & later
+    if bool(inner.any()):
+        row = int(inner.any(dim=-1).nonzero()[0])
+        raise RadistillError(
+            f"attention_mask row {row} has padding between real tokens (column {int(inner[row].nonzero()[0])}): the "
+            "hybrid's recurrent heads support left padding (and trailing padding in a full forward) only; remove "
+            "the gaps or pad on the left"
+        )
+
+
 class KeptHeadAttention(nn.Module):
     """Softmax attention of one layer's kept query heads: their q rows, the k/v rows of just their KV heads."""
 
@@ -206,11 +236,28 @@ class HybridMixer(nn.Module):
         concatenated = self.kept_heads + self.recurrent_heads
         self._head_order = [concatenated.index(h) for h in range(config.num_attention_heads)]
         self.register_buffer("head_order", torch.empty(len(self._head_order), dtype=torch.long), persistent=False)
+        # and the inverse, per part: where each kept / recurrent head goes in teacher order (`teacher_order`)
+        self.register_buffer("kept_index", torch.empty(len(self.kept_heads), dtype=torch.long), persistent=False)
+        self.register_buffer("recurrent_index", torch.empty(len(self.recurrent_heads), dtype=torch.long),
+                             persistent=False)
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        """(Re)compute the non-persistent ``head_order`` (also after from_pretrained built the module on meta)."""
+        """(Re)compute the non-persistent index buffers (also after from_pretrained built the module on meta)."""
         init.copy_(self.head_order, torch.tensor(self._head_order, dtype=torch.long))
+        init.copy_(self.kept_index, torch.tensor(self.kept_heads, dtype=torch.long))
+        init.copy_(self.recurrent_index, torch.tensor(self.recurrent_heads, dtype=torch.long))
+
+    def teacher_order(self, kept: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """kept [B, T, k, hd], recurrent [B, T, r, hd] -> [B, T, H, hd] in teacher head order, each part written once
+        into its slots (``teacher_order_reference``, a concatenation then a gather, moves every head twice)."""
+        heads = kept.new_empty(*kept.shape[:2], len(self._head_order), kept.shape[-1])
+        heads.index_copy_(2, self.kept_index, kept)
+        return heads.index_copy_(2, self.recurrent_index, recurrent.to(kept.dtype))
+
+    def teacher_order_reference(self, kept: torch.Tensor, recurrent: torch.Tensor) -> torch.Tensor:
+        """The plain version of :meth:`teacher_order` (what the tests compare it with)."""
+        return torch.cat([kept, recurrent], dim=2).index_select(2, self.head_order)
 
     def forward(
         self,
@@ -251,7 +298,7 @@ class HybridMixer(nn.Module):
         if layer_cache is not None:
             layer_cache.advance(seq_len)
 
-        heads = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2).index_select(2, self.head_order)
+        heads = parts[0] if len(parts) == 1 else self.teacher_order(*parts)
         output = self.o_proj(heads.reshape(batch, seq_len, -1))  # [B, T, H, hd] -> [B, T, D]
         return output, attn_weights
 
@@ -359,25 +406,41 @@ class HybridModel(HybridPreTrainedModel):
         """
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
+            # `past` is an int, or for a static cache a 0-d device tensor: added, not passed to arange, so a compiled
+            # step does not specialise on it
             past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past).unsqueeze(0)
 
+        masks = self.masks(inputs_embeds, attention_mask, cache, position_ids)
+        return {
+            "attention_mask": masks["attention"],
+            "padding_mask": masks["padding"],
+            "position_ids": position_ids,
+            "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
+        }
+
+    def masks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        cache: HybridCache | None,
+        position_ids: torch.Tensor | None,
+    ) -> dict:
+        """``{"attention": the kept heads' mask as the attention implementation wants it (or None), "padding": [B, T]
+        (1 = token) for the recurrent heads, or None}`` for ``inputs_embeds`` [B, T, ...] (only shape, dtype and
+        device are read). ``attention_mask`` is a 2D [B, past+T] mask, an already prepared 4D mask (then no padding
+        is known), or such a dict already (what ``generate`` prepares ahead of a compiled step), returned as is."""
+        if isinstance(attention_mask, dict):
+            return attention_mask
         causal_mask = None
         if any(self.config.kept_heads):
             make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
             # Positional on purpose: the 4th parameter is `past_key_values` in 5.17 and `cache` in 5.24.
             causal_mask = make_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
-
         padding_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
-            padding_mask = attention_mask[:, -seq_len:]  # the new tokens' columns
-
-        return {
-            "attention_mask": causal_mask,
-            "padding_mask": padding_mask,
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
-        }
+            padding_mask = attention_mask[:, -inputs_embeds.shape[1] :]  # the new tokens' columns
+        return {"attention": causal_mask, "padding": padding_mask}
 
     @merge_with_config_defaults
     @capture_outputs
@@ -411,6 +474,12 @@ class HybridModel(HybridPreTrainedModel):
             use_cache = True
         if use_cache and cache is None:
             cache = HybridCache(self.config)
+        if may_sync():  # checks that read device values stay out of compiled and captured decode steps
+            if cache is not None:
+                cache.place(inputs_embeds.device)
+                cache.check_room(inputs_embeds.shape[1])
+            if not isinstance(attention_mask, dict):
+                refuse_inner_padding(attention_mask)
 
         layer_kwargs = self.layer_kwargs(inputs_embeds, attention_mask, position_ids, cache)
         hidden_states = inputs_embeds
@@ -423,6 +492,54 @@ class HybridModel(HybridPreTrainedModel):
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # A one-token step on a static HybridCache traces as one graph (tests/test_generate.py checks fullgraph=True).
+    _can_compile_fullgraph = True
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode=None, batch_size: int = 1,
+        max_cache_length: int | None = None, *args, **kwargs,
+    ) -> None:
+        """generate()'s cache: a :class:`HybridCache`, static (``max_length`` positions) for
+        ``cache_implementation="static"``, growing for None/"dynamic"; a cache passed in is used as it is.
+
+        A static cache makes ``generate`` compile the decode step (transformers' auto-compile: the cache reports
+        ``is_compileable``, and the model runs on an accelerator): one graph, with CUDA graphs under its default
+        ``reduce-overhead`` mode. Other cache implementations (quantized, offloaded) hold key/values only and are
+        refused."""
+        name = CACHE_FIELD  # where generate() looks for it: `cache` from 5.24, `past_key_values` before
+        passed = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        implementation = generation_config.cache_implementation
+        if passed is not None:
+            if implementation is not None:
+                raise ValueError("pass either `cache_implementation` or a cache object to generate(), not both")
+            passed._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        if implementation in (None, "dynamic"):
+            model_kwargs[name] = HybridCache(self.config)
+            return
+        if implementation != "static":
+            raise RadistillError(
+                f"cache_implementation={implementation!r} is not supported by the hybrid model: use 'static' (fixed "
+                "buffers; generate compiles the decode step) or 'dynamic' (the default growing cache)"
+            )
+        length = max(max_cache_length or 0, getattr(generation_config, "max_cache_len", None) or 0)
+        # as transformers does for its StaticCache: never shrink between calls, so a compiled step's shapes stay
+        length = max(length, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = length
+        model_kwargs[name] = HybridCache(self.config, max_length=length)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs) -> dict:
+        """What generate() calls, outside the compiled step, to prepare a step's masks for a static cache: both the
+        kept heads' mask and the recurrent heads' padding columns (transformers' own version would drop the latter:
+        a 4D mask says nothing the recurrent heads can use). The cache comes as ``cache`` (5.24) or
+        ``past_key_values`` (5.17). On the first step a padded prompt must be left-padded: a generated token after
+        trailing padding would be padding in the middle of the sequence."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values", args[0] if args else None))
+        if attention_mask is not None and attention_mask.ndim == 2 and kwargs.get("is_first_iteration", False):
+            refuse_inner_padding(torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], -1))
+        return self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)

@@ -120,7 +120,11 @@ class DiscreteMamba2(RecurrentMixer):
         self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """-> x [B, T, H, P], log_a [B, T, H] float32/64, b/c [B, T, H, N], z [B, T, H, P], and the conv's input window
-        [B, channels, conv_width - 1 + T] (past inputs, then these)."""
+        [B, conv_width - 1 + T, channels] (past inputs, then these).
+
+        Everything stays token-major ([B, T, channels], as in_proj writes it): x, b, c and z are row views of one
+        buffer, so the scan's inputs and the gate's elementwise work read contiguous rows. (A channel-major conv
+        would hand them transposed views, which every consumer then copies or reads uncoalesced.)"""
         B, T, _ = hidden_states.shape
         H, P, N = self.num_heads, self.head_dim, self.state_size
         xbc, z, a_log = self.in_proj(hidden_states).split(
@@ -130,13 +134,11 @@ class DiscreteMamba2(RecurrentMixer):
         if pad is not None:
             xbc = xbc.masked_fill(pad, 0.0)
         if conv_state is None:
-            conv_state = xbc.new_zeros(B, self.conv_channels, self.conv_width - 1)
-        window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)
-        # the depthwise causal conv as conv_width shifted multiply-adds: the same code for a prefill and for one
-        # token, fusable by torch.compile, and free of F.conv1d's seconds-long first call on CPU
-        T_out, taps = window.shape[-1] - self.conv_width + 1, self.conv1d.weight[:, 0, :, None]
-        xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] for k in range(self.conv_width))
-        xbc = xbc.transpose(1, 2)
+            past = xbc.new_zeros(B, self.conv_width - 1, self.conv_channels)
+        else:
+            past = conv_state.transpose(1, 2).to(xbc.dtype)  # the state keeps nn.Conv1d's [B, channels, W - 1]
+        window = torch.cat([past, xbc], dim=1)  # [B, W - 1 + T, channels]
+        xbc = causal_conv(window, self.conv1d.weight[:, 0, :], self.conv1d.bias)
         log_a = -F.softplus(a_log.to(wide(a_log.dtype)))
         if pad is not None:  # the conv bias would make padded x, b, c nonzero again
             xbc, log_a = xbc.masked_fill(pad, 0.0), log_a.masked_fill(pad, 0.0)
@@ -144,16 +146,16 @@ class DiscreteMamba2(RecurrentMixer):
         return x.view(B, T, H, P), log_a, b.view(B, T, H, N), c.view(B, T, H, N), z.view(B, T, H, P), window
 
     def _last_real_inputs(self, window: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """The next conv state: the last conv_width - 1 columns of window [B, channels, W - 1 + T] that are real
-        tokens (the past columns count as real), so padding anywhere leaves it as if the padding were absent."""
+        """The next conv state [B, channels, W - 1]: the last conv_width - 1 rows of window [B, W - 1 + T, channels]
+        that are real tokens (the past rows count as real), so padding anywhere leaves it as if it were absent."""
         keep = self.conv_width - 1
         if attention_mask is None:
-            return window[..., window.shape[-1] - keep :]
-        B, length = window.shape[0], window.shape[-1]
+            return window[:, window.shape[1] - keep :].transpose(1, 2)
+        B, length = window.shape[0], window.shape[1]
         real = torch.cat([attention_mask.new_ones(B, keep), attention_mask[:, keep - length :]], dim=-1).bool()
-        latest = real * torch.arange(1, length + 1, device=window.device)  # later real columns rank higher
+        latest = real * torch.arange(1, length + 1, device=window.device)  # later real rows rank higher
         index = latest.topk(keep, dim=-1).indices.sort(dim=-1).values
-        return window.gather(-1, index.unsqueeze(1).expand(-1, window.shape[1], -1))
+        return window.gather(1, index.unsqueeze(-1).expand(-1, -1, window.shape[-1])).transpose(1, 2)
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None
@@ -163,7 +165,7 @@ class DiscreteMamba2(RecurrentMixer):
         conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
         x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state)
         y, final = ssd(x, log_a, b, c, ssm_state, backend=self.backend, chunk_size=self.chunk_size)
-        y = (y + self.D[:, None] * x) * F.silu(z)
+        y = torch.addcmul(y, x, self.D[:, None].to(x.dtype)) * F.silu(z)  # (y + D x) silu(z), one pass fewer
         if state is not None:
             state["ssm"].copy_(final)
             state["conv"].copy_(self._last_real_inputs(window, attention_mask))
@@ -176,10 +178,14 @@ class DiscreteMamba2(RecurrentMixer):
         return ssd_matrix(log_a, b, c)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
-        """{"conv": [B, channels = H (P + 2N), conv_width - 1] past conv inputs, "ssm": [B, H, N, P]}, zeros."""
+        """{"conv": [B, channels = H (P + 2N), conv_width - 1] past conv inputs in ``dtype``, "ssm": [B, H, N, P] in
+        float32 (float64 for float64)}, zeros. The SSM state is what the scan accumulates in float32; storing it in
+        bf16 would re-round it after every decoded token, an error that compounds (docs/hybrid.md, "State
+        precision"). The conv state holds past inputs, exact in ``dtype``."""
         return {
             "conv": torch.zeros(batch_size, self.conv_channels, self.conv_width - 1, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch_size, self.num_heads, self.state_size, self.head_dim, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch_size, self.num_heads, self.state_size, self.head_dim, device=device,
+                               dtype=wide(dtype)),
         }
 
     @staticmethod
@@ -225,6 +231,22 @@ class DiscreteMamba2(RecurrentMixer):
                 rows = rows.reshape(-1, D + 1).to(w)
                 w[mixer._rows(part)], bias[mixer._rows(part)] = rows[:, :D], rows[:, D]
         return mixer
+
+
+def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The depthwise causal conv, token-major: window [B, W - 1 + T, C] (W - 1 past inputs first), weight [C, W],
+    bias [C] or None -> [B, T, C], out[t] = bias + sum_k weight[:, k] window[t + k].
+
+    Written as W shifted multiply-adds accumulated in place into one output: the same code for a prefill and for
+    one token, free of layout changes (``F.conv1d`` wants [B, C, T], i.e. two transposing copies of a prefill-sized
+    tensor) and of F.conv1d's seconds-long first call on CPU; ``tests/test_mixers.py`` checks it against F.conv1d."""
+    width, length = weight.shape[1], window.shape[1] - weight.shape[1] + 1
+    out = window[:, :length] * weight[:, 0]
+    if bias is not None:
+        out.add_(bias)
+    for k in range(1, width):
+        out.addcmul_(window[:, k : k + length], weight[:, k])
+    return out
 
 
 def score_factors(q: Tensor, k: Tensor, rank: int) -> tuple[Tensor, Tensor]:
