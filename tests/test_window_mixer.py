@@ -192,3 +192,46 @@ def test_a_window_student_calibrates_without_touching_window_heads():
     norm = student.model.layers[0].self_attn.normalizer  # heads [1, 3] window, [2] mamba
     assert torch.equal(norm.student_std[:2], torch.ones(2, 16)) and not torch.equal(norm.student_std[2], torch.ones(16))
     assert len(record.half_life_tokens[0]) == 1 and record.half_life_tokens[1] == []
+
+
+def test_cli_build_with_window_heads(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from radistill.hybrid.build import load_selection
+    from radistill.hybrid.cli import register
+    from tests.test_build import VOCAB, byte_tokenizer, write_scan
+
+    torch.manual_seed(0)
+    teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    scan = write_scan(tmp_path / "scan.json", teacher)  # ranks (2, 1), (0, 3), (0, 0), (1, 2), ...
+    app = typer.Typer()
+    register(app)
+    common = ["--scan", scan, "--keep", "2", "--device", "cpu", "--dtype", "fp32"]
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window-heads", "2",
+                                      "--window", "8", "--state-size", "4", "--out", str(tmp_path / "mixed")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert config["kept_heads"] == [[3], [], [1]] and config["mixer"] == "discrete_mamba2"
+    (group,) = config["head_mixers"]
+    assert group["mixer"] == "window" and group["settings"]["window"] == 8 and group["heads"] == [[0], [2], []]
+    assert load_selection(tmp_path / "mixed")["layers"][0]["mixers"] == {"window": [0], "discrete_mamba2": [1, 2]}
+
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--mixer", "window",
+                                      "--window", "4", "--out", str(tmp_path / "window")])
+    assert result.exit_code == 0, result.output
+    student = HybridForCausalLM.from_pretrained(tmp_path / "window").eval()
+    assert student.config.mixer_settings["window"] == 4
+    norm = student.model.layers[0].self_attn.normalizer  # training-free: identity normaliser
+    assert torch.equal(norm.teacher_std, torch.ones_like(norm.teacher_std))
+    ids = torch.randint(1, 256, (1, 4))  # within the window the student is the teacher
+    with torch.no_grad():
+        assert (student(input_ids=ids).logits - teacher(input_ids=ids).logits).abs().max() <= 1e-4
+
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window", "4",
+                                      "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "--mixer window or --window-heads" in str(result.exception or result.output)
