@@ -235,3 +235,22 @@ def test_cli_build_with_window_heads(tmp_path):
     result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window", "4",
                                       "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "--mixer window or --window-heads" in str(result.exception or result.output)
+
+
+def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
+    """MOHAWK stage 1 on window heads: a window covering the whole sequence is the teacher's attention (loss ~0);
+    a short one is not."""
+    from radistill.distill.data import PackedStream
+    from radistill.distill.stages import make_objective
+    from tests.distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
+
+    write_corpus(tmp_path / "corpus.txt")
+    teacher = tiny_teacher()
+    recipe = tiny_recipe(tmp_path / "corpus.txt", stages=(1,))
+    probe = PackedStream(recipe.data, char_tokenizer(), 16, seed=99).next_batch(4)
+    losses = {}
+    for window in (16, 3):
+        student = window_student(teacher, [[1], []], window=window)
+        objective = make_objective(1, student, teacher, recipe.stage(1), [0, 1])
+        losses[window] = float(objective.step(probe, scale=0.0)) / objective.unit_count
+    assert losses[16] < 1e-6 < 1e-3 < losses[3], losses
