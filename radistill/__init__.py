@@ -14,3 +14,14 @@ __version__ = "0.1.0"
 from radistill._autoregister import install as _install_autoregister  # noqa: E402
 
 _install_autoregister()
+
+
+def register_mixer(name: str, cls: type) -> None:
+    """Register a head module under ``name`` for ``build --mixer NAME`` / ``--kept-mixer NAME`` (see docs/hybrid.md,
+    "Writing a mixer"). Imported here lazily: the mixers import torch."""
+    from radistill.hybrid.mixers import register_mixer as register
+
+    register(name, cls)
+
+
+__all__ = ["__version__", "register_mixer"]

@@ -28,6 +28,7 @@ from radistill.distill.losses import (
 from radistill.distill.parallel import gradient_sync
 from radistill.distill.recipe import StageConfig
 from radistill.finetune.lora import adapter_parameters
+from radistill.hybrid.mixers.base import mixer_kwargs
 from radistill.models.access import decoder_layers, hidden_input, layout_from_config
 from radistill.models.attention import attention_probs
 from radistill.utils.errors import RadistillError
@@ -292,7 +293,8 @@ class MatrixOrientation(_LayerwiseObjective):
         mixer = self.student_layers[index].self_attn
         heads = list(mixer.recurrent_heads)
         attn_input = attention_input(self.teacher_layers[index], tap)
-        student = mixer.recurrent.mixing_matrix(attn_input)
+        student = mixer.recurrent.mixing_matrix(
+            attn_input, **mixer_kwargs(mixer.recurrent, tap.kwargs.get("position_embeddings")))
         teacher_attn = self.teacher_layers[index].self_attn
         total, start = 0.0, 0
         with _weights_on_device(teacher_attn):  # attention_probs reads the q/k weights, not through a forward

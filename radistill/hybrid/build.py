@@ -176,9 +176,13 @@ def select_heads(
 
 
 def student_config(
-    teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None
+    teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None,
+    head_mixers: list[dict] | None = None, kept_mixer: str | None = None, kept_mixer_settings: dict | None = None,
 ) -> HybridConfig:
-    """The student's config: the teacher's architecture fields, read off its config and its modules."""
+    """The student's config: the teacher's architecture fields, read off its config and its modules.
+
+    ``head_mixers`` / ``kept_mixer``: other head groups (:class:`HybridConfig`); every mixer's settings are
+    completed with what it reads off the teacher (``teacher_settings``) and its defaults."""
     t = teacher.config
     layout = model_layout(teacher)
     if len(set(getattr(t, "layer_types", None) or ["full_attention"])) > 1:
@@ -186,9 +190,21 @@ def student_config(
             f"this {layout.model_type} teacher mixes attention types across layers ({sorted(set(t.layer_types))}); "
             "radistill builds students of teachers whose layers all use the same (full or one sliding) attention"
         )
-    settings = mixer_settings_with_defaults(mixer, t.hidden_size, layout.head_dim, mixer_settings or {})
     attn = decoder_layers(teacher)[0].self_attn
     mlp = decoder_layers(teacher)[0].mlp
+    architecture = {"attention_bias": attn.q_proj.bias is not None,
+                    "qk_norm": getattr(attn, "q_norm", None) is not None, "rms_norm_eps": t.rms_norm_eps}
+
+    def complete(name: str, given: dict | None) -> dict:
+        defaults = mixer_class(name).teacher_settings(**architecture)
+        return mixer_settings_with_defaults(name, t.hidden_size, layout.head_dim, {**defaults, **(given or {})})
+
+    settings = complete(mixer, mixer_settings)
+    head_mixers = None if not head_mixers else [
+        {"mixer": g["mixer"], "settings": complete(g["mixer"], g.get("settings")), "heads": g["heads"]}
+        for g in head_mixers
+    ]
+    kept_settings = None if kept_mixer is None else complete(kept_mixer, kept_mixer_settings)
     return HybridConfig(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
@@ -216,6 +232,9 @@ def student_config(
         kept_heads=kept_heads,
         mixer=mixer,
         mixer_settings=settings,
+        head_mixers=head_mixers,
+        kept_mixer=kept_mixer,
+        kept_mixer_settings=kept_settings,
     )
 
 
@@ -261,7 +280,6 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         state[name] = teacher_state[name]
 
-    mixer_cls = mixer_class(config.mixer)
     for i, layer in enumerate(decoder_layers(teacher)):
         prefix, attn = f"model.layers.{i}.", layer.self_attn
         for sub in ("input_layernorm", "post_attention_layernorm", "mlp"):
@@ -270,7 +288,7 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
         for key, value in attn.o_proj.state_dict().items():
             state[f"{prefix}self_attn.o_proj.{key}"] = value
 
-        kept, kv_kept, recurrent = config.kept_heads[i], config.kept_kv_heads(i), config.recurrent_heads(i)
+        kept, kv_kept, groups = config.attention_heads(i), config.kept_kv_heads(i), config.mixer_groups(i)
         if kept:
             target = f"{prefix}self_attn.attention."
             for proj, heads in (("q_proj", kept), ("k_proj", kv_kept), ("v_proj", kv_kept)):
@@ -279,21 +297,26 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
             if config.qk_norm:
                 state[f"{target}q_norm.weight"] = attn.q_norm.weight
                 state[f"{target}k_norm.weight"] = attn.k_norm.weight
-        if recurrent:
-            kv_of = [h // group for h in recurrent]
+        for index, (name, settings, heads) in enumerate(groups):
+            kv_of = [h // group for h in heads]
             qkv = {
-                "q": (attn.q_proj, recurrent),
+                "q": (attn.q_proj, heads),
                 "k": (attn.k_proj, kv_of),
                 "v": (attn.v_proj, kv_of),
             }
-            weights = {f"{n}_weight": _rows(p.weight, h, hd).view(len(recurrent), hd, -1) for n, (p, h) in qkv.items()}
+            weights = {f"{n}_weight": _rows(p.weight, h, hd).view(len(heads), hd, -1) for n, (p, h) in qkv.items()}
             biases = {
-                f"{n}_bias": None if p.bias is None else _rows(p.bias, h, hd).view(len(recurrent), hd)
+                f"{n}_bias": None if p.bias is None else _rows(p.bias, h, hd).view(len(heads), hd)
                 for n, (p, h) in qkv.items()
             }
-            mixer = mixer_cls.from_attention(config.hidden_size, **weights, **biases, **config.mixer_settings)
+            cls = mixer_class(name)
+            extra = {"kv_groups": config.kv_groups(heads)} if cls.shares_kv else {}
+            if config.qk_norm:
+                extra.update(q_norm_weight=attn.q_norm.weight, k_norm_weight=attn.k_norm.weight)
+            mixer = cls.from_attention(config.hidden_size, **weights, **biases, **extra, **settings)
+            target = f"{prefix}self_attn.recurrent." + (f"groups.{index}." if len(groups) > 1 else "")
             for key, value in mixer.state_dict().items():
-                state[f"{prefix}self_attn.recurrent.{key}"] = value
+                state[f"{target}{key}"] = value
 
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
@@ -353,6 +376,7 @@ def selection_record(selection: Selection, config: HybridConfig, teacher_id: str
                 "kept_heads": config.kept_heads[i],
                 "kv_heads_cached": kv_per_layer[i],
                 "recurrent_heads": len(config.recurrent_heads(i)),
+                "mixers": {name: heads for name, _, heads in config.mixer_groups(i)},
             }
             for i in range(config.num_hidden_layers)
         ],
@@ -362,6 +386,9 @@ def selection_record(selection: Selection, config: HybridConfig, teacher_id: str
         },
         "mixer": config.mixer,
         "mixer_settings": config.mixer_settings,
+        "head_mixers": config.head_mixers,
+        "kept_mixer": config.kept_mixer,
+        "kept_mixer_settings": config.kept_mixer_settings,
         **extra,
     }
 
@@ -389,6 +416,10 @@ def build_student(
     mixer: str = "discrete_mamba2",
     state_size: int | None = None,
     mixer_settings: dict | None = None,
+    window: int | None = None,
+    window_heads: int = 0,
+    kept_mixer: str | None = None,
+    kept_mixer_settings: dict | None = None,
     tokenizer=None,
     calibration_data: str | os.PathLike | None = None,
     calibration_tokens: int = DEFAULT_TOKENS,
@@ -407,6 +438,10 @@ def build_student(
     ``dtype``: ``"auto"`` computes in bf16 on GPU and fp32 on CPU and saves in the dtype of the teacher's checkpoint
     (its config's ``dtype``); any other value (``bf16``, ``fp16``, ``fp32``) is both the compute and the saved dtype.
     The folder gets a model card (``README.md``, :func:`~radistill.hybrid.card.write_model_card`).
+
+    Mixers: ``mixer`` serves every head not kept; ``window_heads`` M > 0 gives the scan's next M heads (ranks
+    K+1..K+M) to sliding-window heads of ``window`` tokens (the ``window`` mixer) instead; ``window`` is also the
+    ``--mixer window`` setting. ``kept_mixer``: a registered mixer in place of the kept heads' softmax attention.
     """
     # before loading anything: a refusal after the work would waste it
     refuse_existing([out], overwrite, "choose another --out or pass --overwrite")
@@ -424,10 +459,23 @@ def build_student(
     settings = dict(mixer_settings or {})
     if state_size is not None:
         settings["state_size"] = state_size
+    if window is not None and window < 1:
+        raise RadistillError(f"--window {window}: a window holds at least 1 token")
+    if window is not None and mixer == "window":
+        settings["window"] = window
+    elif window is not None and not window_heads:
+        raise RadistillError("--window sets the window mixer's span: pass --mixer window or --window-heads M")
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)
-    config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings)
+    head_mixers = None
+    if window_heads:
+        windowed = next_heads(selection, window_heads)
+        per_layer = [sorted(h for l, h in windowed if l == layer) for layer in range(layout.num_layers)]
+        head_mixers = [{"mixer": "window", "settings": {} if window is None else {"window": window},
+                        "heads": per_layer}]
+    config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings,
+                            head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings)
     student = convert(model, config)
     if calibration_data is None:
         console.print("[yellow]no --calibration-data: calibrating on a small built-in text; pass the distillation "
@@ -458,6 +506,18 @@ def build_student(
     return out
 
 
+def next_heads(selection: Selection, count: int) -> list[Head]:
+    """The ``count`` best-ranked heads of the selection's scan that it does not keep (window heads)."""
+    if count < 0:
+        raise RadistillError(f"--window-heads {count}: give a count >= 0")
+    if not selection.rank:
+        raise RadistillError("--window-heads takes the scan's next heads after the kept ones: pass --scan")
+    rest = sorted((rank, head) for head, rank in selection.rank.items() if head not in set(selection.heads))
+    if count > len(rest):
+        raise RadistillError(f"--window-heads {count} but the scan ranks only {len(rest)} heads beyond the kept ones")
+    return [head for _, head in rest[:count]]
+
+
 def load_selection(student_dir: str | os.PathLike) -> dict:
     """``selection.json`` of a student directory."""
     path = Path(student_dir) / "selection.json"
@@ -472,6 +532,7 @@ __all__ = [
     "checkpoint_dtype",
     "convert",
     "load_selection",
+    "next_heads",
     "parse_heads",
     "select_heads",
     "student_config",

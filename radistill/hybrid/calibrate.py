@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from radistill.hybrid.mixers import mixer_kwargs
 from radistill.hybrid.modeling import HybridForCausalLM
 from radistill.hybrid.normalizer import ChannelMoments
 from radistill.models.access import decoder_layers, hidden_input
@@ -144,15 +145,23 @@ def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[
         raise RadistillError(f"half_lives must be one of {', '.join(HALF_LIVES)}, got {half_lives!r}")
     blocks = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
               if layer.self_attn.recurrent is not None}
-    if half_lives == "attention" and blocks:
+    # mixers without a decay (e.g. window heads) keep their own; the normaliser is fit only where a mixer asks
+    decaying = {i: b for i, b in blocks.items() if getattr(b.recurrent, "has_half_lives", False)}
+    normalized = {i: b for i, b in blocks.items() if any(_normalized_heads(b.recurrent))}
+    if half_lives == "attention" and decaying:
         group = student.config.num_attention_heads // student.config.num_key_value_heads
-        distances = _attention_distances(teacher, blocks, batches, group)
-        for i, block in blocks.items():
+        distances = _attention_distances(teacher, decaying, batches, group)
+        for i, block in decaying.items():
             block.recurrent.set_half_lives(half_life_for_distance(distances[i]))
-    tokens = _normaliser_statistics(teacher, blocks, batches, student.config.head_dim)
-    record = [blocks[i].recurrent.half_lives().tolist() if i in blocks else []
+    tokens = _normaliser_statistics(teacher, normalized, batches, student.config.head_dim) if normalized else 0
+    record = [blocks[i].recurrent.half_lives().tolist() if i in decaying else []
               for i in range(len(student.model.layers))]
     return Calibration(tokens, half_lives, record)
+
+
+def _normalized_heads(mixer) -> list[bool]:
+    flags = getattr(mixer, "normalized_heads", None)
+    return flags() if flags is not None else [True] * mixer.num_heads
 
 
 def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
@@ -227,7 +236,9 @@ def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
 
     def attn_hook(i):
         def hook(module, args, kwargs, mask):  # the teacher attention's normed input -> the student mixer's output
-            y, _ = blocks[i].recurrent(hidden_input(args, kwargs), attention_mask=mask)  # [B, T, r, hd]
+            mixer = blocks[i].recurrent
+            y, _ = mixer(hidden_input(args, kwargs), attention_mask=mask,
+                         **mixer_kwargs(mixer, kwargs.get("position_embeddings")))  # [B, T, r, hd]
             moments[i][0].add(y, mask)
 
         return hook
@@ -242,6 +253,9 @@ def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
     tokens = teacher_pass(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
     for i, (student_moments, teacher_moments) in moments.items():
         blocks[i].normalizer.calibrate(student_moments, teacher_moments)
+        keep = torch.tensor(_normalized_heads(blocks[i].recurrent))
+        if not keep.all():  # heads whose mixer needs no correction stay the identity
+            blocks[i].normalizer.reset_statistics(~keep)
     return tokens
 
 

@@ -45,7 +45,14 @@ def register(app: typer.Typer) -> None:
             None, "--heads", help="keep these heads instead: L.H,L.H,... (e.g. 8.3,0.6)"
         ),
         state_size: Optional[int] = typer.Option(None, "--state-size", help="recurrent state size N [mixer default]"),
-        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="recurrent mixer of the other heads"),
+        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="mixer of the other heads: discrete_mamba2, "
+                                  "window (sliding-window softmax, training-free) or a registered one"),
+        window: Optional[int] = typer.Option(None, "--window", help="tokens a window head sees (--mixer window or "
+                                             "--window-heads) [16]"),
+        window_heads: int = typer.Option(0, "--window-heads", help="also give the scan's next M heads after the "
+                                         "kept ones to sliding-window heads (the rest stay --mixer)"),
+        kept_mixer: Optional[str] = typer.Option(None, "--kept-mixer", help="a registered mixer in place of the "
+                                                 "kept heads' softmax attention [softmax attention]"),
         calibration_data: Optional[str] = typer.Option(
             None, "--calibration-data", help="text for the calibration: a file or HF dataset id as `distill --data` "
             "takes; use the distillation data [a small built-in text]"
@@ -63,18 +70,20 @@ def register(app: typer.Typer) -> None:
         from radistill.hybrid.build import build_student, load_selection
 
         with console.status("building the student"):
-            path = build_student(teacher, out, scan=scan, keep=keep, heads=heads, mixer=mixer,
+            path = build_student(teacher, out, scan=scan, keep=keep, heads=heads, mixer=mixer, window=window,
+                                 window_heads=window_heads, kept_mixer=kept_mixer,
                                  state_size=state_size, calibration_data=calibration_data,
                                  half_lives=half_lives, device=device,
                                  dtype=dtype, overwrite=overwrite,
                                  **({} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}))
         record = load_selection(path)
         table = Table(title=f"{record['keep']} kept heads ({record['source']})")
-        for column in ("layer", "kept heads", "KV heads cached", "recurrent heads"):
+        for column in ("layer", "kept heads", "KV heads cached", "mixer heads"):
             table.add_column(column, justify="right")
         for layer in record["layers"]:
+            mixers = " ".join(f"{name}:{len(h)}" for name, h in layer.get("mixers", {}).items())
             table.add_row(str(layer["layer"]), ",".join(map(str, layer["kept_heads"])) or "-",
-                          ",".join(map(str, layer["kv_heads_cached"])) or "-", str(layer["recurrent_heads"]))
+                          ",".join(map(str, layer["kv_heads_cached"])) or "-", mixers or "-")
         console.print(table)
         cached = record["kv_heads_cached"]
         console.print(f"KV heads cached: {cached['total']} of the teacher's {cached['teacher_total']}; "

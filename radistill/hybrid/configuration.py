@@ -1,8 +1,11 @@
 """Configuration of the head-level hybrid: the teacher's Llama-like fields plus, per layer, which heads stay attention.
 
-A student layer splits the teacher's query heads in two: ``kept_heads[layer]`` stay softmax attention with the
-teacher's weights, every other head is a recurrent head of the registered mixer ``mixer`` (settings in
-``mixer_settings``). All head outputs, in teacher head order, go through the teacher's ``o_proj``.
+A student layer splits the teacher's query heads into groups: ``kept_heads[layer]`` stay softmax attention with the
+teacher's weights (or, with ``kept_mixer``, become heads of that registered mixer); each entry of ``head_mixers``
+gives some other heads to a mixer of its own (e.g. sliding-window heads); every remaining head is a head of the
+registered mixer ``mixer`` (settings in ``mixer_settings``). All head outputs, in teacher head order, go through
+the teacher's ``o_proj``. A config without ``head_mixers`` / ``kept_mixer`` (every config written before they
+existed) means what it always meant: kept heads are attention, all others ``mixer``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class HybridConfig(PreTrainedConfig):
     mixer: name of the recurrent mixer in ``radistill.hybrid.mixers.MIXERS``.
     mixer_settings: keyword settings of that mixer (``state_size``, ``conv_width``, ...), as in its
         ``from_attention`` / ``state_bytes``.
+    head_mixers: other head groups, each ``{"mixer": name, "settings": {...}, "heads": [[head ids] per layer]}``;
+        their heads are neither kept nor ``mixer`` heads (None: no such group).
+    kept_mixer: a registered mixer that serves the kept heads instead of the teacher's softmax attention (None:
+        softmax attention with a KV cache); ``kept_mixer_settings`` its settings.
     """
 
     model_type = MODEL_TYPE
@@ -90,6 +97,9 @@ class HybridConfig(PreTrainedConfig):
     kept_heads: list[list[int]] | None = None
     mixer: str = "discrete_mamba2"
     mixer_settings: dict[str, Any] | None = None
+    head_mixers: list[dict[str, Any]] | None = None
+    kept_mixer: str | None = None
+    kept_mixer_settings: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -101,6 +111,14 @@ class HybridConfig(PreTrainedConfig):
         self.kept_heads = [sorted(int(h) for h in heads) for heads in self.kept_heads]
         if self.mixer_settings is None:
             self.mixer_settings = {}
+        if self.kept_mixer is not None and self.kept_mixer_settings is None:
+            self.kept_mixer_settings = {}
+        if self.head_mixers is not None:
+            self.head_mixers = [
+                {"mixer": g.get("mixer"), "settings": dict(g.get("settings") or {}),
+                 "heads": [sorted(int(h) for h in heads) for heads in g.get("heads") or []]}
+                for g in self.head_mixers
+            ]
         super().__post_init__(**kwargs)
         self._check_heads()
 
@@ -121,6 +139,20 @@ class HybridConfig(PreTrainedConfig):
                 raise RadistillError(
                     f"kept_heads[{layer}] = {heads} is invalid: head ids must be distinct and in "
                     f"0..{self.num_attention_heads - 1}"
+                )
+        for index, group in enumerate(self.head_mixers or []):
+            if not isinstance(group["mixer"], str) or len(group["heads"]) != self.num_hidden_layers:
+                raise RadistillError(
+                    f"head_mixers[{index}] must name a mixer and list head ids for each of the "
+                    f"{self.num_hidden_layers} layers ([] where it has none), got {group}"
+                )
+        for layer in range(self.num_hidden_layers):
+            groups = [self.kept_heads[layer]] + [g["heads"][layer] for g in self.head_mixers or []]
+            taken = [h for heads in groups for h in heads]
+            if len(set(taken)) != len(taken) or any(not 0 <= h < self.num_attention_heads for h in taken):
+                raise RadistillError(
+                    f"layer {layer}: the kept heads {groups[0]} and head_mixers heads {groups[1:]} must be distinct "
+                    f"head ids in 0..{self.num_attention_heads - 1}: give each head to one group"
                 )
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
@@ -148,14 +180,40 @@ class HybridConfig(PreTrainedConfig):
         )
 
     def recurrent_heads(self, layer: int) -> list[int]:
-        """Query heads of ``layer`` that are recurrent, ascending."""
+        """Query heads of ``layer`` that are not kept (served by ``mixer`` or a ``head_mixers`` group), ascending."""
         kept = set(self.kept_heads[layer])
         return [h for h in range(self.num_attention_heads) if h not in kept]
 
-    def kept_kv_heads(self, layer: int) -> list[int]:
-        """KV heads of ``layer`` the student keeps (and caches): those of its kept query heads, ascending."""
+    def attention_heads(self, layer: int) -> list[int]:
+        """Query heads of ``layer`` that are the teacher's softmax attention (with a KV cache), ascending."""
+        return [] if self.kept_mixer is not None else list(self.kept_heads[layer])
+
+    def mixer_groups(self, layer: int) -> list[tuple[str, dict[str, Any], list[int]]]:
+        """``(mixer name, settings, query heads)`` of each non-empty mixer group of ``layer``: the kept heads if
+        ``kept_mixer``, then each ``head_mixers`` group, then the remaining heads under ``mixer``."""
+        groups = []
+        if self.kept_mixer is not None:
+            groups.append((self.kept_mixer, self.kept_mixer_settings, list(self.kept_heads[layer])))
+        for group in self.head_mixers or []:
+            groups.append((group["mixer"], group["settings"], list(group["heads"][layer])))
+        taken = {h for _, _, heads in groups for h in heads} | set(self.kept_heads[layer])
+        groups.append((self.mixer, self.mixer_settings, [h for h in range(self.num_attention_heads) if h not in taken]))
+        return [g for g in groups if g[2]]
+
+    def mixer_heads(self, layer: int) -> list[int]:
+        """Query heads of ``layer`` served by mixers, in the order the layer's mixers output them (group order)."""
+        return [h for _, _, heads in self.mixer_groups(layer) for h in heads]
+
+    def kv_groups(self, heads: list[int]) -> list[int]:
+        """Per query head in ``heads``, its teacher KV head numbered 0.. in order of first appearance (GQA)."""
         group = self.num_attention_heads // self.num_key_value_heads
-        return sorted({h // group for h in self.kept_heads[layer]})
+        order = list(dict.fromkeys(h // group for h in heads))
+        return [order.index(h // group) for h in heads]
+
+    def kept_kv_heads(self, layer: int) -> list[int]:
+        """KV heads of ``layer`` the student keeps (and caches): those of its attention heads, ascending."""
+        group = self.num_attention_heads // self.num_key_value_heads
+        return sorted({h // group for h in self.attention_heads(layer)})
 
     @property
     def num_kept_heads(self) -> int:

@@ -6,7 +6,9 @@ Accounting (docs/hybrid.md, /work/shared/notes/method.md):
   conv ``heads * (head_dim + 2 * state_size) * (conv_width - 1)`` values), independent of the length. Every kind is
   counted at the one ``dtype`` asked for (the paper's convention: all bf16). :class:`HybridCache` itself keeps the
   SSM state at float32 for accuracy (docs/hybrid.md, "The cache"), so a measured bf16 cache holds twice the SSM
-  bytes of the bf16 row; ``measure_cache_bytes`` reports what is really held.
+  bytes of the bf16 row; ``measure_cache_bytes`` reports what is really held. Every part of a mixer's state other
+  than ``conv`` counts in the state column (labelled SSM): e.g. the ``window`` mixer's ring of the last
+  ``window`` tokens' K/V per KV head (GQA-shared as in the teacher) and its slot mask.
 - sliding-window attention (Mistral; Qwen2's ``sliding_attention`` layers): a layer keeps the K/V of its last
   ``window - 1`` positions (the next token brings the window's last), as transformers' sliding-window cache layers and
   :class:`HybridCache` do, so its KV bytes stop growing there.
@@ -71,14 +73,18 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, settings: dict) -> dict[str, int]:
-    """The mixer's per-sequence state bytes for ``num_heads`` recurrent heads (0 heads: nothing)."""
+def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, settings: dict,
+                 kv_heads: int | None = None) -> dict[str, int]:
+    """The mixer's per-sequence state bytes for ``num_heads`` heads (0 heads: nothing): ``{"ssm": every part but
+    the conv, "conv": ...}``. ``kv_heads``: distinct teacher KV heads among them, for mixers that share K/V."""
     if num_heads == 0:
         return {"ssm": 0, "conv": 0}
     from radistill.hybrid.modeling import mixer_class
 
-    sizes = mixer_class(mixer).state_bytes(num_heads, head_dim, nbytes, **settings)
-    return {"ssm": sizes.get("ssm", 0), "conv": sizes.get("conv", 0)}
+    cls = mixer_class(mixer)
+    extra = {"kv_heads": kv_heads} if cls.shares_kv and kv_heads is not None else {}
+    sizes = cls.state_bytes(num_heads, head_dim, nbytes, **settings, **extra)
+    return {"ssm": sum(v for k, v in sizes.items() if k != "conv"), "conv": sizes.get("conv", 0)}
 
 
 def attention_windows(config) -> list[int | None]:
@@ -122,10 +128,10 @@ def student_rows(config, lengths: list[int], nbytes: int, name: str = "student")
     window = config.sliding_window
     ssm = conv = 0
     for i in range(config.num_hidden_layers):
-        sizes = _state_bytes(
-            config.mixer, len(config.recurrent_heads(i)), config.head_dim, nbytes, config.mixer_settings
-        )
-        ssm, conv = ssm + sizes["ssm"], conv + sizes["conv"]
+        for mixer, settings, heads in config.mixer_groups(i):
+            sizes = _state_bytes(mixer, len(heads), config.head_dim, nbytes, settings,
+                                 kv_heads=len(set(config.kv_groups(heads))))
+            ssm, conv = ssm + sizes["ssm"], conv + sizes["conv"]
     return [MemoryRow(name, n, _kv_bytes(kv_heads, config.head_dim, nbytes, n, window), ssm, conv) for n in lengths]
 
 

@@ -9,8 +9,9 @@ Inside each decoder layer the query heads split in two (``config.kept_heads[laye
                      -> post_attention_layernorm -> teacher MLP -> + residual
 
 Layers may keep 0 (pure recurrent), some, or all heads (pure attention). Embeddings, norms, MLPs and ``lm_head``
-are the teacher's. The recurrent mixer is whatever ``config.mixer`` names in ``radistill.hybrid.mixers.MIXERS``
-(contract: docs/design.md, "The recurrent-mixer slot"); this file knows nothing else about it.
+are the teacher's. The non-attention heads are served by the mixers the config names (``config.mixer_groups``:
+``mixer``, ``head_mixers`` groups, ``kept_mixer``), looked up in ``radistill.hybrid.mixers.MIXERS`` (contract:
+radistill/hybrid/mixers/base.py, docs/hybrid.md "Writing a mixer"); this file knows nothing else about them.
 
 transformers 5.17 calls the cache argument ``past_key_values``, 5.24 ``cache`` (5.17's name is an alias until
 5.40): every forward here accepts both and returns the cache under the installed version's output field name.
@@ -41,7 +42,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from radistill.hybrid.cache import HybridCache, HybridLayerCache
 from radistill.hybrid.configuration import HybridConfig
-from radistill.hybrid.mixers import MIXERS, RecurrentMixer
+from radistill.hybrid.mixers import MIXERS, MixerBank, RecurrentMixer, find_mixer, mixer_kwargs
 from radistill.hybrid.normalizer import StaticNormalizer
 from radistill.utils.errors import RadistillError
 
@@ -63,20 +64,29 @@ def _pick_cache(cache, past_key_values):
 
 def mixer_class(name: str) -> type[RecurrentMixer]:
     """The registered recurrent mixer class called ``name``."""
-    if name not in MIXERS:
+    if find_mixer(name) is None:
         raise RadistillError(
             f"unsupported mixer '{name}': registered mixers are {', '.join(sorted(MIXERS)) or '(none)'}; pick one "
-            "of them (--mixer), or register a new one in radistill/hybrid/mixers/__init__.py"
+            "of them (--mixer), or register one (radistill.register_mixer, or a `radistill.mixers` entry point)"
         )
     return MIXERS[name]
 
 
-def build_recurrent(config: HybridConfig, num_heads: int) -> RecurrentMixer:
-    """A freshly initialised mixer for ``num_heads`` recurrent heads of one layer (weights come from the
+def build_mixer(config: HybridConfig, name: str, settings: dict, heads: list[int]) -> RecurrentMixer:
+    """A freshly initialised mixer ``name`` for the query ``heads`` of one layer (weights come from the
     checkpoint, or from ``MixerClass.from_attention`` at build time)."""
-    mixer = mixer_class(config.mixer)(
-        hidden_size=config.hidden_size, num_heads=num_heads, head_dim=config.head_dim, **config.mixer_settings
-    )
+    cls = mixer_class(name)
+    extra = {"kv_groups": config.kv_groups(heads)} if cls.shares_kv else {}
+    return cls(hidden_size=config.hidden_size, num_heads=len(heads), head_dim=config.head_dim, **settings, **extra)
+
+
+def build_mixers(config: HybridConfig, layer_idx: int) -> nn.Module | None:
+    """The mixer of one layer's non-attention heads: the one mixer of its one group, a :class:`MixerBank` of
+    several groups, or None (every head is attention)."""
+    groups = [build_mixer(config, name, settings, heads) for name, settings, heads in config.mixer_groups(layer_idx)]
+    if not groups:
+        return None
+    mixer = groups[0] if len(groups) == 1 else MixerBank(groups)
     # The mixer initialises itself; keep transformers' generic init (normal(0, 0.02) for every nn.Linear, ...)
     # from overwriting that when the model is built from a config.
     for module in mixer.modules():
@@ -218,12 +228,12 @@ class HybridMixer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.kept_heads = list(config.kept_heads[layer_idx])
-        self.recurrent_heads = config.recurrent_heads(layer_idx)
+        self.kept_heads = config.attention_heads(layer_idx)  # softmax attention heads
+        self.recurrent_heads = config.mixer_heads(layer_idx)  # mixer heads, in the mixer's output order
 
         self.attention = KeptHeadAttention(config, layer_idx) if self.kept_heads else None
         if self.recurrent_heads:
-            self.recurrent = build_recurrent(config, len(self.recurrent_heads))
+            self.recurrent = build_mixers(config, layer_idx)
             self.normalizer = StaticNormalizer(len(self.recurrent_heads), config.head_dim)
         else:
             self.recurrent = self.normalizer = None
@@ -293,7 +303,8 @@ class HybridMixer(nn.Module):
                 state = layer_cache.mixer_state(
                     lambda: self.recurrent.empty_state(batch, hidden_states.device, hidden_states.dtype)
                 )
-            recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state)  # [B, T, r, hd]
+            recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state,
+                                          **mixer_kwargs(self.recurrent, position_embeddings))  # [B, T, r, hd]
             parts.append(self.normalizer(recurrent))
         if layer_cache is not None:
             layer_cache.advance(seq_len)
@@ -433,7 +444,7 @@ class HybridModel(HybridPreTrainedModel):
         if isinstance(attention_mask, dict):
             return attention_mask
         causal_mask = None
-        if any(self.config.kept_heads):
+        if any(self.config.attention_heads(i) for i in range(self.config.num_hidden_layers)):
             make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
             # Positional on purpose: the 4th parameter is `past_key_values` in 5.17 and `cache` in 5.24.
             causal_mask = make_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
@@ -599,7 +610,8 @@ __all__ = [
     "HybridModel",
     "HybridPreTrainedModel",
     "KeptHeadAttention",
-    "build_recurrent",
+    "build_mixer",
+    "build_mixers",
     "mixer_class",
     "output_cache",
 ]

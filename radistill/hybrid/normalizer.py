@@ -38,8 +38,15 @@ class StaticNormalizer(nn.Module):
         self.register_buffer("teacher_mean", torch.zeros(num_heads, head_dim))
         self.register_buffer("teacher_std", torch.ones(num_heads, head_dim))
 
-    def reset_statistics(self) -> None:
-        """Back to the identity map (transformers' init functions: they skip buffers loaded from a checkpoint)."""
+    def reset_statistics(self, heads: torch.Tensor | None = None) -> None:
+        """Back to the identity map (transformers' init functions: they skip buffers loaded from a checkpoint);
+        ``heads`` [num_heads] bool: only those heads."""
+        if heads is not None:
+            with torch.no_grad():
+                for name, value in (("student_mean", 0.0), ("teacher_mean", 0.0), ("student_std", 1.0),
+                                    ("teacher_std", 1.0)):
+                    getattr(self, name)[heads.to(self.student_mean.device)] = value
+            return
         for name in ("student_mean", "teacher_mean"):
             init.zeros_(getattr(self, name))
         for name in ("student_std", "teacher_std"):

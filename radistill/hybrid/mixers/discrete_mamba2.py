@@ -51,6 +51,8 @@ Z_OPEN = 1.278464542761074  # the root of z·sigmoid(z) = 1: silu(Z_OPEN) = 1
 class DiscreteMamba2(RecurrentMixer):
     """num_heads DiscreteMamba2 heads of head_dim values and state_size keys each (module docstring)."""
 
+    has_half_lives = True
+
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, state_size: int = 64, conv_width: int = 4,
         chunk_size: int = 64, backend: str = "auto", min_half_life: float = 1.0, max_half_life: float = 16.0,
@@ -201,10 +203,13 @@ class DiscreteMamba2(RecurrentMixer):
     @classmethod
     def from_attention(
         cls, hidden_size: int, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
-        q_bias: Tensor | None = None, k_bias: Tensor | None = None, v_bias: Tensor | None = None, **settings: object,
+        q_bias: Tensor | None = None, k_bias: Tensor | None = None, v_bias: Tensor | None = None,
+        q_norm_weight: Tensor | None = None, k_norm_weight: Tensor | None = None, **settings: object,
     ) -> DiscreteMamba2:
         """q/k/v_weight [heads, head_dim, hidden] of the replaced query heads (k/v repeated per query head under
-        GQA), biases [heads, head_dim] or None; settings as __init__. Parameters take q_weight's device and dtype."""
+        GQA), biases [heads, head_dim] or None; settings as __init__. Parameters take q_weight's device and dtype.
+        q/k_norm_weight (Qwen3's qk-norm) are not used: a per-token RMSNorm of b and c is not a linear map, so the
+        score factorisation above starts from the un-normed projections."""
         H, P, D = q_weight.shape
         for name, w in (("k_weight", k_weight), ("v_weight", v_weight)):
             if w.shape != q_weight.shape:

@@ -1,0 +1,227 @@
+"""Training-free sliding-window students of teacher-19m: KV retrieval, held-out perplexity and cache bytes.
+
+    python benchmarks/window.py --quick --out window-cpu          # CPU, small item counts, <= 5 min
+    python benchmarks/window.py --device cuda                     # GPU, full size -> results/window.{json,md}
+    python benchmarks/window.py --device cuda --students RUN/stage3 ...   # add distilled students
+
+Every student is built from the teacher with no training and no calibration (``radistill build --keep G --mixer
+window --window W``): the scan's top G heads stay full attention, every other head keeps its teacher Q/K/V/RoPE and
+sees only the last W tokens. G in {3, 8} and the no-global control (G = 0), W in {8, 16, 32, 64}. The scan is
+radistill's own (KV probe, 20 pairs, seed 0) unless ``--scan scan.json`` gives one. Evaluation: KV retrieval by
+dictionary size (``radistill.eval.kv``, log-likelihood multiple choice, items seeded apart from the scan),
+perplexity on held-out prose documents (the testbed's held-out split), cache bytes per sequence at 2k/8k tokens
+(bf16, computed from the config by ``radistill.hybrid.memory``; measured from a real prefill with ``--measure``).
+``--fidelity`` also calls ``radistill.eval.fidelity`` when that module exists.
+
+Last, the serving limits of the Nanbeige4.1-3B shape in 24 GiB (bf16): the teacher's and the SSM student's from
+``radistill.memplan`` (as benchmarks/gpu24.py plans them), and a window student's by the same arithmetic, all
+COMPUTED, not measured (the window student's weights are the teacher's: its heads keep the teacher's Q/K/V).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from testbed_recovery import CORPUS, KV_SEED, TEACHER, heldout_perplexity, recipe_for  # noqa: E402
+from radistill.distill.data import heldout_sequences  # noqa: E402
+from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
+from radistill.hybrid.build import convert, select_heads, student_config  # noqa: E402
+from radistill.hybrid.memory import measure_cache_bytes, student_rows, teacher_rows  # noqa: E402
+from radistill.models.access import load_model, model_layout  # noqa: E402
+from radistill.scan.result import load_scan  # noqa: E402
+from radistill.scan.run import probe_items, scan_model  # noqa: E402
+from radistill.utils.io import write_json_atomic  # noqa: E402
+
+GLOBAL = (3, 8)
+WINDOWS = (8, 16, 32, 64)
+PAIRS = (5, 10, 20, 40)
+LENGTHS = (2048, 8192)
+SERVING_BUDGET_GIB, SERVING_KEEP, SERVING_STATE, SERVING_CONTEXT = 24, 13, 8, 32768  # as benchmarks/gpu24.py
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU-sized item counts (the committed window-cpu result)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--teacher", default=str(TEACHER))
+    p.add_argument("--scan", help="scan.json of the teacher (default: scan it here)")
+    p.add_argument("--students", nargs="*", default=[], help="student directories to evaluate the same way")
+    p.add_argument("--kv-samples", type=int, help="KV items per dictionary size [quick 24, else 128]")
+    p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity [quick 4096, else 65536]")
+    p.add_argument("--windows", help=f"window sizes [quick 16,64, else {','.join(map(str, WINDOWS))}]")
+    p.add_argument("--pairs", help=f"KV dictionary sizes [quick 10,40, else {','.join(map(str, PAIRS))}]")
+    p.add_argument("--measure", action="store_true", help="also measure cache bytes with a real prefill")
+    p.add_argument("--fidelity", action="store_true", help="call radistill.eval.fidelity if it exists")
+    p.add_argument("--out", default="window", help="results stem under benchmarks/results/ [window]")
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    return p.parse_args(argv)
+
+
+def ranking(teacher, tokenizer, scan: str | None, quick: bool, save_to: Path) -> tuple[list[tuple[int, int]], str]:
+    """The heads best first, and where the scan is (a fresh scan is saved to ``save_to`` for reuse: --scan)."""
+    if not scan:
+        items, probe = probe_items(tokenizer, pairs=20, samples=8 if quick else 16, seed=0, probe_file=None)
+        scan = str(scan_model(teacher, tokenizer, "teacher-19m", items=items, probe=probe).save(save_to))
+    return [(h.layer, h.head) for h in load_scan(scan).heads], scan
+
+
+def window_student(teacher, heads: list[tuple[int, int]], window: int):
+    """The training-free student: ``heads`` full attention, every other head a window of ``window`` tokens."""
+    layers = teacher.config.num_hidden_layers
+    kept = select_heads(teacher, heads=heads).kept_per_layer(layers) if heads else [[] for _ in range(layers)]
+    return convert(teacher, student_config(teacher, kept, "window", {"window": window})).eval()
+
+
+def _relative(path: str) -> str:
+    return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
+
+
+def fidelity_hook(student, teacher, tokenizer, quick: bool) -> dict | None:
+    """``radistill.eval.fidelity.fidelity`` (student vs teacher on the prose corpus and the teacher's samples) when
+    that module exists; None when it does not, {"error": ...} when its call fails (the other numbers still count)."""
+    try:
+        from radistill.eval import fidelity as module  # written alongside; optional here
+    except ImportError:
+        return None
+    try:
+        config = module.FidelityConfig(windows=4, samples=2, greedy_prompts=4) if quick else module.FidelityConfig()
+        result = module.fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config)
+        return result.to_dict() if hasattr(result, "to_dict") else result
+    except Exception as exc:  # a hook must not cost the benchmark's other numbers
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def evaluate(model, tokenizer, heldout, args, device: str) -> dict:
+    model.to(device).eval()
+    config = KVEvalConfig(pairs=args.pairs, samples=args.kv_samples, seed=KV_SEED, generate=False)
+    results = {t.name: t.value for t in kv_retrieval(model, tokenizer, config, batch_size=16)}
+    row = {"kv_retrieval": {str(p): results[f"kv_ret@{p}"] for p in args.pairs},
+           "heldout_ppl": heldout_perplexity(model, heldout, 4, device)}
+    if getattr(model.config, "model_type", "") == "radistill_hybrid":
+        rows = student_rows(model.config, list(LENGTHS), 2)
+    else:
+        rows = teacher_rows(model_layout(model), list(LENGTHS), 2)
+    row["cache_bytes_bf16"] = {str(r.length): r.total_bytes + r.conv_bytes for r in rows}
+    if args.measure:
+        row["cache_bytes_measured"] = {str(n): measure_cache_bytes(model, n)["total"] for n in LENGTHS}
+    return row
+
+
+def serving_rows() -> dict:
+    """Nanbeige4.1-3B shape, 24 GiB, bf16: teacher and SSM student from memplan; a window student by the same
+    formula (memplan.estimate.serving_limits) with the teacher's weights and prefill. All computed."""
+    from radistill.memplan.estimate import GiB
+    from radistill.memplan.plan import make_plan
+    from radistill.models import presets
+
+    config = presets.shape_config("nanbeige4.1-3b")
+    plan = make_plan(config, int(SERVING_BUDGET_GIB * GiB), keep=SERVING_KEEP, state_size=SERVING_STATE,
+                     serving_context=SERVING_CONTEXT)
+    rows = {"teacher": plan.serving["teacher"].to_dict(),
+            f"ssm K={SERVING_KEEP} N={SERVING_STATE}": plan.serving["student"].to_dict()}
+    teacher = plan.serving["teacher"]
+    free = int(SERVING_BUDGET_GIB * GiB) - teacher.weights_bytes - teacher.prefill_bytes
+    hd, layers, kv_heads = config.head_dim, config.num_hidden_layers, config.num_key_value_heads
+    for window in (16, 64):
+        # kept heads each with their own KV head (an upper bound, as memory.planned_student_rows counts them);
+        # window heads: every layer's other heads read all its KV heads, so one ring per (layer, KV head)
+        per_token = SERVING_KEEP * 2 * hd * 2
+        state = layers * kv_heads * (2 * window * hd * 2 + window * 2)
+        rows[f"window K={SERVING_KEEP} W={window}"] = {
+            "weights_bytes": teacher.weights_bytes, "kv_bytes_per_token": per_token, "state_bytes": state,
+            "prefill_bytes": teacher.prefill_bytes, "max_context_b1": (free - state) // per_token,
+            "max_batch": free // (per_token * SERVING_CONTEXT + state), "batch_context": SERVING_CONTEXT,
+            "max_positions": config.max_position_embeddings}
+    return {"budget_gib": SERVING_BUDGET_GIB, "computed": True, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    pairs = result["pairs"]
+    lines = [f"# Training-free window students of teacher-19m ({result['device']})", "",
+             f"KV retrieval (log-likelihood, {result['kv_items_per_size']} items per size, seed {KV_SEED}); "
+             f"held-out perplexity on {result['heldout_tokens']} tokens; cache per sequence in bf16 (computed).", "",
+             "| model | global | W | " + " | ".join(f"KV@{p}" for p in pairs) + " | ppl | cache 2k | cache 8k |",
+             "|---|---|---|" + "---|" * (len(pairs) + 3)]
+    for row in [result["teacher"], *result["students"]]:
+        kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
+        cache = " | ".join(f"{row['cache_bytes_bf16'][str(n)] / 2**10:,.0f} KiB" for n in LENGTHS)
+        lines.append(f"| {row['name']} | {row.get('global', '-')} | {row.get('window', '-')} | {kv} | "
+                     f"{row['heldout_ppl']:.2f} | {cache} |")
+    serving = result["serving"]
+    lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB, bf16, COMPUTED (memplan arithmetic, not "
+              "measured; benchmarks/results/24gb.json has the measured teacher and SSM rows):", "",
+              "| model | KV B/token | state MiB | max context (batch 1) | max batch at 32k |", "|---|---|---|---|---|"]
+    for name, r in serving["rows"].items():
+        lines.append(f"| {name} | {r['kv_bytes_per_token']:,} | {r['state_bytes'] / 2**20:.2f} | "
+                     f"{r['max_context_b1']:,} | {r['max_batch']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.kv_samples = args.kv_samples or (24 if args.quick else 128)
+    args.ppl_tokens = args.ppl_tokens or (1024 if args.quick else 65536)
+    args.windows = [int(w) for w in (args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))).split(",")]
+    args.pairs = tuple(int(p) for p in (args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))).split(","))
+    if not Path(args.teacher).exists() or not CORPUS.exists():
+        print(f"needs {args.teacher} and {CORPUS}")
+        return 2
+    start = time.time()
+    device = args.device
+    teacher, tok = load_model(args.teacher, dtype="fp32", device="cpu")
+    out = Path(args.results_dir) / args.out
+    ranked, scan = ranking(teacher, tok, args.scan, args.quick, out.with_name(out.name + "-scan"))
+    print(f"scan: {scan}; top 8 {ranked[:8]} ({time.time() - start:.0f} s)", flush=True)
+    heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, args.ppl_tokens // 512))
+    teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
+    rows = []
+    for window in args.windows:
+        for top in (*GLOBAL, 0):
+            student = window_student(teacher.cpu(), ranked[:top], window)
+            row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "global": top, "window": window,
+                   "kept_heads": [list(h) for h in ranked[:top]],
+                   **evaluate(student, tok, heldout, args, device)}
+            if args.fidelity:
+                row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
+            rows.append(row)
+            kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
+            print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+            del student
+    for path in args.students:
+        student, _ = load_model(path, dtype="fp32", device="cpu")
+        row = {"name": str(path), **evaluate(student, tok, heldout, args, device)}
+        if args.fidelity:
+            row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
+        rows.append(row)
+    result = {
+        "teacher": teacher_row, "students": rows, "scan": _relative(scan), "pairs": list(args.pairs),
+        "scan_top8": ranked[:8], "kv_items_per_size": args.kv_samples, "heldout_tokens": int(heldout.numel()),
+        "serving": serving_rows(), "seconds": round(time.time() - start, 1),
+        "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
+                   f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+    write_json_atomic(out.with_suffix(".json"), result)
+    text = markdown(result)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(out.with_suffix(".md"))
+    print(text)
+    print(f"wrote {_relative(str(out))}.{{json,md}} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

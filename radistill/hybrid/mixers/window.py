@@ -1,0 +1,205 @@
+"""Sliding-window softmax heads: the teacher's own heads, each query seeing only the last ``window`` tokens.
+
+Training-free: ``from_attention`` copies the replaced heads' Q/K/V rows (biases, Qwen3's qk-norm) and the layer
+gives them the teacher's RoPE, so at every position within ``window`` tokens of the start a window head *is* the
+teacher head, and later it is the teacher head renormalised over its last ``window`` keys. Its state is constant:
+the K/V of the last ``window`` real tokens per KV head (GQA: one K/V per teacher KV head, shared by its query
+heads as in the teacher). On teacher-19m, keeping the scan's top 3 heads as full attention and windowing every
+other head at 16 tokens keeps KV retrieval at 40 pairs at 1.00 without any training (docs/hybrid.md).
+
+Window convention (Mistral's, as ``sliding_window`` in transformers): query t attends to the real tokens
+t - window + 1 .. t (padding does not count and is never attended). The state holds the last ``window`` real
+tokens, like transformers' static sliding-window layer: a decode step writes its token, then reads the buffer.
+
+Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W window, L = past + T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from radistill.hybrid.mixers.base import RecurrentMixer
+from radistill.utils.errors import RadistillError
+
+
+class WindowAttention(RecurrentMixer):
+    """num_heads softmax heads over a sliding window of ``window`` tokens (module docstring).
+
+    settings: window (tokens a query sees, itself included), bias / qk_norm / rms_norm_eps (the teacher's, filled
+    in by the build), block_size (queries per block of the blockwise forward; memory O(block * (block + window))).
+    """
+
+    needs_positions = True
+    shares_kv = True
+    calibrate_normalizer = False  # its fresh output is the teacher head's over the window: nothing to correct
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, bias: bool = False,
+        qk_norm: bool = False, rms_norm_eps: float = 1e-6, block_size: int = 256, kv_groups: list[int] | None = None,
+    ):
+        super().__init__(hidden_size, num_heads, head_dim, window=window, bias=bias, qk_norm=qk_norm,
+                         rms_norm_eps=rms_norm_eps, block_size=block_size)
+        if window < 1 or block_size < 1:
+            raise RadistillError(f"the window mixer needs window >= 1 and block_size >= 1, got {window}, {block_size}")
+        kv_groups = list(range(num_heads)) if kv_groups is None else [int(g) for g in kv_groups]
+        distinct = list(dict.fromkeys(kv_groups))
+        if len(kv_groups) != num_heads or distinct != list(range(len(distinct))):
+            raise RadistillError(f"kv_groups {kv_groups} must give each of the {num_heads} heads its KV head, "
+                                 "numbered 0, 1, ... in order of first appearance")
+        self.window, self.block_size, self.kv_groups = window, block_size, kv_groups
+        self.num_kv_heads = len(distinct)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
+        self.q_norm = LlamaRMSNorm(head_dim, eps=rms_norm_eps) if qk_norm else None
+        self.k_norm = LlamaRMSNorm(head_dim, eps=rms_norm_eps) if qk_norm else None
+
+    @classmethod
+    def teacher_settings(cls, *, attention_bias: bool, qk_norm: bool, rms_norm_eps: float) -> dict:
+        return {"bias": attention_bias, "qk_norm": qk_norm, "rms_norm_eps": rms_norm_eps}
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's random init (a fresh window mixer is meant to be made by from_attention)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.reset_parameters()
+
+    # ---- the computation ------------------------------------------------------------------------------------------
+
+    def _qkv(self, hidden_states: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor]:
+        """-> q [B, H, T, P], k/v [B, G, T, P], RoPE applied to q and k."""
+        if position_embeddings is None:
+            raise RadistillError("the window mixer needs position_embeddings (cos, sin) for RoPE: call it through the "
+                                 "hybrid layer, or pass the teacher's rotary embedding of the positions")
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, v.transpose(1, 2)
+
+    def _blocks(self, q: Tensor, keys: Tensor, valid: Tensor, past: int):
+        """Yield (start, end, lo, probs [B, H, end - start, past + end - lo]): the attention of queries start..end-1
+        (new-token indices) over keys lo..past+end-1 (combined indices). keys [B, G, L, P]; valid [B, L] bool."""
+        W, T = self.window, q.shape[2]
+        count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
+        # keys older than window-1 positions plus every padding position can never be in a window
+        reach = W - 1 + int((~valid).sum(1).max())
+        index = torch.as_tensor(self.kv_groups, device=q.device)
+        scale = self.head_dim**-0.5
+        for start in range(0, T, self.block_size):
+            end = min(T, start + self.block_size)
+            lo = max(0, past + start - reach)
+            k = keys[:, :, lo : past + end].index_select(1, index)  # [B, H, Lb, P]
+            scores = torch.matmul(q[:, :, start:end].float(), k.float().transpose(-1, -2)) * scale
+            query_pos = torch.arange(past + start, past + end, device=q.device)
+            key_pos = torch.arange(lo, past + end, device=q.device)
+            c_q, c_k = count[:, past + start : past + end, None], count[:, None, lo : past + end]
+            allowed = (key_pos[None, None, :] <= query_pos[None, :, None]) & valid[:, None, lo : past + end]
+            allowed = allowed & (c_q - c_k < W)  # [B, Tb, Lb]
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
+            yield start, end, lo, probs
+
+    def _combined(self, k, v, attention_mask, state):
+        B, T = k.shape[0], k.shape[2]
+        real = torch.ones(B, T, dtype=torch.bool, device=k.device) if attention_mask is None \
+            else attention_mask[:, -T:].bool()
+        if state is None:
+            return k, v, real, 0
+        keys = torch.cat([state["k"].to(k.dtype), k], dim=2)
+        values = torch.cat([state["v"].to(v.dtype), v], dim=2)
+        return keys, values, torch.cat([state["valid"].bool(), real], dim=1), self.window
+
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]), 1 = token; state from
+        empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]. -> (y [B, T, H, P], state)."""
+        q, k, v = self._qkv(hidden_states, position_embeddings)
+        keys, values, valid, past = self._combined(k, v, attention_mask, state)
+        index = torch.as_tensor(self.kv_groups, device=q.device)
+        out = []
+        for start, end, lo, probs in self._blocks(q, keys, valid, past):
+            out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
+        y = torch.cat(out, dim=2).transpose(1, 2)  # [B, T, H, P]
+        y = y * valid[:, past:, None, None].to(y.dtype)  # padded positions: 0
+        if state is not None:  # keep the last W real tokens (fewer real: some empty slots stay empty)
+            length = valid.shape[1]
+            latest = valid.long() * torch.arange(1, length + 1, device=valid.device)
+            keep = latest.topk(self.window, dim=1).indices.sort(dim=1).values  # [B, W]
+            gather = keep[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+            state["k"].copy_(keys.gather(2, gather))
+            state["v"].copy_(values.gather(2, gather))
+            state["valid"].copy_(valid.gather(1, keep))
+        return y, state
+
+    def mixing_matrix(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """[B, H, T, T]: the banded softmax y_t = sum_s M[t, s] v_s (rows of padded queries 0)."""
+        q, k, _ = self._qkv(hidden_states, position_embeddings)
+        _, _, valid, _ = self._combined(k, k, attention_mask, None)
+        B, H, T, _ = q.shape
+        matrix = q.new_zeros(B, H, T, T, dtype=torch.float32)
+        for start, end, lo, probs in self._blocks(q, k, valid, 0):
+            matrix[:, :, start:end, lo:end] = probs
+        return (matrix * valid[:, None, :, None]).to(q.dtype)
+
+    def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
+        """{"k", "v": [B, G, W, P] the last W real tokens' keys (RoPE applied) and values, "valid": [B, W]}."""
+        shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype),
+                "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype)}
+
+    @staticmethod
+    def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, kv_heads: int | None = None,
+                    **_: object) -> dict[str, int]:
+        """K and V of ``window`` tokens per KV head (``kv_heads``, default one per head) and the slots' mask."""
+        kv = num_heads if kv_heads is None else kv_heads
+        return {"window": 2 * kv * window * head_dim * dtype_bytes + window * dtype_bytes}
+
+    @classmethod
+    def from_attention(
+        cls, hidden_size: int, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
+        q_bias: Tensor | None = None, k_bias: Tensor | None = None, v_bias: Tensor | None = None,
+        q_norm_weight: Tensor | None = None, k_norm_weight: Tensor | None = None,
+        kv_groups: list[int] | None = None, **settings: object,
+    ) -> WindowAttention:
+        """The replaced heads exactly (base contract); K/V rows are taken once per KV group in ``kv_groups``."""
+        H, P, D = q_weight.shape
+        if D != hidden_size or k_weight.shape != q_weight.shape or v_weight.shape != q_weight.shape:
+            raise RadistillError(f"q/k/v weights {tuple(q_weight.shape)}, {tuple(k_weight.shape)}, "
+                                 f"{tuple(v_weight.shape)} must all be [heads, head_dim, hidden={hidden_size}]")
+        settings.setdefault("bias", q_bias is not None)
+        settings.setdefault("qk_norm", q_norm_weight is not None)
+        mixer = cls(hidden_size, H, P, kv_groups=kv_groups, **settings).to(device=q_weight.device,
+                                                                         dtype=q_weight.dtype)
+        first = [mixer.kv_groups.index(g) for g in range(mixer.num_kv_heads)]
+        for head, g in enumerate(mixer.kv_groups):
+            if not (torch.equal(k_weight[head], k_weight[first[g]]) and torch.equal(v_weight[head], v_weight[first[g]])):
+                raise RadistillError(f"heads {first[g]} and {head} share KV group {g} but have different K/V rows: "
+                                     "kv_groups must follow the teacher's GQA groups")
+        with torch.no_grad():
+            mixer.q_proj.weight.copy_(q_weight.reshape(H * P, D))
+            mixer.k_proj.weight.copy_(k_weight[first].reshape(-1, D))
+            mixer.v_proj.weight.copy_(v_weight[first].reshape(-1, D))
+            if mixer.q_proj.bias is not None:
+                for proj, bias, rows in ((mixer.q_proj, q_bias, list(range(H))), (mixer.k_proj, k_bias, first),
+                                         (mixer.v_proj, v_bias, first)):
+                    proj.bias.copy_(bias[rows].reshape(-1) if bias is not None else 0.0)
+            if mixer.q_norm is not None:
+                if q_norm_weight is None or k_norm_weight is None:
+                    raise RadistillError("qk_norm is set but no q/k_norm_weight was given: pass the teacher's")
+                mixer.q_norm.weight.copy_(q_norm_weight)
+                mixer.k_norm.weight.copy_(k_norm_weight)
+        return mixer
+
+
+__all__ = ["WindowAttention"]

@@ -1,0 +1,256 @@
+"""The window mixer and per-head mixer groups: exactness vs the teacher, cache == full forward, memory, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+import radistill  # noqa: F401  (Auto-class registration)
+from radistill.hybrid import HybridCache, HybridConfig, HybridForCausalLM, output_cache
+from radistill.hybrid.build import convert, student_config
+from radistill.hybrid.memory import measure_cache_bytes, student_rows
+from radistill.hybrid.mixers import MixerBank, WindowAttention
+from radistill.models.presets import random_model, tiny_config
+from radistill.utils.errors import RadistillError
+from tests.test_hybrid import left_padded, make_teacher
+
+MAMBA = {"state_size": 8, "chunk_size": 4}
+
+
+def window_student(teacher, kept, window, head_mixers=None, mixer="window", settings=None):
+    settings = {"window": window} if settings is None else settings
+    return convert(teacher, student_config(teacher, kept, mixer, settings, head_mixers=head_mixers)).eval()
+
+
+@pytest.mark.parametrize(("model_type", "overrides"),
+                         [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"num_key_value_heads": 4})])
+def test_a_window_longer_than_the_text_is_the_teacher(model_type, overrides):
+    """Every head windowed, window >= length: the student is the teacher (Q/K/V, RoPE, bias, qk-norm, GQA copied)."""
+    teacher = make_teacher(model_type, num_hidden_layers=2, **overrides)
+    student = window_student(teacher, [[], [1]], window=64)
+    ids, mask, positions = left_padded()
+    with torch.no_grad():
+        expected = teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_window_heads_equal_a_sliding_window_teacher():
+    """Window W on every head == the same weights run as Mistral with sliding_window W (its own mask code)."""
+    teacher = make_teacher("mistral", num_hidden_layers=2, sliding_window=4)
+    student = window_student(teacher, [[], []], window=4)
+    ids = torch.randint(1, 256, (2, 13))
+    with torch.no_grad():
+        expected = teacher(input_ids=ids).logits
+        got = student(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-5
+    llama = make_teacher("llama", num_hidden_layers=2)
+    with torch.no_grad():  # and a window shorter than the text is not the full-attention teacher
+        assert (window_student(llama, [[], []], window=4)(input_ids=ids).logits - llama(input_ids=ids).logits
+                ).abs().max() > 1e-2
+
+
+def mixed_student(teacher):
+    """Layer 0: kept {0}, window {1, 3}, DiscreteMamba2 {2}; layer 1: window {0, 1, 2, 3}; layer 2: kept {2},
+    mamba rest; layer 3: window {2} (a bank of two mixers in layers 0 and 3)."""
+    head_mixers = [{"mixer": "window", "settings": {"window": 3}, "heads": [[1, 3], [0, 1, 2, 3], [], [2]]}]
+    student = window_student(teacher, [[0], [], [2], []], window=None, head_mixers=head_mixers,
+                             mixer="discrete_mamba2", settings=MAMBA)
+    with torch.no_grad():  # a trained-like discrete_mamba2 (its init alone is too tame to catch state bugs)
+        generator = torch.Generator().manual_seed(3)
+        for name, param in student.named_parameters():
+            if ".recurrent." in name and "groups.1" in name or name.endswith("recurrent.D"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    return student
+
+
+def test_mixed_groups_layout():
+    student = mixed_student(make_teacher())
+    mixers = [layer.self_attn for layer in student.model.layers]
+    assert isinstance(mixers[0].recurrent, MixerBank) and mixers[0].recurrent_heads == [1, 3, 2]
+    assert isinstance(mixers[1].recurrent, WindowAttention) and mixers[1].attention is None
+    assert mixers[3].recurrent_heads == [2, 0, 1, 3]
+    # GQA: window heads {1, 3} read KV heads 0 and 1; heads {0..3} share 2 KV heads
+    assert mixers[0].recurrent.groups[0].num_kv_heads == 2 and mixers[1].recurrent.num_kv_heads == 2
+
+
+@pytest.mark.parametrize("chunks", [[9, 1, 1, 1, 1, 1], [4, 3, 7]])
+def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
+    student = mixed_student(make_teacher())
+    ids, mask, positions = left_padded(length=14)
+    with torch.no_grad():
+        full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        cache, steps, start = None, [], 0
+        for size in chunks:
+            end = start + size
+            out = student(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                          position_ids=positions[:, start:end], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache, start = output_cache(out), end
+    assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
+    assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_generate_matches_the_uncached_greedy_continuation():
+    student = mixed_student(make_teacher())
+    ids = torch.randint(1, 256, (1, 6))
+    with torch.no_grad():
+        generated = student.generate(ids, max_new_tokens=8, do_sample=False)
+        tokens = ids
+        for _ in range(8):
+            tokens = torch.cat([tokens, student(input_ids=tokens).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, tokens)
+
+
+def test_cache_state_is_constant_and_matches_the_memory_accounting():
+    student = mixed_student(make_teacher())
+    sizes = {n: measure_cache_bytes(student, n, batch_size=2) for n in (20, 60)}
+    for length, measured in sizes.items():
+        conv = sum(v for k, v in measured.items() if k == "conv" or k.endswith(".conv"))
+        state = measured["total"] - measured["kv"] - conv
+        (row,) = student_rows(student.config, [length], nbytes=4)
+        assert measured["kv"] == row.kv_bytes and state == row.ssm_bytes and conv == row.conv_bytes
+    assert sizes[20]["kv"] < sizes[60]["kv"]  # the one kept head's KV grows ...
+    assert sizes[20]["total"] - sizes[20]["kv"] == sizes[60]["total"] - sizes[60]["kv"]  # ... the window's does not
+
+
+def test_state_bytes_of_a_window():
+    # W = 16, head_dim 128, bf16: K and V of 16 tokens = 8 KiB per KV head (plus a 16-slot mask)
+    one = WindowAttention.state_bytes(1, 128, 2, window=16)["window"]
+    assert one - 16 * 2 == 8 * 1024
+    # GQA: 4 query heads reading 2 KV heads hold two KV heads' rings, not four
+    assert WindowAttention.state_bytes(4, 128, 2, window=16, kv_heads=2)["window"] == 2 * 8 * 1024 + 32
+
+
+def test_mixing_matrix_is_the_forward():
+    torch.manual_seed(0)
+    mixer = WindowAttention(32, 4, 8, window=3, kv_groups=[0, 0, 1, 1], block_size=2).double()
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    u = torch.randn(2, 7, 32, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    pe = tuple(t.double() for t in rope(u, positions))
+    y, _ = mixer(u, mask, position_embeddings=pe)
+    M = mixer.mixing_matrix(u, mask, position_embeddings=pe)  # [B, H, T, T]
+    v = mixer.v_proj(u).view(2, 7, 2, 8).repeat_interleave(2, dim=2).transpose(1, 2)  # [B, H, T, P]
+    assert torch.allclose((M @ v).transpose(1, 2), y, atol=1e-12)
+    band = torch.ones(7, 7).tril() - torch.ones(7, 7).tril(-3)  # query t sees t-2..t
+    assert torch.equal(M[0] != 0, (band.bool()).expand(4, 7, 7))
+    assert torch.allclose(M[1, :, 2:].sum(-1), torch.ones(4, 5, dtype=torch.float64))
+    assert (M[1, :, :2] == 0).all() and (M[1, :, :, :2] == 0).all()
+
+
+def test_blocks_do_not_change_outputs_or_gradients():
+    torch.manual_seed(0)
+    base = WindowAttention(32, 4, 8, window=5, block_size=1000)
+    blocked = WindowAttention(32, 4, 8, window=5, block_size=3)
+    blocked.load_state_dict(base.state_dict())
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    u = torch.randn(2, 11, 32)
+    pe = rope(u, torch.arange(11)[None])
+    grads = []
+    for mixer in (base, blocked):
+        y, _ = mixer(u, position_embeddings=pe)
+        y.square().sum().backward()
+        grads.append((y.detach(), [p.grad.clone() for p in mixer.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
+    assert all(g.abs().sum() > 0 for g in grads[0][1])  # every parameter trains
+
+
+def test_save_load_round_trip_keeps_groups(tmp_path):
+    student = mixed_student(make_teacher())
+    student.save_pretrained(tmp_path)
+    loaded = HybridForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.head_mixers == student.config.head_mixers
+    ids = torch.randint(1, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-6)
+
+
+def test_old_configs_mean_all_other_heads_and_bad_groups_are_refused():
+    old = HybridConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, kept_heads=[[1], []])
+    assert old.head_mixers is None and old.mixer_groups(0) == [("discrete_mamba2", {}, [0, 2, 3])]
+    assert old.mixer_groups(1) == [("discrete_mamba2", {}, [0, 1, 2, 3])]
+    with pytest.raises(RadistillError, match="layer 0"):
+        HybridConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, kept_heads=[[1]],
+                     head_mixers=[{"mixer": "window", "settings": {}, "heads": [[1, 2]]}])
+    with pytest.raises(RadistillError, match="head_mixers\\[0\\]"):
+        HybridConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                     head_mixers=[{"mixer": "window", "settings": {}, "heads": [[1]]}])
+
+
+def test_a_window_student_calibrates_without_touching_window_heads():
+    from radistill.hybrid.calibrate import calibrate
+
+    teacher = make_teacher()
+    student = mixed_student(teacher)
+    batches = [{"input_ids": torch.randint(1, 256, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}]
+    record = calibrate(student, teacher, batches)
+    norm = student.model.layers[0].self_attn.normalizer  # heads [1, 3] window, [2] mamba
+    assert torch.equal(norm.student_std[:2], torch.ones(2, 16)) and not torch.equal(norm.student_std[2], torch.ones(16))
+    assert len(record.half_life_tokens[0]) == 1 and record.half_life_tokens[1] == []
+
+
+def test_cli_build_with_window_heads(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from radistill.hybrid.build import load_selection
+    from radistill.hybrid.cli import register
+    from tests.test_build import VOCAB, byte_tokenizer, write_scan
+
+    torch.manual_seed(0)
+    teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    scan = write_scan(tmp_path / "scan.json", teacher)  # ranks (2, 1), (0, 3), (0, 0), (1, 2), ...
+    app = typer.Typer()
+    register(app)
+    common = ["--scan", scan, "--keep", "2", "--device", "cpu", "--dtype", "fp32"]
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window-heads", "2",
+                                      "--window", "8", "--state-size", "4", "--out", str(tmp_path / "mixed")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert config["kept_heads"] == [[3], [], [1]] and config["mixer"] == "discrete_mamba2"
+    (group,) = config["head_mixers"]
+    assert group["mixer"] == "window" and group["settings"]["window"] == 8 and group["heads"] == [[0], [2], []]
+    assert load_selection(tmp_path / "mixed")["layers"][0]["mixers"] == {"window": [0], "discrete_mamba2": [1, 2]}
+
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--mixer", "window",
+                                      "--window", "4", "--out", str(tmp_path / "window")])
+    assert result.exit_code == 0, result.output
+    student = HybridForCausalLM.from_pretrained(tmp_path / "window").eval()
+    assert student.config.mixer_settings["window"] == 4
+    norm = student.model.layers[0].self_attn.normalizer  # training-free: identity normaliser
+    assert torch.equal(norm.teacher_std, torch.ones_like(norm.teacher_std))
+    ids = torch.randint(1, 256, (1, 4))  # within the window the student is the teacher
+    with torch.no_grad():
+        assert (student(input_ids=ids).logits - teacher(input_ids=ids).logits).abs().max() <= 1e-4
+
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window", "4",
+                                      "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "--mixer window or --window-heads" in str(result.exception or result.output)
+
+
+def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
+    """MOHAWK stage 1 on window heads: a window covering the whole sequence is the teacher's attention (loss ~0);
+    a short one is not."""
+    from radistill.distill.data import PackedStream
+    from radistill.distill.stages import make_objective
+    from tests.distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
+
+    write_corpus(tmp_path / "corpus.txt")
+    teacher = tiny_teacher()
+    recipe = tiny_recipe(tmp_path / "corpus.txt", stages=(1,))
+    probe = PackedStream(recipe.data, char_tokenizer(), 16, seed=99).next_batch(4)
+    losses = {}
+    for window in (16, 3):
+        student = window_student(teacher, [[1], []], window=window)
+        objective = make_objective(1, student, teacher, recipe.stage(1), [0, 1])
+        losses[window] = float(objective.step(probe, scale=0.0)) / objective.unit_count
+    assert losses[16] < 1e-6 < 1e-3 < losses[3], losses
