@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from radistill.eval.coverage import EvalReport, by_group
+from radistill.eval.fidelity import FidelityConfig
 from radistill.eval.kv import KVEvalConfig
 from radistill.eval.runner import EvalConfig, evaluate
 from radistill.utils.console import console
@@ -17,9 +18,34 @@ GROUP_TITLES = {"knowledge": "knowledge-focused", "retrieval": "retrieval-heavy"
 
 
 def _number(value: float | None, metric: str = "") -> str:
+    """Accuracies and agreements in %; perplexity, KL (nats per token) and token counts as they are."""
     if value is None:
         return "—"
+    if metric == "kl":
+        return f"{value:.3f}"
+    if metric == "tokens":
+        return f"{value:.1f}"
     return f"{value:.2f}" if "perplexity" in metric else f"{100 * value:.1f}"
+
+
+def parse_fidelity(text: str | None) -> FidelityConfig:
+    """``--fidelity windows=8,samples=4,seed=1`` -> a :class:`FidelityConfig` (other fields at their defaults)."""
+    if not text:
+        return FidelityConfig()
+    fields = FidelityConfig.__dataclass_fields__
+    values: dict = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, raw = part.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise RadistillError(f"--fidelity takes KEY=VALUE pairs separated by commas, KEY one of "
+                                 f"{', '.join(fields)} (got '{part}')")
+        kind = float if fields[key].type in ("float", float) else int
+        try:
+            values[key] = kind(raw)
+        except ValueError as exc:
+            raise RadistillError(f"--fidelity {key} takes a number (got '{raw}')") from exc
+    return FidelityConfig(**values)
 
 
 def results_table(report: EvalReport) -> Table:
@@ -52,14 +78,17 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 def eval_command(
     model: str = typer.Argument(..., help="HF id or directory: teacher, hybrid student or any causal LM."),
     teacher: str = typer.Option(None, "--teacher", help="Also evaluate this model, for coverage = model ÷ teacher."),
-    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, PATH.jsonl, lm-eval task names; "
+    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, fidelity, PATH.jsonl, lm-eval task names; "
                               "NAME@knowledge or NAME@retrieval sets a task's group."),
     out: Path = typer.Option(None, "--out", help="Write the results here (eval.json)."),
     kv_pairs: str = typer.Option("5,10,20,40", "--kv-pairs", help="Dictionary sizes for 'kv' (1-100)."),
     kv_samples: int = typer.Option(64, "--kv-samples", help="Prompts per dictionary size."),
     kv_seed: int = typer.Option(1234, "--kv-seed"),
     no_generate: bool = typer.Option(False, "--no-generate", help="'kv' by log-likelihood only."),
-    text: Path = typer.Option(None, "--text", help="Text file for 'ppl' (.txt, .txt.xz, .txt.gz)."),
+    text: Path = typer.Option(None, "--text", help="Text file for 'ppl' and 'fidelity' (.txt, .txt.xz, .txt.gz)."),
+    fidelity: str = typer.Option(None, "--fidelity", help="'fidelity' settings as KEY=VALUE,...: windows, window, "
+                                 "samples, prompt, generate, temperature, greedy_prompts, greedy_tokens, confident, "
+                                 "long_range, seed, text_tokens (docs/eval.md)."),
     seq_len: int = typer.Option(None, "--seq-len", help="Perplexity window (default: the model's context)."),
     stride: int = typer.Option(None, "--stride", help="Sliding window: new tokens scored per window "
                                "(default: --seq-len - 1, i.e. packed windows)."),
@@ -79,7 +108,7 @@ def eval_command(
         kv=KVEvalConfig(_ints(kv_pairs, "--kv-pairs"), kv_samples, kv_seed, not no_generate),
         text=str(text) if text else None, seq_len=seq_len, stride=stride, ppl_tokens=ppl_tokens,
         include_path=str(include_path) if include_path else None, limit=limit, num_fewshot=num_fewshot,
-        batch_size=batch_size, gpu_memory=gpu_memory,
+        batch_size=batch_size, gpu_memory=gpu_memory, fidelity=parse_fidelity(fidelity),
     )
     report = evaluate(model, config, teacher=teacher, out=out, device=device, dtype=dtype)
     console.print(results_table(report))
