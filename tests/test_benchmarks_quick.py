@@ -88,7 +88,7 @@ def test_fidelity_benchmark_quick_rows_and_merge(tmp_path):
     assert 0 < student["fidelity"]["heldout"]["all"]["top1"] < 1 and student["fidelity"]["heldout"]["all"]["kl"] > 0
     assert set(student["kv"]) == {"5", "20"} and student["ppl"] > teacher["ppl"]
     assert set(student["suites"]) == set(teacher["suites"])
-    assert (tmp_path / "fidelity.md").read_text().count("\n| ") == 2
+    assert (tmp_path / "fidelity.md").read_text().count("\n| ") == 3  # header + two rows
 
     sys.path.insert(0, str(BENCHMARKS))
     from fidelity import merge_runs

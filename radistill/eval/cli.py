@@ -116,5 +116,74 @@ def eval_command(
         console.print(f"results: {out}")
 
 
+suite_app = typer.Typer(help="Write capability suites (JSONL multiple choice) for `radistill eval --tasks PATH.jsonl`.",
+                        no_args_is_help=True)
+
+
+def _refuse_overwrite(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise RadistillError(f"{out} exists: pass --overwrite to replace it, or another --out")
+    if out.suffix != ".jsonl":
+        raise RadistillError(f"--out {out}: a suite is a .jsonl file (the eval task is named after it)")
+
+
+@suite_app.command("facts")
+def facts_command(
+    teacher: str = typer.Argument(..., help="HF id or directory of the model whose facts are mined."),
+    out: Path = typer.Option(..., "--out", help="The suite (.jsonl); PATH.meta.json beside it says how it was made."),
+    items: int = typer.Option(200, "--items"),
+    documents: int = typer.Option(256, "--documents", help="Teacher samples to mine."),
+    tokens: int = typer.Option(160, "--tokens", help="Sampled tokens per document."),
+    confident: float = typer.Option(0.9, "--confident", help="Teacher probability of the answer word, at least."),
+    choices: int = typer.Option(4, "--choices"),
+    text: Path = typer.Option(None, "--text", help="Start samples from prompts of this text (default: from the "
+                              "beginning-of-text token)."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Facts the teacher recalls with confidence, mined from its own samples (works for any causal LM)."""
+    import random
+
+    from radistill.eval.fidelity import random_windows, text_ids
+    from radistill.eval.suites import FactsConfig, facts_suite, write_suite
+    from radistill.models.access import load_model
+
+    _refuse_overwrite(out, overwrite)
+    config = FactsConfig(items=items, choices=choices, documents=documents, tokens=tokens, confident=confident,
+                         seed=seed)
+    model, tokenizer = load_model(teacher, device=device, dtype=dtype)
+    prompts = None
+    if text is not None:
+        ids = text_ids(tokenizer, str(text), 65536)
+        prompts = random_windows(ids, documents, 16, random.Random(seed)).tolist()
+    suite, summary = facts_suite(model, tokenizer, config, prompts)
+    write_suite(out, suite, {"kind": "facts", "teacher": teacher, "text": str(text) if text else None, **summary})
+    console.print(f"{len(suite)} items ({summary['mined']} confident facts in {summary['documents']} samples): {out}")
+
+
+@suite_app.command("records")
+def records_command(
+    out: Path = typer.Option(..., "--out", help="The suite (.jsonl); PATH.meta.json beside it says how it was made."),
+    items: int = typer.Option(200, "--items"),
+    min_records: int = typer.Option(3, "--min-records"),
+    max_records: int = typer.Option(8, "--max-records"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Record lookups in teacher-19m's record format (``Name: X; Job: Y; Phone: Z`` lines, then a question)."""
+    from dataclasses import asdict
+
+    from radistill.eval.suites import RecordsConfig, records_suite, write_suite
+
+    _refuse_overwrite(out, overwrite)
+    config = RecordsConfig(items, min_records, max_records, seed)
+    suite = records_suite(config)
+    write_suite(out, suite, {"kind": "records", "config": asdict(config)})
+    console.print(f"{len(suite)} items: {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
+    app.add_typer(suite_app, name="suite")
