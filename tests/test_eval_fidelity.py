@@ -90,7 +90,9 @@ def test_reach_is_the_mean_over_heads_of_the_attention_weighted_distance(flush_d
     """Against a direct computation from ``output_attentions`` of the whole model."""
     model = tiny_teacher()
     ids = torch.randint(3, 90, (2, 20))
+    before = model.config._attn_implementation
     reach = attention_reach(model, ids)
+    assert model.config._attn_implementation == before  # restored after its eager pass
     model.set_attn_implementation("eager")
     attentions = torch.stack(model(ids, output_attentions=True).attentions)  # [layers, batch, heads, T, T]
     t = torch.arange(20)
@@ -98,7 +100,6 @@ def test_reach_is_the_mean_over_heads_of_the_attention_weighted_distance(flush_d
     distance[:, 0] = 0
     expected = (attentions * distance).sum(-1).mean(dim=(0, 2))  # [batch, T]
     assert torch.allclose(reach, expected, atol=1e-4)
-    assert model.config._attn_implementation == "eager"  # we set it here; attention_reach restores what it found
 
 
 def test_hybrid_student_and_hybrid_teacher(tmp_path, flush_denormals):

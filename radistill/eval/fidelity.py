@@ -348,7 +348,7 @@ def teacher_samples(teacher, tokenizer, prompts: torch.Tensor, new_tokens: int, 
                   "eos_token_id": None, "do_sample": not greedy}
     if not greedy:
         generation.update(temperature=config.temperature, top_k=0, top_p=1.0)
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         from transformers import GenerationConfig

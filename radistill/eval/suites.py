@@ -133,7 +133,7 @@ def teacher_documents(model, tokenizer, config: FactsConfig, prompts: list[list[
         prompts = [[start]] * config.documents
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     documents: list[list[int]] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i : i + batch_size]
