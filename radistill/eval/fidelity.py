@@ -339,8 +339,8 @@ def teacher_samples(teacher, tokenizer, prompts: torch.Tensor, new_tokens: int, 
                     greedy: bool) -> torch.Tensor:
     """``[batch, prompt + new_tokens]`` the teacher's continuations of ``prompts`` ``[batch, prompt]``.
 
-    The end-of-text token does not stop a sample: the teacher starts its next document, as in its training
-    stream, so every sample has the same length and needs no padding. Sampling draws from a generator seeded
+    End-of-text is suppressed until ``new_tokens`` are made (``min_new_tokens``), so every sample has the same
+    length and needs no padding; where the teacher would end its document it writes its next likeliest token. Sampling draws from a generator seeded
     with ``config.seed`` (torch's global RNG is restored after)."""
     device = model_device(teacher)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
