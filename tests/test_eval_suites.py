@@ -87,3 +87,19 @@ def test_teacher_solves_its_shipped_suites(teacher):
         assert json.loads((SUITES / f"{name}.meta.json").read_text())["kind"] == name
     result = jsonl_task(model, tokenizer, SUITES / "records.jsonl", batch_size=16)
     assert result.value >= 0.9
+
+
+def test_suite_records_cli_writes_and_refuses_to_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from radistill.cli import app
+
+    out = tmp_path / "records.jsonl"
+    args = ["suite", "records", "--out", str(out), "--items", "6", "--seed", "2"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert load_jsonl(out) == records_suite(RecordsConfig(items=6, seed=2))
+    again = CliRunner().invoke(app, args)
+    assert isinstance(again.exception, RadistillError) and "--overwrite" in str(again.exception)
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    bad = CliRunner().invoke(app, ["suite", "records", "--out", str(tmp_path / "r.txt")])
+    assert isinstance(bad.exception, RadistillError) and ".jsonl" in str(bad.exception)
