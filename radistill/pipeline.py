@@ -263,7 +263,9 @@ class Pipeline:
             model = final_checkpoint(self.layout.run_dir(student.name)) or self.layout.student_dir(student.name)
             cache = self.layout.student_eval(student.name)
         console.rule(f"eval {student.name if student else 'teacher'}")
-        report = evaluate_path(model, config, cache, device=self.recipe.device)
+        # a student's fidelity is measured against the teacher (the teacher's own evaluation skips that task)
+        report = evaluate_path(model, config, cache, device=self.recipe.device,
+                               teacher=self.recipe.teacher if student is not None else None)
         if student is not None and self.layout.teacher_eval.exists():
             compared = report.with_teacher(EvalReport.load(self.layout.teacher_eval))
             if compared.to_dict() != report.to_dict():
@@ -293,7 +295,32 @@ class Pipeline:
             self._timed("eval", self.evaluate, student)
         page = self._timed("report", build_report, self.layout.root)
         console.log("time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()))
+        console.print(self.summary())
         return page
+
+    def summary(self):
+        """Per model: KV retrieval, perplexity and, for students, fidelity to the teacher (KL, top-1 and confident
+        agreement on held-out text); a dash where the recipe's eval does not run a task."""
+        from rich.table import Table
+
+        columns = (("kv_ret", "KV", "%"), ("kv_ret_gen", "KV gen", "%"), ("ppl", "ppl", "f"),
+                   ("fidelity", "KL", "kl"), ("fidelity_top1", "top-1", "%"),
+                   ("fidelity_confident", "confident", "%"), ("fidelity_greedy", "greedy", "f"))
+        table = Table(title="students vs teacher (KL: nats/token; top-1, confident: agreement with the teacher, %)")
+        for title in ("model", *(c[1] for c in columns)):
+            table.add_column(title, justify="left" if title == "model" else "right")
+        models = [("teacher", self.layout.teacher_eval)] + [(s.name, self.layout.student_eval(s.name))
+                                                             for s in self.recipe.students]
+        for name, path in models:
+            report = EvalReport.load(path) if path.exists() else None
+            cells = []
+            for task, _, style in columns:
+                result = report.task(task) if report is not None else None
+                value = None if result is None else result.value
+                cells.append("—" if value is None else f"{100 * value:.1f}" if style == "%" else
+                             f"{value:.3f}" if style == "kl" else f"{value:.2f}")
+            table.add_row(name, *cells)
+        return table
 
 
 def results_table(root: Path):

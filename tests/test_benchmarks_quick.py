@@ -106,3 +106,26 @@ def test_generate_benchmark_quick_runs_teacher_and_hybrid_through_generate(tmp_p
     assert result["hybrid_static_compiled_vs_eager_token_agreement"] == 1.0
     assert "Name" in result["profile_hybrid_prefill"]
     assert (tmp_path / "generate.md").read_text().startswith("# generate() benchmark")
+
+
+def test_fidelity_benchmark_quick_rows_and_merge(tmp_path):
+    """``fidelity.py --quick``: a teacher row and a 4-head student row with KV, ppl, fidelity and the suites;
+    ``--merge`` joins runs of one teacher and refuses a student named twice."""
+    result = run_quick("fidelity.py", tmp_path / "fidelity.json")
+    teacher, student = result["rows"]
+    assert teacher["name"] == "teacher" and teacher["kept_heads"] == 80 and "fidelity" not in teacher
+    assert student["kept_heads"] == 4 and student["state_size"] == 8 and student["recipe"].startswith("untrained")
+    assert 0 < student["fidelity"]["heldout"]["all"]["top1"] < 1 and student["fidelity"]["heldout"]["all"]["kl"] > 0
+    assert set(student["kv"]) == {"5", "20"} and student["ppl"] > teacher["ppl"]
+    assert set(student["suites"]) == set(teacher["suites"])
+    assert (tmp_path / "fidelity.md").read_text().count("\n| ") == 3  # header + two rows
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from fidelity import merge_runs
+
+    other = {**result, "rows": [teacher, {**student, "name": "other"}], "device": "H200"}
+    merged = merge_runs([result, other])
+    assert [r["name"] for r in merged["rows"]] == ["teacher", student["name"], "other"]
+    assert merged["rows"][2]["device"] == "H200"
+    with pytest.raises(Exception, match="two runs"):
+        merge_runs([result, result])

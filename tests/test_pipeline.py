@@ -116,3 +116,7 @@ def test_demo_quick(tmp_path):
     page = (tmp_path / "demo" / "report" / "index.html").read_text()
     assert "not run" not in page
     assert "top16 (16 attention heads kept)" in page and "no-heads (0 attention heads kept)" in page
+    assert "fidelity to the teacher: KL" in page and "teacher's own samples" in page
+    assert "students vs teacher" in result.output and "confident" in result.output  # the demo's summary table
+    student = json.loads((tmp_path / "demo" / "eval" / "top16.json").read_text())
+    assert student["tasks"]["fidelity"]["details"]["texts"]["heldout"]["all"]["positions"] == 2 * 64

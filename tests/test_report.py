@@ -122,3 +122,21 @@ def test_report_of_a_single_distill_run(pipeline_run, tmp_path):
 def test_report_of_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(RadistillError, match="not a directory"):
         build_report(tmp_path / "nope")
+
+
+def test_report_fidelity_section_and_headline(pipeline_run):
+    from radistill.eval.fidelity import FidelityConfig, FidelityResult, SplitStats
+
+    assert "fidelity: not run" in build_report(pipeline_run).read_text()
+    splits = {"all": SplitStats(10, 2.5, 8, 4, 3), "local": SplitStats(6, 1.0, 5, 2, 2),
+              "long": SplitStats(4, 1.5, 3, 2, 1)}
+    result = FidelityResult(FidelityConfig(long_range=12), {"heldout": splits}, greedy=[3, 5, 40])
+    path = pipeline_run / "eval" / "top2.json"
+    report = EvalReport.load(path)
+    report.tasks += result.task_results()
+    report.save(path)
+    page = build_report(pipeline_run).read_text()
+    assert "fidelity: not run" not in page and "&gt;= 12 tokens" in page
+    assert "fidelity to the teacher: KL 0.250, top-1 80.0%, confident 75.0%" in page  # 2.5 / 10, 8 / 10, 3 / 4
+    assert "mean 16.0, median 5 of 64 tokens" in page
+    assert "fidelity_top1" not in page  # in its own section, not the task table

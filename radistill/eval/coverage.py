@@ -52,6 +52,7 @@ class TaskResult:
     higher_is_better: bool = True
     samples: int | None = None
     teacher_value: float | None = None
+    details: dict | None = None  # a task's full result where one number is not enough (fidelity: per split, samples)
 
     @property
     def ratio(self) -> float | None:
@@ -64,8 +65,9 @@ class TaskResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         del data["name"]
-        if self.teacher_value is None:
-            del data["teacher_value"]
+        for optional in ("teacher_value", "details"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from radistill.eval.choice import jsonl_task
 from radistill.eval.coverage import EvalReport, TaskResult
+from radistill.eval.fidelity import FidelityConfig, fidelity_task
 from radistill.eval.harness import lm_eval_tasks
 from radistill.eval.kv import KVEvalConfig, kv_retrieval
 from radistill.eval.perplexity import PerplexityConfig, perplexity
@@ -34,41 +35,52 @@ class EvalConfig:
     limit: float | None = None  # lm-eval: items per task (or a fraction)
     num_fewshot: int | None = None
     batch_size: int = 16
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)  # for "fidelity"
     # e.g. "24GiB": plan each task's batch for this GPU memory first (radistill.memplan.eval); it changes how rows
     # are grouped, not the numbers, so it is left out of ``settings`` and a cached eval.json stays valid
     gpu_memory: str | None = None
 
     def specs(self) -> list[TaskSpec]:
         specs = [parse_task(t) for t in self.tasks]
-        if any(s.kind == "ppl" for s in specs) and not self.text:
-            raise RadistillError("task 'ppl' needs a text file: pass --text FILE (.txt, .txt.xz or .txt.gz)")
+        for kind in ("ppl", "fidelity"):
+            if any(s.kind == kind for s in specs) and not self.text:
+                raise RadistillError(f"task '{kind}' needs a text file: pass --text FILE (.txt, .txt.xz or .txt.gz)")
         return specs
 
     def to_dict(self) -> dict:
         settings = {**asdict(self), "tasks": list(self.tasks), "kv": self.kv.to_dict()}
         del settings["gpu_memory"]
+        if "fidelity" in self.tasks:
+            settings["fidelity"] = self.fidelity.to_dict()
+        else:  # without the task its settings change nothing: earlier eval.json files stay valid caches
+            del settings["fidelity"]
         return settings
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalConfig":
         data = dict(data)
         kv = dict(data.pop("kv", {}))
-        for where, fields, known in (("eval", data, cls.__dataclass_fields__), ("eval.kv", kv,
-                                                                                 KVEvalConfig.__dataclass_fields__)):
+        fidelity = dict(data.pop("fidelity", {}))
+        for where, fields, known in (("eval", data, cls.__dataclass_fields__),
+                                     ("eval.kv", kv, KVEvalConfig.__dataclass_fields__),
+                                     ("eval.fidelity", fidelity, FidelityConfig.__dataclass_fields__)):
             unknown = set(fields) - set(known)
             if unknown:
                 raise RadistillError(f"unknown {where} setting(s) {', '.join(sorted(unknown))}; "
                                      f"known: {', '.join(known)}")
         kv = KVEvalConfig(**{**kv, "pairs": tuple(kv.get("pairs", KVEvalConfig.pairs))})
-        return cls(**{**data, "tasks": tuple(data.get("tasks", cls.tasks)), "kv": kv})
+        return cls(**{**data, "tasks": tuple(data.get("tasks", cls.tasks)), "kv": kv,
+                      "fidelity": FidelityConfig(**fidelity)})
 
 
 def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int] | None = None,
-                   harness_output: dict | None = None) -> list[TaskResult]:
+                   harness_output: dict | None = None, teacher=None) -> list[TaskResult]:
     """Run every task of ``config`` on a loaded model; KV first, lm-eval tasks together in one harness call.
 
     ``batches``: rows per forward by task name (a memory plan's, :func:`fit_eval`); others use ``task_batch_size``.
     ``harness_output``: receives lm-eval's own results JSON when lm-eval tasks ran.
+    ``teacher``: for ``fidelity``, the model to compare with: ``(model, tokenizer)`` or a path (loaded like the
+    model, only when the task runs). Without one ``fidelity`` is skipped (the teacher's own evaluation).
     """
     results: list[TaskResult] = []
     harness: dict[str, str | None] = {}
@@ -83,6 +95,15 @@ def evaluate_model(model, tokenizer, config: EvalConfig, batches: dict[str, int]
         elif spec.kind == "ppl":
             ppl = PerplexityConfig(config.text, config.seq_len, config.stride, config.ppl_tokens)
             results.append(perplexity(model, tokenizer, ppl, batch))
+        elif spec.kind == "fidelity":
+            if teacher is None:
+                console.log("eval: fidelity skipped (no teacher to compare with)")
+                continue
+            if not isinstance(teacher, tuple):
+                from radistill.models.access import load_model
+
+                teacher = load_model(teacher, dtype=model.dtype, device=str(next(model.parameters()).device))
+            results += fidelity_task(*teacher, model, tokenizer, config.text, config.fidelity, batch)
         else:
             results.append(jsonl_task(model, tokenizer, spec.path, spec.group, batch))
     if harness:
@@ -100,10 +121,12 @@ def evaluate_path(
     dtype: str | None = "auto",
     batches: dict[str, int] | None = None,
     harness_output: dict | None = None,
+    teacher: str | os.PathLike | None = None,
 ) -> EvalReport:
     """Load and evaluate one model. If ``cache`` is an ``eval.json`` of the same weights and settings, reuse it;
     otherwise write the new report there. ``batches``: the model's plan (:func:`fit_eval`) when made beforehand;
-    with ``config.gpu_memory`` and no plan it is planned here. ``harness_output``: as :func:`evaluate_model`."""
+    with ``config.gpu_memory`` and no plan it is planned here. ``harness_output``: as :func:`evaluate_model`.
+    ``teacher``: compared with for ``fidelity``."""
     from radistill.models.access import load_model, weights_fingerprint
 
     if batches is None and config.gpu_memory is not None:
@@ -119,7 +142,7 @@ def evaluate_path(
             console.log(f"eval: {model_path} unchanged since {cache}; reusing it")
             return cached
     report = EvalReport(str(model_path), fingerprint,
-                        evaluate_model(model, tokenizer, config, batches, harness_output), config.to_dict())
+                        evaluate_model(model, tokenizer, config, batches, harness_output, teacher), config.to_dict())
     if cache is not None:
         report.save(cache)
     return report
@@ -139,10 +162,10 @@ def fit_eval(model_path: str | os.PathLike, config: EvalConfig, device: str | No
     plan = plan_eval(model_config, tokenizer, config, config.gpu_memory, dtype=model_dtype(dtype, device),
                      name=str(model_path))
     print_plan(plan, describe_eval)
-    unplanned = [spec.name for spec in config.specs() if spec.kind == "lm_eval"]
+    unplanned = [spec.name for spec in config.specs() if spec.kind in ("lm_eval", "fidelity")]
     if unplanned:
         console.print(f"[yellow]not planned:[/] {', '.join(unplanned)} (lm-eval: the requests' lengths are known only "
-                      f"once lm-eval has loaded them); batch {config.batch_size}")
+                      f"once lm-eval has loaded them; fidelity: two models at once); batch {config.batch_size}")
     require_step_fit(plan, eval_advice(plan, config), describe_eval)
     return eval_batches(plan)
 
@@ -163,13 +186,16 @@ def evaluate(
     An ``out`` (or its lm-eval file) that exists is refused before anything is loaded, unless ``overwrite``. With
     ``config.gpu_memory`` both models are planned before either is loaded, so a teacher that cannot fit stops the
     evaluation before any compute."""
+    if teacher is None and any(spec.kind == "fidelity" for spec in config.specs()):
+        raise RadistillError("task 'fidelity' compares the model with its teacher: pass --teacher TEACHER")
     if out is not None:
         runs_harness = any(spec.kind == "lm_eval" for spec in config.specs())
         refuse_existing([out, *([harness_path(out)] if runs_harness else [])], overwrite)
     models = [model_path] + ([teacher] if teacher is not None else [])
     plans = [fit_eval(m, config, device, dtype) if config.gpu_memory is not None else None for m in models]
     harness: dict[str, dict] = {"model": {}, "teacher": {}}
-    report = evaluate_path(model_path, config, None, device, dtype, plans[0], harness["model"])
+    report = evaluate_path(model_path, config, None, device, dtype, plans[0], harness["model"],
+                           str(teacher) if teacher else None)
     if teacher is not None:
         report = report.with_teacher(evaluate_path(teacher, config, teacher_cache, device, dtype, plans[1],
                                                    harness["teacher"]))

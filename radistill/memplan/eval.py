@@ -145,6 +145,8 @@ def task_passes(spec, config, tokenizer, eval_config, hybrid: bool) -> tuple[Pas
             if eval_config.kv.generate:
                 passes.append(generate_pass(items))
         return tuple(passes)
+    if spec.kind == "fidelity":  # the student and its teacher at once: not planned, runs at --batch-size / 4
+        return ()
     if spec.kind == "jsonl":
         return (choice_pass(encode_items(tokenizer, load_jsonl(spec.path), max_length=context), hybrid),)
     seq_len = eval_config.seq_len or context

@@ -1,7 +1,8 @@
 """``radistill report RUN``: one self-contained HTML page (images embedded) plus the PNGs beside it.
 
 Sections: headline numbers, the retrieval heads (heatmap, kept heads with their G&A labels), the evaluation
-table with coverage and KV retrieval by dictionary size, training curves per stage, cache memory per sequence
+table with coverage and KV retrieval by dictionary size, fidelity to the teacher (KL, top-1 and confident
+agreement, local vs long-range, greedy agreement), training curves per stage, cache memory per sequence
 against context length, and the settings used. A part of the run that is missing is reported as "not run".
 """
 
@@ -33,7 +34,15 @@ def _figure(fig, path: Path, alt: str) -> str:
 def _number(value: float | None, metric: str) -> str:
     if value is None:
         return "—"
+    if metric == "kl":
+        return f"{value:.3f}"
+    if metric == "tokens":
+        return f"{value:.1f}"
     return f"{value:.2f}" if "perplexity" in metric else f"{100 * value:.1f}"
+
+
+def _is_fidelity(name: str) -> bool:
+    return name.startswith("fidelity")
 
 
 def _percent(value: float | None) -> str:
@@ -74,6 +83,12 @@ def headline(inputs: RunInputs, reports: dict[str, EvalReport]) -> list[str]:
             if task is not None:
                 parts.append(f"{label} {_number(task.value, task.metric)}"
                              + (f" (teacher {_number(teacher[name], task.metric)})" if name in teacher else ""))
+        fidelity = [(name, label) for name, label in (("fidelity", "KL"), ("fidelity_top1", "top-1"),
+                                                      ("fidelity_confident", "confident")) if report.task(name)]
+        if fidelity:
+            parts.append("fidelity to the teacher: " + ", ".join(
+                f"{label} {_number(report.task(name).value, report.task(name).metric)}"
+                + ("%" if report.task(name).metric == "agreement" else "") for name, label in fidelity))
         coverage = report.coverage
         parts += [f"{GROUP_TITLES[g]} coverage {_percent(coverage[g])}" for g in GROUPS if coverage[g] is not None]
         lines.append(", ".join(parts) + ".")
@@ -124,7 +139,7 @@ def eval_section(inputs: RunInputs, reports: dict[str, EvalReport], out: Path) -
     template = next(iter(reports.values()), inputs.teacher_eval)
     header = ["task", "metric", "teacher"] + [f"{n} (÷ teacher)" for n in reports]
     rows: list = []
-    for group, tasks in by_group(template.tasks):
+    for group, tasks in by_group([t for t in template.tasks if not _is_fidelity(t.name)]):
         rows.append(("group", [GROUP_TITLES[group]]))
         for task in tasks:
             cells = [task.name, task.metric, _number(teacher.get(task.name), task.metric)]
@@ -147,6 +162,41 @@ def eval_section(inputs: RunInputs, reports: dict[str, EvalReport], out: Path) -
     if curves:
         parts.append(_figure(plots.kv_by_size(curves), out / "kv_retrieval.png", "KV retrieval by dictionary size"))
     return html.section("Evaluation", *parts)
+
+
+FIDELITY_TEXTS = {"heldout": "held-out text", "generated": "teacher's own samples"}
+
+
+def fidelity_section(reports: dict[str, EvalReport]) -> str:
+    """Per student: KL, top-1 and confident agreement by text and split (local / long-range), and greedy agreement."""
+    details = {name: task.details for name, r in reports.items()
+               if (task := r.task("fidelity") or r.task("fidelity_gen_kl")) is not None and task.details}
+    if not details:
+        return html.section("Fidelity", html.missing("fidelity", "Add `fidelity` to the eval tasks (needs the "
+                                                     "teacher and --text)."))
+    rows: list = []
+    for name, result in details.items():
+        rows.append(("group", [name]))
+        for kind, splits in result["texts"].items():
+            for split, stats in splits.items():
+                rows.append([FIDELITY_TEXTS.get(kind, kind), split, f"{stats['positions']:,}",
+                             _number(stats["kl"], "kl"), _number(stats["top1"], "agreement"),
+                             _number(stats["confident"], "agreement"), f"{stats['confident_positions']:,}"])
+        greedy = result["greedy"]
+        if greedy["tokens"]:
+            rows.append(["greedy continuation", "", f"{len(greedy['tokens'])} prompts", "",
+                         f"mean {greedy['mean']:.1f}, median {greedy['median']:.0f} of {greedy['of']} tokens", "", ""])
+    long_range = next(iter(details.values()))["config"]["long_range"]
+    return html.section(
+        "Fidelity",
+        html.table(["text", "positions at", "scored", "KL (nats/token)", "top-1 agreement %", "confident agreement %",
+                    "confident positions"], rows, left=2),
+        html.para("Student vs teacher next-token distributions: KL(teacher || student), top-1 agreement, and agreement "
+                  "where the teacher is confident (p >= 0.9: memorised facts, in-context copies). Local / long: the "
+                  f"teacher's attention-weighted mean distance at the position, averaged over its heads, is < / >= "
+                  f"{long_range} tokens. Greedy continuation: tokens of the teacher's greedy continuation the student "
+                  "reproduces before its first different argmax (docs/eval.md).", "note"),
+    )
 
 
 def training_section(inputs: RunInputs, out: Path) -> str:
@@ -202,6 +252,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         *headline(inputs, reports),
         heads_section(inputs, out),
         eval_section(inputs, reports, out),
+        fidelity_section(reports),
         training_section(inputs, out),
         memory_section(inputs, out),
         settings_section(inputs),
