@@ -4,6 +4,7 @@ reader with the source's exact weights and tokenizer, and scan, build and the co
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ pytest.importorskip("gguf")
 from radistill.models.access import ModelLoadError, gguf_source, load_config, load_model  # noqa: E402
 from radistill.utils.errors import RadistillError  # noqa: E402
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TEXT = ("The quick brown fox jumps over the lazy dog. Keys and values: apple 12, river 7, stone 48. "
         "Retrieval heads copy a value from far back in the context. ") * 4
 
@@ -138,3 +140,39 @@ def test_writer_refuses_to_overwrite(source):
     with pytest.raises(RadistillError, match="not overwriting"):
         write_gguf(model, tok, where / "model.gguf")
     assert (where / "model.gguf").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "fixtures" / "teacher-19m").exists(),
+                    reason="needs ../shared/fixtures (teacher-19m's tokenizer and the prose corpus)")
+def test_smollm2_benchmark_quick_runs_and_resumes(tmp_path):
+    """benchmarks/smollm2.py --quick on a tiny random GGUF teacher: one call distils one student and writes its row;
+    a second call with the same --work keeps the plan (budget) and that row, and adds the next student."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, work = tmp_path / "smollm2.json", tmp_path / "work"
+
+    def call(students: str) -> dict:
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "smollm2.py"), "--quick", "--work", str(work),
+                               "--out", str(out), "--students", students, "--budget-tokens", "1024",
+                               "--kv-items", "4", "--ppl-tokens", "512"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    first = call("top1-s8")
+    assert first["teacher_layout"]["num_heads"] == 4 and first["budget_tokens"] == 1024
+    assert [s["name"] for s in first["students"]] == ["top1-s8"] and first["pending"] == []
+    (row,) = first["students"]
+    assert row["kept_heads"] == first["scan"]["top"][:1] and row["tokens"] == 1024
+    assert set(row["kv_retrieval"]) == {"5", "10", "20"} and row["heldout_ppl"] > 1
+    assert (work / "top1-s8" / "distilled" / "config.json").exists()
+    assert first["teacher"]["name"] == "teacher" and first["teacher_file"].endswith("tiny-teacher.gguf")
+
+    second = call("top1-s8,none-s8")
+    assert [s["name"] for s in second["students"]] == ["top1-s8", "none-s8"]
+    assert second["students"][0] == row  # the finished student was not trained again
+    assert second["plan"] == first["plan"] and second["students"][1]["kept_heads"] == []
