@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with timings("build students"):
         for s in students:
-            if not (work / s["name"] / "config.json").exists():
+            done = (work / s["name"] / "row.json").exists()  # finished in an earlier call (maybe on another machine)
+            if not done and not (work / s["name"] / "config.json").exists():
                 build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
                               tokenizer=tokenizer, calibration_data=args.data,
                               calibration_tokens=2048 if quick else 16384, overwrite=True)

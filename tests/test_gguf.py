@@ -176,3 +176,45 @@ def test_smollm2_benchmark_quick_runs_and_resumes(tmp_path):
     assert [s["name"] for s in second["students"]] == ["top1-s8", "none-s8"]
     assert second["students"][0] == row  # the finished student was not trained again
     assert second["plan"] == first["plan"] and second["students"][1]["kept_heads"] == []
+
+
+def digit_splitting_tokenizer():
+    """Byte-level BPE that writes numbers digit by digit, with the space as its own token (as SmolLM2's does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([TEXT + "The value of the key 'x' is 42. "], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+def test_kv_values_are_equal_length_choices_for_a_digit_splitting_tokenizer():
+    from radistill.probes.items import encode_items
+    from radistill.probes.kv import KVProbeConfig, kv_items, value_prefix, value_range
+
+    tok = digit_splitting_tokenizer()
+    prefix = value_prefix(tok)
+    assert value_range(tok, prefix) == range(10, 100)
+    items = kv_items(tok, KVProbeConfig(pairs=20, samples=8, seed=3))
+    assert all(10 <= int(c) <= 99 for item in items for c in item.choices)
+    lengths = {len(c) for e in encode_items(tok, items) for c in e.choice_ids}
+    assert lengths == {2}  # every value two digit tokens: no choice wins by being shorter
+    assert len(kv_items(tok, KVProbeConfig(pairs=90, samples=1))[0].choices) == 90
+    with pytest.raises(RadistillError, match="at most 90 for this tokenizer"):
+        kv_items(tok, KVProbeConfig(pairs=91, samples=1))
+
+
+@pytest.mark.shared
+def test_kv_values_stay_0_to_99_where_numbers_are_one_token(teacher_19m_path):
+    from transformers import AutoTokenizer
+
+    from radistill.probes.kv import KVProbeConfig, kv_items, value_prefix, value_range
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_19m_path))
+    assert value_range(tok, value_prefix(tok)) == range(100)
+    assert len(kv_items(tok, KVProbeConfig(pairs=100, samples=1))[0].choices) == 100
