@@ -81,15 +81,9 @@ def inference_model(config) -> tuple[Shapes, nn.Module]:
 
 def load_config_and_tokenizer(model_id):
     """A model's config and tokenizer, no weights: all a plan needs besides the step's settings."""
-    from transformers import AutoTokenizer
+    from radistill.models.access import load_config, load_tokenizer
 
-    from radistill.models.access import ModelLoadError, load_config
-
-    config = load_config(model_id)
-    try:
-        return config, AutoTokenizer.from_pretrained(str(model_id))
-    except Exception as exc:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
-        raise ModelLoadError(f"'{model_id}' has no usable tokenizer: {exc}") from exc
+    return load_config(model_id), load_tokenizer(model_id)
 
 
 def layer_peak(shapes: Shapes, model: nn.Module, batch: int, seq: int, dtype: torch.dtype) -> int:

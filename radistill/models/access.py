@@ -187,18 +187,81 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+GGUF_SEPARATOR = "::"
+
+
+def gguf_source(model_id: str | os.PathLike) -> tuple[str, str] | None:
+    """``(directory or hub id, file name)`` when ``model_id`` names a GGUF file, else ``None``.
+
+    Two spellings: a path ending in ``.gguf`` (``models/smollm2.Q4_1.gguf``) and ``DIR::FILE.gguf`` (a hub
+    repo or directory plus the file in it, the two arguments of transformers' ``gguf_file=``).
+    """
+    text = str(model_id)
+    if GGUF_SEPARATOR in text:
+        where, _, name = text.rpartition(GGUF_SEPARATOR)
+        if not name.lower().endswith(".gguf") or not where:
+            raise ModelLoadError(f"'{text}': the DIR::FILE form is for GGUF files, e.g. 'models::smollm2.Q4_1.gguf'")
+        return where, name
+    if text.lower().endswith(".gguf"):
+        path = Path(text)
+        return str(path.parent), path.name
+    return None
+
+
+def _pretrained_args(model_id: str | os.PathLike) -> tuple[str, dict]:
+    """What ``from_pretrained`` takes for ``model_id``: the id/directory and, for GGUF, ``gguf_file``.
+
+    transformers reads a GGUF file's config, tokenizer and (dequantised) weights itself; it needs the
+    ``gguf`` package for that, which is an optional extra here, so its absence gets a one-line error.
+    """
+    source = gguf_source(model_id)
+    if source is None:
+        return str(model_id), {}
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise ModelLoadError(f"'{model_id}' is a GGUF file; reading it needs the gguf package: "
+                             "pip install radistill[gguf]")
+    where, name = source
+    if Path(where).is_dir() and not (Path(where) / name).is_file():
+        raise ModelLoadError(f"'{model_id}': there is no GGUF file '{name}' in {where}")
+    return where, {"gguf_file": name}
+
+
 def load_config(model_id: str | os.PathLike):
-    """The HF config of a model id or local directory, or a clear error."""
+    """The HF config of a model id, local directory or GGUF file, or a clear error."""
     from transformers import AutoConfig
 
+    where, extra = _pretrained_args(model_id)
     try:
-        return AutoConfig.from_pretrained(str(model_id))
+        config = AutoConfig.from_pretrained(where, **extra)
     except Exception as exc:  # transformers raises OSError, ValueError, HFValidationError, ...
         raise ModelLoadError(_load_hint(model_id, exc)) from exc
+    if extra:
+        # A GGUF config is named after the file's general.name ("Smollm2 135M ..."); records (scan results,
+        # selection.json, plans) should name what loads it again.
+        config._name_or_path = str(model_id)
+    return config
+
+
+def load_tokenizer(model_id: str | os.PathLike):
+    """The tokenizer of a model id, local directory or GGUF file (read from the file's metadata)."""
+    from transformers import AutoTokenizer
+
+    where, extra = _pretrained_args(model_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        raise ModelLoadError(f"'{model_id}' has no usable tokenizer: {exc}") from exc
+    if extra:
+        tokenizer.name_or_path = str(model_id)
+    return tokenizer
 
 
 def _load_hint(model_id, exc: Exception) -> str:
     where = Path(str(model_id))
+    if gguf_source(model_id) is not None:
+        return f"could not read the GGUF file '{model_id}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if where.exists() and where.is_dir() and not (where / "config.json").exists():
         return f"'{model_id}' is a directory without config.json: point at a saved HF model directory"
     if where.exists():
@@ -217,31 +280,34 @@ def load_model(
     device: str | None = "auto",
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM and its tokenizer from an HF id or local directory.
+    """Load a causal LM and its tokenizer from an HF id, local directory or GGUF file (see :func:`gguf_source`).
 
+    A GGUF file is dequantised by transformers to ``dtype`` (a Q4 file loads as a plain float model).
     Returns ``(model, tokenizer)``, the model in eval mode on ``device``. Raises :class:`ModelLoadError`
     when nothing can be loaded and :class:`UnsupportedModelError` when the model is not Llama-like.
     """
     # A student directory loads through the Auto classes because radistill/__init__.py registers the hybrid with
     # them, and it runs before any radistill module; this ground module does not import the hybrid wing.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     config = load_config(model_id)
-    # safetensors only: a pickled pytorch_model.bin could run code when unpickled, so it is never loaded
-    kwargs = {"dtype": torch_dtype, "use_safetensors": True}
+    where, kwargs = _pretrained_args(model_id)
+    kwargs["dtype"] = torch_dtype
+    if "gguf_file" not in kwargs:
+        # safetensors only: a pickled pytorch_model.bin could run code when unpickled, so it is never loaded
+        kwargs["use_safetensors"] = True
     if attn_implementation:
         require_attention(config)
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_id), config=config, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, config=config, **kwargs)
     except Exception as exc:
         raise ModelLoadError(_load_hint(model_id, exc)) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_id))
-    except Exception as exc:
-        raise ModelLoadError(f"'{model_id}' has no usable tokenizer: {exc}") from exc
+    if "gguf_file" in kwargs:
+        model.config._name_or_path = str(model_id)
+    tokenizer = load_tokenizer(model_id)
     model.to(device).eval()
     return model, tokenizer
 

@@ -6,9 +6,10 @@
     <blank line>
     The value of the key 'scallops' is
 
-Keys are distinct random English words from an offline list, values distinct integers from 0-99. The
-item is multiple choice over the dictionary's values. Whether the value follows ``is`` with a space
-depends on the tokenizer (see :func:`value_prefix`).
+Keys are distinct random English words from an offline list, values distinct integers from 0-99 -- or from
+10-99 where the tokenizer writes numbers in more than one token (see :func:`value_range`). The item is multiple
+choice over the dictionary's values. Whether the value follows ``is`` with a space depends on the tokenizer
+(see :func:`value_prefix`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from radistill.utils.errors import RadistillError
 
 HEADER = "Memorize the following dictionary:\n"
 QUESTION = "\nThe value of the key '{key}' is"
-MAX_PAIRS = 100  # values are distinct integers 0-99
+MAX_PAIRS = 100  # values are distinct integers 0-99 (10-99 for tokenizers that split digits: see value_range)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,22 @@ def value_prefix(tokenizer) -> str:
     return "" if first.strip() == "" else " "
 
 
+def value_range(tokenizer, prefix: str) -> range:
+    """The values' range: 0-99 where every value is the same number of tokens after the question (one token in
+    GPT-2-style and Llama-3 tokenizers), else 10-99.
+
+    A choice scores the *sum* of its tokens' log-probs, so a one-digit value in a tokenizer that writes digits one
+    by one (SmolLM2, Llama-2) would beat every two-digit value by the log-prob it does not have to pay for a second
+    token: the probe would measure length, not retrieval. Two-digit values are all two tokens there.
+    """
+    stem = QUESTION.format(key="key")
+    base = len(tokenizer(stem).input_ids)
+    for values in (range(MAX_PAIRS), range(10, MAX_PAIRS)):
+        if len({len(tokenizer(f"{stem}{prefix}{v}").input_ids) - base for v in values}) == 1:
+            return values
+    return range(MAX_PAIRS)  # no range of equal lengths: keep the paper's 0-99
+
+
 def kv_items(tokenizer, config: KVProbeConfig) -> list[ProbeItem]:
     """``config.samples`` probe items of ``config.pairs`` pairs each, reproducible from ``config.seed``."""
     if not 1 <= config.pairs <= MAX_PAIRS:
@@ -62,12 +79,16 @@ def kv_items(tokenizer, config: KVProbeConfig) -> list[ProbeItem]:
     if config.samples < 1:
         raise RadistillError("--samples must be at least 1")
     prefix = value_prefix(tokenizer) if config.value_prefix is None else config.value_prefix
+    candidates = value_range(tokenizer, prefix)
+    if config.pairs > len(candidates):
+        raise RadistillError(f"--pairs must be at most {len(candidates)} for this tokenizer: it writes numbers "
+                             f"digit by digit, so values are the two-digit numbers {candidates.start}-99")
     rng = random.Random(config.seed)
     vocabulary = words()
     items = []
     for _ in range(config.samples):
         keys = rng.sample(vocabulary, config.pairs)
-        values = rng.sample(range(MAX_PAIRS), config.pairs)
+        values = rng.sample(candidates, config.pairs)
         target = rng.randrange(config.pairs)
         body = "".join(f"{k}:{v}\n" for k, v in zip(keys, values))
         prompt = HEADER + body + QUESTION.format(key=keys[target])
