@@ -441,7 +441,10 @@ class Trainer:
         loss = loss_total / (data_shards if stage == 3 else objective.unit_count)
         grad_norm = (squares / (data_shards if stage == 3 else 1)) ** 0.5
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            last = ckpt.latest(self.ckpt_root)
+            try:
+                last = ckpt.latest(self.ckpt_root)
+            except ckpt.CheckpointError:  # --resume finds the newest intact one itself
+                last = ckpt.checkpoints(self.ckpt_root)[-1] if ckpt.checkpoints(self.ckpt_root) else None
             raise NonFiniteLossError(
                 f"stage {stage}, step {step + 1}: the loss is {loss} (gradient norm {grad_norm}); stopped before "
                 f"applying it. The last good checkpoint is {last or 'none (nothing was saved yet)'}: lower the "
