@@ -13,7 +13,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "radistill.hybrid.configuration": ("MODEL_TYPE", "HybridConfig"),
     "radistill.hybrid.modeling": ("HybridDecoderLayer", "HybridForCausalLM", "HybridMixer", "HybridModel",
                                   "HybridPreTrainedModel", "KeptHeadAttention", "output_cache"),
-    "radistill.hybrid.normalizer": ("StaticNormalizer"),
+    "radistill.hybrid.normalizer": ("StaticNormalizer",),
 })
 
 __all__ = [

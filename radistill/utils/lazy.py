@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 def lazy_exports(package: str, exports: dict[str, Iterable[str]]) -> tuple[Callable, Callable]:
     """``(__getattr__, __dir__)`` for ``package``, exporting each module's names (``{module: names}``) on first
     access; the value is then stored on the package, so later lookups are plain attribute reads."""
+    if any(isinstance(names, str) for names in exports.values()):  # ("name") is a string, not a 1-tuple
+        raise TypeError(f"{package}: lazy_exports takes a tuple of names per module")
     where = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str):
