@@ -21,10 +21,13 @@ from rich.console import Console
 from radistill import __version__
 from radistill.utils.errors import RadistillError
 
-try:  # typer >= 0.16 ships its own copy of click, whose exceptions are not click's
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer on the real click
-    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+try:  # recent typer ships its own copy of click, whose exceptions are not click's
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as _click_exceptions
+
+ClickException, UsageError = _click_exceptions.ClickException, _click_exceptions.UsageError
+NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", ())  # click < 8.2 has none: catch nothing
 
 app = typer.Typer(
     name="radistill",

@@ -197,3 +197,17 @@ def test_old_spellings_still_work_with_a_note(tmp_path, monkeypatch, capsys):
     assert code == 0 and seen == [3, 5] and "--batch-size is now --micro-batch" in err
     code, _, err = _run([*args, "--batch-size", "3", "--micro-batch", "4"], capsys)
     assert code == 2 and "give one of them" in err and seen == [3, 5]
+
+
+@pytest.mark.parametrize("area", ["distill", "eval", "finetune", "hybrid", "memplan", "report", "scan"])
+def test_lazy_package_exports_resolve(area):
+    """Each area package exports its names lazily (so the CLI stays light); every one must still import."""
+    import importlib
+    import inspect
+
+    package = importlib.import_module(f"radistill.{area}")
+    for name in package.__all__:  # a name shadowed by a submodule of the same name would come back a module
+        assert not inspect.ismodule(getattr(package, name)), f"radistill.{area}.{name}"
+    assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError):
+        getattr(package, "no_such_name")

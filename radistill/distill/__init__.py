@@ -12,7 +12,7 @@ from radistill.utils.lazy import lazy_exports
 # imported on first use, so that importing this package (as `radistill --help` does) does not import torch
 __getattr__, __dir__ = lazy_exports(__name__, {
     "radistill.distill.recipe": ("DataConfig", "DistillRecipe", "LossConfig", "StageConfig"),
-    "radistill.distill.run": ("run_distill"),
+    "radistill.distill.run": ("run_distill",),
     "radistill.distill.trainer": ("NonFiniteLossError", "StageResult", "Trainer"),
 })
 

@@ -6,7 +6,7 @@ from radistill.utils.lazy import lazy_exports
 # imported on first use, so that importing this package (as `radistill --help` does) does not import torch
 __getattr__, __dir__ = lazy_exports(__name__, {
     "radistill.eval.coverage": ("EvalReport", "TaskResult", "coverage"),
-    "radistill.eval.kv": ("KVEvalConfig"),
+    "radistill.eval.kv": ("KVEvalConfig",),
     "radistill.eval.runner": ("EvalConfig", "evaluate", "evaluate_model", "evaluate_path"),
 })
 

@@ -4,7 +4,7 @@ from radistill.utils.lazy import lazy_exports
 
 # imported on first use, so that importing this package (as `radistill --help` does) does not import torch
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "radistill.report.build": ("build_report"),
+    "radistill.report.build": ("build_report",),
     "radistill.report.inputs": ("RunInputs", "RunLayout", "discover"),
 })
 
