@@ -121,3 +121,17 @@ def test_calibration_on_too_short_text_is_refused(teacher):  # noqa: F811
     ids = torch.tensor([[5]])
     with pytest.raises(RadistillError, match="too short"):
         calibrate(student, teacher, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+
+
+def test_build_time_benchmark_quick(tmp_path):
+    out = tmp_path / "build_time.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "build_time.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["case"] == "built-in text" and row["cli_s"] is None
+    assert all(row[k] > 0 for k in ("build_s", "load_s", "convert_s", "calibrate_s", "save_s"))
+    assert result["torch"] == torch.__version__ and "build s" in result["table"]
+    assert (tmp_path / "work" / "student" / "README.md").exists()
