@@ -116,6 +116,32 @@ def test_one_pass_calibration_equals_the_two_pass_reference(teacher, half_lives)
     assert fast.model.layers[0].self_attn.recurrent.backend == "auto"  # put back after calibration
 
 
+def test_calibration_runs_the_mixers_on_the_plain_scan(teacher, monkeypatch):  # noqa: F811
+    """Calibration-sized work is not worth a compile or fla's kernel tuning: the mixers see backend "torch" (on
+    CUDA, ssd() would otherwise compile its scan or call fla) under the force_eager stance, and get theirs back."""
+    import radistill.hybrid.calibrate as calibration
+
+    student = convert(teacher, student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
+    seen = []
+    stances = []
+    real_stance = torch.compiler.set_stance
+
+    def spy_stance(stance, *args, **kwargs):
+        stances.append(stance)
+        return real_stance(stance, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.torch.compiler, "set_stance", spy_stance)
+    for layer in student.model.layers:
+        mixer = layer.self_attn.recurrent
+        if mixer is not None:
+            real = mixer.forward
+            monkeypatch.setattr(mixer, "forward", lambda *a, m=mixer, f=real, **k: (seen.append(m.backend), f(*a, **k))[1])
+    calibrate(student, teacher, calibration_batches(byte_tokenizer()))
+    assert seen and set(seen) == {"torch"} and set(stances) == {"force_eager"}
+    assert {layer.self_attn.recurrent.backend for layer in student.model.layers
+            if layer.self_attn.recurrent is not None} == {"auto"}
+
+
 def test_calibration_on_too_short_text_is_refused(teacher):  # noqa: F811
     student = convert(teacher, student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
     ids = torch.tensor([[5]])
