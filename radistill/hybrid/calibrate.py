@@ -1,6 +1,6 @@
 """Calibrate a freshly converted student on text: each recurrent head's initial decay, then its static normaliser.
 
-Two passes of the teacher over the calibration tokens, both on the teacher's own layer inputs:
+One pass of the teacher over the calibration tokens, then the fresh mixers on the inputs it stored:
 
 1. **Half-lives** (``half_lives="attention"``): every replaced head's *typical attention distance* in the teacher,
    d̃ = exp(E[log(1 + t - s)]) - 1 under its causal softmax attention (query t, key s; the first key is left out
@@ -133,30 +133,41 @@ def _padded_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size
     return batches
 
 
-# ---- the two passes -----------------------------------------------------------------------------------------------
+# ---- one teacher pass, then the mixers -----------------------------------------------------------------------------
+
+# Above this many bytes, the stored attention inputs wait in CPU memory rather than on the teacher's device.
+STORE_ON_DEVICE_BYTES = 2 << 30
 
 
 @torch.no_grad()
 def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
               half_lives: str = "attention") -> Calibration:
     """Set every recurrent head's initial half-life (``"attention"`` or ``"fixed"``, module docstring) and its
-    static normaliser from the teacher's activations on ``batches``. Only real tokens count (batches may be padded)."""
+    static normaliser from the teacher's activations on ``batches``. Only real tokens count (batches may be padded).
+
+    One teacher pass collects what both steps need: the replaced heads' attention distances and output moments, and
+    each recurrent layer's attention input [B, T, hidden]. The fresh mixers then run on those stored inputs once
+    their half-lives are set (a second teacher pass would recompute the same inputs). The mixers run eagerly with
+    the plain chunked scan: compiling it, or fla's kernels' first-call tuning, costs far more than calibration-sized
+    work."""
     if half_lives not in HALF_LIVES:
         raise RadistillError(f"half_lives must be one of {', '.join(HALF_LIVES)}, got {half_lives!r}")
     blocks = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
               if layer.self_attn.recurrent is not None}
     # mixers without a decay (e.g. window heads) keep their own; the normaliser is fit only where a mixer asks
-    decaying = {i: b for i, b in blocks.items() if getattr(b.recurrent, "has_half_lives", False)}
+    decaying = {i for i, b in blocks.items() if getattr(b.recurrent, "has_half_lives", False)}
     normalized = {i: b for i, b in blocks.items() if any(_normalized_heads(b.recurrent))}
-    if half_lives == "attention" and decaying:
-        group = student.config.num_attention_heads // student.config.num_key_value_heads
-        distances = _attention_distances(teacher, decaying, batches, group)
-        for i, block in decaying.items():
-            block.recurrent.set_half_lives(half_life_for_distance(distances[i]))
-    tokens = _normaliser_statistics(teacher, normalized, batches, student.config.head_dim) if normalized else 0
+    wanted = {i: blocks[i] for i in sorted(decaying | set(normalized))}
+    group = student.config.num_attention_heads // student.config.num_key_value_heads
+    distances = decaying if half_lives == "attention" else set()
+    stats = _teacher_statistics(teacher, wanted, batches, group, student.config.head_dim, distances=distances,
+                                keep_inputs=set(normalized)) if wanted else _TeacherStatistics(0, {}, {}, {})
+    for i in distances:
+        blocks[i].recurrent.set_half_lives(half_life_for_distance(stats.distances[i]))
+    _mixer_statistics(normalized, stats)
     record = [blocks[i].recurrent.half_lives().tolist() if i in decaying else []
               for i in range(len(student.model.layers))]
-    return Calibration(tokens, half_lives, record)
+    return Calibration(stats.tokens, half_lives, record)
 
 
 def _normalized_heads(mixer) -> list[bool]:
@@ -173,7 +184,7 @@ def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
 def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(module, args, kwargs, mask),
     "o_proj": pre-hook(module, args, mask)}} installed, ``mask`` being the batch's attention mask [B, T]. Returns the
-    real tokens seen. (Calibration's two passes use it; so does benchmarks/init_quality.py.)"""
+    real tokens seen. (Calibration uses it; so does benchmarks/init_quality.py.)"""
     current: dict[str, torch.Tensor] = {}
     handles = []
     for i, layer in enumerate(decoder_layers(teacher)):
@@ -196,18 +207,44 @@ def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     return tokens
 
 
-def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int, torch.Tensor]:
-    """{layer: [recurrent heads]} the typical attention distance of each replaced teacher head (module docstring)."""
+@dataclass
+class _TeacherStatistics:
+    tokens: int
+    distances: dict[int, torch.Tensor]  # {layer: [recurrent heads]} typical attention distance (if asked for)
+    teacher_moments: dict[int, ChannelMoments]  # the replaced heads' output (o_proj input) moments
+    # {layer: [(attention input [B, T, D], mask [B, T], RoPE (cos, sin) [B, T, hd] each)]}
+    inputs: dict[int, list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]]
+
+
+def _teacher_statistics(teacher, blocks, batches, group_size: int, head_dim: int, distances: set[int],
+                        keep_inputs: set[int]) -> _TeacherStatistics:
+    """One teacher pass: attention distances of the layers in ``distances`` (module docstring), the replaced heads'
+    output moments, and the attention inputs of the layers in ``keep_inputs`` (on the teacher's device, or in CPU
+    memory when they are large)."""
     from radistill.models.attention import attention_probs
 
     sums = {i: torch.zeros(len(b.recurrent_heads), dtype=torch.float64) for i, b in blocks.items()}
     counts = {i: 0 for i in blocks}
+    moments = {i: ChannelMoments(len(b.recurrent_heads), head_dim) for i, b in blocks.items()}
+    inputs: dict[int, list] = {i: [] for i in blocks}
+    param = next(teacher.parameters())
+    stored = sum(b["input_ids"].numel() for b in batches) * teacher.config.hidden_size * param.element_size()
+    store = param.device if stored * len(keep_inputs) <= STORE_ON_DEVICE_BYTES else torch.device("cpu")
 
     def attn_hook(i):
         def hook(module, args, kwargs, mask):
-            hidden, heads = hidden_input(args, kwargs), list(blocks[i].recurrent_heads)
+            hidden = hidden_input(args, kwargs)
+            if i in keep_inputs:
+                rope = kwargs.get("position_embeddings")
+                inputs[i].append((hidden.to(store), mask.to(store),
+                                  tuple(t.to(store) for t in rope) if rope is not None else None))
+            if i not in distances:
+                return
+            heads = list(blocks[i].recurrent_heads)
             seq = hidden.shape[1]
-            distance = (torch.arange(seq)[:, None] - torch.arange(1, seq)[None, :]).clamp_min(0).to(hidden.device)
+            distance = (torch.arange(seq, device=hidden.device)[:, None]
+                        - torch.arange(1, seq, device=hidden.device)[None, :]).clamp_min(0)
+            log_distance_of = torch.log1p(distance.float())
             queries = mask.bool().clone()
             queries[:, 0] = False  # its only key is the first one, which is left out
             start = 0
@@ -215,7 +252,7 @@ def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int,
                                          HEAD_CHUNK):  # [B, chunk, T, T]
                 rest = probs[..., 1:]
                 rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
-                log_distance = (rest * torch.log1p(distance.float())).sum(-1)  # [B, chunk, T]
+                log_distance = (rest * log_distance_of).sum(-1)  # [B, chunk, T]
                 chunk = log_distance.shape[1]
                 sums[i][start : start + chunk] += log_distance.transpose(1, 2)[queries].double().sum(0).cpu()
                 start += chunk
@@ -223,40 +260,47 @@ def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int,
 
         return hook
 
-    teacher_pass(teacher, batches, {i: {"attn": attn_hook(i)} for i in blocks})
-    if any(c == 0 for c in counts.values()):
-        raise RadistillError("calibration text too short: no query position beyond the first token")
-    return {i: torch.expm1(sums[i] / counts[i]) for i in blocks}
-
-
-def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
-    """Fill every recurrent block's normaliser from the fresh mixer's and the replaced heads' output moments."""
-    moments = {i: (ChannelMoments(len(b.recurrent_heads), head_dim), ChannelMoments(len(b.recurrent_heads), head_dim))
-               for i, b in blocks.items()}
-
-    def attn_hook(i):
-        def hook(module, args, kwargs, mask):  # the teacher attention's normed input -> the student mixer's output
-            mixer = blocks[i].recurrent
-            y, _ = mixer(hidden_input(args, kwargs), attention_mask=mask,
-                         **mixer_kwargs(mixer, kwargs.get("position_embeddings")))  # [B, T, r, hd]
-            moments[i][0].add(y, mask)
-
-        return hook
-
     def o_proj_hook(i):
         def hook(module, args, mask):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
             heads = args[0].view(*args[0].shape[:-1], -1, head_dim)[:, :, blocks[i].recurrent_heads]
-            moments[i][1].add(heads, mask)
+            moments[i].add(heads, mask)
 
         return hook
 
     tokens = teacher_pass(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
-    for i, (student_moments, teacher_moments) in moments.items():
-        blocks[i].normalizer.calibrate(student_moments, teacher_moments)
-        keep = torch.tensor(_normalized_heads(blocks[i].recurrent))
+    found = {}
+    if distances:
+        if any(counts[i] == 0 for i in distances):
+            raise RadistillError("calibration text too short: no query position beyond the first token")
+        found = {i: torch.expm1(sums[i] / counts[i]) for i in distances}
+    return _TeacherStatistics(tokens, found, moments, inputs)
+
+
+def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
+    """Fill every recurrent block's normaliser from the fresh mixer's output on the stored attention inputs and the
+    replaced heads' output moments."""
+    for i, block in blocks.items():
+        mixer = block.recurrent
+        student = ChannelMoments(len(block.recurrent_heads), stats.teacher_moments[i].sum.shape[-1])
+        device = next(mixer.parameters()).device
+        backend = getattr(mixer, "backend", None)
+        if backend is not None:
+            mixer.backend = "torch"
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                for hidden, mask, rope in stats.inputs[i]:
+                    mask = mask.to(device)
+                    rope = tuple(t.to(device) for t in rope) if rope is not None else None
+                    y, _ = mixer(hidden.to(device), attention_mask=mask, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
+                    student.add(y, mask)
+        finally:
+            if backend is not None:
+                mixer.backend = backend
+        stats.inputs[i] = []  # freed layer by layer
+        block.normalizer.calibrate(student, stats.teacher_moments[i])
+        keep = torch.tensor(_normalized_heads(mixer))
         if not keep.all():  # heads whose mixer needs no correction stay the identity
-            blocks[i].normalizer.reset_statistics(~keep)
-    return tokens
+            block.normalizer.reset_statistics(~keep)
 
 
 __all__ = ["BUILTIN_TEXT", "Calibration", "DEFAULT_TOKENS", "HALF_LIVES", "calibrate", "calibration_batches",

@@ -1,0 +1,163 @@
+"""The build's fast paths against their plain references: one-pass calibration equals the two-pass one it replaced,
+exactly, and benchmarks/build_time.py runs (--quick)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import radistill  # noqa: F401
+from radistill.hybrid.build import convert, student_config
+from radistill.hybrid.calibrate import calibrate, calibration_batches, half_life_for_distance, teacher_pass
+from radistill.hybrid.normalizer import ChannelMoments
+from radistill.models.access import hidden_input
+from radistill.utils.errors import RadistillError
+from test_build import byte_tokenizer, teacher  # noqa: F401  (teacher: a module fixture)
+
+HEAD_CHUNK = 4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the reference: two teacher passes, the mixers run inside the second (as calibration first did) -------------
+
+def _attention_distances(teacher, blocks, batches, group_size: int) -> dict[int, torch.Tensor]:
+    """{layer: [recurrent heads]} the typical attention distance of each replaced teacher head (module docstring)."""
+    from radistill.models.attention import attention_probs
+
+    sums = {i: torch.zeros(len(b.recurrent_heads), dtype=torch.float64) for i, b in blocks.items()}
+    counts = {i: 0 for i in blocks}
+
+    def attn_hook(i):
+        def hook(module, args, kwargs, mask):
+            hidden, heads = hidden_input(args, kwargs), list(blocks[i].recurrent_heads)
+            seq = hidden.shape[1]
+            distance = (torch.arange(seq)[:, None] - torch.arange(1, seq)[None, :]).clamp_min(0).to(hidden.device)
+            queries = mask.bool().clone()
+            queries[:, 0] = False  # its only key is the first one, which is left out
+            start = 0
+            for probs in attention_probs(module, hidden, kwargs["position_embeddings"], heads, group_size,
+                                         HEAD_CHUNK):  # [B, chunk, T, T]
+                rest = probs[..., 1:]
+                rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
+                log_distance = (rest * torch.log1p(distance.float())).sum(-1)  # [B, chunk, T]
+                chunk = log_distance.shape[1]
+                sums[i][start : start + chunk] += log_distance.transpose(1, 2)[queries].double().sum(0).cpu()
+                start += chunk
+            counts[i] += int(queries.sum())
+
+        return hook
+
+    teacher_pass(teacher, batches, {i: {"attn": attn_hook(i)} for i in blocks})
+    if any(c == 0 for c in counts.values()):
+        raise RadistillError("calibration text too short: no query position beyond the first token")
+    return {i: torch.expm1(sums[i] / counts[i]) for i in blocks}
+
+
+def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
+    """Fill every recurrent block's normaliser from the fresh mixer's and the replaced heads' output moments."""
+    moments = {i: (ChannelMoments(len(b.recurrent_heads), head_dim), ChannelMoments(len(b.recurrent_heads), head_dim))
+               for i, b in blocks.items()}
+
+    def attn_hook(i):
+        def hook(module, args, kwargs, mask):  # the teacher attention's normed input -> the student mixer's output
+            y, _ = blocks[i].recurrent(hidden_input(args, kwargs), attention_mask=mask)  # [B, T, r, hd]
+            moments[i][0].add(y, mask)
+
+        return hook
+
+    def o_proj_hook(i):
+        def hook(module, args, mask):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
+            heads = args[0].view(*args[0].shape[:-1], -1, head_dim)[:, :, blocks[i].recurrent_heads]
+            moments[i][1].add(heads, mask)
+
+        return hook
+
+    tokens = teacher_pass(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
+    for i, (student_moments, teacher_moments) in moments.items():
+        blocks[i].normalizer.calibrate(student_moments, teacher_moments)
+    return tokens
+
+
+@torch.no_grad()
+def two_pass_calibrate(student, teacher, batches, half_lives="attention"):
+    blocks = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
+              if layer.self_attn.recurrent is not None}
+    if half_lives == "attention":
+        group = student.config.num_attention_heads // student.config.num_key_value_heads
+        distances = _attention_distances(teacher, blocks, batches, group)
+        for i, block in blocks.items():
+            block.recurrent.set_half_lives(half_life_for_distance(distances[i]))
+    return _normaliser_statistics(teacher, blocks, batches, student.config.head_dim)
+
+
+def normaliser_state(student) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in student.state_dict().items() if ".normalizer." in k or "in_proj.bias" in k}
+
+
+@pytest.mark.parametrize("half_lives", ["attention", "fixed"])
+def test_one_pass_calibration_equals_the_two_pass_reference(teacher, half_lives):  # noqa: F811
+    tokenizer = byte_tokenizer()
+    config = student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8})
+    batches = calibration_batches(tokenizer)  # padded rows of different lengths
+    fast, slow = convert(teacher, config), convert(teacher, config)
+    record = calibrate(fast, teacher, batches, half_lives=half_lives)
+    tokens = two_pass_calibrate(slow, teacher, batches, half_lives=half_lives)
+    assert record.tokens == tokens
+    want = normaliser_state(slow)
+    got = normaliser_state(fast)
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    assert fast.model.layers[0].self_attn.recurrent.backend == "auto"  # put back after calibration
+
+
+def test_calibration_runs_the_mixers_on_the_plain_scan(teacher, monkeypatch):  # noqa: F811
+    """Calibration-sized work is not worth a compile or fla's kernel tuning: the mixers see backend "torch" (on
+    CUDA, ssd() would otherwise compile its scan or call fla) under the force_eager stance, and get theirs back."""
+    import radistill.hybrid.calibrate as calibration
+
+    student = convert(teacher, student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
+    seen = []
+    stances = []
+    real_stance = torch.compiler.set_stance
+
+    def spy_stance(stance, *args, **kwargs):
+        stances.append(stance)
+        return real_stance(stance, *args, **kwargs)
+
+    monkeypatch.setattr(calibration.torch.compiler, "set_stance", spy_stance)
+    for layer in student.model.layers:
+        mixer = layer.self_attn.recurrent
+        if mixer is not None:
+            real = mixer.forward
+            monkeypatch.setattr(mixer, "forward", lambda *a, m=mixer, f=real, **k: (seen.append(m.backend), f(*a, **k))[1])
+    calibrate(student, teacher, calibration_batches(byte_tokenizer()))
+    assert seen and set(seen) == {"torch"} and set(stances) == {"force_eager"}
+    assert {layer.self_attn.recurrent.backend for layer in student.model.layers
+            if layer.self_attn.recurrent is not None} == {"auto"}
+
+
+def test_calibration_on_too_short_text_is_refused(teacher):  # noqa: F811
+    student = convert(teacher, student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8}))
+    ids = torch.tensor([[5]])
+    with pytest.raises(RadistillError, match="too short"):
+        calibrate(student, teacher, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+
+
+def test_build_time_benchmark_quick(tmp_path):
+    out = tmp_path / "build_time.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "build_time.py"), "--quick", "--device", "cpu",
+                           "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["case"] == "built-in text" and row["cli_s"] is None
+    assert all(row[k] > 0 for k in ("build_s", "load_s", "convert_s", "calibrate_s", "save_s"))
+    assert result["torch"] == torch.__version__ and "build s" in result["table"]
+    assert (tmp_path / "work" / "student" / "README.md").exists()
