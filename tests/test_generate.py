@@ -174,5 +174,5 @@ def test_static_cache_beam_search_and_sampled_returns_match_the_growing_cache(st
         for implementation in (None, "static"):
             torch.manual_seed(0)
             outputs.append(student.generate(input_ids=ids, attention_mask=mask, cache_implementation=implementation,
-                                            **{**GREEDY, "max_new_tokens": 4}, **kwargs))
+                                            **{**GREEDY, "max_new_tokens": 4, **kwargs}))
         assert torch.equal(*outputs)
