@@ -146,7 +146,9 @@ def run(args) -> dict:
         prefill_lengths, prefill_b16, contexts, batches, long = [32, 64], 32, [48], [1, 2], (48, 6)
         new_tokens = 4
     else:
-        compile_config = None  # transformers' default CompileConfig
+        # transformers' default CompileConfig; --dynamic: one dynamic-shape graph per model instead of a recompile
+        # per new batch size / cache length (same setting for both models)
+        compile_config = CompileConfig(dynamic=True) if args.dynamic else None
         prefill_lengths, prefill_b16, contexts, batches, long = [2048, 8192, 32768], 8192, [8192, 32768], [1, 16], \
             (32768, 256)
         new_tokens = args.new_tokens
@@ -160,7 +162,8 @@ def run(args) -> dict:
         "quick": quick,
         "models": names,
         "setting": "generate(cache_implementation='static') for both, transformers' default compile of the decode "
-                   "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)"),
+                   "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)")
+                   + (", dynamic=True" if args.dynamic and not quick else ""),
         "bandwidth_bytes_per_s": bandwidth,
         "new_tokens": new_tokens,
         "prefill_s": {n: {} for n in names},
@@ -295,6 +298,8 @@ def main() -> None:
                         help="decode prompt lengths [8192,32768]")
     parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="decode batch sizes [1,16]")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="CompileConfig(dynamic=True) for both models (fewer compiles if time is short)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
     if args.out is None:
