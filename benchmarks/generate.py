@@ -56,13 +56,15 @@ def prompt(model, batch: int, length: int, device: str, seed: int = 0) -> torch.
 
 
 @torch.no_grad()
-def generate(model, ids: torch.Tensor, new_tokens: int, compile_config,
-             static: bool = True) -> tuple[float, torch.Tensor]:
-    """Seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens, and its output ids."""
+def generate(model, ids: torch.Tensor, new_tokens: int, compile_config, static: bool = True,
+             cache_length: int | None = None) -> tuple[float, torch.Tensor]:
+    """Seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens, and its output ids. ``cache_length``:
+    the static cache's length (transformers' ``max_cache_len``), so calls of one prompt length share compiled
+    shapes whatever their number of new tokens."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                   pad_token_id=0)
     if static:
-        kwargs.update(cache_implementation="static", compile_config=compile_config)
+        kwargs.update(cache_implementation="static", compile_config=compile_config, max_cache_len=cache_length)
     device = str(ids.device)
     sync(device)
     start = time.perf_counter()
@@ -94,11 +96,11 @@ def step_bytes(model, name: str, length: int, batch: int) -> int:
     return weight_bytes(model) + batch * (row.kv_bytes + 2 * state)
 
 
-def decode_cell(model, name, length, batch, new_tokens, device, compile_config, bandwidth) -> dict:
+def decode_cell(model, name, length, batch, new_tokens, device, compile_config, bandwidth, cache_length) -> dict:
     ids = prompt(model, batch, length, device)
-    generate(model, ids, new_tokens, compile_config)  # warm-up: compiles, captures, autotunes
-    first, _ = generate(model, ids, 1, compile_config)
-    total, _ = generate(model, ids, new_tokens, compile_config)
+    generate(model, ids, new_tokens, compile_config, cache_length=cache_length)  # warm-up: compiles, captures
+    first, _ = generate(model, ids, 1, compile_config, cache_length=cache_length)
+    total, _ = generate(model, ids, new_tokens, compile_config, cache_length=cache_length)
     rate = batch * (new_tokens - 1) / max(total - first, 1e-9)
     from torch._dynamo.utils import counters
 
@@ -122,7 +124,7 @@ def profile_prefill(model, length: int, device: str, rows: int = 15) -> str:
         with profile(activities=activities) as prof:
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
             sync(device)
-    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"  # kernels, not wrappers
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
@@ -144,7 +146,9 @@ def run(args) -> dict:
         prefill_lengths, prefill_b16, contexts, batches, long = [32, 64], 32, [48], [1, 2], (48, 6)
         new_tokens = 4
     else:
-        compile_config = None  # transformers' default CompileConfig
+        # transformers' default CompileConfig; --dynamic: one dynamic-shape graph per model instead of a recompile
+        # per new batch size / cache length (same setting for both models)
+        compile_config = CompileConfig(dynamic=True) if args.dynamic else None
         prefill_lengths, prefill_b16, contexts, batches, long = [2048, 8192, 32768], 8192, [8192, 32768], [1, 16], \
             (32768, 256)
         new_tokens = args.new_tokens
@@ -158,7 +162,8 @@ def run(args) -> dict:
         "quick": quick,
         "models": names,
         "setting": "generate(cache_implementation='static') for both, transformers' default compile of the decode "
-                   "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)"),
+                   "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)")
+                   + (", dynamic=True" if args.dynamic and not quick else ""),
         "bandwidth_bytes_per_s": bandwidth,
         "new_tokens": new_tokens,
         "prefill_s": {n: {} for n in names},
@@ -196,37 +201,50 @@ def run(args) -> dict:
         "profile", lambda: profile_prefill(models[names[1]], prefill_lengths[min(1, len(prefill_lengths) - 1)], device))
     save()
 
-    # contexts ascending: generate never shrinks a model's static cache (to keep compiled shapes), so a shorter
-    # context after a longer one would attend over the longer buffer
-    for length in contexts:
-        for batch in batches:
-            for name in names:
-                cell = attempt(f"decode {name} {length}x{batch}", lambda: decode_cell(
-                    models[name], name, length, batch, new_tokens, device, compile_config, bandwidth))
-                result["decode"][name][f"{length}x{batch}"] = cell
-                print(f"decode {name} {length}x{batch}: {cell}", flush=True)
-                save()
-
+    # Order: generate never shrinks a model's static cache (to keep compiled shapes), so contexts go ascending (a
+    # shorter context after a longer one would attend over the longer buffer); the 32k cells and the long run share
+    # one cache length, so they share compiled shapes; the most asked-for cells come first in case of a timeout.
     length, steps = long
-    for name in names:
-        def long_run(model=models[name]):
-            ids = prompt(model, 1, length, device, seed=1)
-            generate(model, ids, steps, compile_config)  # warm-up: a longer static cache is a new compiled shape
-            first, _ = generate(model, ids, 1, compile_config)
-            total, _ = generate(model, ids, steps, compile_config)
-            return {"prompt": length, "new_tokens": steps, "ttft_s": first, "total_s": total,
-                    "end_to_end_tokens_per_s": steps / total,
-                    "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
-        result["long"][name] = attempt(f"long {name}", long_run)
-        print(f"long {name}: {result['long'][name]}", flush=True)
-        save()
+    cache_lengths = {n: n + max(new_tokens, steps if n == length else 0) + 8 for n in contexts}
+    cells = [(n, b) for n in contexts for b in batches]
+    cells.sort(key=lambda cell: (cell[0], cell[0] == length and cell[1] != 1))  # the long run reuses the b1 shapes
 
-    hybrid = names[1]
+    def long_run(model):
+        ids = prompt(model, 1, length, device, seed=1)
+        cache_length = cache_lengths.get(length, length + steps + 8)
+        generate(model, ids, steps, compile_config, cache_length=cache_length)  # warm-up (new shapes compile)
+        first, _ = generate(model, ids, 1, compile_config, cache_length=cache_length)
+        total, _ = generate(model, ids, steps, compile_config, cache_length=cache_length)
+        return {"prompt": length, "new_tokens": steps, "ttft_s": first, "total_s": total,
+                "end_to_end_tokens_per_s": steps / total,
+                "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
+
+    done_long = False
+    for context, batch in cells:
+        if context == length and batch != 1 and not done_long:
+            for name in names:
+                result["long"][name] = attempt(f"long {name}", lambda: long_run(models[name]))
+                print(f"long {name}: {result['long'][name]}", flush=True)
+                save()
+            done_long = True
+        for name in names:
+            cell = attempt(f"decode {name} {context}x{batch}", lambda: decode_cell(
+                models[name], name, context, batch, new_tokens, device, compile_config, bandwidth,
+                cache_lengths[context]))
+            result["decode"][name][f"{context}x{batch}"] = cell
+            print(f"decode {name} {context}x{batch}: {cell}", flush=True)
+            save()
+    if not done_long:
+        for name in names:
+            result["long"][name] = attempt(f"long {name}", lambda: long_run(models[name]))
+            print(f"long {name}: {result['long'][name]}", flush=True)
+            save()
+
     def agreement():
-        model = models[hybrid]
+        model = models[names[1]]
         ids = prompt(model, 1, 64 if quick else 512, device, seed=2)  # batch 1: the shapes compiled already
         steps = 8 if quick else 32
-        _, static = generate(model, ids, steps, compile_config)
+        _, static = generate(model, ids, steps, compile_config, cache_length=max(cache_lengths.values()))
         _, growing = generate(model, ids, steps, None, static=False)
         return float((static[:, ids.shape[1]:] == growing[:, ids.shape[1]:]).float().mean())
     result["hybrid_static_compiled_vs_eager_token_agreement"] = attempt("agreement", agreement)
@@ -280,6 +298,8 @@ def main() -> None:
                         help="decode prompt lengths [8192,32768]")
     parser.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="decode batch sizes [1,16]")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="CompileConfig(dynamic=True) for both models (fewer compiles if time is short)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
     if args.out is None:

@@ -174,5 +174,13 @@ def test_static_cache_beam_search_and_sampled_returns_match_the_growing_cache(st
         for implementation in (None, "static"):
             torch.manual_seed(0)
             outputs.append(student.generate(input_ids=ids, attention_mask=mask, cache_implementation=implementation,
-                                            **{**GREEDY, "max_new_tokens": 4}, **kwargs))
+                                            **{**GREEDY, "max_new_tokens": 4, **kwargs}))
         assert torch.equal(*outputs)
+
+
+def test_static_generate_with_a_sliding_window_teacher():
+    windowed = make_student(make_teacher("mistral", sliding_window=6), MIXED)
+    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
+    growing = windowed.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    static = windowed.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY)
+    assert torch.equal(growing, static)

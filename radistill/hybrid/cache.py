@@ -164,7 +164,8 @@ class HybridLayerCache:
         if self.state is None:
             self.state = make_empty()
             self.is_initialized = True
-            if self.max_length is not None:  # fixed addresses, which a CUDA graph of the decode step replays on
+            # fixed addresses, which a CUDA graph of the decode step replays on (not markable while tracing)
+            if self.max_length is not None and not torch.compiler.is_compiling():
                 for tensor in self.state.values():
                     torch._dynamo.mark_static_address(tensor)
         return self.state
