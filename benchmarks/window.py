@@ -172,8 +172,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.kv_samples = args.kv_samples or (24 if args.quick else 128)
     args.ppl_tokens = args.ppl_tokens or (1024 if args.quick else 65536)
-    args.windows = [int(w) for w in (args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))).split(",")]
-    args.pairs = tuple(int(p) for p in (args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))).split(","))
+    windows = args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))
+    pairs = args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))
+    args.windows, args.pairs = [int(w) for w in windows.split(",")], tuple(int(p) for p in pairs.split(","))
     if not Path(args.teacher).exists() or not CORPUS.exists():
         print(f"needs {args.teacher} and {CORPUS}")
         return 2
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
                 row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
             rows.append(row)
             kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
-            print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+            print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)",
+                  flush=True)
             del student
     for path in args.students:
         student, _ = load_model(path, dtype="fp32", device="cpu")
