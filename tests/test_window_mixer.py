@@ -254,3 +254,15 @@ def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
         objective = make_objective(1, student, teacher, recipe.stage(1), [0, 1])
         losses[window] = float(objective.step(probe, scale=0.0)) / objective.unit_count
     assert losses[16] < 1e-6 < 1e-3 < losses[3], losses
+
+
+def test_memory_plans_a_window_student_with_gqa_shared_rings():
+    from radistill.hybrid.memory import memory_rows
+
+    rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window", window=16)
+    (planned,) = [r for r in rows if r.model.startswith("student")]  # no "paper accounting" row for a window
+    # 32 layers x (4 KV heads x K and V of 16 tokens x 128 dims in bf16 + each layer's 16-slot mask)
+    assert planned.ssm_bytes == 32 * (4 * 2 * 16 * 128 * 2 + 16 * 2) and planned.conv_bytes == 0
+    assert planned.kv_bytes == 13 * 2 * 128 * 2 * 2048
+    with pytest.raises(RadistillError, match="--mixer window"):
+        memory_rows("nanbeige4.1-3b", [2048], keep=13, window=16)
