@@ -13,7 +13,7 @@ from radistill.hybrid.memory import measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MixerBank, WindowAttention
 from radistill.models.presets import random_model, tiny_config
 from radistill.utils.errors import RadistillError
-from tests.test_hybrid import left_padded, make_teacher
+from test_hybrid import left_padded, make_teacher
 
 MAMBA = {"state_size": 8, "chunk_size": 4}
 
@@ -202,7 +202,7 @@ def test_cli_build_with_window_heads(tmp_path):
 
     from radistill.hybrid.build import load_selection
     from radistill.hybrid.cli import register
-    from tests.test_build import VOCAB, byte_tokenizer, write_scan
+    from test_build import VOCAB, byte_tokenizer, write_scan
 
     torch.manual_seed(0)
     teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
@@ -242,7 +242,7 @@ def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
     a short one is not."""
     from radistill.distill.data import PackedStream
     from radistill.distill.stages import make_objective
-    from tests.distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
+    from distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
 
     write_corpus(tmp_path / "corpus.txt")
     teacher = tiny_teacher()
