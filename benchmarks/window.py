@@ -37,7 +37,13 @@ from testbed_recovery import CORPUS, KV_SEED, TEACHER, heldout_perplexity, recip
 from radistill.distill.data import heldout_sequences  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.hybrid.build import convert, select_heads, student_config  # noqa: E402
-from radistill.hybrid.memory import measure_cache_bytes, student_rows, teacher_rows  # noqa: E402
+from radistill.hybrid.memory import (  # noqa: E402
+    measure_cache_bytes,
+    planned_student_rows,
+    student_rows,
+    teacher_rows,
+)
+from radistill.models.access import layout_from_config as model_layout_of  # noqa: E402
 from radistill.models.access import load_model, model_layout  # noqa: E402
 from radistill.scan.result import load_scan  # noqa: E402
 from radistill.scan.run import probe_items, scan_model  # noqa: E402
@@ -132,12 +138,11 @@ def serving_rows() -> dict:
             f"ssm K={SERVING_KEEP} N={SERVING_STATE}": plan.serving["student"].to_dict()}
     teacher = plan.serving["teacher"]
     free = int(SERVING_BUDGET_GIB * GiB) - teacher.weights_bytes - teacher.prefill_bytes
-    hd, layers, kv_heads = config.head_dim, config.num_hidden_layers, config.num_key_value_heads
     for window in (16, 64):
-        # kept heads each with their own KV head (an upper bound, as memory.planned_student_rows counts them);
-        # window heads: every layer's other heads read all its KV heads, so one ring per (layer, KV head)
-        per_token = SERVING_KEEP * 2 * hd * 2
-        state = layers * kv_heads * (2 * window * hd * 2 + window * 2)
+        # radistill memory's planned student: kept heads each with their own KV head (an upper bound), window heads
+        # one ring per (layer, KV head)
+        (row,) = planned_student_rows(model_layout_of(config), [1], 2, SERVING_KEEP, "window", {"window": window})
+        per_token, state = row.kv_bytes, row.ssm_bytes + row.conv_bytes
         rows[f"window K={SERVING_KEEP} W={window}"] = {
             "weights_bytes": teacher.weights_bytes, "kv_bytes_per_token": per_token, "state_bytes": state,
             "prefill_bytes": teacher.prefill_bytes, "max_context_b1": (free - state) // per_token,
@@ -165,6 +170,10 @@ def markdown(result: dict) -> str:
     for name, r in serving["rows"].items():
         lines.append(f"| {name} | {r['kv_bytes_per_token']:,} | {r['state_bytes'] / 2**20:.2f} | "
                      f"{r['max_context_b1']:,} | {r['max_batch']:,} |")
+    if result.get("serving_note"):
+        lines += ["", f"Note: {result['serving_note']}."]
+    lines += ["", "Both students are capped by the model's 262,144 positions; the window student holds the teacher's "
+              "weights (its heads keep Q/K/V), the SSM student's in_proj is larger (its z gate), hence the room."]
     return "\n".join(lines) + "\n"
 
 
@@ -172,8 +181,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.kv_samples = args.kv_samples or (24 if args.quick else 128)
     args.ppl_tokens = args.ppl_tokens or (1024 if args.quick else 65536)
-    args.windows = [int(w) for w in (args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))).split(",")]
-    args.pairs = tuple(int(p) for p in (args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))).split(","))
+    windows = args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))
+    pairs = args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))
+    args.windows, args.pairs = [int(w) for w in windows.split(",")], tuple(int(p) for p in pairs.split(","))
     if not Path(args.teacher).exists() or not CORPUS.exists():
         print(f"needs {args.teacher} and {CORPUS}")
         return 2
@@ -196,7 +206,8 @@ def main(argv=None) -> int:
                 row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
             rows.append(row)
             kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
-            print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+            print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)",
+                  flush=True)
             del student
     for path in args.students:
         student, _ = load_model(path, dtype="fp32", device="cpu")

@@ -18,7 +18,7 @@ from radistill.hybrid.build import convert, student_config
 from radistill.hybrid.memory import measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MIXERS, RecurrentMixer, find_mixer, get_mixer
 from radistill.utils.errors import RadistillError
-from tests.test_hybrid import left_padded, make_teacher
+from test_hybrid import left_padded, make_teacher
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mixers" / "slot_bank.py"
 
@@ -114,7 +114,7 @@ def test_a_few_distillation_steps_lower_the_loss(registered, tmp_path):
     from radistill.distill.data import PackedStream
     from radistill.distill.stages import make_objective
     from radistill.distill.trainer import Trainer
-    from tests.distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
+    from distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
 
     write_corpus(tmp_path / "corpus.txt")
     tokenizer, teacher = char_tokenizer(), tiny_teacher()

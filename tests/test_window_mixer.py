@@ -13,7 +13,7 @@ from radistill.hybrid.memory import measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MixerBank, WindowAttention
 from radistill.models.presets import random_model, tiny_config
 from radistill.utils.errors import RadistillError
-from tests.test_hybrid import left_padded, make_teacher
+from test_hybrid import left_padded, make_teacher
 
 MAMBA = {"state_size": 8, "chunk_size": 4}
 
@@ -202,7 +202,7 @@ def test_cli_build_with_window_heads(tmp_path):
 
     from radistill.hybrid.build import load_selection
     from radistill.hybrid.cli import register
-    from tests.test_build import VOCAB, byte_tokenizer, write_scan
+    from test_build import VOCAB, byte_tokenizer, write_scan
 
     torch.manual_seed(0)
     teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
@@ -242,7 +242,7 @@ def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
     a short one is not."""
     from radistill.distill.data import PackedStream
     from radistill.distill.stages import make_objective
-    from tests.distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
+    from distill_helpers import char_tokenizer, tiny_recipe, tiny_teacher, write_corpus
 
     write_corpus(tmp_path / "corpus.txt")
     teacher = tiny_teacher()
@@ -254,3 +254,15 @@ def test_stage1_sees_the_window_as_the_teacher_attention(tmp_path):
         objective = make_objective(1, student, teacher, recipe.stage(1), [0, 1])
         losses[window] = float(objective.step(probe, scale=0.0)) / objective.unit_count
     assert losses[16] < 1e-6 < 1e-3 < losses[3], losses
+
+
+def test_memory_plans_a_window_student_with_gqa_shared_rings():
+    from radistill.hybrid.memory import memory_rows
+
+    rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window", window=16)
+    (planned,) = [r for r in rows if r.model.startswith("student")]  # no "paper accounting" row for a window
+    # 32 layers x (4 KV heads x K and V of 16 tokens x 128 dims in bf16 + each layer's 16-slot mask)
+    assert planned.ssm_bytes == 32 * (4 * 2 * 16 * 128 * 2 + 16 * 2) and planned.conv_bytes == 0
+    assert planned.kv_bytes == 13 * 2 * 128 * 2 * 2048
+    with pytest.raises(RadistillError, match="--mixer window"):
+        memory_rows("nanbeige4.1-3b", [2048], keep=13, window=16)

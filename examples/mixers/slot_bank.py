@@ -42,7 +42,8 @@ class _FromAttention(RecurrentMixer):
         zeros = q_weight.new_zeros(H, P)
         with torch.no_grad():
             mixer.qkv.weight.copy_(torch.cat([q_weight, k_weight, v_weight]).reshape(3 * H * P, hidden_size))
-            mixer.qkv.bias.copy_(torch.cat([b if b is not None else zeros for b in (q_bias, k_bias, v_bias)]).reshape(-1))
+            biases = [b if b is not None else zeros for b in (q_bias, k_bias, v_bias)]
+            mixer.qkv.bias.copy_(torch.cat(biases).reshape(-1))
         return mixer
 
     def _project(self, u: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -477,7 +477,12 @@ def build_student(
     config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings,
                             head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings)
     student = convert(model, config)
-    if calibration_data is None:
+    # a student whose mixers all start exact (e.g. only window heads) has nothing to calibrate
+    needs_calibration = any(
+        getattr(m, "has_half_lives", False) or any(getattr(m, "normalized_heads", lambda: [True])())
+        for m in (layer.self_attn.recurrent for layer in student.model.layers) if m is not None
+    )
+    if calibration_data is None and needs_calibration:
         console.print("[yellow]no --calibration-data: calibrating on a small built-in text; pass the distillation "
                       "data for a better start[/]")
     batches = calibration_batches(tokenizer, calibration_data, calibration_tokens)

@@ -100,13 +100,15 @@ def register(app: typer.Typer) -> None:
         baseline: Optional[list[str]] = typer.Option(
             None, "--baseline", help="layer-level hybrid to compare with: mil-P (P% attention layers), repeatable"
         ),
+        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="that student's other heads (e.g. window)"),
+        window: Optional[int] = typer.Option(None, "--window", help="with --mixer window: its span in tokens [16]"),
         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     ) -> None:
         """Cache bytes per sequence (KV, SSM state, conv state) from the config alone: student vs teacher."""
         from radistill.hybrid.memory import memory_rows
 
         rows = memory_rows(model, _lengths(lengths), dtype=dtype, keep=keep, state_size=state_size,
-                           baselines=baseline)
+                           baselines=baseline, mixer=mixer, window=window)
         if as_json:
             typer.echo(json.dumps({"rows": [r.to_dict() for r in rows]}, indent=2))
         else:

@@ -151,8 +151,17 @@ def planned_student_rows(
         raise RadistillError(f"--keep {keep} is out of range: the model has {layout.total_heads} heads")
     settings = dict(settings or {})
     recurrent = layout.total_heads if paper else layout.total_heads - keep
-    sizes = _state_bytes(mixer, recurrent, layout.head_dim, nbytes, settings)
+    from radistill.hybrid.modeling import mixer_class
+
+    if recurrent and mixer_class(mixer).shares_kv:
+        # K/V shared per GQA group (window): at most one state per (layer, KV head), an upper bound, per layer
+        per_layer = _state_bytes(mixer, max(1, recurrent // layout.num_layers), layout.head_dim, nbytes, settings,
+                                 kv_heads=layout.num_kv_heads)
+        sizes = {k: v * layout.num_layers for k, v in per_layer.items()}
+    else:
+        sizes = _state_bytes(mixer, recurrent, layout.head_dim, nbytes, settings)
     label = f"student K={keep}" + (f" N={settings['state_size']}" if "state_size" in settings else "")
+    label += f" {mixer} W={settings['window']}" if "window" in settings else ""
     label += " (paper accounting)" if paper else ""
     return [
         MemoryRow(label, n, _kv_bytes(keep, layout.head_dim, nbytes, n, window), sizes["ssm"], sizes["conv"])
@@ -205,8 +214,10 @@ def memory_rows(
     state_size: int | None = None,
     mixer: str = DEFAULT_MIXER,
     baselines: list[str] | None = None,
+    window: int | None = None,
 ) -> list[MemoryRow]:
     """All rows of ``radistill memory``: the teacher, the student (built, or planned with ``keep``), baselines.
+    ``mixer``/``window``: the planned student's other heads (``window``: sliding-window heads of that many tokens).
 
     ``model_or_config``: a path/id/shape name, or an HF config object.
     """
@@ -232,7 +243,12 @@ def memory_rows(
         rows += teacher_rows(layout, lengths, nbytes, windows=windows)
         if keep is not None:
             settings = {} if state_size is None else {"state_size": state_size}
-            for paper in (False, True):
+            if window is not None:
+                if mixer != "window":
+                    raise RadistillError("--window is the window mixer's span: pass --mixer window with it")
+                settings["window"] = window
+            # the paper's accounting (an SSM state on every head) describes its SSM student only
+            for paper in (False, True) if mixer == DEFAULT_MIXER else (False,):
                 rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings, paper, one_window(windows))
         elif state_size is not None:
             raise RadistillError("--state-size needs --keep K (the student's kept heads) for a teacher config")

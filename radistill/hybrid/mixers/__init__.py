@@ -23,8 +23,8 @@ def register_mixer(name: str, cls: type[RecurrentMixer], *, overwrite: bool = Fa
     """Make ``cls`` (a :class:`RecurrentMixer` subclass) the mixer called ``name`` (in ``--mixer``, ``--kept-mixer``
     and config.json); returns ``cls``. A name already taken by another class is refused unless ``overwrite``."""
     if not (isinstance(cls, type) and issubclass(cls, RecurrentMixer)):
-        raise RadistillError(f"register_mixer({name!r}, ...) needs a subclass of radistill.hybrid.mixers.RecurrentMixer, "
-                             f"got {cls!r}")
+        raise RadistillError(f"register_mixer({name!r}, ...) needs a subclass of "
+                             f"radistill.hybrid.mixers.RecurrentMixer, got {cls!r}")
     if not name or not isinstance(name, str):
         raise RadistillError(f"a mixer name must be a non-empty string, got {name!r}")
     if MIXERS.get(name, cls) is not cls and not overwrite:

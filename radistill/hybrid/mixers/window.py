@@ -155,7 +155,8 @@ class WindowAttention(RecurrentMixer):
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         """{"k", "v": [B, G, W, P] the last W real tokens' keys (RoPE applied) and values, "valid": [B, W]}."""
         shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype),
+        return {"k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype),
                 "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype)}
 
     @staticmethod
@@ -183,7 +184,8 @@ class WindowAttention(RecurrentMixer):
                                                                          dtype=q_weight.dtype)
         first = [mixer.kv_groups.index(g) for g in range(mixer.num_kv_heads)]
         for head, g in enumerate(mixer.kv_groups):
-            if not (torch.equal(k_weight[head], k_weight[first[g]]) and torch.equal(v_weight[head], v_weight[first[g]])):
+            same = torch.equal(k_weight[head], k_weight[first[g]]) and torch.equal(v_weight[head], v_weight[first[g]])
+            if not same:
                 raise RadistillError(f"heads {first[g]} and {head} share KV group {g} but have different K/V rows: "
                                      "kv_groups must follow the teacher's GQA groups")
         with torch.no_grad():
