@@ -199,11 +199,16 @@ def test_kv_values_are_equal_length_choices_for_a_digit_splitting_tokenizer():
 
     tok = digit_splitting_tokenizer()
     prefix = value_prefix(tok)
+    assert prefix == " "  # natural "is 42": the digits are not scored after an "is4" no text contains
     assert value_range(tok, prefix) == range(10, 100)
     items = kv_items(tok, KVProbeConfig(pairs=20, samples=8, seed=3))
     assert all(10 <= int(c) <= 99 for item in items for c in item.choices)
     lengths = {len(c) for e in encode_items(tok, items) for c in e.choice_ids}
-    assert lengths == {2}  # every value two digit tokens: no choice wins by being shorter
+    assert lengths == {2}  # two digits each: no choice wins by being shorter
+    # "is 42" as text: the lone space token ends the prompt (read once) instead of starting every choice
+    assert all(item.prompt.endswith("' is ") and not item.choices[0].startswith(" ") for item in items)
+    encoded = encode_items(tok, items[:1])[0]
+    assert list(encoded.prompt_ids) + list(encoded.choice_ids[0]) == tok(items[0].prompt + items[0].choices[0]).input_ids
     assert len(kv_items(tok, KVProbeConfig(pairs=90, samples=1))[0].choices) == 90
     with pytest.raises(RadistillError, match="at most 90 for this tokenizer"):
         kv_items(tok, KVProbeConfig(pairs=91, samples=1))
