@@ -433,10 +433,12 @@ class Trainer:
             topk = None
             if teacher_logits is not None:  # read by the CPU batch, whose tokens are checked against the stored ones
                 topk = tuple(self._to_device(t) for t in teacher_logits.read(position, batch))
+            positions = stream.position_ids(batch)  # None unless data.packing is "documents"
             batch = self._to_device(batch)
+            extra = {} if positions is None else {"position_ids": self._to_device(positions)}
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
                 final = micro == cfg.grad_accum - 1  # DDP / FSDP2 reduce gradients on the last one only
-                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final, teacher_topk=topk)
+                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final, teacher_topk=topk, **extra)
         if step == 0 and cfg.trainable == "lora":  # every adapter must be on the forward's path
             check_adapter_gradients(self.student)
         max_norm = cfg.clip if cfg.clip > 0 else float("inf")

@@ -25,7 +25,11 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -43,6 +47,7 @@ from radistill.hybrid.cache import HybridCache, HybridLayerCache
 from radistill.hybrid.configuration import HybridConfig
 from radistill.hybrid.mixers import MIXERS, RecurrentMixer
 from radistill.hybrid.normalizer import StaticNormalizer
+from radistill.models.packing import document_resets
 from radistill.utils.errors import RadistillError
 
 # The output dataclasses' cache field: ``cache`` from transformers 5.24, ``past_key_values`` before.
@@ -219,12 +224,14 @@ class HybridMixer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        document_reset: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, D] (normed) -> (mixer output [B, T, D], kept heads' attention weights or None).
 
         attention_mask: the attention mask as the model prepares it (``HybridModel.layer_kwargs``);
-        padding_mask: [B, T] (1 = token, 0 = padding) for the recurrent heads, so padding never enters a state.
+        padding_mask: [B, T] (1 = token, 0 = padding) for the recurrent heads, so padding never enters a state;
+        document_reset: [B, T] bool, packed documents: the recurrent state restarts where it is True.
         """
         batch, seq_len, _ = hidden_states.shape
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
@@ -246,7 +253,8 @@ class HybridMixer(nn.Module):
                 state = layer_cache.mixer_state(
                     lambda: self.recurrent.empty_state(batch, hidden_states.device, hidden_states.dtype)
                 )
-            recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state)  # [B, T, r, hd]
+            reset = {} if document_reset is None else {"reset": document_reset}
+            recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state, **reset)
             parts.append(self.normalizer(recurrent))
         if layer_cache is not None:
             layer_cache.advance(seq_len)
@@ -355,7 +363,11 @@ class HybridModel(HybridPreTrainedModel):
         inputs_embeds [B, T, D] (only shape, dtype, device are read); attention_mask [B, past+T] (1 = token) or
         None; position_ids [B or 1, T] or None (then past..past+T-1). Returns ``{"attention_mask": prepared mask
         for the attention implementation, "padding_mask": [B, T] or None, "position_ids", "position_embeddings":
-        (cos, sin)}`` -- call ``layer(hidden_states, **kwargs)``.
+        (cos, sin)}`` and, for packed documents, ``"document_reset"`` [B, T] -- call ``layer(hidden_states, **kwargs)``.
+
+        Packed documents: position ids that restart (without an attention mask or a cache, transformers' rule) make
+        the kept heads' mask block-diagonal (transformers' masking utils) and reset the recurrent heads' state at
+        each document start, so every document is computed as if alone (radistill/models/packing.py).
         """
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
@@ -372,12 +384,17 @@ class HybridModel(HybridPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             padding_mask = attention_mask[:, -seq_len:]  # the new tokens' columns
 
-        return {
+        out = {
             "attention_mask": causal_mask,
             "padding_mask": padding_mask,
             "position_ids": position_ids,
             "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
         }
+        if attention_mask is None and cache is None and position_ids is not None:
+            packed = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+            if packed is not None:
+                out["document_reset"] = document_resets(position_ids.expand(inputs_embeds.shape[0], -1))
+        return out
 
     @merge_with_config_defaults
     @capture_outputs

@@ -28,15 +28,19 @@ class RecurrentMixer(nn.Module, ABC):
 
     @abstractmethod
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
+        reset: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [batch, seq, hidden]; attention_mask [batch, seq] (1 = token, 0 = padding) or None;
-        state: a MixerState from empty_state() or a previous call, or None (start from zeros, keep nothing).
+        state: a MixerState from empty_state() or a previous call, or None (start from zeros, keep nothing);
+        reset: [batch, seq] bool or None, packed documents: where True a new document starts and nothing from
+        before it (state, conv inputs) reaches it or anything after it.
         Returns (y [batch, seq, heads, head_dim], state'). With a state, it is advanced in place and returned.
         Padding never changes the state."""
 
     @abstractmethod
-    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                      reset: Tensor | None = None) -> Tensor:
         """[batch, heads, seq, seq]: M with y_t = sum_s M[t, s] x_s (before gate and D skip): MOHAWK stage 1."""
 
     @abstractmethod

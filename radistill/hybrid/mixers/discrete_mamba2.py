@@ -117,10 +117,12 @@ class DiscreteMamba2(RecurrentMixer):
         return math.log(2.0) / F.softplus(self.in_proj.bias[self._rows("a")].double())
 
     def _project(
-        self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None
+        self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None,
+        reset: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """-> x [B, T, H, P], log_a [B, T, H] float32/64, b/c [B, T, H, N], z [B, T, H, P], and the conv's input window
-        [B, channels, conv_width - 1 + T] (past inputs, then these)."""
+        [B, channels, conv_width - 1 + T] (past inputs, then these). ``reset`` [B, T] bool: a document starts there,
+        so its log-decay is -inf (the state before it is multiplied by 0) and the conv reads no input before it."""
         B, T, _ = hidden_states.shape
         H, P, N = self.num_heads, self.head_dim, self.state_size
         xbc, z, a_log = self.in_proj(hidden_states).split(
@@ -135,9 +137,20 @@ class DiscreteMamba2(RecurrentMixer):
         # the depthwise causal conv as conv_width shifted multiply-adds: the same code for a prefill and for one
         # token, fusable by torch.compile, and free of F.conv1d's seconds-long first call on CPU
         T_out, taps = window.shape[-1] - self.conv_width + 1, self.conv1d.weight[:, 0, :, None]
-        xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] for k in range(self.conv_width))
+        if reset is None:
+            xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] for k in range(self.conv_width))
+        else:  # a tap reads its input only when no document starts between it and the output
+            starts = torch.cat([reset.new_zeros(B, self.conv_width - 1), reset[:, -T:]], dim=-1).int().cumsum(-1)
+            same = [(starts[:, k : k + T_out] == starts[:, self.conv_width - 1 :]).unsqueeze(1).to(window.dtype)
+                    for k in range(self.conv_width)]
+            xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] * same[k]
+                                                  for k in range(self.conv_width))
+            # the conv state kept for a next call holds only inputs of the last document
+            window = window * (starts == starts[:, -1:]).unsqueeze(1).to(window.dtype)
         xbc = xbc.transpose(1, 2)
         log_a = -F.softplus(a_log.to(wide(a_log.dtype)))
+        if reset is not None:
+            log_a = log_a.masked_fill(reset[:, -T:].unsqueeze(-1), float("-inf"))
         if pad is not None:  # the conv bias would make padded x, b, c nonzero again
             xbc, log_a = xbc.masked_fill(pad, 0.0), log_a.masked_fill(pad, 0.0)
         x, b, c = xbc.split([H * P, H * N, H * N], dim=-1)
@@ -156,23 +169,31 @@ class DiscreteMamba2(RecurrentMixer):
         return window.gather(-1, index.unsqueeze(1).expand(-1, window.shape[1], -1))
 
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
+        reset: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]: its last T columns are used), 1 =
-        token, 0 = padding; state from empty_state() or None. -> (y [B, T, H, P], state advanced in place or None)."""
+        token, 0 = padding; state from empty_state() or None; reset [B, T] bool (packed documents start there) or
+        None. -> (y [B, T, H, P], state advanced in place or None).
+
+        With resets the scan runs in PyTorch (the -inf log-decays are exact there; fla's kernels take no resets here):
+        training already does on Hopper, where fla's chunked backward is refused."""
         conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
-        x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state)
-        y, final = ssd(x, log_a, b, c, ssm_state, backend=self.backend, chunk_size=self.chunk_size)
+        x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state, reset)
+        backend = self.backend if reset is None else "torch"
+        y, final = ssd(x, log_a, b, c, ssm_state, backend=backend, chunk_size=self.chunk_size)
         y = (y + self.D[:, None] * x) * F.silu(z)
         if state is not None:
             state["ssm"].copy_(final)
             state["conv"].copy_(self._last_real_inputs(window, attention_mask))
         return y, state
 
-    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                      reset: Tensor | None = None) -> Tensor:
         """[B, H, T, T]: M with y_t = sum_s M[t, s] x_s, x being the conv'd value stream, before the D skip and the
-        gate (what MOHAWK stage 1 aligns with the teacher's attention). Padded rows and columns are 0."""
-        _, log_a, b, c, _, _ = self._project(hidden_states, attention_mask, None)
+        gate (what MOHAWK stage 1 aligns with the teacher's attention). Padded rows and columns are 0, and so are
+        entries across a reset (packed documents)."""
+        _, log_a, b, c, _, _ = self._project(hidden_states, attention_mask, None, reset)
         return ssd_matrix(log_a, b, c)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
