@@ -269,6 +269,8 @@ class Trainer:
                 # the block's last step was checkpointed, which gathered its layers onto every rank
                 del objective, optimizer  # the block's optimizer state goes before the next block's is made
         self._release(stage)
+        if cfg.recalibrate:  # stage 1 only (the recipe checks)
+            self._recalibrate()
         self._export(stage)
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
@@ -360,6 +362,20 @@ class Trainer:
             self._unstream = None
         if not is_sharded(self.teacher):
             self.teacher.to(self.teacher_home)
+
+    def _recalibrate(self) -> None:
+        """The static normalisers measured again after stage 1 on the build's calibration text (the training data's
+        first documents), every rank alike, beside the teacher; the student comes back to where it was."""
+        from radistill.hybrid.calibrate import calibration_batches, recalibrate_normalizers
+
+        batches = calibration_batches(self.tokenizer, self.recipe.data.source)
+        device = next(self.teacher.parameters()).device  # where the teacher waits between stages
+        self.student.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast and device.type == "cuda"):
+            tokens = recalibrate_normalizers(self.student, self.teacher, batches)
+        self.student.to(self.home)
+        if is_main_process():
+            console.print(f"stage 1: normalisers recalibrated on {tokens:,} tokens")
 
     def _seed(self, stage: int) -> int:
         """``stage``'s own seed: its data order (and stored teacher logits), its LoRA adapters' initialisation."""

@@ -155,6 +155,17 @@ def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[
     return Calibration(tokens, half_lives, record)
 
 
+@torch.no_grad()
+def recalibrate_normalizers(student: HybridForCausalLM, teacher: nn.Module,
+                            batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Measure every static normaliser's statistics again on ``batches`` (pass 2 of :func:`calibrate` alone), for
+    mixers that training has changed since the build (stage 1 reshapes them; the normaliser would still map the
+    fresh mixer's scale onto the teacher's). Half-lives are left as they are. Returns the real tokens seen."""
+    blocks = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
+              if layer.self_attn.recurrent is not None}
+    return _normaliser_statistics(teacher, blocks, batches, student.config.head_dim) if blocks else 0
+
+
 def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
     """Half-lives (tokens) of the decays whose normalised kernel a^d has mean distance ``distance``: a/(1-a) = d."""
     d = distance.double().clamp_min(1e-3)
@@ -246,4 +257,4 @@ def _normaliser_statistics(teacher, blocks, batches, head_dim: int) -> int:
 
 
 __all__ = ["BUILTIN_TEXT", "Calibration", "DEFAULT_TOKENS", "HALF_LIVES", "calibrate", "calibration_batches",
-           "half_life_for_distance", "teacher_pass"]
+           "half_life_for_distance", "recalibrate_normalizers", "teacher_pass"]
