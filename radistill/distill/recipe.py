@@ -255,7 +255,7 @@ def _validate_trainable(st: StageConfig, number: int, where: str) -> None:
                 f"of parts from {', '.join(PARTS)}"
             )
         if number == 1 and set(names) != {"recurrent"}:
-            raise RadistillError(f"{where}: stage 1 trains only what shapes the recurrent heads' mixing matrices: use "
+            raise RadistillError(f"{where}: trains only what shapes the recurrent heads' mixing matrices: use "
                                  "trainable recurrent, mixer or all")
         if number == 2 and {"embeddings", "lm-head"} & set(names):
             raise RadistillError(f"{where}: stage 2 aligns each layer's output and never runs the embeddings or the "

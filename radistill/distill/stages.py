@@ -26,7 +26,7 @@ from radistill.distill.losses import (
     distillation_loss, hidden_alignment_loss, matrix_orientation_loss, topk_distillation_loss,
 )
 from radistill.distill.parallel import gradient_sync
-from radistill.distill.recipe import StageConfig
+from radistill.distill.recipe import StageConfig, trainable_parts
 from radistill.finetune.lora import adapter_parameters
 from radistill.models.access import decoder_layers, hidden_input, layout_from_config
 from radistill.models.attention import attention_probs
@@ -50,7 +50,11 @@ def student_layers(model: nn.Module) -> nn.ModuleList:
 def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
     """``all``: the whole decoder layer; ``mixer``: its token mixer (attention + recurrent heads + o_proj);
     ``recurrent``: only its recurrent heads (empty for a layer without any); ``lora``: its LoRA adapters (the
-    trainer adds them first)."""
+    trainer adds them first); or a comma-separated list of parts (:data:`radistill.distill.recipe.PARTS`):
+    ``recurrent``, ``kept-heads`` (their q/k/v projections), ``o-proj``, ``mlp``, ``norms`` (the layer's two)."""
+    parts = trainable_parts(trainable)
+    if parts is not None:
+        return _unique([p for part in parts for p in _layer_part(layer, part)])
     if trainable == "all":
         return list(layer.parameters())
     if trainable == "lora":
@@ -62,10 +66,35 @@ def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
     return [] if recurrent is None else list(recurrent.parameters())
 
 
+def _layer_part(layer: nn.Module, part: str) -> list[nn.Parameter]:
+    mixer = layer.self_attn
+    modules = {
+        "recurrent": [getattr(mixer, "recurrent", None)],
+        "kept-heads": [getattr(mixer, "attention", None)],
+        "o-proj": [getattr(mixer, "o_proj", None)],
+        "mlp": [getattr(layer, "mlp", None)],
+        "norms": [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)],
+    }.get(part, [])
+    return [p for m in modules if m is not None for p in m.parameters()]
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    return list({id(p): p for p in params}.values())
+
+
 def model_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """As :func:`layer_parameters` over every layer; parts also name the model's own ``embeddings``, ``lm-head`` and
+    (with ``norms``) the final norm (stage 3: stages 1/2 never run them). Tied embeddings and LM head are one
+    parameter, trained when either is named."""
     if trainable == "all":
         return list(model.parameters())
-    return [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
+    params = [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
+    parts = trainable_parts(trainable) or ()
+    base = getattr(model, model.base_model_prefix)
+    extra = {"embeddings": model.get_input_embeddings(), "lm-head": model.get_output_embeddings(),
+             "norms": getattr(base, "norm", None)}
+    params += [p for part in parts if extra.get(part) is not None for p in extra[part].parameters()]
+    return _unique(params)
 
 
 def trained_layers(stage: int, student: nn.Module, trainable: str) -> list[int]:
