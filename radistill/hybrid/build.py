@@ -173,9 +173,11 @@ def select_heads(
 
 
 def student_config(
-    teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None
+    teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None,
+    private_kv: bool = False,
 ) -> HybridConfig:
-    """The student's config: the teacher's architecture fields, read off its config and its modules."""
+    """The student's config: the teacher's architecture fields, read off its config and its modules
+    (``private_kv``: see :class:`HybridConfig`)."""
     t = teacher.config
     layout = model_layout(teacher)
     if len(set(getattr(t, "layer_types", None) or ["full_attention"])) > 1:
@@ -213,6 +215,7 @@ def student_config(
         kept_heads=kept_heads,
         mixer=mixer,
         mixer_settings=settings,
+        private_kv=private_kv,
     )
 
 
@@ -267,7 +270,8 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
         for key, value in attn.o_proj.state_dict().items():
             state[f"{prefix}self_attn.o_proj.{key}"] = value
 
-        kept, kv_kept, recurrent = config.kept_heads[i], config.kept_kv_heads(i), config.recurrent_heads(i)
+        # private_kv: kv_kept repeats a KV head once per kept query head, each copy its own rows
+        kept, kv_kept, recurrent = config.kept_heads[i], config.kv_sources(i), config.recurrent_heads(i)
         if kept:
             target = f"{prefix}self_attn.attention."
             for proj, heads in (("q_proj", kept), ("k_proj", kv_kept), ("v_proj", kv_kept)):
@@ -313,7 +317,7 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
 def selection_record(selection: Selection, config: HybridConfig, teacher_id: str, fingerprint: str, **extra) -> dict:
     """The content of ``selection.json``."""
     layout = config.layout
-    kv_per_layer = [config.kept_kv_heads(i) for i in range(config.num_hidden_layers)]
+    kv_per_layer = [config.kv_sources(i) for i in range(config.num_hidden_layers)]
     return {
         "teacher": teacher_id,
         "teacher_fingerprint": fingerprint,
@@ -382,6 +386,7 @@ def build_student(
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     overwrite: bool = False,
+    private_kv: bool = False,
 ) -> Path:
     """Build a student directory from a teacher (HF id, path, or loaded model + ``tokenizer``); returns ``out``.
 
@@ -390,6 +395,7 @@ def build_student(
     ``mixer_settings["state_size"]``. ``calibration_data`` (what ``radistill distill --data`` takes; use the
     distillation data) supplies up to ``calibration_tokens`` tokens for :func:`~radistill.hybrid.calibrate.calibrate`
     (``half_lives``: ``"attention"`` or ``"fixed"``); without it a small built-in text is used, fit for tests only.
+    ``private_kv``: each kept query head gets its own copy of its GQA group's K/V projection (the paper's choice).
     """
     if isinstance(teacher, nn.Module):
         if tokenizer is None:
@@ -404,7 +410,7 @@ def build_student(
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)
-    config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings)
+    config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings, private_kv)
     student = convert(model, config)
     if calibration_data is None:
         console.print("[yellow]no --calibration-data: calibrating on a small built-in text; pass the distillation "

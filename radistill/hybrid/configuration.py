@@ -33,6 +33,8 @@ class HybridConfig(PreTrainedConfig):
     mixer: name of the recurrent mixer in ``radistill.hybrid.mixers.MIXERS``.
     mixer_settings: keyword settings of that mixer (``state_size``, ``conv_width``, ...), as in its
         ``from_attention`` / ``state_bytes``.
+    private_kv: each kept query head has its own K/V projection (a copy of its GQA group's, free to diverge in
+        training, and its own cached K/V) instead of sharing its group's with the group's other kept heads.
     """
 
     model_type = MODEL_TYPE
@@ -65,6 +67,7 @@ class HybridConfig(PreTrainedConfig):
     kept_heads: list[list[int]] | None = None
     mixer: str = "discrete_mamba2"
     mixer_settings: dict[str, Any] | None = None
+    private_kv: bool = False
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -122,6 +125,14 @@ class HybridConfig(PreTrainedConfig):
         """KV heads of ``layer`` the student keeps (and caches): those of its kept query heads, ascending."""
         group = self.num_attention_heads // self.num_key_value_heads
         return sorted({h // group for h in self.kept_heads[layer]})
+
+    def kv_sources(self, layer: int) -> list[int]:
+        """The teacher KV head behind each K/V projection (and cached K/V head) of ``layer``'s kept heads: its kept
+        KV heads (shared per GQA group), or with ``private_kv`` one per kept query head, that head's KV head."""
+        if not self.private_kv:
+            return self.kept_kv_heads(layer)
+        group = self.num_attention_heads // self.num_key_value_heads
+        return [h // group for h in self.kept_heads[layer]]
 
     @property
     def num_kept_heads(self) -> int:

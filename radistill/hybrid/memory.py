@@ -115,7 +115,7 @@ def teacher_rows(
 
 def student_rows(config, lengths: list[int], nbytes: int, name: str = "student") -> list[MemoryRow]:
     """Rows for a built student's :class:`~radistill.hybrid.HybridConfig` (what its HybridCache allocates)."""
-    kv_heads = sum(len(config.kept_kv_heads(i)) for i in range(config.num_hidden_layers))
+    kv_heads = sum(len(config.kv_sources(i)) for i in range(config.num_hidden_layers))  # private_kv: per kept head
     window = config.sliding_window
     ssm = conv = 0
     for i in range(config.num_hidden_layers):

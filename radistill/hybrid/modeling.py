@@ -97,7 +97,7 @@ class KeptHeadAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_ids = list(config.kept_heads[layer_idx])  # teacher query head ids, ascending
-        self.kv_head_ids = config.kept_kv_heads(layer_idx)  # teacher KV head ids, ascending
+        self.kv_head_ids = config.kv_sources(layer_idx)  # teacher KV head ids, ascending (private_kv: one per head)
         self.num_heads = len(self.head_ids)
         self.num_kv_heads = len(self.kv_head_ids)
         self.head_dim = config.head_dim
@@ -109,7 +109,8 @@ class KeptHeadAttention(nn.Module):
         # query heads, the usual GQA broadcast applies (queries are grouped by KV head since both are ascending);
         # otherwise (e.g. heads {0, 1, 5} with groups of 4) K/V are gathered per query head.
         group = config.num_attention_heads // config.num_key_value_heads
-        self._kv_of_head = [self.kv_head_ids.index(h // group) for h in self.head_ids]
+        self._kv_of_head = list(range(self.num_heads)) if config.private_kv else \
+            [self.kv_head_ids.index(h // group) for h in self.head_ids]
         if len(set(Counter(self._kv_of_head).values())) == 1:
             self.num_key_value_groups = self.num_heads // self.num_kv_heads
             self.kv_index = None
