@@ -16,7 +16,11 @@ Order and resumption (what makes a run reproducible):
 * ``data.packing``: with ``concat`` a sequence is one stretch of positions 0..seq_len-1; with ``documents``
   :meth:`PackedStream.position_ids` restarts the positions at every document start, from which teacher and student
   keep attention and recurrent state inside each document (``radistill/models/packing.py``).
-* The position is ``{"epoch", "docs_done", "buffer", "sequences"}``: documents consumed in this epoch's
+* ``data.teacher_share`` > 0: sequence i is packed from the teacher's generated texts (``teacher_text.py``) instead
+  when a draw seeded by (seed, i) falls below the share; those texts are framed like documents, packed into their own
+  buffer and cycled in a shuffled order per pass, so the share holds in expectation and per sequence index exactly.
+* The position is ``{"epoch", "docs_done", "buffer", "sequences"}`` (and ``"teacher"``: the generated texts' pass,
+  texts done and buffer): documents consumed in this epoch's
   order, the tokens left over after the last emitted sequence, and the number of sequences emitted. Resuming
   skips ``docs_done`` documents without tokenising them, re-tokenises the current window, and restores the
   buffer, so it yields exactly the sequences an uninterrupted stream would have.
@@ -216,6 +220,9 @@ class PackedStream:
         self.sequences = 0
         self._buffer = np.zeros(0, dtype=np.int64)
         self._docs: Iterator[np.ndarray] | None = None
+        # the teacher's generated texts (data.teacher_share): loaded on first use, packed apart from the documents
+        self._texts = None
+        self.teacher = {"epoch": 0, "done": 0, "buffer": []}
 
     def state_dict(self) -> dict:
         return {
@@ -225,6 +232,7 @@ class PackedStream:
             "sequences": self.sequences,
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "teacher": {**self.teacher, "buffer": list(self.teacher["buffer"])},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -236,6 +244,7 @@ class PackedStream:
         self.epoch, self.docs_done, self.sequences = state["epoch"], state["docs_done"], state["sequences"]
         self._buffer = np.asarray(state["buffer"], dtype=np.int64)
         self._docs = None
+        self.teacher = dict(state.get("teacher", {"epoch": 0, "done": 0, "buffer": []}))
 
     def next_batch(self, n: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([self._next_sequence() for _ in range(n)]))
@@ -245,6 +254,10 @@ class PackedStream:
         return packed_position_ids(self.cfg, self.tokenizer, batch)
 
     def _next_sequence(self) -> np.ndarray:
+        share = self.cfg.teacher_share
+        if share > 0 and random.Random(f"{self.seed}/mix/{self.sequences}").random() < share:
+            self.sequences += 1
+            return self._next_teacher_sequence()
         pieces, have = [self._buffer], len(self._buffer)
         while have < self.seq_len:
             doc = self._next_document()
@@ -253,6 +266,30 @@ class PackedStream:
         joined = np.concatenate(pieces)
         self._buffer = joined[self.seq_len :]
         self.sequences += 1
+        return joined[: self.seq_len]
+
+    def _next_teacher_sequence(self) -> np.ndarray:
+        if self._texts is None:
+            from radistill.distill.teacher_text import TeacherTexts
+
+            if not self.cfg.teacher_dir:
+                raise RadistillError("data.teacher_share is set but data.teacher_dir is not: the trainer sets it to "
+                                     "RUN/teacher_text; set it when packing outside a run")
+            self._texts = TeacherTexts(self.cfg.teacher_dir, self.cfg).texts
+        state = self.teacher
+        pieces = [np.asarray(state["buffer"], dtype=np.int64)]
+        have = len(pieces[0])
+        while have < self.seq_len:
+            if state["done"] == len(self._texts):
+                state["epoch"], state["done"] = state["epoch"] + 1, 0
+            order = list(range(len(self._texts)))
+            random.Random(f"{self.seed}/teacher/{state['epoch']}").shuffle(order)
+            text = frame(self._texts[order[state["done"]]].tolist(), self.tokenizer, self.cfg.bos)
+            state["done"] += 1
+            pieces.append(text)
+            have += len(text)
+        joined = np.concatenate(pieces)
+        state["buffer"] = joined[self.seq_len :].tolist()
         return joined[: self.seq_len]
 
     def _next_document(self) -> np.ndarray:

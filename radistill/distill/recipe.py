@@ -169,6 +169,10 @@ class DistillRecipe:
         if self.keep_checkpoints < 1:
             raise RadistillError("keep_checkpoints must be at least 1")
         _validate_data_options(self.data)
+        if self.data.teacher_share > 0 and self.shard_teacher:
+            raise RadistillError("data.teacher_share generates text with the whole teacher on one device: drop "
+                                 "shard_teacher, or generate the text in a run without it and point data.teacher_dir "
+                                 "at it")
         self._validate_parallel()
 
     def _validate_parallel(self) -> None:

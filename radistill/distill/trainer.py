@@ -52,7 +52,7 @@ from radistill.distill.parallel import (
     all_reduce_sum, barrier, broadcast_layers, broadcast_object, copy_full, data_parallel, full_optimizer_state,
     full_value, fully_shard_training, is_sharded, load_full_optimizer_state, owned_layers, shard_frozen,
 )
-from radistill.distill.recipe import DistillRecipe, StageConfig
+from radistill.distill.recipe import DistillRecipe, StageConfig, merge
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import (
     Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, stream_teacher,
@@ -104,6 +104,8 @@ class Trainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, recipe: DistillRecipe, run_dir: Path,
                  device: str, export_files: tuple[Path, ...] = (), step_hook: StepHook | None = None):
+        if recipe.data.teacher_share > 0 and not recipe.data.teacher_dir:  # recorded in recipe.json, for --resume
+            recipe = merge(recipe, {"data": {"teacher_dir": str((Path(run_dir) / "teacher_text").resolve())}})
         self.student, self.teacher, self.tokenizer, self.recipe = student, teacher, tokenizer, recipe
         self.run_dir = Path(run_dir)
         self.device = device
@@ -133,6 +135,8 @@ class Trainer:
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[StageResult]:
         position = self._restore() if resume else self._check_fresh()
+        if self.recipe.data.teacher_share > 0:
+            self._teacher_texts()
         if is_main_process():
             self.recipe.save(self.run_dir / "recipe.json")
             if position is None:  # nothing to continue: drop records of an attempt that never checkpointed
@@ -362,6 +366,19 @@ class Trainer:
             self._unstream = None
         if not is_sharded(self.teacher):
             self.teacher.to(self.teacher_home)
+
+    def _teacher_texts(self) -> None:
+        """data.teacher_share: the teacher's texts generated (or finished) before any stage reads them, by rank 0,
+        with the teacher on the device (teacher_text.py)."""
+        from radistill.distill.teacher_text import generate_texts
+
+        if is_main_process():
+            home = next(self.teacher.parameters()).device
+            self.teacher.to(self.device)
+            generate_texts(self.teacher, self.tokenizer, self.recipe.data, self.recipe.data.teacher_dir,
+                           self.recipe.seed)
+            self.teacher.to(home)
+        barrier()
 
     def _recalibrate(self) -> None:
         """The static normalisers measured again after stage 1 on the build's calibration text (the training data's
