@@ -99,3 +99,15 @@ def test_trainer_generates_into_the_run_and_trains(tmp_path):
     saved = json.loads((tmp_path / "run" / "recipe.json").read_text())
     assert saved["data"]["teacher_dir"] == str((tmp_path / "run" / "teacher_text").resolve())
     assert len(TeacherTexts(tmp_path / "run" / "teacher_text", recipe.data)) == 4
+
+
+def test_data_flag_takes_a_teacher_share():
+    from radistill.distill.cli import split_data_flags
+    from radistill.utils.errors import RadistillError
+
+    assert split_data_flags(["prose.txt", "teacher:0.25"]) == ("prose.txt", 0.25)
+    assert split_data_flags(None) == (None, None)
+    with pytest.raises(RadistillError, match="teacher:0.25"):
+        split_data_flags(["teacher:lots"])
+    with pytest.raises(RadistillError, match="one file"):
+        split_data_flags(["a.txt", "b.txt"])
