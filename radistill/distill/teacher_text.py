@@ -111,35 +111,42 @@ def generate_texts(teacher: nn.Module, tokenizer, data: DataConfig, root: str | 
     prompts = _prompts(tokenizer, data, done)
     was_training = teacher.training
     teacher.eval()
-    made = 0
-    try:
-        while done < total:
-            batch = [p for _, p in zip(range(min(data.teacher_batch_size, total - done)), prompts)]
-            if not batch:
-                raise TeacherTextError(f"--data {data.source} has only {done} training documents of at least "
-                                       f"{data.teacher_prompt_tokens} tokens: lower data.teacher_documents or "
-                                       "data.teacher_prompt_tokens")
-            ids = torch.tensor([bos + p for p in batch], device=device)  # one prompt length: no padding
-            torch.manual_seed(seed * 1_000_003 + len(index["shards"]))  # this shard's draw, whatever came before
-            out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                   temperature=data.teacher_temperature, top_p=data.teacher_top_p, top_k=0,
-                                   max_new_tokens=data.teacher_new_tokens, pad_token_id=eos, eos_token_id=eos)
-            texts = []
-            for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist()):
-                new = row[: row.index(eos)] if eos in row else row
-                texts.append(np.asarray(prompt + new, dtype=np.int32))
-            name = f"shard-{len(index['shards']):06d}.safetensors"
-            offsets = np.cumsum([0] + [len(t) for t in texts]).astype(np.int64)
-            with atomic_path(root / name) as tmp:
-                save_file({"tokens": torch.from_numpy(np.concatenate(texts)),
-                           "offsets": torch.from_numpy(offsets)}, str(tmp))
-            index["shards"].append({"name": name, "documents": len(texts), "sha256": sha256(root / name)})
-            done += len(texts)
-            made += len(texts)
-            index["documents"] = done
-            write_json_atomic(root / INDEX, index)
+    try:  # generation draws from seeds of its own; the caller's random state (training's) is left as it was
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _generate(teacher, data, root, seed, index, prompts, device, eos, bos)
     finally:
         teacher.train(was_training)
+
+
+def _generate(teacher, data: DataConfig, root: Path, seed: int, index: dict, prompts, device, eos: int,
+              bos: list[int]) -> int:
+    """One ``generate`` call per shard until ``data.teacher_documents`` texts are listed in ``index``."""
+    done, made, total = index["documents"], 0, data.teacher_documents
+    while done < total:
+        batch = [p for _, p in zip(range(min(data.teacher_batch_size, total - done)), prompts)]
+        if not batch:
+            raise TeacherTextError(f"--data {data.source} has only {done} training documents of at least "
+                                   f"{data.teacher_prompt_tokens} tokens: lower data.teacher_documents or "
+                                   "data.teacher_prompt_tokens")
+        ids = torch.tensor([bos + p for p in batch], device=device)  # one prompt length: no padding
+        torch.manual_seed(seed * 1_000_003 + len(index["shards"]))  # this shard's draw, whatever came before
+        out = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                               temperature=data.teacher_temperature, top_p=data.teacher_top_p, top_k=0,
+                               max_new_tokens=data.teacher_new_tokens, pad_token_id=eos, eos_token_id=eos)
+        texts = []
+        for prompt, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+            new = row[: row.index(eos)] if eos in row else row
+            texts.append(np.asarray(prompt + new, dtype=np.int32))
+        name = f"shard-{len(index['shards']):06d}.safetensors"
+        offsets = np.cumsum([0] + [len(t) for t in texts]).astype(np.int64)
+        with atomic_path(root / name) as tmp:
+            save_file({"tokens": torch.from_numpy(np.concatenate(texts)), "offsets": torch.from_numpy(offsets)},
+                      str(tmp))
+        index["shards"].append({"name": name, "documents": len(texts), "sha256": sha256(root / name)})
+        done += len(texts)
+        made += len(texts)
+        index["documents"] = done
+        write_json_atomic(root / INDEX, index)  # after the shard is on disk: the unit of resumption
     return made
 
 

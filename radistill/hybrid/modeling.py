@@ -371,6 +371,8 @@ class HybridModel(HybridPreTrainedModel):
         each document start, so every document is computed as if alone (radistill/models/packing.py).
         """
         seq_len = inputs_embeds.shape[1]
+        # only positions a caller gives can restart (packed documents); checking them costs a device sync
+        may_pack = position_ids is not None and attention_mask is None and cache is None
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
@@ -391,10 +393,10 @@ class HybridModel(HybridPreTrainedModel):
             "position_ids": position_ids,
             "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
         }
-        if attention_mask is None and cache is None and position_ids is not None:
-            packed = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
-            if packed is not None:
-                out["document_reset"] = document_resets(position_ids.expand(inputs_embeds.shape[0], -1))
+        if may_pack:
+            positions = position_ids.expand(inputs_embeds.shape[0], -1)
+            if find_packed_sequence_indices(positions) is not None:  # transformers' rule, so the masks agree
+                out["document_reset"] = document_resets(positions)
         return out
 
     @merge_with_config_defaults
