@@ -3,6 +3,7 @@
     python benchmarks/fidelity_candidates.py                           # every variant, 13.8M tokens each (one GPU)
     python benchmarks/fidelity_candidates.py --variants baseline,bos   # some of them (rows join the existing file)
     python benchmarks/fidelity_candidates.py --quick                   # CPU smoke run (tiny budget, few items)
+    python benchmarks/fidelity_candidates.py --merge a.json b.json --out all.json   # rows of separate runs
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus, the scan's top ``--top`` heads (16) at state ``--state``
 (8) are distilled with benchmarks/testbed_recovery.py's recipe and machinery (stage 2 on 20% of the tokens, then
@@ -13,7 +14,10 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
                   state reset per document; data.bos + data.packing: documents)
   teacher-data    25% of the training sequences from text the teacher generated (data.teacher_share)
   stage3-all      stage 3 trains every parameter (trainable: all) instead of the recurrent heads
-  private-kv      the student built with a private K/V projection per kept query head (build --private-kv)
+  stage3-kept     stage 3 trains the kept heads too (trainable: recurrent,kept-heads)
+  private-kv      as stage3-kept, the student built with a private K/V projection per kept query head (build
+                  --private-kv): compare with stage3-kept (with the kept heads frozen the copies never diverge and
+                  the student would be the baseline's)
   stage1-recal    stage 1 (matrix orientation) on 10% of the tokens, then the normalisers recalibrated
 
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
@@ -68,7 +72,10 @@ def variants(quick: bool) -> dict[str, dict]:
         "bos": {"recipe": {"data": {"bos": True, "packing": "documents"}}},
         "teacher-data": {"recipe": {"data": {"teacher_share": TEACHER_SHARE, **gen}}},
         "stage3-all": {"recipe": {"stages": {3: {"trainable": "all"}}}},
-        "private-kv": {"build": {"private_kv": True}},
+        # private K/V copies only differ from shared ones once kept heads train: both train them in stage 3, so
+        # private-kv against stage3-kept isolates the private projections
+        "stage3-kept": {"recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
+        "private-kv": {"build": {"private_kv": True}, "recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         "stage1-recal": {"stage1_share": STAGE1_SHARE, "recipe": {"stages": {1: {"recalibrate": True}}}},
     }
 
@@ -125,7 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="students, runs, generated text (default: temp)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="join the rows of these result files (same setup; a later file's row of a variant wins)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            parser.error("--merge needs --out")
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        if any(_setup_key(r) != _setup_key(runs[0]) for r in runs):
+            parser.error("--merge: the files differ in budget, heads, state or teacher; merge runs of one setup")
+        merged = {**runs[0], "rows": []}
+        for run in runs:
+            names = {r["variant"] for r in run["rows"]}
+            merged["rows"] = [r for r in merged["rows"] if r["variant"] not in names] + run["rows"]
+        write_json_atomic(args.out, merged)
+        write_text_atomic(args.out.with_suffix(".md"), markdown(merged) + "\n")
+        print(markdown(merged))
+        return 0
 
     table = variants(args.quick)
     chosen = list(table) if args.variants is None else [v.strip() for v in args.variants.split(",") if v.strip()]
