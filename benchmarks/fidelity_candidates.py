@@ -115,7 +115,8 @@ def _setup_key(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=None, help="comma-separated (default: all): " + ", ".join(variants(False)))
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated (default: all): " + ", ".join(variants(False)))
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny budget, few probe items")
     parser.add_argument("--budget-tokens", type=float, default=None, help=f"per student (default {DEFAULT_BUDGET:,}; "
                         "quick 2,048)")
@@ -239,8 +240,8 @@ def _fidelity_cells(fid: dict | None) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    head = ("| variant | tokens | KV@5 | KV@10 | KV@20 | KV@40 | held-out ppl | KL (held-out) | top-1 | confident top-1 "
-            "| train s |")
+    head = ("| variant | tokens | KV@5 | KV@10 | KV@20 | KV@40 | held-out ppl | KL (held-out) | top-1 "
+            "| confident top-1 | train s |")
     lines = [head, "|" + "---|" * 11]
     t = result.get("teacher_eval", {})
     if t:

@@ -35,7 +35,8 @@ def test_private_copies_start_equal_to_shared_and_diverge_alone():
                                    shared(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
     attn = private.model.layers[0].self_attn.attention
     hd = attn.head_dim
-    assert attn.k_proj.weight.shape[0] == 2 * hd and shared.model.layers[0].self_attn.attention.k_proj.weight.shape[0] == hd
+    assert attn.k_proj.weight.shape[0] == 2 * hd
+    assert shared.model.layers[0].self_attn.attention.k_proj.weight.shape[0] == hd
     torch.testing.assert_close(attn.k_proj.weight[:hd], attn.k_proj.weight[hd:])  # two copies of one KV head
     # a gradient through head 0 alone reaches only its own copy
     out = attn(private.model.layers[0].input_layernorm(private.model.embed_tokens(ids)),

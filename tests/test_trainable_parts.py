@@ -49,7 +49,8 @@ def test_stage3_trains_only_the_named_parts(tmp_path):
     teacher = tiny_teacher()
     student = tiny_student(teacher)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    recipe = merge(tiny_recipe(corpus, stages=(3,), tokens=16 * 4 * 2), {"stages": {3: {"trainable": "kept-heads,mlp"}}})
+    recipe = merge(tiny_recipe(corpus, stages=(3,), tokens=16 * 4 * 2),
+                   {"stages": {3: {"trainable": "kept-heads,mlp"}}})
     Trainer(student, teacher, char_tokenizer(), recipe, tmp_path / "run", "cpu").run()
     changed = {n for n, p in student.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
     assert changed and all(".mlp." in n or ".self_attn.attention." in n for n in changed)

@@ -48,7 +48,8 @@ class StageConfig:
     warmup: float = 0.1  # fraction of the steps
     decay: float = 0.1  # WSD only: fraction of the steps spent decaying at the end
     schedule: str = "wsd"
-    trainable: str = "all"  # "lora": adapters only (stage 3), merged into every exported stageN/; or PARTS, comma-separated
+    # "lora": adapters only (stage 3), merged into every exported stageN/; or PARTS, comma-separated
+    trainable: str = "all"
     lora_rank: int = 16
     lora_targets: str = "recurrent,kept-heads"  # groups of radistill/finetune/targets.py
     seq_len: int = 2048
@@ -248,9 +249,7 @@ def trainable_parts(trainable: str) -> tuple[str, ...] | None:
 def _validate_trainable(st: StageConfig, number: int, where: str) -> None:
     if not isinstance(st.trainable, str):
         raise RadistillError(f"{where}: trainable must be a string (got {st.trainable!r})")
-    if st.trainable in TRAINABLE:
-        pass
-    else:
+    if st.trainable not in TRAINABLE:
         names = [p.strip() for p in st.trainable.split(",") if p.strip()]
         unknown = [p for p in names if p not in PARTS]
         if unknown or not names:

@@ -22,8 +22,9 @@ def attention_probs(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[
     hidden: [batch, seq, hidden] (the attention's input, i.e. the layer's normed input);
     position_embeddings: RoPE (cos, sin), each [batch, seq, head_dim]; heads: query-head ids;
     group_size: query heads per KV head (GQA); documents: [batch, seq] which packed document each token is in
-    (``radistill.models.packing.document_ids``; a query attends only inside its own) or None. Yields [batch, chunk, seq, seq] fp32 for consecutive chunks of
-    ``head_chunk`` heads (all at once when None), so only one chunk's ``seq²`` matrices exist at a time.
+    (``radistill.models.packing.document_ids``; a query attends only inside its own) or None.
+    Yields [batch, chunk, seq, seq] fp32 for consecutive chunks of ``head_chunk`` heads (all at once when None), so
+    only one chunk's ``seq²`` matrices exist at a time.
     Only the named heads' q/k rows are projected, so the cost scales with ``len(heads)``.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

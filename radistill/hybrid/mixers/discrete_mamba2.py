@@ -138,15 +138,15 @@ class DiscreteMamba2(RecurrentMixer):
         # token, fusable by torch.compile, and free of F.conv1d's seconds-long first call on CPU
         T_out, taps = window.shape[-1] - self.conv_width + 1, self.conv1d.weight[:, 0, :, None]
         if reset is None:
-            xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] for k in range(self.conv_width))
+            inputs = [window[..., k : k + T_out] for k in range(self.conv_width)]
         else:  # a tap reads its input only when no document starts between it and the output
             starts = torch.cat([reset.new_zeros(B, self.conv_width - 1), reset[:, -T:]], dim=-1).int().cumsum(-1)
-            same = [(starts[:, k : k + T_out] == starts[:, self.conv_width - 1 :]).unsqueeze(1).to(window.dtype)
-                    for k in range(self.conv_width)]
-            xbc = self.conv1d.bias[:, None] + sum(window[..., k : k + T_out] * taps[:, k] * same[k]
-                                                  for k in range(self.conv_width))
+            inputs = [window[..., k : k + T_out]
+                      * (starts[:, k : k + T_out] == starts[:, self.conv_width - 1 :]).unsqueeze(1).to(window.dtype)
+                      for k in range(self.conv_width)]
             # the conv state kept for a next call holds only inputs of the last document
             window = window * (starts == starts[:, -1:]).unsqueeze(1).to(window.dtype)
+        xbc = self.conv1d.bias[:, None] + sum(inputs[k] * taps[:, k] for k in range(self.conv_width))
         xbc = xbc.transpose(1, 2)
         log_a = -F.softplus(a_log.to(wide(a_log.dtype)))
         if reset is not None:
