@@ -151,3 +151,27 @@ def test_trainer_runs_all_stages_on_packed_documents(tmp_path):
     results = Trainer(student, teacher, char_tokenizer(), recipe, tmp_path / "run", "cpu").run()
     assert [r.stage for r in results] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in results)
+
+
+def test_stage1_targets_stay_inside_documents():
+    """attention_probs with documents: each document's block equals its probabilities alone, zero across."""
+    from radistill.models.attention import attention_probs
+
+    teacher = tiny_teacher()
+    attn = teacher.model.layers[0].self_attn
+    group = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    lengths = (6, 10)
+    torch.manual_seed(4)
+    hidden = torch.randn(1, sum(lengths), teacher.config.hidden_size)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    rope = teacher.model.rotary_emb(hidden, positions)
+    heads = [0, 3]
+    (packed,) = attention_probs(attn, hidden, rope, heads, group, documents=document_ids(positions))
+    a = lengths[0]
+    (first,) = attention_probs(attn, hidden[:, :a], teacher.model.rotary_emb(hidden[:, :a], positions[:, :a]),
+                               heads, group)
+    (second,) = attention_probs(attn, hidden[:, a:], teacher.model.rotary_emb(hidden[:, a:], positions[:, a:]),
+                                heads, group)
+    torch.testing.assert_close(packed[..., :a, :a], first)
+    torch.testing.assert_close(packed[..., a:, a:], second)
+    assert packed[..., a:, :a].abs().max() == 0
