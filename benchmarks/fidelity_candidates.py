@@ -231,23 +231,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fidelity_cells(fid: dict | None) -> list[str]:
-    """KL / top-1 / confident agreement on held-out text, if the fidelity module's result has them."""
-    try:
-        split = fid["texts"]["heldout"]["all"]
-        return [f"{split['kl']:.3f}", f"{split['top1']:.3f}", f"{split['confident']:.3f}"]
-    except (TypeError, KeyError):
-        return ["–", "–", "–"]
+    """KL / top-1 / confident agreement on held-out text, KL on the teacher's samples and the mean greedy agreement,
+    where the fidelity module's result has them ("–" where not)."""
+    def cell(*path, digits=3):
+        value = fid
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    return [cell("texts", "heldout", "all", "kl"), cell("texts", "heldout", "all", "top1"),
+            cell("texts", "heldout", "all", "confident"), cell("texts", "generated", "all", "kl"),
+            cell("greedy", "mean", digits=1)]
 
 
 def markdown(result: dict) -> str:
     head = ("| variant | tokens | KV@5 | KV@10 | KV@20 | KV@40 | held-out ppl | KL (held-out) | top-1 "
-            "| confident top-1 | train s |")
-    lines = [head, "|" + "---|" * 11]
+            "| confident top-1 | KL (teacher's text) | greedy agreement | train s |")
+    lines = [head, "|" + "---|" * 13]
     t = result.get("teacher_eval", {})
     if t:
         kv = t["kv_retrieval"]
         lines.append(f"| teacher | – | {kv['5']:.2f} | {kv['10']:.2f} | {kv['20']:.2f} | {kv['40']:.2f} | "
-                     f"{t['heldout_ppl']:.2f} | 0 | 1 | 1 | – |")
+                     f"{t['heldout_ppl']:.2f} | 0 | 1 | 1 | 0 | – | – |")
     for r in result["rows"]:
         kv = r["kv_retrieval"]
         lines.append(f"| {r['variant']} | {r['tokens']:,} | {kv['5']:.2f} | {kv['10']:.2f} | {kv['20']:.2f} | "
