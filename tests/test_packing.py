@@ -175,3 +175,30 @@ def test_stage1_targets_stay_inside_documents():
     torch.testing.assert_close(packed[..., :a, :a], first)
     torch.testing.assert_close(packed[..., a:, a:], second)
     assert packed[..., a:, :a].abs().max() == 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data": {"packing": "docs"}}, "data.packing 'docs'"),
+    ({"data": {"bos": "yes"}}, "data.bos must be true or false"),
+    ({"data": {"teacher_share": 1.0}}, "teacher_share must be a number in"),
+    ({"data": {"teacher_top_p": 0}}, "teacher_top_p"),
+    ({"data": {"teacher_documents": 0}}, "teacher_documents must be a whole number"),
+    ({"stages": {2: {"recalibrate": True}}}, "recalibrate is for stage 1 only"),
+])
+def test_bad_options_are_refused(tmp_path, overrides, message):
+    from radistill.distill.recipe import merge
+    from radistill.utils.errors import RadistillError
+
+    with pytest.raises(RadistillError, match=message):
+        merge(tiny_recipe(tmp_path / "c.txt"), overrides)
+
+
+def test_options_round_trip_through_recipe_json(tmp_path):
+    from radistill.distill.recipe import DistillRecipe, merge
+
+    recipe = merge(tiny_recipe(tmp_path / "c.txt"), {"data": {"packing": "documents", "bos": True,
+                                                              "teacher_share": 0.25},
+                                                     "stages": {1: {"recalibrate": True, "trainable": "recurrent"},
+                                                                3: {"trainable": "recurrent,mlp"}}})
+    recipe.save(tmp_path / "recipe.json")
+    assert DistillRecipe.load(tmp_path / "recipe.json").to_dict() == recipe.to_dict()
