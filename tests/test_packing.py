@@ -179,7 +179,7 @@ def test_stage1_targets_stay_inside_documents():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"data": {"packing": "docs"}}, "data.packing 'docs'"),
-    ({"data": {"bos": "yes"}}, "data.bos must be true or false"),
+    ({"data": {"bos": "yes"}}, "'data.bos' must be true or false"),  # the typed check (radistill/utils/typed.py)
     ({"data": {"teacher_share": 1.0}}, "teacher_share must be a number in"),
     ({"data": {"teacher_top_p": 0}}, "teacher_top_p"),
     ({"data": {"teacher_documents": 0}}, "teacher_documents must be a whole number"),
@@ -202,3 +202,106 @@ def test_options_round_trip_through_recipe_json(tmp_path):
                                                                 3: {"trainable": "recurrent,mlp"}}})
     recipe.save(tmp_path / "recipe.json")
     assert DistillRecipe.load(tmp_path / "recipe.json").to_dict() == recipe.to_dict()
+
+
+# ---- packed documents through the other mixers: window heads, a MixerBank, the kept-mixer slot ------------------
+
+
+def _window_student(teacher, kept, head_mixers=None, mixer="discrete_mamba2", kept_mixer=None):
+    from radistill.hybrid.build import convert, student_config
+
+    config = student_config(teacher, [list(k) for k in kept], mixer, {"state_size": 8} if mixer != "window" else
+                            {"window": 3}, head_mixers=head_mixers, kept_mixer=kept_mixer,
+                            kept_mixer_settings={"window": 4} if kept_mixer else None)
+    student = convert(teacher, config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # recurrent groups away from their identity start, so a leak across documents would show
+        for module in student.modules():
+            if hasattr(module, "conv1d"):
+                module.conv1d.weight.normal_(0, 0.5)
+                module.D.normal_()
+    return student.eval()
+
+
+@pytest.mark.parametrize("case", ["window", "bank", "kept-mixer"])
+def test_window_heads_packed_equal_alone(case):
+    """A window never reaches back across a document start: window-only, window + recurrent heads in one layer
+    (MixerBank), and window heads in the kept heads' slot."""
+    teacher = tiny_teacher()
+    if case == "window":
+        student = _window_student(teacher, ((1,), (2,)), mixer="window")
+    elif case == "bank":
+        student = _window_student(teacher, ((1,), ()), head_mixers=[
+            {"mixer": "window", "settings": {"window": 3}, "heads": [[0, 2], [1, 3]]}])
+    else:
+        student = _window_student(teacher, ((1,), (0, 2)), kept_mixer="window")
+    packed, alone, crossing = _packed_vs_alone(student)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    assert (crossing - alone).abs().max() > 1e-3
+
+
+def test_window_mixer_resets_its_state_and_matrix():
+    """WindowAttention with resets: outputs and gradients as each document alone, the carried state holds only the
+    last document (as if it had run alone), and the mixing matrix has no entry across documents."""
+    from radistill.hybrid.mixers import WindowAttention
+
+    torch.manual_seed(3)
+    hidden_size, heads, hd, lengths = 16, 2, 8, (6, 4)
+    mixer = WindowAttention(hidden_size, heads, hd, window=5, block_size=4)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    angles = (positions[..., None] * 0.3).expand(-1, -1, hd)  # a RoPE of the restarting positions
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rope = (cos, sin)
+    hidden = torch.randn(1, sum(lengths), hidden_size, requires_grad=True)
+    reset = document_resets(positions)
+    state = mixer.empty_state(1, "cpu", torch.float32)
+    y, _ = mixer(hidden, state=state, position_embeddings=rope, reset=reset)
+    y.square().sum().backward()
+    packed_grad = mixer.q_proj.weight.grad.clone()
+    mixer.zero_grad()
+    parts, cuts = hidden.detach().split(lengths, dim=1), [0, lengths[0], sum(lengths)]
+    alone_state = mixer.empty_state(1, "cpu", torch.float32)
+    alone = [mixer(part, state=alone_state if i == 1 else None,
+                   position_embeddings=(cos[:, cuts[i] : cuts[i + 1]], sin[:, cuts[i] : cuts[i + 1]]))[0]
+             for i, part in enumerate(parts)]
+    sum(a.square().sum() for a in alone).backward()
+    torch.testing.assert_close(y, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed_grad, mixer.q_proj.weight.grad, atol=1e-4, rtol=1e-3)
+    assert int(state["valid"].sum()) == lengths[1]  # the first document's keys are not carried on
+    torch.testing.assert_close(state["k"] * state["valid"][:, None, :, None],
+                               alone_state["k"] * alone_state["valid"][:, None, :, None])
+    matrix = mixer.mixing_matrix(hidden.detach(), position_embeddings=rope, reset=reset)
+    assert matrix[..., lengths[0]:, : lengths[0]].abs().max() == 0
+    assert matrix[..., lengths[0]:, lengths[0]:].abs().max() > 0
+
+
+def test_a_mixer_that_cannot_reset_is_refused_for_packed_documents(monkeypatch):
+    from radistill.hybrid.mixers import DiscreteMamba2
+    from radistill.utils.errors import RadistillError
+
+    student = tiny_student(tiny_teacher()).eval()
+    monkeypatch.setattr(DiscreteMamba2, "supports_reset", False)
+    ids, positions = torch.randint(3, 64, (1, 8)), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(RadistillError, match="supports_reset.*packing: concat"):
+        student(input_ids=ids, position_ids=positions, use_cache=False)
+    student(input_ids=ids, use_cache=False)  # one document: nothing to reset, nothing refused
+
+
+def test_causal_conv_with_documents_equals_each_document_alone():
+    """The token-major conv's document mask against F.conv1d run on each document by itself."""
+    import torch.nn.functional as F
+
+    from radistill.hybrid.mixers.discrete_mamba2 import causal_conv
+
+    torch.manual_seed(4)
+    channels, width, lengths = 6, 4, (2, 5, 3)
+    weight, bias = torch.randn(channels, width), torch.randn(channels)
+    x = torch.randn(1, sum(lengths), channels)
+    reset = document_resets(torch.cat([torch.arange(n) for n in lengths])[None])
+    documents = torch.cat([reset.new_zeros(1, width - 1), reset], dim=1).int().cumsum(1)
+    window = torch.cat([x.new_zeros(1, width - 1, channels), x], dim=1)
+    packed = causal_conv(window, weight, bias, documents)
+    alone = [F.conv1d(F.pad(part.transpose(1, 2), (width - 1, 0)), weight[:, None], bias, groups=channels)
+             .transpose(1, 2) for part in x.split(lengths, dim=1)]
+    torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-5, rtol=1e-4)
+    assert (causal_conv(window, weight, bias) - packed).abs().max() > 1e-3

@@ -58,3 +58,43 @@ def test_memory_counts_kv_per_kept_head():
     cfg_private = student_config(teacher, kept, "discrete_mamba2", {"state_size": 8}, private_kv=True)
     (shared,), (private,) = student_rows(cfg_shared, [128], 2), student_rows(cfg_private, [128], 2)
     assert private.kv_bytes * 3 == shared.kv_bytes * 4  # 4 cached K/V heads instead of 3
+
+
+def test_static_cache_generate_with_private_kv_matches_the_growing_cache():
+    """generate()'s static HybridCache sizes its K/V buffers per kept query head when the heads own their K/V."""
+    teacher = tiny_teacher()
+    group = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    student = _student(teacher, [[0, 1], [0, group]], True).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 7))
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        growing = student.generate(input_ids=ids, **greedy)
+        static = student.generate(input_ids=ids, cache_implementation="static", **greedy)
+    assert torch.equal(growing, static)
+
+
+def test_private_kv_in_the_kept_mixer_slot():
+    """--kept-mixer window with --private-kv: the window mixer serving the kept heads gets one K/V per head (its
+    kv_groups), the same function as shared K/V at build, its state and the memory rows count K/V per head."""
+    from radistill.hybrid.build import convert
+
+    teacher = tiny_teacher()
+    group = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    kept = [[0, 1], [0, group]]
+
+    def config(private):
+        return student_config(teacher, kept, "discrete_mamba2", {"state_size": 8}, kept_mixer="window",
+                              kept_mixer_settings={"window": 4}, private_kv=private)
+
+    shared, private = convert(teacher, config(False)).eval(), convert(teacher, config(True)).eval()
+    assert config(True).mixer_kv_groups(0)[0] == [0, 1] and config(False).mixer_kv_groups(0)[0] == [0, 0]
+    window = private.model.layers[0].self_attn.recurrent.groups[0]
+    assert window.num_kv_heads == 2 and shared.model.layers[0].self_attn.recurrent.groups[0].num_kv_heads == 1
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(private(input_ids=ids, use_cache=False).logits,
+                                   shared(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
+    (row_shared,), (row_private,) = student_rows(config(False), [128], 2), student_rows(config(True), [128], 2)
+    assert row_shared.kv_bytes == row_private.kv_bytes == 0  # no softmax heads, no growing cache
+    assert row_private.ssm_bytes + row_private.conv_bytes > row_shared.ssm_bytes + row_shared.conv_bytes
