@@ -474,6 +474,12 @@ def build_student(
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)
+    head_mixers = None
+    if window_heads:
+        windowed = next_heads(selection, window_heads)
+        per_layer = [sorted(h for l, h in windowed if l == layer) for layer in range(layout.num_layers)]
+        head_mixers = [{"mixer": "window", "settings": {} if window is None else {"window": window},
+                        "heads": per_layer}]
     config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings,
                             head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings,
                             private_kv=private_kv)
