@@ -21,7 +21,7 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
   stage1-recal    stage 1 (matrix orientation) on 10% of the tokens, then the normalisers recalibrated
 
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
-evaluation), and by ``radistill.eval.fidelity`` against the teacher when that module is installed (KL, top-1 and
+evaluation), and by ``radistill.eval.fidelity`` against the teacher (unless ``--no-fidelity``; KL, top-1 and
 confident agreement on held-out and teacher-generated text). Rows are written as each variant finishes, into
 ``benchmarks/results/fidelity_candidates.json`` and ``.md`` (``--quick``: ``fidelity_candidates-quick.json``); a
 run with ``--variants`` keeps the rows of other variants already in the file when the setup (budget, heads, state)
@@ -94,12 +94,10 @@ def variant_recipe(name: str, spec: dict, budget: int, args, work: Path) -> Dist
     return merge(recipe, overrides)
 
 
-def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int) -> dict | None:
-    """``radistill.eval.fidelity`` of the student against the teacher on the prose corpus, when installed."""
-    try:
-        from radistill.eval.fidelity import FidelityConfig, fidelity
-    except ImportError:
-        return None
+def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int) -> dict:
+    """``radistill.eval.fidelity`` of the student against the teacher on the prose corpus."""
+    from radistill.eval.fidelity import FidelityConfig, fidelity
+
     config = FidelityConfig(windows=4, window=64, samples=2, generate=32, greedy_prompts=2, greedy_tokens=16,
                             text_tokens=8192) if quick else FidelityConfig()
     result = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config, batch_size=batch)
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-items", type=int, default=None, help="KV items per dictionary size (200; quick 8)")
     parser.add_argument("--ppl-tokens", type=int, default=None, help="held-out tokens (65,536; quick 2,048)")
     parser.add_argument("--eval-batch", type=int, default=None, help="rows per evaluation forward (256; quick 8)")
-    parser.add_argument("--no-fidelity", action="store_true", help="skip radistill.eval.fidelity even if present")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip radistill.eval.fidelity")
     parser.add_argument("--lr-stage2", type=float, default=1e-3)
     parser.add_argument("--lr-stage3", type=float, default=5e-4)
     parser.add_argument("--compile", action="store_true")
