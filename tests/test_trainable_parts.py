@@ -55,3 +55,20 @@ def test_stage3_trains_only_the_named_parts(tmp_path):
     changed = {n for n, p in student.named_parameters() if not torch.equal(p.detach().cpu(), before[n])}
     assert changed and all(".mlp." in n or ".self_attn.attention." in n for n in changed)
     assert any(".self_attn.attention." in n for n in changed) and any(".mlp." in n for n in changed)
+
+
+def test_kept_heads_part_with_a_kept_mixer():
+    """--kept-mixer: the kept heads are a mixer (the first group of the layer's MixerBank, or the layer's only mixer
+    when every head is kept); ``kept-heads`` selects it, and nothing of the other mixer heads."""
+    from radistill.hybrid.build import convert, student_config
+
+    teacher = tiny_teacher()
+    heads = teacher.config.num_attention_heads
+    config = student_config(teacher, [[1], list(range(heads))], "discrete_mamba2", {"state_size": 8},
+                            kept_mixer="window", kept_mixer_settings={"window": 4})
+    student = convert(teacher, config)
+    kept = _names(student, model_parameters(student, "kept-heads"))
+    assert kept == {n for n, _ in student.named_parameters()
+                    if n.startswith("model.layers.0.self_attn.recurrent.groups.0.")
+                    or n.startswith("model.layers.1.self_attn.recurrent.")}
+    assert any(n.startswith("model.layers.0.") for n in kept) and any(n.startswith("model.layers.1.") for n in kept)

@@ -71,12 +71,21 @@ def _layer_part(layer: nn.Module, part: str) -> list[nn.Parameter]:
     mixer = layer.self_attn
     modules = {
         "recurrent": [getattr(mixer, "recurrent", None)],
-        "kept-heads": [getattr(mixer, "attention", None)],
+        "kept-heads": [getattr(mixer, "attention", None), _kept_mixer(mixer)],
         "o-proj": [getattr(mixer, "o_proj", None)],
         "mlp": [getattr(layer, "mlp", None)],
         "norms": [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)],
     }.get(part, [])
     return [p for m in modules if m is not None for p in m.parameters()]
+
+
+def _kept_mixer(mixer: nn.Module) -> nn.Module | None:
+    """The mixer serving a layer's kept heads (``--kept-mixer``): the first group of its mixers, or None. It is part of
+    ``recurrent`` too (every mixer head is), and of ``kept-heads`` since those are its heads."""
+    if not getattr(mixer, "kept_mixer_heads", None) or mixer.recurrent is None:
+        return None
+    groups = getattr(mixer.recurrent, "groups", None)  # a MixerBank when the layer also has other mixer heads
+    return mixer.recurrent if groups is None else groups[0]
 
 
 def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:

@@ -239,6 +239,8 @@ class HybridMixer(nn.Module):
         self.head_dim = config.head_dim
         self.kept_heads = config.attention_heads(layer_idx)  # softmax attention heads
         self.recurrent_heads = config.mixer_heads(layer_idx)  # mixer heads, in the mixer's output order
+        # with a kept mixer, the kept heads are the mixer's first group (``mixer_groups`` order)
+        self.kept_mixer_heads = list(config.kept_heads[layer_idx]) if config.kept_mixer is not None else []
 
         self.attention = KeptHeadAttention(config, layer_idx) if self.kept_heads else None
         if self.recurrent_heads:
