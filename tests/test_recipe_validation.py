@@ -24,6 +24,12 @@ BAD = [
     ("stages: {3: {loss: {temperature: hot}}}", "stages.3.loss.temperature", "a number"),
     ("stages: {2: {betas: 0.9}}", "stages.2.betas", "a list of 2 numbers"),
     ("compile: 1", "compile", "true or false"),
+    # the capability candidates' options (data packing, BOS, teacher text, stage 1 recalibration)
+    ('data: {bos: "yes"}', "data.bos", "true or false"),
+    ("data: {packing: [documents]}", "data.packing", "a string"),
+    ("data: {teacher_share: lots}", "data.teacher_share", "a number"),
+    ("data: {teacher_documents: 2.5}", "data.teacher_documents", "a whole number"),
+    ("stages: {1: {recalibrate: 1}}", "stages.1.recalibrate", "true or false"),
 ]
 
 

@@ -53,6 +53,23 @@ def overrides_from_flags(*, stages: str | None = None, data: str | None = None, 
     return out
 
 
+def split_data_flags(values: list[str] | None) -> tuple[str | None, float | None]:
+    """``--data SRC [--data teacher:SHARE]`` -> (the source, the teacher-text share or None)."""
+    sources, share = [], None
+    for value in values or []:
+        if value.startswith("teacher:"):
+            try:
+                share = float(value.removeprefix("teacher:"))
+            except ValueError as exc:
+                raise RadistillError(f"--data {value!r}: write the teacher-text share as teacher:0.25") from exc
+        else:
+            sources.append(value)
+    if len(sources) > 1:
+        raise RadistillError(f"--data names {len(sources)} sources ({', '.join(sources)}): give one file or dataset "
+                             "id, and optionally teacher:SHARE for teacher-generated text")
+    return (sources[0] if sources else None), share
+
+
 def resolve_recipe(run_dir: Path, recipe_file: Path | None, flags: dict[str, Any], resume: bool) -> DistillRecipe:
     """Defaults <- RUN/recipe.json (when resuming) <- --recipe FILE <- flags."""
     recipe = DistillRecipe()
@@ -67,7 +84,9 @@ def resolve_recipe(run_dir: Path, recipe_file: Path | None, flags: dict[str, Any
 def distill(
     student: Path = typer.Argument(..., help="Hybrid student directory (from `radistill build`)."),
     teacher: str = typer.Option(..., "--teacher", help="Teacher model id or directory."),
-    data: Optional[str] = typer.Option(None, "--data", help=".txt/.txt.xz/.jsonl/.parquet file or HF dataset id."),
+    data: Optional[list[str]] = typer.Option(
+        None, "--data", help=".txt/.txt.xz/.jsonl/.parquet file or HF dataset id; again as teacher:0.25 to mix in "
+        "that share of text the teacher generates from prompts of it (data.teacher_share)."),
     out: Path = typer.Option(..., "--out", help="Run directory (recipe.json, metrics.jsonl, stageN/, checkpoints/)."),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="Recipe file (JSON or YAML); flags win."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Stages to run, e.g. 2,3 (default: the recipe's)."),
@@ -107,13 +126,16 @@ def distill(
 
     quiet_transformers()
     micro_batch = renamed(micro_batch, old_batch_size, "--batch-size", "--micro-batch")
+    source, share = split_data_flags(data)
     flags = overrides_from_flags(
-        stages=stages, data=data, seq_len=seq_len, batch_size=micro_batch, grad_accum=grad_accum, seed=seed,
+        stages=stages, data=source, seq_len=seq_len, batch_size=micro_batch, grad_accum=grad_accum, seed=seed,
         dtype=dtype, compile=compile, tensorboard=tensorboard, checkpoint_every=checkpoint_every,
         gpu_memory=gpu_memory, parallel=parallel, shard_teacher=shard_teacher,
         tokens={1: tokens_stage1, 2: tokens_stage2, 3: tokens_stage3},
         lr={1: lr_stage1, 2: lr_stage2, 3: lr_stage3}, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
     )
+    if share is not None:
+        flags.setdefault("data", {})["teacher_share"] = share
     recipe = resolve_recipe(out, recipe_file, flags, resume)
     run_distill(student, teacher, recipe, out, device=device, resume=resume)
 

@@ -10,9 +10,17 @@ Order and resumption (what makes a run reproducible):
 * Shuffling happens within consecutive windows of ``shuffle_window`` training documents, with a permutation
   drawn from ``(seed, epoch, window)``: the order is fixed by the seed, costs no more memory than one window,
   and needs no pass over the whole corpus. Each epoch reshuffles.
-* Each document is tokenised with the teacher's tokenizer (no special tokens), followed by EOS, and appended to
-  a buffer that is cut into ``seq_len``-token sequences; documents run across sequence boundaries (no padding).
-* The position is ``{"epoch", "docs_done", "buffer", "sequences"}``: documents consumed in this epoch's
+* Each document is tokenised with the teacher's tokenizer (no special tokens), preceded by BOS with ``data.bos``
+  and followed by EOS (not both when they are one token: the next BOS then ends it), and appended to a buffer that
+  is cut into ``seq_len``-token sequences; documents run across sequence boundaries (no padding).
+* ``data.packing``: with ``concat`` a sequence is one stretch of positions 0..seq_len-1; with ``documents``
+  :meth:`PackedStream.position_ids` restarts the positions at every document start, from which teacher and student
+  keep attention and recurrent state inside each document (``radistill/models/packing.py``).
+* ``data.teacher_share`` > 0: sequence i is packed from the teacher's generated texts (``teacher_text.py``) instead
+  when a draw seeded by (seed, i) falls below the share; those texts are framed like documents, packed into their own
+  buffer and cycled in a shuffled order per pass, so the share holds in expectation and per sequence index exactly.
+* The position is ``{"epoch", "docs_done", "buffer", "sequences"}`` (and ``"teacher"``: the generated texts' pass,
+  texts done and buffer): documents consumed in this epoch's
   order, the tokens left over after the last emitted sequence, and the number of sequences emitted. Resuming
   skips ``docs_done`` documents without tokenising them, re-tokenises the current window, and restores the
   buffer, so it yields exactly the sequences an uninterrupted stream would have.
@@ -188,13 +196,39 @@ def eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def tokenize(tokenizer, docs: list[str]) -> list[np.ndarray]:
-    """Each document's token ids followed by EOS (one batched call: fast tokenizers parallelise it)."""
+def bos_id(tokenizer) -> int:
+    if tokenizer.bos_token_id is None:
+        raise RadistillError("data.bos is set but the teacher's tokenizer has no BOS token: set data.bos to false")
+    return int(tokenizer.bos_token_id)
+
+
+def tokenize(tokenizer, docs: list[str], bos: bool = False) -> list[np.ndarray]:
+    """Each document's token ids followed by EOS, and with ``bos`` preceded by BOS (one batched call: fast tokenizers
+    parallelise it)."""
     if not docs:
         return []
-    eos = eos_id(tokenizer)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    return [np.asarray([*row, eos], dtype=np.int64) for row in ids]
+    return [frame(row, tokenizer, bos) for row in ids]
+
+
+def frame(row, tokenizer, bos: bool = False) -> np.ndarray:
+    """One document's token ids as packed: [BOS] + row + [EOS], without the EOS when BOS is the same token (the next
+    document's BOS then separates them, and a position reset after a lone EOS would cut a one-token document)."""
+    eos = eos_id(tokenizer)
+    if not bos:
+        return np.asarray([*row, eos], dtype=np.int64)
+    start = bos_id(tokenizer)
+    return np.asarray([start, *row] if start == eos else [start, *row, eos], dtype=np.int64)
+
+
+def packed_position_ids(cfg: DataConfig, tokenizer, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, T] position ids of packed ``input_ids`` under ``cfg.packing``: None for ``concat`` (every model's default
+    0..T-1), restarting at each document for ``documents``."""
+    if cfg.packing == "concat":
+        return None
+    from radistill.models.packing import document_position_ids
+
+    return document_position_ids(input_ids, bos_id(tokenizer) if cfg.bos else None, eos_id(tokenizer))
 
 
 def heldout_sequences(cfg: DataConfig, tokenizer, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
@@ -226,6 +260,9 @@ class PackedStream:
         self.sequences = 0
         self._buffer = np.zeros(0, dtype=np.int64)
         self._docs: Iterator[np.ndarray] | None = None
+        # the teacher's generated texts (data.teacher_share): loaded on first use, packed apart from the documents
+        self._texts = None
+        self.teacher = {"epoch": 0, "done": 0, "buffer": []}
 
     def state_dict(self) -> dict:
         return {
@@ -235,6 +272,7 @@ class PackedStream:
             "sequences": self.sequences,
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "teacher": {**self.teacher, "buffer": list(self.teacher["buffer"])},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -246,11 +284,20 @@ class PackedStream:
         self.epoch, self.docs_done, self.sequences = state["epoch"], state["docs_done"], state["sequences"]
         self._buffer = np.asarray(state["buffer"], dtype=np.int64)
         self._docs = None
+        self.teacher = dict(state.get("teacher", {"epoch": 0, "done": 0, "buffer": []}))
 
     def next_batch(self, n: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([self._next_sequence() for _ in range(n)]))
 
+    def position_ids(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """The position ids the models get with ``batch`` [B, seq_len] of this stream (None: their default)."""
+        return packed_position_ids(self.cfg, self.tokenizer, batch)
+
     def _next_sequence(self) -> np.ndarray:
+        share = self.cfg.teacher_share
+        if share > 0 and random.Random(f"{self.seed}/mix/{self.sequences}").random() < share:
+            self.sequences += 1
+            return self._next_teacher_sequence()
         pieces, have = [self._buffer], len(self._buffer)
         while have < self.seq_len:
             doc = self._next_document()
@@ -259,6 +306,30 @@ class PackedStream:
         joined = np.concatenate(pieces)
         self._buffer = joined[self.seq_len :]
         self.sequences += 1
+        return joined[: self.seq_len]
+
+    def _next_teacher_sequence(self) -> np.ndarray:
+        if self._texts is None:
+            from radistill.distill.teacher_text import TeacherTexts
+
+            if not self.cfg.teacher_dir:
+                raise RadistillError("data.teacher_share is set but data.teacher_dir is not: the trainer sets it to "
+                                     "RUN/teacher_text; set it when packing outside a run")
+            self._texts = TeacherTexts(self.cfg.teacher_dir, self.cfg).texts
+        state = self.teacher
+        pieces = [np.asarray(state["buffer"], dtype=np.int64)]
+        have = len(pieces[0])
+        while have < self.seq_len:
+            if state["done"] == len(self._texts):
+                state["epoch"], state["done"] = state["epoch"] + 1, 0
+            order = list(range(len(self._texts)))
+            random.Random(f"{self.seed}/teacher/{state['epoch']}").shuffle(order)
+            text = frame(self._texts[order[state["done"]]].tolist(), self.tokenizer, self.cfg.bos)
+            state["done"] += 1
+            pieces.append(text)
+            have += len(text)
+        joined = np.concatenate(pieces)
+        state["buffer"] = joined[self.seq_len :].tolist()
         return joined[: self.seq_len]
 
     def _next_document(self) -> np.ndarray:
@@ -294,4 +365,4 @@ class PackedStream:
         order = list(range(len(docs)))
         random.Random(f"{self.seed}/{epoch}/{position}").shuffle(order)
         order = order[max(0, skip - position) :]
-        yield from tokenize(self.tokenizer, [docs[i] for i in order])
+        yield from tokenize(self.tokenizer, [docs[i] for i in order], self.cfg.bos)

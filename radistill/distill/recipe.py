@@ -21,6 +21,9 @@ from radistill.utils.typed import check_fields
 STAGES = (1, 2, 3)
 SCHEDULES = ("wsd", "cosine", "constant")
 TRAINABLE = ("recurrent", "mixer", "all", "lora")
+# parts of the student a stage can train, named one by one (``trainable: "recurrent,mlp"``); radistill/distill/stages.py
+PARTS = ("recurrent", "kept-heads", "o-proj", "mlp", "norms", "embeddings", "lm-head")
+PACKING = ("concat", "documents")
 DTYPES = ("bf16", "fp32")
 TEACHER_LOGITS = ("online", "topk")
 PARALLEL = ("ddp", "fsdp")  # how stage 3 spreads over torchrun ranks (stages 1/2 always split the layers)
@@ -45,7 +48,8 @@ class StageConfig:
     warmup: float = 0.1  # fraction of the steps
     decay: float = 0.1  # WSD only: fraction of the steps spent decaying at the end
     schedule: str = "wsd"
-    trainable: str = "all"  # "lora": adapters only (stage 3), merged into every exported stageN/
+    # "lora": adapters only (stage 3), merged into every exported stageN/; or PARTS, comma-separated
+    trainable: str = "all"
     lora_rank: int = 16
     lora_targets: str = "recurrent,kept-heads"  # groups of radistill/finetune/targets.py
     seq_len: int = 2048
@@ -71,6 +75,9 @@ class StageConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint_every: int = 500  # optimizer steps; checkpoints are also written at the end of each stage and block
     log_every: int = 10
+    # stage 1 only: after it, measure the static normalisers' statistics again (stage 1 changed the mixers whose
+    # output they map onto the teacher's scale); radistill.hybrid.calibrate.recalibrate_normalizers
+    recalibrate: bool = False
 
 
 @dataclass
@@ -84,6 +91,21 @@ class DataConfig:
     shuffle_window: int = 1024  # documents are shuffled within consecutive windows of this many
     heldout_docs: int = 200  # documents kept out of training, for perplexity
     heldout_stride: int = 50  # ... taken as every stride-th document from the start
+    # "concat": documents run on across one position range per sequence, attention and recurrent state crossing
+    # their boundaries; "documents": positions restart at 0 at each document, attention stays inside it and the
+    # recurrent heads' state resets there (teacher and student alike; radistill/models/packing.py)
+    packing: str = "concat"
+    bos: bool = False  # start every document with the tokenizer's BOS token (as evaluation prompts do)
+    # teacher-generated text mixed in: this share of the training sequences is packed from text the teacher wrote
+    # (radistill/distill/teacher_text.py), continuing prompts cut from the training documents
+    teacher_share: float = 0.0
+    teacher_dir: str | None = None  # where the generated text is kept (None: RUN/teacher_text); reusable across runs
+    teacher_documents: int = 2000  # texts generated (once; the mix cycles through them)
+    teacher_prompt_tokens: int = 32  # prompt: the first tokens of a training document
+    teacher_new_tokens: int = 480  # tokens sampled after each prompt (fewer where the teacher ends with EOS)
+    teacher_temperature: float = 1.0
+    teacher_top_p: float = 0.95
+    teacher_batch_size: int = 64  # prompts per generate() call
 
 
 def _default_stages() -> dict[int, StageConfig]:
@@ -125,8 +147,7 @@ class DistillRecipe:
             where = f"stage {number}"
             if st.schedule not in SCHEDULES:
                 raise RadistillError(f"{where}: schedule '{st.schedule}' is not one of {', '.join(SCHEDULES)}")
-            if st.trainable not in TRAINABLE:
-                raise RadistillError(f"{where}: trainable '{st.trainable}' is not one of {', '.join(TRAINABLE)}")
+            _validate_trainable(st, number, where)
             if st.trainable == "lora" and number != 3:
                 raise RadistillError(f"{where}: trainable 'lora' is for stage 3 only (stages 1/2 train layer by layer)")
             _validate_memory_fields(st, number, where)
@@ -148,6 +169,11 @@ class DistillRecipe:
                 raise RadistillError("stage 3: kl_weight and ce_weight are both 0, so nothing would be learned")
         if self.keep_checkpoints < 1:
             raise RadistillError("keep_checkpoints must be at least 1")
+        _validate_data_options(self.data)
+        if self.data.teacher_share > 0 and self.shard_teacher:
+            raise RadistillError("data.teacher_share generates text with the whole teacher on one device: drop "
+                                 "shard_teacher, or generate the text in a run without it and point data.teacher_dir "
+                                 "at it")
         self._validate_parallel()
 
     def _validate_parallel(self) -> None:
@@ -212,6 +238,54 @@ def _validate_memory_fields(st: StageConfig, number: int, where: str) -> None:
     if not _is_count(st.layer_block):
         raise RadistillError(f"{where}: layer_block must be a whole number of layers >= 1, or null for all layers "
                              f"at once (got {st.layer_block!r})")
+
+
+def trainable_parts(trainable: str) -> tuple[str, ...] | None:
+    """The PARTS a comma-separated ``trainable`` names (sorted as PARTS), or None for one of TRAINABLE's names."""
+    if trainable in TRAINABLE:
+        return None
+    names = [p.strip() for p in trainable.split(",") if p.strip()]
+    return tuple(p for p in PARTS if p in names)
+
+
+def _validate_trainable(st: StageConfig, number: int, where: str) -> None:
+    if not isinstance(st.trainable, str):
+        raise RadistillError(f"{where}: trainable must be a string (got {st.trainable!r})")
+    if st.trainable not in TRAINABLE:
+        names = [p.strip() for p in st.trainable.split(",") if p.strip()]
+        unknown = [p for p in names if p not in PARTS]
+        if unknown or not names:
+            raise RadistillError(
+                f"{where}: trainable '{st.trainable}' is not one of {', '.join(TRAINABLE)} nor a comma-separated list "
+                f"of parts from {', '.join(PARTS)}"
+            )
+        if number == 1 and set(names) != {"recurrent"}:
+            raise RadistillError(f"{where}: trains only what shapes the recurrent heads' mixing matrices: use "
+                                 "trainable recurrent, mixer or all")
+        if number == 2 and {"embeddings", "lm-head"} & set(names):
+            raise RadistillError(f"{where}: stage 2 aligns each layer's output and never runs the embeddings or the "
+                                 "LM head: train them in stage 3")
+    _require_bool(st.recalibrate, f"{where}: recalibrate")
+    if st.recalibrate and number != 1:
+        raise RadistillError(f"{where}: recalibrate is for stage 1 only (it re-measures the normalisers after stage 1 "
+                             "has changed the recurrent heads)")
+
+
+def _validate_data_options(data: DataConfig) -> None:
+    """The packing and teacher-text options (the rest of the data section is checked where it is read)."""
+    if data.packing not in PACKING:
+        raise RadistillError(f"data.packing '{data.packing}' is not one of {', '.join(PACKING)}")
+    _require_bool(data.bos, "data.bos")
+    share = data.teacher_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise RadistillError(f"data.teacher_share must be a number in [0, 1) (got {share!r}): the share of training "
+                             "sequences packed from teacher-generated text")
+    for name in ("teacher_documents", "teacher_prompt_tokens", "teacher_new_tokens", "teacher_batch_size"):
+        if not _is_count(getattr(data, name)):
+            raise RadistillError(f"data.{name} must be a whole number >= 1 (got {getattr(data, name)!r})")
+    if not data.teacher_temperature > 0 or not 0 < data.teacher_top_p <= 1:
+        raise RadistillError(f"data: teacher_temperature must be > 0 and teacher_top_p in (0, 1] (got "
+                             f"{data.teacher_temperature!r}, {data.teacher_top_p!r})")
 
 
 def _require_bool(value, name: str) -> None:

@@ -26,11 +26,12 @@ from radistill.distill.losses import (
     distillation_loss, hidden_alignment_loss, matrix_orientation_loss, topk_distillation_loss,
 )
 from radistill.distill.parallel import gradient_sync
-from radistill.distill.recipe import StageConfig
+from radistill.distill.recipe import StageConfig, trainable_parts
 from radistill.finetune.lora import adapter_parameters
 from radistill.hybrid.mixers.base import mixer_kwargs
 from radistill.models.access import decoder_layers, hidden_input, layout_from_config
 from radistill.models.attention import attention_probs
+from radistill.models.packing import document_ids, document_resets
 from radistill.utils.errors import RadistillError
 
 HEAD_CHUNK = 8  # teacher heads whose [seq, seq] probabilities are materialised at once in stage 1
@@ -50,7 +51,11 @@ def student_layers(model: nn.Module) -> nn.ModuleList:
 def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
     """``all``: the whole decoder layer; ``mixer``: its token mixer (attention + recurrent heads + o_proj);
     ``recurrent``: only its recurrent heads (empty for a layer without any); ``lora``: its LoRA adapters (the
-    trainer adds them first)."""
+    trainer adds them first); or a comma-separated list of parts (:data:`radistill.distill.recipe.PARTS`):
+    ``recurrent``, ``kept-heads`` (their q/k/v projections), ``o-proj``, ``mlp``, ``norms`` (the layer's two)."""
+    parts = trainable_parts(trainable)
+    if parts is not None:
+        return _unique([p for part in parts for p in _layer_part(layer, part)])
     if trainable == "all":
         return list(layer.parameters())
     if trainable == "lora":
@@ -62,10 +67,44 @@ def layer_parameters(layer: nn.Module, trainable: str) -> list[nn.Parameter]:
     return [] if recurrent is None else list(recurrent.parameters())
 
 
+def _layer_part(layer: nn.Module, part: str) -> list[nn.Parameter]:
+    mixer = layer.self_attn
+    modules = {
+        "recurrent": [getattr(mixer, "recurrent", None)],
+        "kept-heads": [getattr(mixer, "attention", None), _kept_mixer(mixer)],
+        "o-proj": [getattr(mixer, "o_proj", None)],
+        "mlp": [getattr(layer, "mlp", None)],
+        "norms": [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)],
+    }.get(part, [])
+    return [p for m in modules if m is not None for p in m.parameters()]
+
+
+def _kept_mixer(mixer: nn.Module) -> nn.Module | None:
+    """The mixer serving a layer's kept heads (``--kept-mixer``): the first group of its mixers, or None. It is part of
+    ``recurrent`` too (every mixer head is), and of ``kept-heads`` since those are its heads."""
+    if not getattr(mixer, "kept_mixer_heads", None) or mixer.recurrent is None:
+        return None
+    groups = getattr(mixer.recurrent, "groups", None)  # a MixerBank when the layer also has other mixer heads
+    return mixer.recurrent if groups is None else groups[0]
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    return list({id(p): p for p in params}.values())
+
+
 def model_parameters(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """As :func:`layer_parameters` over every layer; parts also name the model's own ``embeddings``, ``lm-head`` and
+    (with ``norms``) the final norm (stage 3: stages 1/2 never run them). Tied embeddings and LM head are one
+    parameter, trained when either is named."""
     if trainable == "all":
         return list(model.parameters())
-    return [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
+    params = [p for layer in student_layers(model) for p in layer_parameters(layer, trainable)]
+    parts = trainable_parts(trainable) or ()
+    base = getattr(model, model.base_model_prefix)
+    extra = {"embeddings": model.get_input_embeddings(), "lm-head": model.get_output_embeddings(),
+             "norms": getattr(base, "norm", None)}
+    params += [p for part in parts if extra.get(part) is not None for p in extra[part].parameters()]
+    return _unique(params)
 
 
 def trained_layers(stage: int, student: nn.Module, trainable: str) -> list[int]:
@@ -216,9 +255,9 @@ def attention_input(layer: nn.Module, tap: LayerTap) -> Tensor:
         return layer.input_layernorm(tap.layer_input)
 
 
-def _run_teacher(teacher: nn.Module, input_ids: Tensor) -> None:
+def _run_teacher(teacher: nn.Module, input_ids: Tensor, position_ids: Tensor | None = None) -> None:
     with torch.no_grad(), contextlib.suppress(_TeacherDone):
-        getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, use_cache=False)
+        getattr(teacher, teacher.base_model_prefix)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
 
 
 # --- objectives -------------------------------------------------------------------------------------------
@@ -229,13 +268,16 @@ class Objective:
     student: nn.Module  # the model the units belong to (stage 3 under FSDP2: a sharded copy of the student)
     units: dict[str, list[nn.Parameter]]
     unit_count: int  # units across all ranks (stage 1/2 layers are spread over ranks)
+    position_ids: Tensor | None = None  # the current batch's (stages 1/2 read them in batch_context)
 
     def step(self, input_ids: Tensor, scale: float, sync: bool = True,
-             teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+             teacher_topk: tuple[Tensor, Tensor] | None = None, position_ids: Tensor | None = None) -> Tensor:
         """Accumulate ``scale`` x the loss gradient into ``.grad``; return the (unscaled) loss summed over units,
         detached, on the device (reading it would wait for the GPU: the trainer does so once per optimizer step).
         ``teacher_topk``: stage 3 only, the batch's stored teacher top-k (log-probabilities [batch, seq, k], token ids
-        [batch, seq, k]; ``radistill/distill/teacher_logits.py``), used instead of running the teacher."""
+        [batch, seq, k]; ``radistill/distill/teacher_logits.py``), used instead of running the teacher.
+        ``position_ids`` [batch, seq]: documents packed with their own positions (``data.packing: documents``), which
+        teacher and student both get, so both keep attention and state inside each document; None: 0..seq-1."""
         raise NotImplementedError
 
 
@@ -258,12 +300,14 @@ class _LayerwiseObjective(Objective):
         self.layers = [i for i in layers if i in scope]
         self.units = {f"layer{i}": layer_parameters(self.student_layers[i], cfg.trainable) for i in self.layers}
 
-    def step(self, input_ids: Tensor, scale: float, sync: bool = True, teacher_topk=None) -> Tensor:
+    def step(self, input_ids: Tensor, scale: float, sync: bool = True, teacher_topk=None,
+             position_ids: Tensor | None = None) -> Tensor:
         total = torch.zeros((), device=input_ids.device)
         if not self.layers:  # a rank without a layer in this block: nothing to compute
             return total
         with teacher_taps(self.teacher, self.layers, stop=True) as taps:
-            _run_teacher(self.teacher, input_ids)
+            _run_teacher(self.teacher, input_ids, position_ids)
+        self.position_ids = position_ids
         context = self.batch_context(taps[self.layers[0]])
         for i in self.layers:
             loss = self.layer_loss(i, taps[i], context)
@@ -289,17 +333,24 @@ class MatrixOrientation(_LayerwiseObjective):
         self.group_size = layout_from_config(teacher.config).group_size
         self.teacher_layers = decoder_layers(teacher)
 
-    def layer_loss(self, index: int, tap: LayerTap, context=None) -> Tensor:
+    def batch_context(self, tap: LayerTap) -> dict:
+        """Packed documents: which document each token is in (teacher attention stays inside it) and where the
+        recurrent state resets; both None for one stretch of positions."""
+        if self.position_ids is None:
+            return {"documents": None, "reset": None}
+        return {"documents": document_ids(self.position_ids), "reset": document_resets(self.position_ids)}
+
+    def layer_loss(self, index: int, tap: LayerTap, context: dict) -> Tensor:
         mixer = self.student_layers[index].self_attn
         heads = list(mixer.recurrent_heads)
         attn_input = attention_input(self.teacher_layers[index], tap)
         student = mixer.recurrent.mixing_matrix(
-            attn_input, **mixer_kwargs(mixer.recurrent, tap.kwargs.get("position_embeddings")))
+            attn_input, **mixer_kwargs(mixer.recurrent, tap.kwargs.get("position_embeddings"), context["reset"]))
         teacher_attn = self.teacher_layers[index].self_attn
         total, start = 0.0, 0
         with _weights_on_device(teacher_attn):  # attention_probs reads the q/k weights, not through a forward
             targets = attention_probs(teacher_attn, attn_input, tap.kwargs["position_embeddings"], heads,
-                                      self.group_size, HEAD_CHUNK)
+                                      self.group_size, HEAD_CHUNK, documents=context["documents"])
             for target in targets:  # the head-weighted mean of per-chunk means
                 size = target.shape[1]
                 total = total + matrix_orientation_loss(student[:, start : start + size], target) * size
@@ -316,7 +367,9 @@ class HiddenAlignment(_LayerwiseObjective):
         """The layers' keyword arguments (mask, RoPE). The hybrid builds them itself (its kept-head attention may use
         another attention implementation than the teacher); a plain HF student takes the teacher's."""
         make_kwargs = getattr(self.student_base, "layer_kwargs", None)
-        return make_kwargs(tap.layer_input) if make_kwargs is not None else tap.kwargs
+        if make_kwargs is None:
+            return tap.kwargs
+        return make_kwargs(tap.layer_input, position_ids=self.position_ids)
 
     def layer_loss(self, index: int, tap: LayerTap, context: dict) -> Tensor:
         out = self.student_layers[index](tap.layer_input.detach(), **context)
@@ -335,24 +388,26 @@ class _DistillationModule(nn.Module):
         self.loss_cfg = cfg.loss
         self.compile_loss = compile_loss
 
-    def forward(self, input_ids: Tensor, teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, teacher_topk: tuple[Tensor, Tensor] | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
         if teacher_topk is not None:  # stored teacher logits: the teacher does not run (it is off the device)
-            student_hidden = final_hidden(self.student, input_ids)
+            student_hidden = final_hidden(self.student, input_ids, position_ids)
             return topk_distillation_loss(student_hidden, head_weight(self.student), *teacher_topk, input_ids,
                                           self.loss_cfg, self.compile_loss)
         teacher = self._teacher[0]
         with torch.no_grad():
-            teacher_hidden = final_hidden(teacher, input_ids)
-        student_hidden = final_hidden(self.student, input_ids)
+            teacher_hidden = final_hidden(teacher, input_ids, position_ids)
+        student_hidden = final_hidden(self.student, input_ids, position_ids)
         return distillation_loss(
             student_hidden, head_weight(self.student), teacher_hidden, head_weight(teacher), input_ids,
             self.loss_cfg, self.compile_loss,
         )
 
 
-def final_hidden(model: nn.Module, input_ids: Tensor) -> Tensor:
-    """[batch, seq, hidden]: the final-norm output that the LM head reads."""
-    return getattr(model, model.base_model_prefix)(input_ids=input_ids, use_cache=False).last_hidden_state
+def final_hidden(model: nn.Module, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """[batch, seq, hidden]: the final-norm output that the LM head reads (``position_ids``: see Objective.step)."""
+    base = getattr(model, model.base_model_prefix)
+    return base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 def head_weight(model: nn.Module) -> Tensor:
@@ -380,9 +435,9 @@ class Distillation(Objective):
         self.units = {"model": params}
 
     def step(self, input_ids: Tensor, scale: float, sync: bool = True,
-             teacher_topk: tuple[Tensor, Tensor] | None = None) -> Tensor:
+             teacher_topk: tuple[Tensor, Tensor] | None = None, position_ids: Tensor | None = None) -> Tensor:
         with gradient_sync(self.module, sync):
-            loss = self.module(input_ids, teacher_topk)
+            loss = self.module(input_ids, teacher_topk, position_ids)
             (loss * scale).backward()
         return loss.detach()
 

@@ -131,7 +131,7 @@ def precompute(teacher: nn.Module, tokenizer, root: Path, settings: dict, sequen
             shards.append({"name": f"shard-{index:06d}.safetensors", "first": done, "sequences": count})
             if j == rank():
                 _write_shard(root / shards[-1]["name"], _shard_tensors(teacher, ids, settings, batch_size,
-                                                                       chunk_tokens, autocast))
+                                                                       chunk_tokens, autocast, stream.position_ids))
             done += count
         barrier()
         if is_main_process():
@@ -159,15 +159,18 @@ def _announce(root: Path, manifest: dict, sequences: int) -> None:
 
 
 def _shard_tensors(teacher: nn.Module, ids: Tensor, settings: dict, batch_size: int, chunk_tokens: int,
-                   autocast: bool) -> dict[str, Tensor]:
-    """The shard's tensors (module docstring) for ``ids`` [n, seq_len]."""
+                   autocast: bool, positions=lambda ids: None) -> dict[str, Tensor]:
+    """The shard's tensors (module docstring) for ``ids`` [n, seq_len]; ``positions(ids)``: their position ids (packed
+    documents, ``data.packing``) or None."""
     device = next(teacher.parameters()).device
     head = head_weight(teacher)
     k, temperature = settings["topk"], settings["temperature"]
     logprobs, indices, lse = [], [], []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for batch in ids.split(batch_size):
-            hidden = final_hidden(teacher, batch.to(device)).flatten(0, 1)
+            position_ids = positions(batch)
+            position_ids = None if position_ids is None else position_ids.to(device)
+            hidden = final_hidden(teacher, batch.to(device), position_ids).flatten(0, 1)
             for rows in hidden.split(chunk_tokens):
                 values, ids_k, norm = teacher_topk((rows.to(head.dtype) @ head.t()).float(), k, temperature)
                 logprobs.append(values.to(torch.float16).cpu())

@@ -50,7 +50,7 @@ from radistill.distill.parallel import (
     all_reduce_sum, barrier, broadcast_layers, broadcast_object, copy_full, full_value, is_sharded,
     load_optimizer_state, optimizer_state_to_save, owned_layers, shard_frozen, stage_student,
 )
-from radistill.distill.recipe import DistillRecipe, StageConfig
+from radistill.distill.recipe import DistillRecipe, StageConfig, merge
 from radistill.distill.schedule import lr_multiplier
 from radistill.distill.stages import (
     Objective, layer_blocks, make_objective, set_activation_checkpointing, stage_modules, stream_teacher,
@@ -101,6 +101,8 @@ class Trainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, recipe: DistillRecipe, run_dir: Path,
                  device: str, export_files: tuple[Path, ...] = (), step_hook: StepHook | None = None):
+        if recipe.data.teacher_share > 0 and not recipe.data.teacher_dir:  # recorded in recipe.json, for --resume
+            recipe = merge(recipe, {"data": {"teacher_dir": str((Path(run_dir) / "teacher_text").resolve())}})
         self.student, self.teacher, self.tokenizer, self.recipe = student, teacher, tokenizer, recipe
         self.run_dir = Path(run_dir)
         self.device = device
@@ -130,6 +132,8 @@ class Trainer:
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[StageResult]:
         position = self._restore() if resume else self._check_fresh()
+        if self.recipe.data.teacher_share > 0:
+            self._teacher_texts()
         if self.recipe.tensorboard and is_main_process():  # only now: a refused --out gets no tensorboard/ folder
             self._tensorboard = _summary_writer_class()(self.run_dir / "tensorboard")
         if is_main_process():
@@ -278,6 +282,8 @@ class Trainer:
                 # the block's last step was checkpointed, which gathered its layers onto every rank
                 del objective, optimizer  # the block's optimizer state goes before the next block's is made
         self._release(stage)
+        if cfg.recalibrate:  # stage 1 only (the recipe checks)
+            self._recalibrate()
         self._export(stage)
         self.student.requires_grad_(True).eval()
         return StageResult(stage, total, tokens, last_loss, time.perf_counter() - started)
@@ -356,6 +362,33 @@ class Trainer:
         if not is_sharded(self.teacher):
             self.teacher.to(self.teacher_home)
 
+    def _teacher_texts(self) -> None:
+        """data.teacher_share: the teacher's texts generated (or finished) before any stage reads them, by rank 0,
+        with the teacher on the device (teacher_text.py)."""
+        from radistill.distill.teacher_text import generate_texts
+
+        if is_main_process():
+            home = next(self.teacher.parameters()).device
+            self.teacher.to(self.device)
+            generate_texts(self.teacher, self.tokenizer, self.recipe.data, self.recipe.data.teacher_dir,
+                           self.recipe.seed)
+            self.teacher.to(home)
+        barrier()
+
+    def _recalibrate(self) -> None:
+        """The static normalisers measured again after stage 1 on the build's calibration text (the training data's
+        first documents), every rank alike, beside the teacher; the student comes back to where it was."""
+        from radistill.hybrid.calibrate import calibration_batches, recalibrate_normalizers
+
+        batches = calibration_batches(self.tokenizer, self.recipe.data.source)
+        device = next(self.teacher.parameters()).device  # where the teacher waits between stages
+        self.student.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast and device.type == "cuda"):
+            tokens = recalibrate_normalizers(self.student, self.teacher, batches)
+        self.student.to(self.home)
+        if is_main_process():
+            console.print(f"stage 1: normalisers recalibrated on {tokens:,} tokens")
+
     def _seed(self, stage: int) -> int:
         """``stage``'s own seed: its data order (and stored teacher logits), its LoRA adapters' initialisation."""
         return self.recipe.seed * 1000 + stage
@@ -425,10 +458,12 @@ class Trainer:
             topk = None
             if teacher_logits is not None:  # read by the CPU batch, whose tokens are checked against the stored ones
                 topk = tuple(self._to_device(t) for t in teacher_logits.read(position, batch))
+            positions = stream.position_ids(batch)  # None unless data.packing is "documents"
             batch = self._to_device(batch)
+            extra = {} if positions is None else {"position_ids": self._to_device(positions)}
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
                 final = micro == cfg.grad_accum - 1  # DDP / FSDP2 reduce gradients on the last one only
-                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final, teacher_topk=topk)
+                loss_sum += objective.step(batch, 1.0 / cfg.grad_accum, sync=final, teacher_topk=topk, **extra)
         if step == 0 and cfg.trainable == "lora":  # every adapter must be on the forward's path
             check_adapter_gradients(self.student)
         max_norm = cfg.clip if cfg.clip > 0 else float("inf")

@@ -178,11 +178,13 @@ def select_heads(
 def student_config(
     teacher: nn.Module, kept_heads: list[list[int]], mixer: str, mixer_settings: dict | None = None,
     head_mixers: list[dict] | None = None, kept_mixer: str | None = None, kept_mixer_settings: dict | None = None,
+    private_kv: bool = False,
 ) -> HybridConfig:
     """The student's config: the teacher's architecture fields, read off its config and its modules.
 
     ``head_mixers`` / ``kept_mixer``: other head groups (:class:`HybridConfig`); every mixer's settings are
-    completed with what it reads off the teacher (``teacher_settings``) and its defaults."""
+    completed with what it reads off the teacher (``teacher_settings``) and its defaults. ``private_kv``: see
+    :class:`HybridConfig`."""
     t = teacher.config
     layout = model_layout(teacher)
     if len(set(getattr(t, "layer_types", None) or ["full_attention"])) > 1:
@@ -235,6 +237,7 @@ def student_config(
         head_mixers=head_mixers,
         kept_mixer=kept_mixer,
         kept_mixer_settings=kept_settings,
+        private_kv=private_kv,
     )
 
 
@@ -288,7 +291,8 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
         for key, value in attn.o_proj.state_dict().items():
             state[f"{prefix}self_attn.o_proj.{key}"] = value
 
-        kept, kv_kept, groups = config.attention_heads(i), config.kept_kv_heads(i), config.mixer_groups(i)
+        # private_kv: kv_kept repeats a KV head once per kept query head, each copy its own rows
+        kept, kv_kept, groups = config.attention_heads(i), config.kv_sources(i), config.mixer_groups(i)
         if kept:
             target = f"{prefix}self_attn.attention."
             for proj, heads in (("q_proj", kept), ("k_proj", kv_kept), ("v_proj", kv_kept)):
@@ -297,7 +301,7 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
             if config.qk_norm:
                 state[f"{target}q_norm.weight"] = attn.q_norm.weight
                 state[f"{target}k_norm.weight"] = attn.k_norm.weight
-        for index, (name, settings, heads) in enumerate(groups):
+        for index, ((name, settings, heads), kv_groups) in enumerate(zip(groups, config.mixer_kv_groups(i))):
             kv_of = [h // group for h in heads]
             qkv = {
                 "q": (attn.q_proj, heads),
@@ -310,7 +314,7 @@ def convert(teacher: nn.Module, config: HybridConfig) -> HybridForCausalLM:
                 for n, (p, h) in qkv.items()
             }
             cls = mixer_class(name)
-            extra = {"kv_groups": config.kv_groups(heads)} if cls.shares_kv else {}
+            extra = {"kv_groups": kv_groups} if cls.shares_kv else {}
             if config.qk_norm:
                 extra.update(q_norm_weight=attn.q_norm.weight, k_norm_weight=attn.k_norm.weight)
             mixer = cls.from_attention(config.hidden_size, **weights, **biases, **extra, **settings)
@@ -350,7 +354,7 @@ def checkpoint_dtype(config, fallback: torch.dtype) -> torch.dtype:
 def selection_record(selection: Selection, config: HybridConfig, teacher_id: str, fingerprint: str, **extra) -> dict:
     """The content of ``selection.json``."""
     layout = config.layout
-    kv_per_layer = [config.kept_kv_heads(i) for i in range(config.num_hidden_layers)]
+    kv_per_layer = [config.kv_sources(i) for i in range(config.num_hidden_layers)]
     return {
         "teacher": teacher_id,
         "teacher_fingerprint": fingerprint,
@@ -427,6 +431,7 @@ def build_student(
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     overwrite: bool = False,
+    private_kv: bool = False,
 ) -> Path:
     """Build a student directory from a teacher (HF id, path, or loaded model + ``tokenizer``); returns ``out``.
 
@@ -442,6 +447,7 @@ def build_student(
     Mixers: ``mixer`` serves every head not kept; ``window_heads`` M > 0 gives the scan's next M heads (ranks
     K+1..K+M) to sliding-window heads of ``window`` tokens (the ``window`` mixer) instead; ``window`` is also the
     ``--mixer window`` setting. ``kept_mixer``: a registered mixer in place of the kept heads' softmax attention.
+    ``private_kv``: each kept query head gets its own copy of its GQA group's K/V projection (the paper's choice).
     """
     # before loading anything: a refusal after the work would waste it
     refuse_existing([out], overwrite, "choose another --out or pass --overwrite")
@@ -475,7 +481,8 @@ def build_student(
         head_mixers = [{"mixer": "window", "settings": {} if window is None else {"window": window},
                         "heads": per_layer}]
     config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings,
-                            head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings)
+                            head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings,
+                            private_kv=private_kv)
     student = convert(model, config)
     # a student whose mixers all start exact (e.g. only window heads) has nothing to calibrate
     needs_calibration = any(

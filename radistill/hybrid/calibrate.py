@@ -175,6 +175,25 @@ def _normalized_heads(mixer) -> list[bool]:
     return flags() if flags is not None else [True] * mixer.num_heads
 
 
+@torch.no_grad()
+def recalibrate_normalizers(student: HybridForCausalLM, teacher: nn.Module,
+                            batches: Sequence[dict[str, torch.Tensor]]) -> int:
+    """Measure every static normaliser's statistics again on ``batches`` (:func:`calibrate`'s normaliser step alone:
+    one teacher pass, then the current mixers on the stored inputs), for mixers that training has changed since the
+    build (stage 1 reshapes them; the normaliser would still map the fresh mixer's scale onto the teacher's).
+    Half-lives are left as they are, and heads whose mixer asks for no normaliser stay the identity. Returns the
+    real tokens seen."""
+    normalized = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
+                  if layer.self_attn.recurrent is not None and any(_normalized_heads(layer.self_attn.recurrent))}
+    if not normalized:
+        return 0
+    group = student.config.num_attention_heads // student.config.num_key_value_heads
+    stats = _teacher_statistics(teacher, normalized, batches, group, student.config.head_dim, distances=set(),
+                                keep_inputs=set(normalized))
+    _mixer_statistics(normalized, stats)
+    return stats.tokens
+
+
 def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
     """Half-lives (tokens) of the decays whose normalised kernel a^d has mean distance ``distance``: a/(1-a) = d."""
     d = distance.double().clamp_min(1e-3)
@@ -304,4 +323,4 @@ def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
 
 
 __all__ = ["BUILTIN_TEXT", "Calibration", "DEFAULT_TOKENS", "HALF_LIVES", "calibrate", "calibration_batches",
-           "half_life_for_distance", "teacher_pass"]
+           "half_life_for_distance", "recalibrate_normalizers", "teacher_pass"]

@@ -61,13 +61,13 @@ def _cache_section(config: HybridConfig, dtype: str) -> list[str]:
     teacher = teacher_rows(layout, [1, *LENGTHS], nbytes, windows=windows)
     kv_token, teacher_token = student[0].kv_bytes, teacher[0].kv_bytes
     state = student[0].ssm_bytes + student[0].conv_bytes
-    kept_kv = sum(len(config.kept_kv_heads(i)) for i in range(layout.num_layers))
+    kept_kv = sum(len(config.kv_sources(i)) for i in range(layout.num_layers))  # private_kv: one per kept head
     ratio = f"{teacher_token / kv_token:.1f}x less" if kv_token else "no KV cache at all"
     lines = [
         "## Cache",
         "",
-        f"In {dtype}: the KV cache grows by **{kv_token:,} bytes per token** ({kept_kv} of the teacher's "
-        f"{layout.num_layers * layout.num_kv_heads} KV heads cached) against the teacher's {teacher_token:,} "
+        f"In {dtype}: the KV cache grows by **{kv_token:,} bytes per token** ({kept_kv} K/V heads cached, "
+        f"the teacher {layout.num_layers * layout.num_kv_heads}) against the teacher's {teacher_token:,} "
         f"({ratio}); the recurrent heads hold a fixed {state:,} bytes per sequence (SSM state "
         f"{student[0].ssm_bytes:,} + conv state {student[0].conv_bytes:,}), whatever the length.",
         "",

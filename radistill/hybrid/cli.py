@@ -65,6 +65,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", help="bf16, fp16 or fp32: compute and save in it; auto: compute in bf16 on "
                                    "GPU, fp32 on CPU, and save in the teacher checkpoint's dtype"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
+        private_kv: bool = typer.Option(False, "--private-kv", help="each kept query head gets its own copy of its "
+                                        "GQA group's K/V projection and cache (the paper's choice) instead of sharing"),
     ) -> None:
         """Build the head-level hybrid student: kept heads stay attention, the rest become recurrent heads."""
         from radistill.hybrid.build import build_student, load_selection
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                  window_heads=window_heads, kept_mixer=kept_mixer,
                                  state_size=state_size, calibration_data=calibration_data,
                                  half_lives=half_lives, device=device,
-                                 dtype=dtype, overwrite=overwrite,
+                                 dtype=dtype, overwrite=overwrite, private_kv=private_kv,
                                  **({} if calibration_tokens is None else {"calibration_tokens": calibration_tokens}))
         record = load_selection(path)
         table = Table(title=f"{record['keep']} kept heads ({record['source']})")

@@ -65,6 +65,9 @@ class HybridConfig(PreTrainedConfig):
         their heads are neither kept nor ``mixer`` heads (None: no such group).
     kept_mixer: a registered mixer that serves the kept heads instead of the teacher's softmax attention (None:
         softmax attention with a KV cache); ``kept_mixer_settings`` its settings.
+    private_kv: each kept query head has its own K/V projection (a copy of its GQA group's, free to diverge in
+        training, and its own cached K/V) instead of sharing its group's with the group's other kept heads; with
+        ``kept_mixer``, a mixer that shares K/V (``shares_kv``) gets one K/V per kept head likewise.
     """
 
     model_type = MODEL_TYPE
@@ -100,6 +103,7 @@ class HybridConfig(PreTrainedConfig):
     head_mixers: list[dict[str, Any]] | None = None
     kept_mixer: str | None = None
     kept_mixer_settings: dict[str, Any] | None = None
+    private_kv: bool = False
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -214,6 +218,20 @@ class HybridConfig(PreTrainedConfig):
         """KV heads of ``layer`` the student keeps (and caches): those of its attention heads, ascending."""
         group = self.num_attention_heads // self.num_key_value_heads
         return sorted({h // group for h in self.attention_heads(layer)})
+
+    def kv_sources(self, layer: int) -> list[int]:
+        """The teacher KV head behind each K/V projection (and cached K/V head) of ``layer``'s kept heads: its kept
+        KV heads (shared per GQA group), or with ``private_kv`` one per kept query head, that head's KV head."""
+        if not self.private_kv:
+            return self.kept_kv_heads(layer)
+        group = self.num_attention_heads // self.num_key_value_heads
+        return [h // group for h in self.attention_heads(layer)]
+
+    def mixer_kv_groups(self, layer: int) -> list[list[int]]:
+        """Per mixer group of ``layer`` (``mixer_groups`` order), the ``kv_groups`` a K/V-sharing mixer gets: the
+        teacher's GQA sharing, except the kept heads' mixer under ``private_kv`` (one K/V per head)."""
+        return [list(range(len(heads))) if self.private_kv and self.kept_mixer is not None and index == 0
+                else self.kv_groups(heads) for index, (_, _, heads) in enumerate(self.mixer_groups(layer))]
 
     @property
     def num_kept_heads(self) -> int:

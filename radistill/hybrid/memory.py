@@ -124,13 +124,12 @@ def teacher_rows(
 
 def student_rows(config, lengths: list[int], nbytes: int, name: str = "student") -> list[MemoryRow]:
     """Rows for a built student's :class:`~radistill.hybrid.HybridConfig` (what its HybridCache allocates)."""
-    kv_heads = sum(len(config.kept_kv_heads(i)) for i in range(config.num_hidden_layers))
+    kv_heads = sum(len(config.kv_sources(i)) for i in range(config.num_hidden_layers))  # private_kv: per kept head
     window = config.sliding_window
     ssm = conv = 0
     for i in range(config.num_hidden_layers):
-        for mixer, settings, heads in config.mixer_groups(i):
-            sizes = _state_bytes(mixer, len(heads), config.head_dim, nbytes, settings,
-                                 kv_heads=len(set(config.kv_groups(heads))))
+        for (mixer, settings, heads), kv_groups in zip(config.mixer_groups(i), config.mixer_kv_groups(i)):
+            sizes = _state_bytes(mixer, len(heads), config.head_dim, nbytes, settings, kv_heads=len(set(kv_groups)))
             ssm, conv = ssm + sizes["ssm"], conv + sizes["conv"]
     return [MemoryRow(name, n, _kv_bytes(kv_heads, config.head_dim, nbytes, n, window), ssm, conv) for n in lengths]
 

@@ -26,7 +26,11 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -44,6 +48,7 @@ from radistill.hybrid.cache import HybridCache, HybridLayerCache
 from radistill.hybrid.configuration import HybridConfig
 from radistill.hybrid.mixers import MIXERS, MixerBank, RecurrentMixer, find_mixer, mixer_kwargs
 from radistill.hybrid.normalizer import StaticNormalizer
+from radistill.models.packing import document_resets
 from radistill.utils.errors import RadistillError
 
 # The output dataclasses' cache field: ``cache`` from transformers 5.24, ``past_key_values`` before.
@@ -72,18 +77,21 @@ def mixer_class(name: str) -> type[RecurrentMixer]:
     return MIXERS[name]
 
 
-def build_mixer(config: HybridConfig, name: str, settings: dict, heads: list[int]) -> RecurrentMixer:
+def build_mixer(config: HybridConfig, name: str, settings: dict, heads: list[int],
+                kv_groups: list[int] | None = None) -> RecurrentMixer:
     """A freshly initialised mixer ``name`` for the query ``heads`` of one layer (weights come from the
-    checkpoint, or from ``MixerClass.from_attention`` at build time)."""
+    checkpoint, or from ``MixerClass.from_attention`` at build time); ``kv_groups`` for a K/V-sharing mixer
+    (default: the teacher's GQA sharing)."""
     cls = mixer_class(name)
-    extra = {"kv_groups": config.kv_groups(heads)} if cls.shares_kv else {}
+    extra = {"kv_groups": config.kv_groups(heads) if kv_groups is None else kv_groups} if cls.shares_kv else {}
     return cls(hidden_size=config.hidden_size, num_heads=len(heads), head_dim=config.head_dim, **settings, **extra)
 
 
 def build_mixers(config: HybridConfig, layer_idx: int) -> nn.Module | None:
     """The mixer of one layer's non-attention heads: the one mixer of its one group, a :class:`MixerBank` of
     several groups, or None (every head is attention)."""
-    groups = [build_mixer(config, name, settings, heads) for name, settings, heads in config.mixer_groups(layer_idx)]
+    groups = [build_mixer(config, name, settings, heads, kv)
+              for (name, settings, heads), kv in zip(config.mixer_groups(layer_idx), config.mixer_kv_groups(layer_idx))]
     if not groups:
         return None
     mixer = groups[0] if len(groups) == 1 else MixerBank(groups)
@@ -132,7 +140,7 @@ class KeptHeadAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_ids = list(config.kept_heads[layer_idx])  # teacher query head ids, ascending
-        self.kv_head_ids = config.kept_kv_heads(layer_idx)  # teacher KV head ids, ascending
+        self.kv_head_ids = config.kv_sources(layer_idx)  # teacher KV head ids, ascending (private_kv: one per head)
         self.num_heads = len(self.head_ids)
         self.num_kv_heads = len(self.kv_head_ids)
         self.head_dim = config.head_dim
@@ -144,7 +152,8 @@ class KeptHeadAttention(nn.Module):
         # query heads, the usual GQA broadcast applies (queries are grouped by KV head since both are ascending);
         # otherwise (e.g. heads {0, 1, 5} with groups of 4) K/V are gathered per query head.
         group = config.num_attention_heads // config.num_key_value_heads
-        self._kv_of_head = [self.kv_head_ids.index(h // group) for h in self.head_ids]
+        self._kv_of_head = list(range(self.num_heads)) if config.private_kv else \
+            [self.kv_head_ids.index(h // group) for h in self.head_ids]
         if len(set(Counter(self._kv_of_head).values())) == 1:
             self.num_key_value_groups = self.num_heads // self.num_kv_heads
             self.kv_index = None
@@ -230,6 +239,8 @@ class HybridMixer(nn.Module):
         self.head_dim = config.head_dim
         self.kept_heads = config.attention_heads(layer_idx)  # softmax attention heads
         self.recurrent_heads = config.mixer_heads(layer_idx)  # mixer heads, in the mixer's output order
+        # with a kept mixer, the kept heads are the mixer's first group (``mixer_groups`` order)
+        self.kept_mixer_heads = list(config.kept_heads[layer_idx]) if config.kept_mixer is not None else []
 
         self.attention = KeptHeadAttention(config, layer_idx) if self.kept_heads else None
         if self.recurrent_heads:
@@ -276,12 +287,14 @@ class HybridMixer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        document_reset: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, D] (normed) -> (mixer output [B, T, D], kept heads' attention weights or None).
 
         attention_mask: the attention mask as the model prepares it (``HybridModel.layer_kwargs``);
-        padding_mask: [B, T] (1 = token, 0 = padding) for the recurrent heads, so padding never enters a state.
+        padding_mask: [B, T] (1 = token, 0 = padding) for the recurrent heads, so padding never enters a state;
+        document_reset: [B, T] bool, packed documents: the recurrent state restarts where it is True.
         """
         batch, seq_len, _ = hidden_states.shape
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
@@ -304,7 +317,7 @@ class HybridMixer(nn.Module):
                     lambda: self.recurrent.empty_state(batch, hidden_states.device, hidden_states.dtype)
                 )
             recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state,
-                                          **mixer_kwargs(self.recurrent, position_embeddings))  # [B, T, r, hd]
+                                          **mixer_kwargs(self.recurrent, position_embeddings, document_reset))
             parts.append(self.normalizer(recurrent))
         if layer_cache is not None:
             layer_cache.advance(seq_len)
@@ -414,9 +427,15 @@ class HybridModel(HybridPreTrainedModel):
         inputs_embeds [B, T, D] (only shape, dtype, device are read); attention_mask [B, past+T] (1 = token) or
         None; position_ids [B or 1, T] or None (then past..past+T-1). Returns ``{"attention_mask": prepared mask
         for the attention implementation, "padding_mask": [B, T] or None, "position_ids", "position_embeddings":
-        (cos, sin)}`` -- call ``layer(hidden_states, **kwargs)``.
+        (cos, sin)}`` and, for packed documents, ``"document_reset"`` [B, T] -- call ``layer(hidden_states, **kwargs)``.
+
+        Packed documents: position ids that restart (without an attention mask or a cache, transformers' rule) make
+        the kept heads' mask block-diagonal (transformers' masking utils) and reset the recurrent heads' state at
+        each document start, so every document is computed as if alone (radistill/models/packing.py).
         """
         seq_len = inputs_embeds.shape[1]
+        # only positions a caller gives can restart (packed documents); checking them costs a device sync
+        may_pack = position_ids is not None and attention_mask is None and cache is None
         if position_ids is None:
             # `past` is an int, or for a static cache a 0-d device tensor: added, not passed to arange, so a compiled
             # step does not specialise on it
@@ -424,12 +443,17 @@ class HybridModel(HybridPreTrainedModel):
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past).unsqueeze(0)
 
         masks = self.masks(inputs_embeds, attention_mask, cache, position_ids)
-        return {
+        out = {
             "attention_mask": masks["attention"],
             "padding_mask": masks["padding"],
             "position_ids": position_ids,
             "position_embeddings": self.rotary_emb(inputs_embeds, position_ids=position_ids),
         }
+        if may_pack:
+            positions = position_ids.expand(inputs_embeds.shape[0], -1)
+            if find_packed_sequence_indices(positions) is not None:  # transformers' rule, so the masks agree
+                out["document_reset"] = document_resets(positions)
+        return out
 
     def masks(
         self,

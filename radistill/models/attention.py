@@ -15,13 +15,16 @@ from torch import Tensor, nn
 
 @torch.no_grad()  # a target: never differentiated (also holds for the lazily run generator body)
 def attention_probs(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[Tensor, Tensor], heads: list[int],
-                    group_size: int, head_chunk: int | None = None) -> Iterator[Tensor]:
+                    group_size: int, head_chunk: int | None = None,
+                    documents: Tensor | None = None) -> Iterator[Tensor]:
     """Causal softmax attention probabilities of some query heads of a Llama-like attention module, in chunks.
 
     hidden: [batch, seq, hidden] (the attention's input, i.e. the layer's normed input);
     position_embeddings: RoPE (cos, sin), each [batch, seq, head_dim]; heads: query-head ids;
-    group_size: query heads per KV head (GQA). Yields [batch, chunk, seq, seq] fp32 for consecutive chunks of
-    ``head_chunk`` heads (all at once when None), so only one chunk's ``seq²`` matrices exist at a time.
+    group_size: query heads per KV head (GQA); documents: [batch, seq] which packed document each token is in
+    (``radistill.models.packing.document_ids``; a query attends only inside its own) or None.
+    Yields [batch, chunk, seq, seq] fp32 for consecutive chunks of ``head_chunk`` heads (all at once when None), so
+    only one chunk's ``seq²`` matrices exist at a time.
     Only the named heads' q/k rows are projected, so the cost scales with ``len(heads)``.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -36,6 +39,8 @@ def attention_probs(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[
     q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [batch, heads, seq, head_dim]
     seq = hidden.shape[1]
     future = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).triu(1)
+    if documents is not None:  # [batch, 1, seq, seq]: masked where key and query are in different documents
+        future = future | (documents[:, None, :, None] != documents[:, None, None, :])
     step = head_chunk or len(heads)
     for start in range(0, len(heads), step):
         scores = (q[:, start : start + step].float() @ k[:, start : start + step].float().transpose(-1, -2))

@@ -23,6 +23,7 @@ class MixerBank(nn.Module):
         self.num_heads = sum(g.num_heads for g in groups)
         self.head_dim = groups[0].head_dim
         self.needs_positions = any(getattr(g, "needs_positions", False) for g in groups)
+        self.supports_reset = all(getattr(g, "supports_reset", False) for g in groups)
         self.has_half_lives = any(getattr(g, "has_half_lives", False) for g in groups)
 
     def _sub_states(self, state: dict[str, Tensor] | None) -> list[dict[str, Tensor] | None]:
@@ -32,21 +33,22 @@ class MixerBank(nn.Module):
                 for i in range(len(self.groups))]
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                state: dict[str, Tensor] | None = None, position_embeddings=None) -> tuple[Tensor, dict | None]:
+                state: dict[str, Tensor] | None = None, position_embeddings=None,
+                reset: Tensor | None = None) -> tuple[Tensor, dict | None]:
         """As :meth:`RecurrentMixer.forward`: y [B, T, heads of all groups, head_dim]."""
         outputs = []
         for i, (group, sub) in enumerate(zip(self.groups, self._sub_states(state))):
             y, sub = group(hidden_states, attention_mask=attention_mask, state=sub,
-                           **mixer_kwargs(group, position_embeddings))
+                           **mixer_kwargs(group, position_embeddings, reset))
             if state is not None:  # a mixer may also replace its tensors rather than write them in place
                 state.update({f"{i}.{k}": v for k, v in sub.items()})
             outputs.append(y)
         return torch.cat(outputs, dim=2), state
 
     def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                      position_embeddings=None) -> Tensor:
+                      position_embeddings=None, reset: Tensor | None = None) -> Tensor:
         """[B, heads, T, T], group after group (every group needs a mixing matrix)."""
-        return torch.cat([g.mixing_matrix(hidden_states, attention_mask, **mixer_kwargs(g, position_embeddings))
+        return torch.cat([g.mixing_matrix(hidden_states, attention_mask, **mixer_kwargs(g, position_embeddings, reset))
                           for g in self.groups], dim=1)
 
     def empty_state(self, batch_size: int, device, dtype) -> dict[str, Tensor]:

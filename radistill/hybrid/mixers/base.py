@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from radistill.utils.errors import RadistillError
+
 
 class RecurrentMixer(nn.Module, ABC):
     """Some heads of one layer: normed hidden states in, per-head outputs (before ``o_proj``) out.
@@ -29,6 +31,8 @@ class RecurrentMixer(nn.Module, ABC):
 
     - ``needs_positions``: ``forward`` and ``mixing_matrix`` also get ``position_embeddings=(cos, sin)``, each
       ``[batch or 1, seq, head_dim]``, the teacher's RoPE at each token's position (left padding shifts them).
+    - ``supports_reset``: ``forward`` and ``mixing_matrix`` take ``reset=[batch, seq] bool`` (packed documents,
+      ``data.packing: documents``): nothing crosses a document start. A mixer without it is refused for packing.
     - ``shares_kv``: the mixer keeps the teacher's GQA sharing: ``__init__`` and ``from_attention`` also get
       ``kv_groups`` (per head, which of the heads' distinct teacher KV heads it reads, numbered 0.. in order of
       first appearance) and ``state_bytes`` gets ``kv_heads`` (how many distinct KV heads).
@@ -39,6 +43,7 @@ class RecurrentMixer(nn.Module, ABC):
     """
 
     needs_positions: bool = False
+    supports_reset: bool = False
     shares_kv: bool = False
     has_half_lives: bool = False
     calibrate_normalizer: bool = True
@@ -57,7 +62,9 @@ class RecurrentMixer(nn.Module, ABC):
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [batch, seq, hidden]; attention_mask [batch, seq] (1 = token, 0 = padding) or None;
         state: the dict from empty_state() or a previous call, or None (start empty, keep nothing);
-        ``position_embeddings`` keyword if ``needs_positions``.
+        ``position_embeddings`` keyword if ``needs_positions``; ``reset`` keyword [batch, seq] bool if
+        ``supports_reset`` and the input packs documents: where True a new document starts, and nothing from before
+        it (state, past inputs) reaches it or anything after it.
         Returns (y [batch, seq, heads, head_dim], state'). With a state, its tensors are advanced in place (the
         cache holds the dict as-is; it may reorder its batch dimension between calls) and the dict is returned.
         Padding never changes the state, and the output at a padded position is never read. Calling once on a
@@ -66,8 +73,9 @@ class RecurrentMixer(nn.Module, ABC):
 
     def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """[batch, heads, seq, seq]: M with y_t = sum_s M[t, s] v_s for the mixer's value stream v (before any
-        gate or skip), what MOHAWK stage 1 aligns with the teacher's attention probabilities. Optional: a mixer
-        without one cannot use stage 1 (stage 2 and 3 need only ``forward``)."""
+        gate or skip), what MOHAWK stage 1 aligns with the teacher's attention probabilities (the same optional
+        ``position_embeddings`` / ``reset`` keywords as ``forward``). Optional: a mixer without one cannot use
+        stage 1 (stage 2 and 3 need only ``forward``)."""
         raise NotImplementedError(f"{type(self).__name__} has no mixing matrix: distil it without stage 1")
 
     @abstractmethod
@@ -112,6 +120,15 @@ class RecurrentMixer(nn.Module, ABC):
         return [self.calibrate_normalizer] * self.num_heads
 
 
-def mixer_kwargs(mixer: nn.Module, position_embeddings: tuple[Tensor, Tensor] | None) -> dict[str, Any]:
-    """The optional keywords a mixer's forward / mixing_matrix takes (``position_embeddings`` if it needs them)."""
-    return {"position_embeddings": position_embeddings} if getattr(mixer, "needs_positions", False) else {}
+def mixer_kwargs(
+    mixer: nn.Module, position_embeddings: tuple[Tensor, Tensor] | None, reset: Tensor | None = None,
+) -> dict[str, Any]:
+    """The optional keywords a mixer's forward / mixing_matrix takes: ``position_embeddings`` if it needs them,
+    ``reset`` [B, T] bool when documents are packed (a mixer that cannot reset its state is refused then)."""
+    kwargs = {"position_embeddings": position_embeddings} if getattr(mixer, "needs_positions", False) else {}
+    if reset is not None:
+        if not getattr(mixer, "supports_reset", False):
+            raise RadistillError(f"mixer {type(mixer).__name__} cannot restart at document starts "
+                                 "(supports_reset): train it with data.packing: concat")
+        kwargs["reset"] = reset
+    return kwargs

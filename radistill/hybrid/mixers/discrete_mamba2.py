@@ -52,6 +52,7 @@ class DiscreteMamba2(RecurrentMixer):
     """num_heads DiscreteMamba2 heads of head_dim values and state_size keys each (module docstring)."""
 
     has_half_lives = True
+    supports_reset = True  # packed documents: -inf log-decay and masked conv taps at each document start
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, state_size: int = 64, conv_width: int = 4,
@@ -119,10 +120,12 @@ class DiscreteMamba2(RecurrentMixer):
         return math.log(2.0) / F.softplus(self.in_proj.bias[self._rows("a")].double())
 
     def _project(
-        self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None
+        self, hidden_states: Tensor, attention_mask: Tensor | None, conv_state: Tensor | None,
+        reset: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """-> x [B, T, H, P], log_a [B, T, H] float32/64, b/c [B, T, H, N], z [B, T, H, P], and the conv's input window
-        [B, conv_width - 1 + T, channels] (past inputs, then these).
+        [B, conv_width - 1 + T, channels] (past inputs, then these). ``reset`` [B, T] bool: a document starts there,
+        so its log-decay is -inf (the state before it is multiplied by 0) and the conv reads no input before it.
 
         Everything stays token-major ([B, T, channels], as in_proj writes it): x, b, c and z are row views of one
         buffer, so the scan's inputs and the gate's elementwise work read contiguous rows. (A channel-major conv
@@ -140,8 +143,15 @@ class DiscreteMamba2(RecurrentMixer):
         else:
             past = conv_state.transpose(1, 2).to(xbc.dtype)  # the state keeps nn.Conv1d's [B, channels, W - 1]
         window = torch.cat([past, xbc], dim=1)  # [B, W - 1 + T, channels]
-        xbc = causal_conv(window, self.conv1d.weight[:, 0, :], self.conv1d.bias)
+        documents = None
+        if reset is not None:  # [B, W - 1 + T]: which document each window row belongs to (past rows: the first)
+            documents = torch.cat([reset.new_zeros(B, self.conv_width - 1), reset[:, -T:]], dim=-1).int().cumsum(-1)
+        xbc = causal_conv(window, self.conv1d.weight[:, 0, :], self.conv1d.bias, documents)
+        if documents is not None:  # the conv state kept for a next call holds only inputs of the last document
+            window = window * (documents == documents[:, -1:]).unsqueeze(-1).to(window.dtype)
         log_a = -F.softplus(a_log.to(wide(a_log.dtype)))
+        if reset is not None:
+            log_a = log_a.masked_fill(reset[:, -T:].unsqueeze(-1), float("-inf"))
         if pad is not None:  # the conv bias would make padded x, b, c nonzero again
             xbc, log_a = xbc.masked_fill(pad, 0.0), log_a.masked_fill(pad, 0.0)
         x, b, c = xbc.split([H * P, H * N, H * N], dim=-1)
@@ -160,23 +170,31 @@ class DiscreteMamba2(RecurrentMixer):
         return window.gather(1, index.unsqueeze(-1).expand(-1, -1, window.shape[-1])).transpose(1, 2)
 
     def forward(
-        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
+        reset: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]: its last T columns are used), 1 =
-        token, 0 = padding; state from empty_state() or None. -> (y [B, T, H, P], state advanced in place or None)."""
+        token, 0 = padding; state from empty_state() or None; reset [B, T] bool (packed documents start there) or
+        None. -> (y [B, T, H, P], state advanced in place or None).
+
+        With resets the scan runs in PyTorch (the -inf log-decays are exact there; fla's kernels take no resets here):
+        training already does on Hopper, where fla's chunked backward is refused."""
         conv_state, ssm_state = (None, None) if state is None else (state["conv"], state["ssm"])
-        x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state)
-        y, final = ssd(x, log_a, b, c, ssm_state, backend=self.backend, chunk_size=self.chunk_size)
+        x, log_a, b, c, z, window = self._project(hidden_states, attention_mask, conv_state, reset)
+        backend = self.backend if reset is None else "torch"
+        y, final = ssd(x, log_a, b, c, ssm_state, backend=backend, chunk_size=self.chunk_size)
         y = torch.addcmul(y, x, self.D[:, None].to(x.dtype)) * F.silu(z)  # (y + D x) silu(z), one pass fewer
         if state is not None:
             state["ssm"].copy_(final)
             state["conv"].copy_(self._last_real_inputs(window, attention_mask))
         return y, state
 
-    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def mixing_matrix(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                      reset: Tensor | None = None) -> Tensor:
         """[B, H, T, T]: M with y_t = sum_s M[t, s] x_s, x being the conv'd value stream, before the D skip and the
-        gate (what MOHAWK stage 1 aligns with the teacher's attention). Padded rows and columns are 0."""
-        _, log_a, b, c, _, _ = self._project(hidden_states, attention_mask, None)
+        gate (what MOHAWK stage 1 aligns with the teacher's attention). Padded rows and columns are 0, and so are
+        entries across a reset (packed documents)."""
+        _, log_a, b, c, _, _ = self._project(hidden_states, attention_mask, None, reset)
         return ssd_matrix(log_a, b, c)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -238,19 +256,28 @@ class DiscreteMamba2(RecurrentMixer):
         return mixer
 
 
-def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None, documents: Tensor | None = None) -> Tensor:
     """The depthwise causal conv, token-major: window [B, W - 1 + T, C] (W - 1 past inputs first), weight [C, W],
-    bias [C] or None -> [B, T, C], out[t] = bias + sum_k weight[:, k] window[t + k].
+    bias [C] or None -> [B, T, C], out[t] = bias + sum_k weight[:, k] window[t + k]. ``documents`` [B, W - 1 + T]
+    int (packed documents: each row's document number) or None: a tap reads its input only when that input is of
+    the output's document, so no document sees the end of the one before it.
 
     Written as W shifted multiply-adds accumulated in place into one output: the same code for a prefill and for
     one token, free of layout changes (``F.conv1d`` wants [B, C, T], i.e. two transposing copies of a prefill-sized
     tensor) and of F.conv1d's seconds-long first call on CPU; ``tests/test_mixers.py`` checks it against F.conv1d."""
     width, length = weight.shape[1], window.shape[1] - weight.shape[1] + 1
-    out = window[:, :length] * weight[:, 0]
+
+    def tap(k: int) -> Tensor:
+        if documents is None:
+            return window[:, k : k + length]
+        same = documents[:, k : k + length] == documents[:, width - 1 :]  # [B, T]
+        return window[:, k : k + length] * same.unsqueeze(-1).to(window.dtype)
+
+    out = tap(0) * weight[:, 0]
     if bias is not None:
         out.add_(bias)
     for k in range(1, width):
-        out.addcmul_(window[:, k : k + length], weight[:, k])
+        out.addcmul_(tap(k), weight[:, k])
     return out
 
 

@@ -32,6 +32,7 @@ class WindowAttention(RecurrentMixer):
     """
 
     needs_positions = True
+    supports_reset = True  # packed documents: a window never reaches back across a document start
     shares_kv = True
     calibrate_normalizer = False  # its fresh output is the teacher head's over the window: nothing to correct
 
@@ -82,9 +83,10 @@ class WindowAttention(RecurrentMixer):
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v.transpose(1, 2)
 
-    def _blocks(self, q: Tensor, keys: Tensor, valid: Tensor, past: int):
+    def _blocks(self, q: Tensor, keys: Tensor, valid: Tensor, past: int, documents: Tensor | None = None):
         """Yield (start, end, lo, probs [B, H, end - start, past + end - lo]): the attention of queries start..end-1
-        (new-token indices) over keys lo..past+end-1 (combined indices). keys [B, G, L, P]; valid [B, L] bool."""
+        (new-token indices) over keys lo..past+end-1 (combined indices). keys [B, G, L, P]; valid [B, L] bool;
+        documents [B, L] int (packed documents: each position's document number) or None."""
         W, T = self.window, q.shape[2]
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
         # keys older than window-1 positions plus every padding position can never be in a window
@@ -101,6 +103,9 @@ class WindowAttention(RecurrentMixer):
             c_q, c_k = count[:, past + start : past + end, None], count[:, None, lo : past + end]
             allowed = (key_pos[None, None, :] <= query_pos[None, :, None]) & valid[:, None, lo : past + end]
             allowed = allowed & (c_q - c_k < W)  # [B, Tb, Lb]
+            if documents is not None:  # a query sees only keys of its own document
+                same = documents[:, past + start : past + end, None] == documents[:, None, lo : past + end]
+                allowed = allowed & same
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
@@ -115,21 +120,33 @@ class WindowAttention(RecurrentMixer):
         values = torch.cat([state["v"].to(v.dtype), v], dim=2)
         return keys, values, torch.cat([state["valid"].bool(), real], dim=1), self.window
 
+    @staticmethod
+    def _documents(reset: Tensor | None, past: int) -> Tensor | None:
+        """[B, past + T] int: each position's document (past positions: the first), from reset [B, T] or None."""
+        if reset is None:
+            return None
+        T = reset.shape[1]
+        return torch.cat([reset.new_zeros(reset.shape[0], past), reset[:, -T:]], dim=1).int().cumsum(1)
+
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
-        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]), 1 = token; state from
-        empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]. -> (y [B, T, H, P], state)."""
+        empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]; reset [B, T] bool (a packed document
+        starts there) or None. -> (y [B, T, H, P], state)."""
         q, k, v = self._qkv(hidden_states, position_embeddings)
         keys, values, valid, past = self._combined(k, v, attention_mask, state)
+        documents = self._documents(reset, past)
         index = torch.as_tensor(self.kv_groups, device=q.device)
         out = []
-        for start, end, lo, probs in self._blocks(q, keys, valid, past):
+        for start, end, lo, probs in self._blocks(q, keys, valid, past, documents):
             out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
         y = torch.cat(out, dim=2).transpose(1, 2)  # [B, T, H, P]
         y = y * valid[:, past:, None, None].to(y.dtype)  # padded positions: 0
         if state is not None:  # keep the last W real tokens (fewer real: some empty slots stay empty)
+            if documents is not None:  # of the last document only: the next tokens continue it
+                valid = valid & (documents == documents[:, -1:])
             length = valid.shape[1]
             latest = valid.long() * torch.arange(1, length + 1, device=valid.device)
             keep = latest.topk(self.window, dim=1).indices.sort(dim=1).values  # [B, W]
@@ -141,14 +158,15 @@ class WindowAttention(RecurrentMixer):
 
     def mixing_matrix(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
     ) -> Tensor:
-        """[B, H, T, T]: the banded softmax y_t = sum_s M[t, s] v_s (rows of padded queries 0)."""
+        """[B, H, T, T]: the banded softmax y_t = sum_s M[t, s] v_s (rows of padded queries 0; with reset [B, T],
+        entries across a document start 0)."""
         q, k, _ = self._qkv(hidden_states, position_embeddings)
         _, _, valid, _ = self._combined(k, k, attention_mask, None)
         B, H, T, _ = q.shape
         matrix = q.new_zeros(B, H, T, T, dtype=torch.float32)
-        for start, end, lo, probs in self._blocks(q, k, valid, 0):
+        for start, end, lo, probs in self._blocks(q, k, valid, 0, self._documents(reset, 0)):
             matrix[:, :, start:end, lo:end] = probs
         return (matrix * valid[:, None, :, None]).to(q.dtype)
 
