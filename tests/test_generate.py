@@ -56,6 +56,54 @@ def test_static_and_compiled_generate_match_the_growing_cache_with_left_padding(
     assert torch.equal(alone[0, 6:], growing[1, 10:])
 
 
+def _layout(value, name: str = "") -> list:
+    """(name, shape, stride, dtype) of every tensor in a compiled step's keyword arguments (dicts included)."""
+    if isinstance(value, torch.Tensor):
+        return [(name, tuple(value.shape), value.stride(), value.dtype)]
+    if isinstance(value, dict):
+        return [item for key, v in value.items() for item in _layout(v, f"{name}.{key}")]
+    return []
+
+
+def test_static_decode_steps_get_one_input_layout_and_one_compiled_graph(student, monkeypatch):
+    """Every decode step hands the compiled forward tensors of the same shapes and strides, so dynamo builds one
+    graph (a changing stride makes it recompile with a symbolic size, and CUDA graph trees then record one graph per
+    token position). Batch 1 with a left-padded prompt: generate keeps the 2D mask, whose last column (the
+    recurrent heads' padding) is a slice of a mask that grows every token."""
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(len(example_inputs))
+        return graph_module.forward
+
+    config = CompileConfig(backend=counting_backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    layouts = []
+    compiled_call = student.get_compiled_call
+
+    def recording_compiled_call(compile_config):
+        step = compiled_call(compile_config)
+
+        def record(**kwargs):
+            layouts.append(tuple(item for key in sorted(kwargs) for item in _layout(kwargs[key], key)))
+            return step(**kwargs)
+        return record
+
+    monkeypatch.setattr(student, "get_compiled_call", recording_compiled_call)
+    ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    settings = {**GREEDY, "max_new_tokens": 20}
+    torch._dynamo.reset()
+    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
+                                compile_config=config, **settings)
+    assert len(layouts) == 19  # the prefill runs eagerly, the other 19 tokens through the compiled step
+    assert len(set(layouts)) == 1, sorted(set(layouts) - {layouts[0]})
+    assert len(compiled_graphs) == 1
+    growing = student.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(compiled, growing)
+
+
 def test_generate_accepts_a_static_cache_object_and_refuses_other_implementations(student):
     ids = torch.randint(1, 256, (1, 8))
     growing = student.generate(input_ids=ids, **GREEDY)

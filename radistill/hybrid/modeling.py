@@ -551,7 +551,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values", args[0] if args else None))
         if attention_mask is not None and attention_mask.ndim == 2 and kwargs.get("is_first_iteration", False):
             refuse_inner_padding(torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], -1))
-        return self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
+        masks = self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
+        if masks["padding"] is not None:
+            # A copy with standard strides: the slice's row stride is the growing 2D mask's length, which changes
+            # every token, and a size-1 batch counts as contiguous whatever its stride, so `.contiguous()` (what
+            # generate applies) keeps it. The compiled step would see a new stride per token: dynamo recompiles
+            # with a symbolic stride and CUDA graph trees record one graph per distinct value.
+            masks["padding"] = masks["padding"].clone(memory_format=torch.contiguous_format)
+        return masks
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
