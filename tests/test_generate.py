@@ -232,3 +232,36 @@ def test_static_generate_with_a_sliding_window_teacher():
     growing = windowed.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     static = windowed.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY)
     assert torch.equal(growing, static)
+
+
+def test_recurrent_heads_skip_masking_when_the_mask_has_no_padding(student):
+    """The eager forward reads the 2D mask once for its padding check; with no padding there, the recurrent heads
+    get no mask (their masking work would be a no-op) and the logits are those of the masked computation."""
+    seen = []
+    mixers = [layer.self_attn.recurrent for layer in student.model.layers if layer.self_attn.recurrent is not None]
+    hooks = [m.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                         with_kwargs=True) for m in mixers]
+    try:
+        ids = torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            plain = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            assert len(seen) == len(mixers) and all(mask is None for mask in seen)
+            seen.clear()
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0
+            padded = student(input_ids=ids, attention_mask=mask).logits
+            assert len(seen) == len(mixers) and all(torch.equal(m, mask) for m in seen)
+            # the layers run with the all-ones mask handed to the recurrent heads give the same logits
+            hidden = student.model.embed_tokens(ids)
+            kwargs = student.model.layer_kwargs(hidden, torch.ones_like(ids))
+            assert kwargs["padding_mask"] is not None
+            seen.clear()
+            for layer in student.model.layers:
+                hidden = layer(hidden, **kwargs)
+            assert all(m is not None for m in seen)
+            masked = student.lm_head(student.model.norm(hidden))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-5, atol=1e-5)
