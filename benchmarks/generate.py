@@ -185,6 +185,7 @@ def profile_prefill(model, length: int, device: str, rows: int = 15) -> str:
 
 def run(args) -> dict:
     quick = args.quick
+    skip = set(args.skip or [])
     device = "cpu" if quick else args.device
     dtype = torch.float32 if quick else torch.bfloat16
     # Both models' compiled steps go through nn.Module.__call__'s frames, whose recompile budget (default 8) the
@@ -240,39 +241,41 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
             return None
 
-    result["prefill_host_s"] = {n: {} for n in names}
-    for length in prefill_lengths:
+    if "prefill" not in skip:
+        result["prefill_host_s"] = {n: {} for n in names}
+        for length in prefill_lengths:
+            for name in names:
+                host = []
+                value = attempt(f"prefill {name} {length}x1",
+                                lambda: time_prefill(models[name], 1, length, device, host=host))
+                result["prefill_s"][name][f"{length}x1"] = value
+                result["prefill_host_s"][name][f"{length}x1"] = host[0] if host else None
+                print(f"prefill {name} {length}x1: {value} (host {host[0] if host else None})", flush=True)
+                save()
+        # The hybrid's scan through the compiled PyTorch chunked scan instead of fla's kernels (whose Python launch
+        # path costs ~0.5 ms of host time per layer): does it cut the host-bound short prefill?
+        if device.startswith("cuda"):
+            result["prefill_s_hybrid_torch_scan"], result["prefill_host_s_hybrid_torch_scan"] = {}, {}
+            previous = set_ssd_backend(models[names[1]], "torch")
+            for length in prefill_lengths[:2]:
+                host = []
+                value = attempt(f"prefill {names[1]} torch scan {length}x1",
+                                lambda: time_prefill(models[names[1]], 1, length, device, host=host))
+                result["prefill_s_hybrid_torch_scan"][f"{length}x1"] = value
+                result["prefill_host_s_hybrid_torch_scan"][f"{length}x1"] = host[0] if host else None
+                print(f"prefill {names[1]} torch scan {length}x1: {value} (host {host[0] if host else None})", flush=True)
+                save()
+            set_ssd_backend(models[names[1]], previous)
         for name in names:
-            host = []
-            value = attempt(f"prefill {name} {length}x1",
-                            lambda: time_prefill(models[name], 1, length, device, host=host))
-            result["prefill_s"][name][f"{length}x1"] = value
-            result["prefill_host_s"][name][f"{length}x1"] = host[0] if host else None
-            print(f"prefill {name} {length}x1: {value} (host {host[0] if host else None})", flush=True)
+            value = attempt(f"prefill {name} {prefill_b16}x16",
+                            lambda: time_prefill(models[name], 16 if not quick else 2, prefill_b16, device))
+            result["prefill_s"][name][f"{prefill_b16}x{16 if not quick else 2}"] = value
             save()
-    # The hybrid's scan through the compiled PyTorch chunked scan instead of fla's kernels (whose Python launch
-    # path costs ~0.5 ms of host time per layer): does it cut the host-bound short prefill?
-    if device.startswith("cuda"):
-        result["prefill_s_hybrid_torch_scan"], result["prefill_host_s_hybrid_torch_scan"] = {}, {}
-        previous = set_ssd_backend(models[names[1]], "torch")
-        for length in prefill_lengths[:2]:
-            host = []
-            value = attempt(f"prefill {names[1]} torch scan {length}x1",
-                            lambda: time_prefill(models[names[1]], 1, length, device, host=host))
-            result["prefill_s_hybrid_torch_scan"][f"{length}x1"] = value
-            result["prefill_host_s_hybrid_torch_scan"][f"{length}x1"] = host[0] if host else None
-            print(f"prefill {names[1]} torch scan {length}x1: {value} (host {host[0] if host else None})", flush=True)
-            save()
-        set_ssd_backend(models[names[1]], previous)
-    for name in names:
-        value = attempt(f"prefill {name} {prefill_b16}x16",
-                        lambda: time_prefill(models[name], 16 if not quick else 2, prefill_b16, device))
-        result["prefill_s"][name][f"{prefill_b16}x{16 if not quick else 2}"] = value
-        save()
 
-    result["profile_hybrid_prefill"] = attempt(
-        "profile", lambda: profile_prefill(models[names[1]], prefill_lengths[min(1, len(prefill_lengths) - 1)], device))
-    save()
+        result["profile_hybrid_prefill"] = attempt(
+            "profile",
+            lambda: profile_prefill(models[names[1]], prefill_lengths[min(1, len(prefill_lengths) - 1)], device))
+        save()
 
     # Order: generate never shrinks a model's static cache (to keep compiled shapes), so contexts go ascending (a
     # shorter context after a longer one would attend over the longer buffer); the 32k cells and the long run share
@@ -292,7 +295,7 @@ def run(args) -> dict:
                 "end_to_end_tokens_per_s": steps / total,
                 "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
 
-    done_long = False
+    done_long = "long" in skip
     for context, batch in cells:
         if context == length and batch != 1 and not done_long:
             for name in names:
@@ -336,8 +339,9 @@ def run(args) -> dict:
             "eager_top2_margin_there": float(top2[0] - top2[1]) if len(parted) else None,
             "max_logit_difference_until_then": gap}
         return float((a == b).float().mean())
-    result["hybrid_static_compiled_vs_eager_token_agreement"] = attempt("agreement", agreement)
-    save()
+    if "agreement" not in skip:
+        result["hybrid_static_compiled_vs_eager_token_agreement"] = attempt("agreement", agreement)
+        save()
     return result
 
 
@@ -399,8 +403,14 @@ def main() -> None:
                         help="decode batch sizes [1,16]")
     parser.add_argument("--dynamic", action="store_true",
                         help="CompileConfig(dynamic=True) for both models (fewer compiles if time is short)")
+    parser.add_argument("--skip", type=lambda v: [x for x in v.split(",") if x], default=None,
+                        help="parts to leave out, comma-separated: prefill, long, agreement (to split a run into "
+                             "commands that each fit a time limit)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
+    unknown = set(args.skip or []) - {"prefill", "long", "agreement"}
+    if unknown:
+        parser.error(f"--skip takes prefill, long, agreement; got {', '.join(sorted(unknown))}")
     if args.out is None:
         args.out = RESULTS / ("generate-quick.json" if args.quick else "generate.json")
     if args.quick:
