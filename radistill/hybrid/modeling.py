@@ -561,9 +561,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         masks = self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
         if masks["padding"] is not None:
             # A copy with standard strides: the slice's row stride is the growing 2D mask's length, which changes
-            # every token, and a size-1 batch counts as contiguous whatever its stride, so `.contiguous()` (what
-            # generate applies) keeps it. The compiled step would see a new stride per token: dynamo recompiles
-            # with a symbolic stride and CUDA graph trees record one graph per distinct value.
+            # every token. transformers 5.17 passes the slice on as it is; 5.24 calls `.contiguous()`, which keeps
+            # it at batch 1 (a size-1 dim's stride does not count). The compiled step would see a new stride per
+            # token: dynamo recompiles with a symbolic stride and CUDA graph trees record one graph per value.
             masks["padding"] = masks["padding"].clone(memory_format=torch.contiguous_format)
         return masks
 
