@@ -74,17 +74,66 @@ def generate(model, ids: torch.Tensor, new_tokens: int, compile_config, static: 
 
 
 @torch.no_grad()
-def time_prefill(model, batch: int, length: int, device: str, repeat: int = 3) -> float:
+def time_prefill(model, batch: int, length: int, device: str, repeat: int = 3, host: list | None = None) -> float:
+    """Median seconds of one prefill forward. ``host``: if given, gets the median seconds until the forward
+    *returned* (before the device finished): when that is close to the total, the prefill is bound by the host
+    launching kernels, not by the device running them."""
     ids = prompt(model, batch, length, device)
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    times = []
+    times, returned = [], []
     for _ in range(repeat):
         sync(device)
         start = time.perf_counter()
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        returned.append(time.perf_counter() - start)
         sync(device)
         times.append(time.perf_counter() - start)
+    if host is not None:
+        host.append(statistics.median(returned))
     return statistics.median(times)
+
+
+def set_ssd_backend(model, backend: str) -> str:
+    """Point every recurrent mixer with an ``ssd`` backend at ``backend``; returns the previous one."""
+    mixers = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "chunk_size")]
+    previous = mixers[0].backend if mixers else backend
+    for mixer in mixers:
+        mixer.backend = backend
+    return previous
+
+
+class StepInputs:
+    """Records the (name, shape, stride, dtype) of every tensor the compiled decode step is called with (dicts of
+    masks included), by wrapping ``model.get_compiled_call``. One layout over a whole generate is what lets the step
+    stay one graph (one CUDA graph); a new stride or shape per token makes dynamo recompile with symbolic sizes and
+    CUDA graph trees record a graph per distinct size."""
+
+    def __init__(self, model):
+        self.model, self.layouts = model, set()
+
+    @staticmethod
+    def layout(value, name: str = "") -> list:
+        if isinstance(value, torch.Tensor):
+            return [(name, tuple(value.shape), value.stride(), str(value.dtype))]
+        if isinstance(value, dict):
+            return [item for key, v in value.items() for item in StepInputs.layout(v, f"{name}.{key}")]
+        return []
+
+    def __enter__(self):
+        original = self.model.get_compiled_call
+
+        def recording(compile_config):
+            step = original(compile_config)
+
+            def record(**kwargs):
+                self.layouts.add(tuple(item for key in sorted(kwargs) for item in self.layout(kwargs[key], key)))
+                return step(**kwargs)
+            return record
+        self.model.get_compiled_call = recording
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.get_compiled_call  # the instance attribute: the class method shows through again
 
 
 def step_bytes(model, name: str, length: int, batch: int) -> int:
@@ -97,16 +146,22 @@ def step_bytes(model, name: str, length: int, batch: int) -> int:
 
 
 def decode_cell(model, name, length, batch, new_tokens, device, compile_config, bandwidth, cache_length) -> dict:
+    from torch._dynamo.utils import counters
+
     ids = prompt(model, batch, length, device)
-    generate(model, ids, new_tokens, compile_config, cache_length=cache_length)  # warm-up: compiles, captures
+    graphs_before = int(counters["stats"]["unique_graphs"])
+    with StepInputs(model) as inputs:  # the untimed warm-up only: recording costs host time per step
+        generate(model, ids, new_tokens, compile_config, cache_length=cache_length)  # warm-up: compiles, captures
     first, _ = generate(model, ids, 1, compile_config, cache_length=cache_length)
     total, _ = generate(model, ids, new_tokens, compile_config, cache_length=cache_length)
     rate = batch * (new_tokens - 1) / max(total - first, 1e-9)
-    from torch._dynamo.utils import counters
 
-    # graphs dynamo has built so far in the process: 0 would mean the decode step ran uncompiled
+    # graphs dynamo has built so far in the process: 0 would mean the decode step ran uncompiled; per cell, more
+    # than one new graph or more than one step-input layout means per-token recompiles / re-recorded CUDA graphs
     cell = {"tokens_per_s": rate, "generate_s": total, "first_token_s": first,
-            "dynamo_graphs_so_far": int(counters["stats"]["unique_graphs"])}
+            "dynamo_graphs_so_far": int(counters["stats"]["unique_graphs"]),
+            "dynamo_graphs_this_cell": int(counters["stats"]["unique_graphs"]) - graphs_before,
+            "step_input_layouts": len(inputs.layouts)}
     moved = step_bytes(model, name, length, batch)
     cell["bytes_per_step"] = moved
     cell["bound_tokens_per_s"] = batch * bandwidth / moved
@@ -130,6 +185,7 @@ def profile_prefill(model, length: int, device: str, rows: int = 15) -> str:
 
 def run(args) -> dict:
     quick = args.quick
+    skip = set(args.skip or [])
     device = "cpu" if quick else args.device
     dtype = torch.float32 if quick else torch.bfloat16
     # Both models' compiled steps go through nn.Module.__call__'s frames, whose recompile budget (default 8) the
@@ -185,21 +241,41 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
             return None
 
-    for length in prefill_lengths:
+    if "prefill" not in skip:
+        result["prefill_host_s"] = {n: {} for n in names}
+        for length in prefill_lengths:
+            for name in names:
+                host = []
+                value = attempt(f"prefill {name} {length}x1",
+                                lambda: time_prefill(models[name], 1, length, device, host=host))
+                result["prefill_s"][name][f"{length}x1"] = value
+                result["prefill_host_s"][name][f"{length}x1"] = host[0] if host else None
+                print(f"prefill {name} {length}x1: {value} (host {host[0] if host else None})", flush=True)
+                save()
+        # The hybrid's scan through the compiled PyTorch chunked scan instead of fla's kernels (whose Python launch
+        # path costs ~0.5 ms of host time per layer): does it cut the host-bound short prefill?
+        if device.startswith("cuda"):
+            result["prefill_s_hybrid_torch_scan"], result["prefill_host_s_hybrid_torch_scan"] = {}, {}
+            previous = set_ssd_backend(models[names[1]], "torch")
+            for length in prefill_lengths[:2]:
+                host = []
+                value = attempt(f"prefill {names[1]} torch scan {length}x1",
+                                lambda: time_prefill(models[names[1]], 1, length, device, host=host))
+                result["prefill_s_hybrid_torch_scan"][f"{length}x1"] = value
+                result["prefill_host_s_hybrid_torch_scan"][f"{length}x1"] = host[0] if host else None
+                print(f"prefill {names[1]} torch scan {length}x1: {value} (host {host[0] if host else None})", flush=True)
+                save()
+            set_ssd_backend(models[names[1]], previous)
         for name in names:
-            value = attempt(f"prefill {name} {length}x1", lambda: time_prefill(models[name], 1, length, device))
-            result["prefill_s"][name][f"{length}x1"] = value
-            print(f"prefill {name} {length}x1: {value}", flush=True)
+            value = attempt(f"prefill {name} {prefill_b16}x16",
+                            lambda: time_prefill(models[name], 16 if not quick else 2, prefill_b16, device))
+            result["prefill_s"][name][f"{prefill_b16}x{16 if not quick else 2}"] = value
             save()
-    for name in names:
-        value = attempt(f"prefill {name} {prefill_b16}x16",
-                        lambda: time_prefill(models[name], 16 if not quick else 2, prefill_b16, device))
-        result["prefill_s"][name][f"{prefill_b16}x{16 if not quick else 2}"] = value
-        save()
 
-    result["profile_hybrid_prefill"] = attempt(
-        "profile", lambda: profile_prefill(models[names[1]], prefill_lengths[min(1, len(prefill_lengths) - 1)], device))
-    save()
+        result["profile_hybrid_prefill"] = attempt(
+            "profile",
+            lambda: profile_prefill(models[names[1]], prefill_lengths[min(1, len(prefill_lengths) - 1)], device))
+        save()
 
     # Order: generate never shrinks a model's static cache (to keep compiled shapes), so contexts go ascending (a
     # shorter context after a longer one would attend over the longer buffer); the 32k cells and the long run share
@@ -219,7 +295,7 @@ def run(args) -> dict:
                 "end_to_end_tokens_per_s": steps / total,
                 "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
 
-    done_long = False
+    done_long = "long" in skip
     for context, batch in cells:
         if context == length and batch != 1 and not done_long:
             for name in names:
@@ -241,14 +317,31 @@ def run(args) -> dict:
             save()
 
     def agreement():
+        """Fraction of equal greedy tokens, and where they part: the step, the eager path's top-2 logit margin
+        there, and the largest logit difference up to it (same tokens so far, so the same inputs). A margin
+        below that difference is a near-tie that rounding flipped, not a wrong step."""
         model = models[names[1]]
         ids = prompt(model, 1, 64 if quick else 512, device, seed=2)  # batch 1: the shapes compiled already
         steps = 8 if quick else 32
-        _, static = generate(model, ids, steps, compile_config, cache_length=max(cache_lengths.values()))
-        _, growing = generate(model, ids, steps, None, static=False)
-        return float((static[:, ids.shape[1]:] == growing[:, ids.shape[1]:]).float().mean())
-    result["hybrid_static_compiled_vs_eager_token_agreement"] = attempt("agreement", agreement)
-    save()
+        kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0,
+                      attention_mask=torch.ones_like(ids), output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            static = model.generate(input_ids=ids, cache_implementation="static", compile_config=compile_config,
+                                    max_cache_len=max(cache_lengths.values()), **kwargs)
+            growing = model.generate(input_ids=ids, **kwargs)
+        a, b = static.sequences[0, ids.shape[1]:], growing.sequences[0, ids.shape[1]:]
+        parted = (a != b).nonzero()
+        last = int(parted[0]) if len(parted) else steps - 1
+        gap = max(float((static.scores[i] - growing.scores[i]).float().abs().max()) for i in range(last + 1))
+        top2 = growing.scores[last][0].float().topk(2).values
+        result["hybrid_static_vs_eager_divergence"] = {
+            "first_different_step": int(parted[0]) if len(parted) else None,
+            "eager_top2_margin_there": float(top2[0] - top2[1]) if len(parted) else None,
+            "max_logit_difference_until_then": gap}
+        return float((a == b).float().mean())
+    if "agreement" not in skip:
+        result["hybrid_static_compiled_vs_eager_token_agreement"] = attempt("agreement", agreement)
+        save()
     return result
 
 
@@ -281,6 +374,16 @@ def table(result: dict) -> str:
                      f"{fmt(c.get('decode_tokens_per_s'))} |")
     agree = result.get("hybrid_static_compiled_vs_eager_token_agreement")
     lines += ["", f"Hybrid greedy tokens, static compiled vs eager growing cache: {fmt(agree and 100 * agree)}% equal."]
+    if result.get("hybrid_static_vs_eager_divergence"):
+        lines.append(f"Divergence: {result['hybrid_static_vs_eager_divergence']}.")
+    layouts = {f"{n} {c}": (cell or {}).get("step_input_layouts") for n in names
+               for c, cell in result["decode"][n].items()}
+    lines += ["", f"Decode step input layouts per cell (1 = one graph): {layouts}."]
+    if result.get("prefill_host_s"):
+        lines += ["", f"Prefill host seconds (until the forward returned): {result['prefill_host_s']}."]
+    if result.get("prefill_s_hybrid_torch_scan"):
+        lines.append(f"Hybrid prefill with the compiled PyTorch scan instead of fla: "
+                     f"{result['prefill_s_hybrid_torch_scan']} (host {result['prefill_host_s_hybrid_torch_scan']}).")
     if result.get("profile_hybrid_prefill"):
         lines += ["", "Hybrid prefill profile (top kernels):", "", "```", result["profile_hybrid_prefill"], "```"]
     if result["errors"]:
@@ -300,8 +403,14 @@ def main() -> None:
                         help="decode batch sizes [1,16]")
     parser.add_argument("--dynamic", action="store_true",
                         help="CompileConfig(dynamic=True) for both models (fewer compiles if time is short)")
+    parser.add_argument("--skip", type=lambda v: [x for x in v.split(",") if x], default=None,
+                        help="parts to leave out, comma-separated: prefill, long, agreement (to split a run into "
+                             "commands that each fit a time limit)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
+    unknown = set(args.skip or []) - {"prefill", "long", "agreement"}
+    if unknown:
+        parser.error(f"--skip takes prefill, long, agreement; got {', '.join(sorted(unknown))}")
     if args.out is None:
         args.out = RESULTS / ("generate-quick.json" if args.quick else "generate.json")
     if args.quick:

@@ -104,6 +104,11 @@ def test_generate_benchmark_quick_runs_teacher_and_hybrid_through_generate(tmp_p
         assert result["long"][name]["ttft_s"] > 0
     # the compiled static path continues prompts exactly as the eager growing cache does (float32 on CPU)
     assert result["hybrid_static_compiled_vs_eager_token_agreement"] == 1.0
+    assert result["hybrid_static_vs_eager_divergence"]["first_different_step"] is None
+    # every decode step of a cell called the compiled forward with the same tensor layouts (one graph)
+    assert all(cell["step_input_layouts"] == 1 for name in (teacher, hybrid)
+               for cell in result["decode"][name].values())
+    assert all(v > 0 for v in result["prefill_host_s"][hybrid].values())
     assert "Name" in result["profile_hybrid_prefill"]
     assert (tmp_path / "generate.md").read_text().startswith("# generate() benchmark")
 

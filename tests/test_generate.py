@@ -56,6 +56,54 @@ def test_static_and_compiled_generate_match_the_growing_cache_with_left_padding(
     assert torch.equal(alone[0, 6:], growing[1, 10:])
 
 
+def _layout(value, name: str = "") -> list:
+    """(name, shape, stride, dtype) of every tensor in a compiled step's keyword arguments (dicts included)."""
+    if isinstance(value, torch.Tensor):
+        return [(name, tuple(value.shape), value.stride(), value.dtype)]
+    if isinstance(value, dict):
+        return [item for key, v in value.items() for item in _layout(v, f"{name}.{key}")]
+    return []
+
+
+def test_static_decode_steps_get_one_input_layout_and_one_compiled_graph(student, monkeypatch):
+    """Every decode step hands the compiled forward tensors of the same shapes and strides, so dynamo builds one
+    graph (a changing stride makes it recompile with a symbolic size, and CUDA graph trees then record one graph per
+    token position). Batch 1 with a left-padded prompt: generate keeps the 2D mask, whose last column (the
+    recurrent heads' padding) is a slice of a mask that grows every token."""
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_graphs.append(len(example_inputs))
+        return graph_module.forward
+
+    config = CompileConfig(backend=counting_backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    layouts = []
+    compiled_call = student.get_compiled_call
+
+    def recording_compiled_call(compile_config):
+        step = compiled_call(compile_config)
+
+        def record(**kwargs):
+            layouts.append(tuple(item for key in sorted(kwargs) for item in _layout(kwargs[key], key)))
+            return step(**kwargs)
+        return record
+
+    monkeypatch.setattr(student, "get_compiled_call", recording_compiled_call)
+    ids = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    settings = {**GREEDY, "max_new_tokens": 20}
+    torch._dynamo.reset()
+    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
+                                compile_config=config, **settings)
+    assert len(layouts) == 19  # the prefill runs eagerly, the other 19 tokens through the compiled step
+    assert len(set(layouts)) == 1, sorted(set(layouts) - {layouts[0]})
+    assert len(compiled_graphs) == 1
+    growing = student.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(compiled, growing)
+
+
 def test_generate_accepts_a_static_cache_object_and_refuses_other_implementations(student):
     ids = torch.randint(1, 256, (1, 8))
     growing = student.generate(input_ids=ids, **GREEDY)
@@ -184,3 +232,36 @@ def test_static_generate_with_a_sliding_window_teacher():
     growing = windowed.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     static = windowed.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY)
     assert torch.equal(growing, static)
+
+
+def test_recurrent_heads_skip_masking_when_the_mask_has_no_padding(student):
+    """The eager forward reads the 2D mask once for its padding check; with no padding there, the recurrent heads
+    get no mask (their masking work would be a no-op) and the logits are those of the masked computation."""
+    seen = []
+    mixers = [layer.self_attn.recurrent for layer in student.model.layers if layer.self_attn.recurrent is not None]
+    hooks = [m.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                         with_kwargs=True) for m in mixers]
+    try:
+        ids = torch.randint(1, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            plain = student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            assert len(seen) == len(mixers) and all(mask is None for mask in seen)
+            seen.clear()
+            mask = torch.ones_like(ids)
+            mask[1, :2] = 0
+            padded = student(input_ids=ids, attention_mask=mask).logits
+            assert len(seen) == len(mixers) and all(torch.equal(m, mask) for m in seen)
+            # the layers run with the all-ones mask handed to the recurrent heads give the same logits
+            hidden = student.model.embed_tokens(ids)
+            kwargs = student.model.layer_kwargs(hidden, torch.ones_like(ids))
+            assert kwargs["padding_mask"] is not None
+            seen.clear()
+            for layer in student.model.layers:
+                hidden = layer(hidden, **kwargs)
+            assert all(m is not None for m in seen)
+            masked = student.lm_head(student.model.norm(hidden))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-5, atol=1e-5)

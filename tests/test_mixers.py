@@ -238,3 +238,32 @@ def test_token_major_causal_conv_equals_conv1d_values_and_gradients(length):
     wants = torch.autograd.grad((want * probe).sum(), (window, weight, bias))
     for a, b in zip(grads, wants):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_in_proj_split_equals_one_product_and_the_prefill_uses_it():
+    """split_linear (x/b/c/z rows, then the decay rows: keeps the big product's width aligned) against in_proj
+    itself, values and gradients; and a multi-token forward against one-token steps, which use in_proj whole."""
+    from radistill.hybrid.mixers.discrete_mamba2 import split_linear
+
+    g = torch.Generator().manual_seed(5)
+    mixer = DiscreteMamba2(HIDDEN, num_heads=3, head_dim=16, state_size=4).double()  # 3 heads: 3 * 41 = 123 rows
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+    rows = mixer.conv_channels + mixer.sizes["z"]
+    u = torch.randn(2, 7, HIDDEN, generator=g, dtype=torch.float64, requires_grad=True)
+    head, tail = split_linear(u, mixer.in_proj, rows)
+    want = mixer.in_proj(u)
+    torch.testing.assert_close(torch.cat([head, tail], -1), want, rtol=1e-12, atol=1e-12)
+    assert tail.shape[-1] == mixer.num_heads
+    probe = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    params = (u, mixer.in_proj.weight, mixer.in_proj.bias)
+    grads = torch.autograd.grad((torch.cat([head, tail], -1) * probe).sum(), params)
+    wants = torch.autograd.grad((want * probe).sum(), params)
+    for a, b in zip(grads, wants):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        full, _ = mixer(u)
+        state = mixer.empty_state(2, "cpu", torch.float64)
+        steps = torch.cat([mixer(u[:, t : t + 1], state=state)[0] for t in range(7)], dim=1)
+    torch.testing.assert_close(full, steps, rtol=1e-10, atol=1e-10)

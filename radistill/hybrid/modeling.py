@@ -110,15 +110,16 @@ def may_sync() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def refuse_inner_padding(attention_mask: torch.Tensor | None) -> None:
-    """Raise if a 2D ``attention_mask`` [B, past+T] has padding between real tokens of a row.
+def refuse_inner_padding(attention_mask: torch.Tensor | None) -> bool:
+    """Raise if a 2D ``attention_mask`` [B, past+T] has padding between real tokens of a row; return whether it has
+    any padding at all (False for None or a mask that is not 2D).
 
     Left padding (before a row's first token) and right padding (after its last) are fine: the recurrent heads skip
     padded positions and causality keeps trailing pads from reaching real tokens. Padding *between* tokens is not:
     the cached path skips those positions in the conv window while a full forward's conv reads them as zeros, so the
     two would disagree (reported 44.7 apart in logits) and neither is what the text means."""
     if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
-        return
+        return False
     real = attention_mask.bool()
     started = real.int().cummax(dim=-1).values.bool()  # a real token at or before this column
     later = real.flip(-1).int().cummax(dim=-1).values.flip(-1).bool()  # a real token at or after it
@@ -130,6 +131,7 @@ def refuse_inner_padding(attention_mask: torch.Tensor | None) -> None:
             "hybrid's recurrent heads support left padding (and trailing padding in a full forward) only; remove "
             "the gaps or pad on the left"
         )
+    return True
 
 
 class KeptHeadAttention(nn.Module):
@@ -510,14 +512,19 @@ class HybridModel(HybridPreTrainedModel):
             use_cache = True
         if use_cache and cache is None:
             cache = HybridCache(self.config)
+        padded = True
         if may_sync():  # checks that read device values stay out of compiled and captured decode steps
             if cache is not None:
                 cache.place(inputs_embeds.device)
                 cache.check_room(inputs_embeds.shape[1])
             if not isinstance(attention_mask, dict):
-                refuse_inner_padding(attention_mask)
+                padded = refuse_inner_padding(attention_mask)
 
         layer_kwargs = self.layer_kwargs(inputs_embeds, attention_mask, position_ids, cache)
+        if not padded:
+            # The check above read the mask anyway: without padding, the recurrent heads skip their masking (on an
+            # all-ones mask a no-op costing a few kernels per layer: masked fills, the conv state's top-k).
+            layer_kwargs["padding_mask"] = None
         hidden_states = inputs_embeds
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(hidden_states, cache=cache, use_cache=use_cache, **layer_kwargs, **kwargs)
@@ -575,7 +582,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values", args[0] if args else None))
         if attention_mask is not None and attention_mask.ndim == 2 and kwargs.get("is_first_iteration", False):
             refuse_inner_padding(torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], -1))
-        return self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
+        masks = self.model.masks(inputs_embeds, attention_mask, cache, kwargs.get("position_ids"))
+        if masks["padding"] is not None:
+            # A copy with standard strides: the slice's row stride is the growing 2D mask's length, which changes
+            # every token. transformers 5.17 passes the slice on as it is; 5.24 calls `.contiguous()`, which keeps
+            # it at batch 1 (a size-1 dim's stride does not count). The compiled step would see a new stride per
+            # token: dynamo recompiles with a symbolic stride and CUDA graph trees record one graph per value.
+            masks["padding"] = masks["padding"].clone(memory_format=torch.contiguous_format)
+        return masks
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)
