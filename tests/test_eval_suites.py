@@ -35,14 +35,10 @@ def test_records_are_seeded_and_answerable(tmp_path):
         records = [dict(f.split(": ") for f in line.split("; ")) for line in lines[:-1]]
         question = lines[-1]
         answer = item.choices[item.answer].strip()
-        assert len(set(item.choices)) == len(item.choices) >= 2
-        if question.startswith("The phone number of "):
-            name = question.removeprefix("The phone number of ").removesuffix(" is")
-            assert [r["Phone"] for r in records if r["Name"] == name] == [answer]
-        else:
-            name = question.removesuffix(" works as a")
-            assert [r["Job"] for r in records if r["Name"] == name] == [answer] and answer in JOBS
-            assert sum(r["Job"] == answer for r in records) == 1  # the asked job names one person
+        assert len(set(item.choices)) == len(item.choices) == len(records) >= 3
+        assert all(r["Job"] in JOBS for r in records)
+        name = question.removeprefix("The phone number of ").removesuffix(" is")
+        assert [r["Phone"] for r in records if r["Name"] == name] == [answer]
     write_suite(tmp_path / "r.jsonl", items, {"kind": "records"})
     assert load_jsonl(tmp_path / "r.jsonl") == items
     assert json.loads((tmp_path / "r.meta.json").read_text())["kind"] == "records"

@@ -172,7 +172,7 @@ def records_command(
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Record lookups in teacher-19m's record format (``Name: X; Job: Y; Phone: Z`` lines, then a question)."""
+    """Record lookups in teacher-19m's record format (``Name: X; Job: Y; Phone: Z`` lines, then the phone of one)."""
     from dataclasses import asdict
 
     from radistill.eval.suites import RecordsConfig, records_suite, write_suite
