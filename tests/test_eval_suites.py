@@ -81,8 +81,8 @@ def test_teacher_solves_its_shipped_suites(teacher):
         items = load_jsonl(SUITES / f"{name}.jsonl")
         assert len(items) >= 100
         assert json.loads((SUITES / f"{name}.meta.json").read_text())["kind"] == name
-    result = jsonl_task(model, tokenizer, SUITES / "records.jsonl", batch_size=16)
-    assert result.value >= 0.9
+    for name in ("records", "facts"):  # the facts are the teacher's own confident answers, by construction
+        assert jsonl_task(model, tokenizer, SUITES / f"{name}.jsonl", batch_size=16).value >= 0.95
 
 
 def test_suite_records_cli_writes_and_refuses_to_overwrite(tmp_path):
