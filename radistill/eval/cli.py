@@ -78,8 +78,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 def eval_command(
     model: str = typer.Argument(..., help="HF id or directory: teacher, hybrid student or any causal LM."),
     teacher: str = typer.Option(None, "--teacher", help="Also evaluate this model, for coverage = model ÷ teacher."),
-    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, fidelity, PATH.jsonl, lm-eval task names; "
-                              "NAME@knowledge or NAME@retrieval sets a task's group."),
+    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, fidelity, PATH.jsonl, lm-eval task "
+                              "names; NAME@knowledge or NAME@retrieval sets a task's group."),
     out: Path = typer.Option(None, "--out", help="Write the results here (eval.json)."),
     kv_pairs: str = typer.Option("5,10,20,40", "--kv-pairs", help="Dictionary sizes for 'kv' (1-100)."),
     kv_samples: int = typer.Option(64, "--kv-samples", help="Prompts per dictionary size."),
