@@ -191,3 +191,18 @@ def test_cli_writes_fidelity_to_eval_json(tmp_path, damaged, teacher):
     bad = CliRunner().invoke(app, ["eval", str(student), "--teacher", str(TEACHER), "--tasks", "fidelity",
                                    "--text", str(HELDOUT), "--fidelity", "windows=two"])
     assert isinstance(bad.exception, RadistillError) and "windows" in str(bad.exception)
+
+
+def test_bf16_models_compare_in_fp32(tmp_path, flush_denormals):
+    tokenizer = char_tokenizer()
+    text = tmp_path / "text.txt"
+    write_corpus(text, docs=30)
+    teacher = tiny_teacher().to(torch.bfloat16)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    config = FidelityConfig(windows=2, window=32, samples=1, prompt=8, generate=8, greedy_prompts=1, greedy_tokens=4)
+    same = fidelity(teacher, tokenizer, teacher, tokenizer, str(text), config, batch_size=2)
+    assert same.texts["heldout"]["all"].kl == 0.0 and same.texts["generated"]["all"].top1 == 1.0
+    other = fidelity(teacher, tokenizer, student, tokenizer, str(text), config, batch_size=2)
+    assert 0.0 < other.texts["heldout"]["all"].kl < float("inf")

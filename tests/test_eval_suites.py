@@ -35,14 +35,10 @@ def test_records_are_seeded_and_answerable(tmp_path):
         records = [dict(f.split(": ") for f in line.split("; ")) for line in lines[:-1]]
         question = lines[-1]
         answer = item.choices[item.answer].strip()
-        assert len(set(item.choices)) == len(item.choices) >= 2
-        if question.startswith("The phone number of "):
-            name = question.removeprefix("The phone number of ").removesuffix(" is")
-            assert [r["Phone"] for r in records if r["Name"] == name] == [answer]
-        else:
-            name = question.removesuffix(" works as a")
-            assert [r["Job"] for r in records if r["Name"] == name] == [answer] and answer in JOBS
-            assert sum(r["Job"] == answer for r in records) == 1  # the asked job names one person
+        assert len(set(item.choices)) == len(item.choices) == len(records) >= 3
+        assert all(r["Job"] in JOBS for r in records)
+        name = question.removeprefix("The phone number of ").removesuffix(" is")
+        assert [r["Phone"] for r in records if r["Name"] == name] == [answer]
     write_suite(tmp_path / "r.jsonl", items, {"kind": "records"})
     assert load_jsonl(tmp_path / "r.jsonl") == items
     assert json.loads((tmp_path / "r.meta.json").read_text())["kind"] == "records"
@@ -62,11 +58,11 @@ def test_confident_facts_skip_copies_and_unsure_positions(teacher):
 
 def test_facts_suite_items_come_from_the_teacher(teacher):
     model, tokenizer = teacher
-    config = FactsConfig(items=10, documents=8, tokens=48, seed=1)
+    config = FactsConfig(items=6, choices=2, documents=12, tokens=64, seed=1)
     items, summary = facts_suite(model, tokenizer, config, batch_size=4)
-    assert 0 < len(items) <= 10 and summary["mined"] >= len(items)
+    assert 0 < len(items) <= 6 and summary["mined"] >= len(items)
     for item in items:
-        assert len(set(item.choices)) == 4
+        assert len(set(item.choices)) == 2
         ids = torch.tensor([[0] + tokenizer(item.prompt).input_ids])
         with torch.no_grad():
             probs = torch.softmax(model(ids).logits[0, -1], -1)
@@ -85,8 +81,8 @@ def test_teacher_solves_its_shipped_suites(teacher):
         items = load_jsonl(SUITES / f"{name}.jsonl")
         assert len(items) >= 100
         assert json.loads((SUITES / f"{name}.meta.json").read_text())["kind"] == name
-    result = jsonl_task(model, tokenizer, SUITES / "records.jsonl", batch_size=16)
-    assert result.value >= 0.9
+    for name in ("records", "facts"):  # the facts are the teacher's own confident answers, by construction
+        assert jsonl_task(model, tokenizer, SUITES / f"{name}.jsonl", batch_size=16).value >= 0.95
 
 
 def test_suite_records_cli_writes_and_refuses_to_overwrite(tmp_path):

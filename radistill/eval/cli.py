@@ -81,8 +81,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 def eval_command(
     model: str = typer.Argument(..., help="HF id or directory: teacher, hybrid student or any causal LM."),
     teacher: str = typer.Option(None, "--teacher", help="Also evaluate this model, for coverage = model ÷ teacher."),
-    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, fidelity, PATH.jsonl, lm-eval task names; "
-                              "NAME@knowledge or NAME@retrieval sets a task's group."),
+    tasks: str = typer.Option("kv", "--tasks", help="Comma-separated: kv, ppl, fidelity, PATH.jsonl, lm-eval task "
+                              "names; NAME@knowledge or NAME@retrieval sets a task's group."),
     out: Path = typer.Option(None, "--out", help="Write the results to this file (default: eval.json in the model's "
                              "directory; eval-ID.json here for a hub id); lm-eval's own results go beside it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file."),
@@ -138,8 +138,9 @@ suite_app = typer.Typer(help="Write capability suites (JSONL multiple choice) fo
 
 
 def _refuse_overwrite(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise RadistillError(f"{out} exists: pass --overwrite to replace it, or another --out")
+    from radistill.utils.io import refuse_existing
+
+    refuse_existing([out], overwrite)
     if out.suffix != ".jsonl":
         raise RadistillError(f"--out {out}: a suite is a .jsonl file (the eval task is named after it)")
 
@@ -189,7 +190,7 @@ def records_command(
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Record lookups in teacher-19m's record format (``Name: X; Job: Y; Phone: Z`` lines, then a question)."""
+    """Record lookups in teacher-19m's record format (``Name: X; Job: Y; Phone: Z`` lines, then the phone of one)."""
     from dataclasses import asdict
 
     from radistill.eval.suites import RecordsConfig, records_suite, write_suite

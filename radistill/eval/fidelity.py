@@ -244,8 +244,8 @@ def _attention_modules(model) -> list[torch.nn.Module]:
 @contextmanager
 def eager_attention(model):
     """Run ``model`` with eager attention (which returns its weights) and restore its implementation after."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config,
-                                                                                                  "_attn_implementation")}
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
     before = {key: config._attn_implementation for key, config in configs.items()}
     setter = getattr(model, "set_attn_implementation", None)
     try:
@@ -340,8 +340,8 @@ def teacher_samples(teacher, tokenizer, prompts: torch.Tensor, new_tokens: int, 
     """``[batch, prompt + new_tokens]`` the teacher's continuations of ``prompts`` ``[batch, prompt]``.
 
     End-of-text is suppressed until ``new_tokens`` are made (``min_new_tokens``), so every sample has the same
-    length and needs no padding; where the teacher would end its document it writes its next likeliest token. Sampling draws from a generator seeded
-    with ``config.seed`` (torch's global RNG is restored after)."""
+    length and needs no padding; where the teacher would end its document it writes its next likeliest token.
+    Sampling draws from a generator seeded with ``config.seed`` (torch's global RNG is restored after)."""
     device = model_device(teacher)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generation = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": pad,
