@@ -53,6 +53,10 @@ class RandomTokens:
         self.sequences += n
         return torch.randint(0, self.vocab, (n, self.seq_len), generator=self.generator)
 
+    def position_ids(self, batch: torch.Tensor) -> None:
+        """One stretch of positions per row, as ``PackedStream`` with ``data.packing: concat``: the models' default."""
+        return None
+
 
 def matmul_params(model: torch.nn.Module) -> int:
     """Parameters that take part in matmuls: everything but the input embedding (a tied LM head counts once)."""

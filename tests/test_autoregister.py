@@ -45,8 +45,13 @@ def test_auto_classes_load_a_student(first, student_dir):
 
 @pytest.mark.slow
 def test_without_radistill_transformers_does_not_know_the_student(student_dir):
-    """The check above can fail: without radistill, the student's model type is unknown to transformers."""
-    code = ("from transformers import AutoConfig\ntry:\n    AutoConfig.from_pretrained({path!r}); print('known')\n"
+    """The check above can fail: without radistill, the student's model type is unknown to transformers.
+
+    The folder's auto_map names its loader module, so transformers would otherwise ask (on stdin) whether to run it;
+    ``trust_remote_code=False`` is the answer a user without radistill gives (``test_student_folder`` checks what the
+    loader says when it is trusted)."""
+    code = ("from transformers import AutoConfig\ntry:\n"
+            "    AutoConfig.from_pretrained({path!r}, trust_remote_code=False); print('known')\n"
             "except (ValueError, KeyError):\n    print('unknown')").format(path=str(student_dir))
     assert _python(code) == "unknown"
 

@@ -72,12 +72,13 @@ def test_stage1_loss_is_exactly_zero_when_the_mixer_reproduces_attention(monkeyp
         exact = torch.cat(list(attention_probs(layer.self_attn, attention_input(layer, taps[i]),
                                                taps[i].kwargs["position_embeddings"], mixer.recurrent_heads, 2, 2)), 1)
         monkeypatch.setattr(mixer.recurrent, "mixing_matrix", lambda x, m=None, exact=exact: exact.clone())
-        assert objective.layer_loss(i, taps[i]).item() == 0.0
+        context = objective.batch_context(taps[i])  # one stretch of positions: no documents, no resets
+        assert objective.layer_loss(i, taps[i], context).item() == 0.0
         off = exact.clone()
         off[0, 1, 4, :5] = 0.0  # a row of one head's matrix wiped: loss = its norm / (batch * heads)
         monkeypatch.setattr(mixer.recurrent, "mixing_matrix", lambda x, m=None, off=off: off)
         want = exact[0, 1, 4, :5].norm() / (2 * len(mixer.recurrent_heads))
-        torch.testing.assert_close(objective.layer_loss(i, taps[i]), want.float())
+        torch.testing.assert_close(objective.layer_loss(i, taps[i], context), want.float())
 
 
 def test_matrix_and_hidden_losses_by_hand():

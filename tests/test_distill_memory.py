@@ -86,17 +86,29 @@ def test_memory_fields_default_off_and_round_trip(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({2: {"optimizer": "sgd"}}, "stage 2: optimizer 'sgd' is not one of adamw, adamw8bit"),
     ({2: {"layer_block": 0}}, "stage 2: layer_block must be a whole number of layers >= 1"),
-    ({1: {"layer_block": "8"}}, "stage 1: layer_block must be a whole number"),
-    ({2: {"layer_block": True}}, "stage 2: layer_block must be a whole number"),
+    # type errors come from the typed recipe validation, which names the key by its path
+    ({1: {"layer_block": "eight"}},
+     r"recipe key 'stages\.1\.layer_block' must be a whole number or null \(got 'eight'\)"),
+    ({1: {"layer_block": 2.5}}, r"recipe key 'stages\.1\.layer_block' must be a whole number or null \(got 2\.5\)"),
+    ({2: {"layer_block": True}}, r"recipe key 'stages\.2\.layer_block' must be a whole number or null \(got True\)"),
     ({3: {"layer_block": 4}}, "stage 3: layer_block is for stages 1/2 only"),
     ({2: {"activation_checkpointing": True}}, "stage 2: activation_checkpointing is for stage 3 only"),
-    ({3: {"activation_checkpointing": "yes"}}, "stage 3: activation_checkpointing must be true or false"),
+    ({3: {"activation_checkpointing": "yes"}},
+     r"recipe key 'stages\.3\.activation_checkpointing' must be true or false \(got 'yes'\)"),
     ({3: {"teacher_offload": True}}, "stage 3: teacher_offload is for stages 1/2 only .* use teacher_logits: topk"),
-    ({2: {"teacher_offload": "yes"}}, "stage 2: teacher_offload must be true or false"),
+    ({2: {"teacher_offload": "yes"}}, r"recipe key 'stages\.2\.teacher_offload' must be true or false \(got 'yes'\)"),
 ])
 def test_bad_memory_settings_are_rejected(bad, match):
     with pytest.raises(RadistillError, match=match):
         merge(DistillRecipe(), {"stages": bad})
+
+
+def test_layer_block_written_as_a_string_is_the_number():
+    """The typed validation reads a number spelled as a string (``"8"``, as YAML gives a quoted value) as that
+    number, as it does for every numeric recipe key; the range check still applies after the conversion."""
+    assert merge(DistillRecipe(), {"stages": {1: {"layer_block": "8"}}}).stage(1).layer_block == 8
+    with pytest.raises(RadistillError, match="stage 1: layer_block must be a whole number of layers >= 1"):
+        merge(DistillRecipe(), {"stages": {1: {"layer_block": "0"}}})
 
 
 # ---- activation checkpointing ----------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def test_scan_refuses_existing_results_before_loading(tmp_path, monkeypatch, exi
 
 def test_scan_cli_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("radistill.scan.run.load_model", no_loading)
+    monkeypatch.setattr("radistill.models.access.load_config", no_loading)  # the CLI reads the config first
     (tmp_path / "scan.json").write_text("{}")
     monkeypatch.setattr(sys, "argv", ["radistill", "scan", "some/model", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as info:
@@ -65,6 +66,7 @@ def test_build_refuses_an_existing_out_before_loading_the_teacher(tmp_path, monk
     from radistill.hybrid.build import build_student
 
     monkeypatch.setattr("radistill.hybrid.build.load_model", no_loading)
+    monkeypatch.setattr("radistill.hybrid.build.load_config", no_loading)  # read first, for the saved dtype
     out = tmp_path / "student"
     out.mkdir()
     (out / "config.json").write_text("{}")

@@ -46,11 +46,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rank every attention head by how much in-context retrieval depends on it (ablation scan)."""
         from radistill.models.access import load_config, require_attention
-        from radistill.scan.run import run_scan
+        from radistill.scan.run import SCAN_FILES, run_scan
         from radistill.utils.cli_options import renamed
+        from radistill.utils.io import refuse_existing
 
         rows_per_forward = renamed(rows_per_forward, old_batch_size, "--batch-size", "--rows-per-forward")
 
+        # earlier results first: the refusal must not wait on (or fail in) loading the model's config
+        refuse_existing([out / name for name in SCAN_FILES], overwrite)
         require_attention(load_config(model))  # before the progress bar: an unsupported model is one error line
         with progress() as bar:
             task = bar.add_task("scanning heads", total=None, status="")
