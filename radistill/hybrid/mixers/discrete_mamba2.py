@@ -132,10 +132,12 @@ class DiscreteMamba2(RecurrentMixer):
         would hand them transposed views, which every consumer then copies or reads uncoalesced.)"""
         B, T, _ = hidden_states.shape
         H, P, N = self.num_heads, self.head_dim, self.state_size
-        if T > 1:
+        # The split product reads in_proj's weight directly, so only a plain Linear may take it: a wrapped in_proj
+        # (a LoRA layer, a quantised linear) must run its own forward, or its adapter would be skipped silently.
+        if T > 1 and type(self.in_proj) is nn.Linear:
             xbcz, a_log = split_linear(hidden_states, self.in_proj, self.conv_channels + self.sizes["z"])
             xbc, z = xbcz.split([self.conv_channels, self.sizes["z"]], dim=-1)
-        else:  # one token: one matrix-vector product (the row alignment below does not matter there)
+        else:  # one token: one matrix-vector product (the row alignment does not matter there); or a wrapped in_proj
             xbc, z, a_log = self.in_proj(hidden_states).split(
                 [self.conv_channels, self.sizes["z"], self.sizes["a"]], dim=-1
             )
