@@ -50,7 +50,7 @@ def train_bridge(model: nn.Module, bridge: Bridge, source, items: list[OutsideIt
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += sum(len(r) for r in rows) + int(memory_mask.sum())
         if log is not None and (step + 1) % max(1, steps // 10) == 0:
             log(f"step {step + 1}/{steps}: loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
