@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                                                                  "student's kept heads)"),
         full_width_every: int = typer.Option(0, "--full-width-every", help="train the full-width baseline "
                                                                           "(cross-attention every N layers) instead"),
-        lr: float = typer.Option(1e-3, "--lr"),
+        lr: float = typer.Option(3e-3, "--lr"),
         batch: int = typer.Option(16, "--batch"),
         train_samples: int = typer.Option(512, "--train-samples", help="training items per pairs count"),
         eval_samples: int = typer.Option(64, "--eval-samples", help="held-out items per pairs count"),

@@ -135,7 +135,7 @@ class Bridge(nn.Module):
     @contextmanager
     def use(self, memory: torch.Tensor, memory_mask: torch.Tensor | None = None):
         """Within the block, forwards of the attached model read ``memory`` [B, M, d_aug] (``memory_mask`` [B, M],
-        True = real). Outside it the bridge adds nothing."""
+        True = real; a batch of 1 serves every row of the model's batch). Outside it the bridge adds nothing."""
         _check_memory(memory, memory_mask, self.config.d_aug)
         self._memory, self._memory_mask = memory, memory_mask
         try:
@@ -256,7 +256,7 @@ class KeptHeadBridge(Bridge):
         if rope is not None:
             cos, sin = rope
             q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-        memory = self._memory.to(hidden.dtype)
+        memory = self._memory.to(hidden.dtype).expand(B, -1, -1)  # a batch-1 memory serves every row
         M = memory.shape[1]
         k = self.k_b[str(layer)](memory).view(B, M, -1, hd).transpose(1, 2)  # [B, k, M, hd]
         v = self.v_b[str(layer)](memory).view(B, M, -1, hd).transpose(1, 2)
@@ -302,7 +302,7 @@ class FullWidthBridge(Bridge):
         """h [B, T, D] -> gated cross-attention output [B, T, D]."""
         block, hd = self.blocks[str(i)], self.config.model_layout["head_dim"]
         B, T, _ = h.shape
-        memory = self._memory.to(h.dtype)
+        memory = self._memory.to(h.dtype).expand(B, -1, -1)
         M = memory.shape[1]
         q = block["q"](block["norm"](h)).view(B, T, -1, hd).transpose(1, 2)
         k = block["k"](memory).view(B, M, -1, hd).transpose(1, 2)

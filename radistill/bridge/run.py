@@ -29,7 +29,7 @@ class BridgeRunConfig:
     pairs: list[int] = field(default_factory=lambda: [2, 4, 8])
     heads: str | None = None  # "L.H,...": which heads (a plain teacher's; default: a student's kept heads)
     full_width_every: int = 0  # > 0: the full-width baseline instead
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch: int = 16
     train_samples: int = 512  # items per pairs count to train on
     eval_samples: int = 64  # held-out items per pairs count
