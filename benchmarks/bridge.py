@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--scan", default=str(SCAN), help="scan.json of the teacher [the committed window-cpu scan]")
     p.add_argument("--keep", type=int, default=16)
     p.add_argument("--pairs", help="dictionary sizes [quick 2,4, else 2,4,8,16]")
-    p.add_argument("--steps", type=int, help="bridge training steps [quick 60, else 2000]")
+    p.add_argument("--steps", type=int, help="bridge training steps [quick 150, else 2000]")
     p.add_argument("--batch", type=int, help="items per step [quick 16, else 64]")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-samples", type=int, help="training items per dictionary size [quick 256, else 4096]")
@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4, help="K of the chunk-ae source [4]")
     p.add_argument("--ae-ks", default="1,2,4,8", help="K values for the round-trip table")
     p.add_argument("--full-width-every", type=int, default=2)
+    p.add_argument("--calibration-tokens", type=int, help="build's calibration tokens [build's default]")
+    p.add_argument("--kv-samples", type=int, help="in-context KV items per size for the student's own KV "
+                                                   "[quick 16, else 128]")
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity [quick 1024, else 65536]")
     p.add_argument("--out", default="bridge", help="results stem under benchmarks/results/ [bridge]")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     q = args.quick
     pairs = [int(p) for p in (args.pairs or ("2,4" if q else "2,4,8,16")).split(",")]
-    steps, batch = args.steps or (60 if q else 2000), args.batch or (16 if q else 64)
+    steps, batch = args.steps or (150 if q else 2000), args.batch or (16 if q else 64)
     train_n, eval_n = args.train_samples or (256 if q else 4096), args.eval_samples or (32 if q else 256)
     ae_steps, ppl_tokens = args.ae_steps or (200 if q else 3000), args.ppl_tokens or (1024 if q else 65536)
     if not Path(args.teacher).exists() or not Path(args.scan).exists():
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     teacher, tok = load_model(args.teacher, dtype="fp32", device=device)
     with tempfile.TemporaryDirectory() as tmp:  # `radistill build --keep K --state-size 8`, calibration included
         build_student(args.teacher, Path(tmp) / "student", scan=args.scan, keep=args.keep, state_size=8,
-                      device=device, dtype="fp32")
+                      device=device, dtype="fp32",
+                      **({} if args.calibration_tokens is None else {"calibration_tokens": args.calibration_tokens}))
         student, _ = load_model(Path(tmp) / "student", dtype="fp32", device=device)
     kept = student.config.kept_heads
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
                f"chunk-ae:{args.chunk}": ChunkSource(aes[args.chunk])}
 
     heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, ppl_tokens // 512))
-    kv_pairs, kv_samples = (5, 20) if q else (5, 10, 20, 40), 16 if q else 128
+    kv_pairs, kv_samples = (5, 20) if q else (5, 10, 20, 40), args.kv_samples or (16 if q else 128)
     own = own_quality(student, tok, heldout, kv_pairs, kv_samples, device)
     closed_bridge = make_bridge(student, d_aug=sources[f"teacher@{args.source_layer}"].d_aug).to(device)
     memory, _ = sources[f"teacher@{args.source_layer}"].encode(torch.tensor([held[0].source_ids], device=device))

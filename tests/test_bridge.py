@@ -257,3 +257,33 @@ def test_hidden_state_source_reads_a_layer():
     torch.testing.assert_close(memory, want)
     with pytest.raises(RadistillError, match="out of range"):
         HiddenStateSource(model, 5)
+
+
+@pytest.mark.shared
+def test_bridge_benchmark_quick_runs(tmp_path, teacher_19m_path):
+    """benchmarks/bridge.py end to end at a tiny size: every row, the AE table, and the closed-gate equality."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scan = root / "benchmarks" / "results" / "window-cpu-scan" / "scan.json"
+    if not scan.exists():
+        pytest.skip("the committed scan of teacher-19m is absent")
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bridge.py"), "--quick", "--teacher",
+                           str(teacher_19m_path), "--scan", str(scan), "--steps", "2", "--train-samples", "8",
+                           "--eval-samples", "2", "--ae-steps", "2", "--ae-ks", "1,2", "--chunk", "2",
+                           "--kv-samples", "2", "--ppl-tokens", "512", "--calibration-tokens", "2048",
+                           "--results-dir", str(tmp_path), "--out", "b"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["bridge"], r["source"]) for r in result["rows"]] == [
+        ("none", "-"), ("kept-head", "teacher@6"), ("kept-head", "chunk-ae:2"),
+        ("full-width every 2", "teacher@6"), ("full-width every 2", "chunk-ae:2")]
+    kept, full = result["rows"][1], result["rows"][3]
+    assert 0 < kept["trainable_parameters"] < full["trainable_parameters"]
+    assert result["gate_closed_equal"] and result["student_own"] == result["student_gate_closed"]
+    assert [a["K"] for a in result["chunk_ae"]] == [1, 2]
+    assert (tmp_path / "b.md").read_text().startswith("# Bridges on a teacher-19m student")
