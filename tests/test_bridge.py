@@ -287,3 +287,62 @@ def test_bridge_benchmark_quick_runs(tmp_path, teacher_19m_path):
     assert result["gate_closed_equal"] and result["student_own"] == result["student_gate_closed"]
     assert [a["K"] for a in result["chunk_ae"]] == [1, 2]
     assert (tmp_path / "b.md").read_text().startswith("# Bridges on a teacher-19m student")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, tokenizer):
+    """A tiny teacher and its student saved with teacher-19m's tokenizer (so the kv-outside items tokenize)."""
+    root = tmp_path_factory.mktemp("bridge-models")
+    teacher = make_teacher(vocab_size=len(tokenizer))
+    student = make_student(teacher, MIXED)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("source", ["chunk-ae:2", "teacher@2"])
+def test_bridge_command_trains_saves_and_refuses_to_overwrite(source, tiny_dirs, tmp_path, capsys):
+    from radistill.cli import main
+
+    spec = source if source.startswith("chunk") else f"{tiny_dirs / 'teacher'}@2"
+    out = tmp_path / "b"
+    args = ["bridge", str(tiny_dirs / "student"), "--source", spec, "--out", str(out), "--steps", "3", "--pairs",
+            "2,3", "--train-samples", "4", "--eval-samples", "3", "--ae-steps", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    first = capsys.readouterr()
+    assert done.value.code == 0, first.err
+    assert "kept-head bridge:" in first.err and "2 pairs: KV accuracy" in first.err  # the console is stderr
+    result = json.loads((out / "bridge_results.json").read_text())
+    assert result["bridge"] == "kept-head" and result["bridged_heads"] == sum(map(len, MIXED))
+    assert set(result["accuracy_with_bridge"]) == {"2", "3"} and result["training_tokens"] > 0
+    assert (out / "chunk_ae").exists() == source.startswith("chunk")
+    from transformers import AutoModelForCausalLM
+
+    load_bridge(AutoModelForCausalLM.from_pretrained(tiny_dirs / "student"), out).detach()
+    weights = (out / "bridge.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as again:
+        main(args)
+    err = capsys.readouterr().err
+    assert again.value.code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert (out / "bridge.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "kv"], "not a bridge task"),
+    (["--source", "chunk-ae:0"], "chunk-ae:K"),
+    (["--source", "model@x"], "MODEL@LAYER"),
+    (["--pairs", "2,x"], "whole numbers"),
+    (["--heads", "1.1", "--full-width-every", "2"], "give one"),
+])
+def test_bridge_command_errors_are_one_line(extra, message, tmp_path, capsys):
+    from radistill.cli import main
+
+    args = ["bridge", str(tmp_path), "--source", "chunk-ae:4", "--out", str(tmp_path / "o"), *extra]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()

@@ -145,6 +145,6 @@ def train_chunk_ae(ae: ChunkAutoencoder, chunks: torch.Tensor, *, steps: int, ba
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     ae.eval()
     return losses

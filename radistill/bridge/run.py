@@ -83,7 +83,7 @@ def load_source(config: BridgeRunConfig, tokenizer, train_items, eval_items, dev
     if kind == "model":
         from radistill.models.access import load_model, load_tokenizer
 
-        source_model, source_tokenizer = load_model(model_id, dtype=torch.float32, device=device)
+        source_model, source_tokenizer = load_model(model_id, dtype=torch.float32, device=str(device))
         if source_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise RadistillError(f"source {model_id} has another tokenizer than the student: the kv-outside task "
                                  "feeds both the same token ids")
