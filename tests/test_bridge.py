@@ -323,6 +323,7 @@ def test_bridge_command_trains_saves_and_refuses_to_overwrite(source, tiny_dirs,
 
     load_bridge(AutoModelForCausalLM.from_pretrained(tiny_dirs / "student"), out).detach()
     weights = (out / "bridge.safetensors").read_bytes()
+    capsys.readouterr()
     with pytest.raises(SystemExit) as again:
         main(args)
     err = capsys.readouterr().err
