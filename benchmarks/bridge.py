@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--train-samples", type=int, help="training items per dictionary size [quick 256, else 4096]")
     p.add_argument("--eval-samples", type=int, help="held-out items per dictionary size [quick 32, else 256]")
     p.add_argument("--ae-steps", type=int, help="chunk autoencoder steps [quick 200, else 3000]")
+    p.add_argument("--ae-batch", type=int, help="chunks per autoencoder step [quick 64, else 256]")
     p.add_argument("--source-layer", type=int, default=6, help="teacher layer read by the model source [6]")
     p.add_argument("--chunk", type=int, default=4, help="K of the chunk-ae source [4]")
     p.add_argument("--ae-ks", default="1,2,4,8", help="K values for the round-trip table")
@@ -83,13 +84,13 @@ def _relative(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
 
 
-def train_ae(k: int, tok, train_items, eval_items, steps: int, device: str) -> tuple[ChunkAutoencoder, dict]:
+def train_ae(k: int, tok, train_items, eval_items, steps: int, batch: int, device: str) -> tuple[ChunkAutoencoder, dict]:
     torch.manual_seed(0)
     ae = ChunkAutoencoder(ChunkAEConfig(vocab_size=len(tok), chunk=k, pad_token_id=tok.pad_token_id or 0)).to(device)
     train = chunk_batches([it.source_ids for it in train_items], ae)
     held = chunk_batches([it.source_ids for it in eval_items], ae).to(device)
-    losses = train_chunk_ae(ae, train, steps=steps)
-    return ae, {"K": k, "steps": steps, "final_loss": losses[-1] if losses else None,
+    losses = train_chunk_ae(ae, train, steps=steps, batch=batch)
+    return ae, {"K": k, "steps": steps, "batch": batch, "final_loss": losses[-1] if losses else None,
                 "round_trip_accuracy": round_trip_accuracy(ae, held), "parameters": sum(p.numel() for p in ae.parameters()),
                 "train_chunks": len(train), "heldout_chunks": len(held)}
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
 
     aes, ae_rows = {}, []
     for k in sorted({*(int(k) for k in args.ae_ks.split(",")), args.chunk}):
-        aes[k], row = train_ae(k, tok, train_items, held, ae_steps, device)
+        aes[k], row = train_ae(k, tok, train_items, held, ae_steps, args.ae_batch or (64 if q else 256), device)
         ae_rows.append(row)
         print(f"chunk-ae K={k}: round trip {row['round_trip_accuracy']:.4f} ({time.time() - start:.0f} s)", flush=True)
     sources = {f"teacher@{args.source_layer}": HiddenStateSource(teacher, args.source_layer),
