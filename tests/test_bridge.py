@@ -347,3 +347,20 @@ def test_bridge_command_errors_are_one_line(extra, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_with_an_outside_memory_matches_full_forwards(student):
+    """generate() (cached decoding) inside ``bridge.use`` equals greedy decoding by full forwards."""
+    ids, memory = _ids(1, 5), torch.randn(1, 6, D_AUG)
+    bridge = make_bridge(student, d_aug=D_AUG, aligned=False)
+    _open(bridge, 2.0)
+    with torch.no_grad(), bridge.use(memory):
+        generated = student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = ids
+        for _ in range(4):
+            want = torch.cat([want, student(input_ids=want).logits[:, -1:].argmax(-1)], 1)
+    bridge.detach()
+    with torch.no_grad():
+        plain = student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, want)
+    assert not torch.equal(generated, plain), "the memory did not reach generation"
