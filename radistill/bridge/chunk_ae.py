@@ -49,8 +49,9 @@ class ChunkAutoencoder(nn.Module):
         K, d = config.chunk, config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
         self.slot = nn.Parameter(torch.randn(K, d) * 0.02)
-        self.encoder = nn.Sequential(nn.Linear(K * d, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.d_latent))
-        self.decoder = nn.Sequential(nn.Linear(config.d_latent, config.hidden), nn.GELU(), nn.Linear(config.hidden, K * d))
+        hidden, latent = config.hidden, config.d_latent
+        self.encoder = nn.Sequential(nn.Linear(K * d, hidden), nn.GELU(), nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Linear(hidden, K * d))
         self.out_norm = nn.LayerNorm(d)
         self.unembed = nn.Linear(d, config.vocab_size)
 
