@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--scan", default=str(SCAN), help="scan.json of the teacher [the committed window-cpu scan]")
     p.add_argument("--keep", type=int, default=16)
     p.add_argument("--pairs", help="dictionary sizes [quick 2,4, else 2,4,8,16]")
-    p.add_argument("--steps", type=int, help="bridge training steps [quick 150, else 2000]")
+    p.add_argument("--steps", type=int, help="bridge training steps [quick 60, else 2000]")
     p.add_argument("--batch", type=int, help="items per step [quick 16, else 64]")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-samples", type=int, help="training items per dictionary size [quick 256, else 4096]")
@@ -135,13 +135,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     q = args.quick
     pairs = [int(p) for p in (args.pairs or ("2,4" if q else "2,4,8,16")).split(",")]
-    steps, batch = args.steps or (150 if q else 2000), args.batch or (16 if q else 64)
+    steps, batch = args.steps or (60 if q else 2000), args.batch or (16 if q else 64)
     train_n, eval_n = args.train_samples or (256 if q else 4096), args.eval_samples or (32 if q else 256)
     ae_steps, ppl_tokens = args.ae_steps or (200 if q else 3000), args.ppl_tokens or (1024 if q else 65536)
     if not Path(args.teacher).exists() or not Path(args.scan).exists():
         print(f"needs {args.teacher} and {args.scan}")
         return 2
     start, device = time.time(), args.device
+    if device == "cpu":
+        torch.set_flush_denormal(True)  # subnormal floats are slow on CPU (the tests flush them too); no effect on GPU
     teacher, tok = load_model(args.teacher, dtype="fp32", device=device)
     with tempfile.TemporaryDirectory() as tmp:  # `radistill build --keep K --state-size 8`, calibration included
         build_student(args.teacher, Path(tmp) / "student", scan=args.scan, keep=args.keep, state_size=8,
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
     def row(kind: str, name: str, source, every: int) -> dict:
         torch.manual_seed(0)
         bridge = make_bridge(student, d_aug=source.d_aug, every=every, source=name).to(device)
-        history = train_bridge(student, bridge, source, train_items, steps=steps, batch=batch, lr=args.lr, pad_id=pad_id)
+        history = train_bridge(student, bridge, source, train_items, steps=steps, batch=batch, lr=args.lr, pad_id=pad_id,
+                               log=lambda line: print(f"  {line} ({time.time() - start:.0f} s)", flush=True))
         acc = {str(p): accuracy(student, bridge, source, items, pad_id=pad_id) for p, items in eval_items.items()}
         out = {"bridge": kind, "source": name, "trainable_parameters": bridge.trainable_parameters(),
                "training_tokens": history["tokens"], "final_loss": sum(history["losses"][-10:]) / 10, "accuracy": acc}
