@@ -47,6 +47,7 @@ COMMAND_MODULES = (
     "radistill.pipeline",
     "radistill.memplan.cli",
     "radistill.finetune.cli",
+    "radistill.bridge.cli",
 )
 
 

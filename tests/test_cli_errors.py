@@ -43,6 +43,8 @@ def _cases(tmp: Path) -> dict[str, dict[str, list[str]]]:
                  "bad": ["plan", "m", "--gpu-memory", "24GiB", "--seq-len", "long"]},
         "finetune": {"missing": ["finetune", "s"], "unknown": ["finetune", "s", "--out", out, "--lora", "8"],
                      "bad": ["finetune", "s", "--out", out, "--steps", "ten"]},
+        "bridge": {"missing": ["bridge", "s", "--out", out], "unknown": ["bridge", "s", "--out", out, "--src", "x@1"],
+                   "bad": ["bridge", missing, "--out", out, "--source", "chunk-ae:4"]},
     }
 
 
