@@ -56,6 +56,30 @@ def tiny_recipe(corpus: Path, stages=(2, 3), **stage_overrides) -> DistillRecipe
     return merge(DistillRecipe(), overrides)
 
 
+class Interrupt(Exception):
+    """Raised by :func:`stop_at`'s hook: a run killed at a chosen step."""
+
+
+def fresh_pair():
+    """A tiny teacher and its student (the same seed every call)."""
+    teacher = tiny_teacher()
+    return teacher, tiny_student(teacher)
+
+
+def params_of(model) -> dict:
+    """A detached copy of ``model``'s state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def stop_at(stop: tuple[int, int]):
+    """A trainer step hook that raises :class:`Interrupt` at ``(stage, step)``."""
+    def hook(stage, step):
+        if (stage, step) == stop:
+            raise Interrupt
+
+    return hook
+
+
 def run_two_gloo_processes(train, args: tuple, out: Path) -> dict:
     """Run ``train(*args) -> student`` in two spawned gloo processes (ranks 0, 1 of one group); returns rank 0's
     final student state dict. ``train`` must be a module-level function (spawn pickles it)."""

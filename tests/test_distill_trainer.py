@@ -12,20 +12,7 @@ from radistill.distill.data import PackedStream
 from radistill.distill.stages import make_objective
 from radistill.distill.trainer import NonFiniteLossError, Trainer
 from radistill.utils.errors import RadistillError
-from distill_helpers import tiny_recipe, tiny_student, tiny_teacher
-
-
-class Interrupt(Exception):
-    pass
-
-
-def fresh_pair():
-    teacher = tiny_teacher()
-    return teacher, tiny_student(teacher)
-
-
-def params_of(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from distill_helpers import Interrupt, fresh_pair, params_of, tiny_recipe, tiny_student, tiny_teacher
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -15,28 +15,9 @@ from radistill.distill import checkpoint as ckpt
 from radistill.distill.checkpoint import CheckpointError, latest
 from radistill.distill.trainer import Trainer
 from radistill.utils.errors import RadistillError
-from distill_helpers import tiny_recipe, tiny_student, tiny_teacher, write_corpus
-
-
-class Interrupt(Exception):
-    pass
-
-
-def fresh_pair():
-    teacher = tiny_teacher()
-    return teacher, tiny_student(teacher)
-
-
-def params_of(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def stop_at(stop):
-    def hook(stage, step):
-        if (stage, step) == stop:
-            raise Interrupt
-
-    return hook
+from distill_helpers import (
+    Interrupt, fresh_pair, params_of, stop_at, tiny_recipe, tiny_student, tiny_teacher, write_corpus,
+)
 
 
 def interrupted(corpus, tokenizer, run, recipe, stop=(3, 5)):

@@ -1,4 +1,4 @@
-"""Distillation (issue 4): the MOHAWK stages on a hybrid student, resumable, on one GPU or many.
+"""Distillation: the MOHAWK stages on a hybrid student, resumable, on one GPU or many.
 
 ``recipe.py`` (settings), ``data.py`` (documents -> packed, resumable token stream), ``losses.py`` (the three
 losses as tensor functions), ``stages.py`` (objectives: forward + backward of one micro-batch), ``trainer.py``

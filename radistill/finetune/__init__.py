@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of students (issue 7): adapters on the recurrent heads and the kept heads, or everywhere."""
+"""LoRA fine-tuning of students: adapters on the recurrent heads and the kept heads, or everywhere."""
 
 from radistill.utils.lazy import lazy_exports
 

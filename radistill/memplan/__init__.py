@@ -1,4 +1,4 @@
-"""Memory plans: each pipeline step's peak GPU memory by part, and the strategy that makes it fit (issue 7).
+"""Memory plans: each pipeline step's peak GPU memory by part, and the strategy that makes it fit.
 
 ``make_plan(model, "24GiB", keep=13, state_size=8)`` -> :class:`Plan`; ``require_fit(plan)`` raises before any
 compute when a step cannot fit; ``radistill plan`` prints the table. See docs/24gb.md.

@@ -1,4 +1,4 @@
-"""The optimizers every training loop here uses: AdamW, or AdamW with blockwise 8-bit moments (issue 7)."""
+"""The optimizers every training loop here uses: AdamW, or AdamW with blockwise 8-bit moments."""
 
 from __future__ import annotations
 
