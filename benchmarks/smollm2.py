@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from testbed_recovery import (  # noqa: E402  (benchmarks/testbed_recovery.py: one recipe, one evaluation)
     Timings,
+    chosen_students,
     distill_student,
     evaluate,
     measure_costs,
@@ -278,12 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     with timings("scan (or read --scan)"):
         ranked, scan_info = ranked_heads(args, teacher_spec, device, work, layout)
     students = student_specs(ranked, args.state_size, args.seed)
-    if args.students:
-        wanted = [s.strip() for s in args.students.split(",")]
-        unknown = sorted(set(wanted) - {s["name"] for s in students})
-        if unknown:
-            parser.error(f"unknown students {unknown}: choose from {', '.join(s['name'] for s in students)}")
-        students = [s for s in students if s["name"] in wanted]
+    students = chosen_students(parser, students, args.students)
     names = [s["name"] for s in students]
 
     with timings("build students"):

@@ -158,6 +158,17 @@ def student_specs(ranked: list, tops: list[int], seed: int) -> list[dict]:
     return specs
 
 
+def chosen_students(parser, students: list[dict], names: str | None) -> list[dict]:
+    """The specs named in ``--students a,b`` (all of them without it); an unknown name is a usage error."""
+    if not names:
+        return students
+    wanted = [s.strip() for s in names.split(",")]
+    unknown = sorted(set(wanted) - {s["name"] for s in students})
+    if unknown:
+        parser.error(f"unknown students {unknown}: choose from {', '.join(s['name'] for s in students)}")
+    return [s for s in students if s["name"] in wanted]
+
+
 def scan_heads(args, device: str, work: Path):
     """The teacher's heads, best first, as (layer, head) pairs."""
     from radistill.scan.result import load_scan
@@ -425,12 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--heads {args.heads!r}: the teacher's heads are layer.head with layer < "
                          f"{max(l for l, _ in ranked) + 1} and head < {max(h for _, h in ranked) + 1}")
         students.append({"name": f"chosen{len(chosen)}-s64", "kept_heads": chosen, "state_size": 64})
-    if args.students:
-        wanted = [s.strip() for s in args.students.split(",")]
-        unknown = sorted(set(wanted) - {s["name"] for s in students})
-        if unknown:
-            parser.error(f"unknown students {unknown}: choose from {', '.join(s['name'] for s in students)}")
-        students = [s for s in students if s["name"] in wanted]
+    students = chosen_students(parser, students, args.students)
     with timings("build students (on the CPU: calibration in fp32, no GPU autotuning per shape)"):
         cpu_teacher, _ = load_model(TEACHER, dtype="fp32", device="cpu")
         for s in students:
