@@ -47,7 +47,7 @@ from radistill.models.access import layout_from_config as model_layout_of  # noq
 from radistill.models.access import load_model, model_layout  # noqa: E402
 from radistill.scan.result import load_scan  # noqa: E402
 from radistill.scan.run import probe_items, scan_model  # noqa: E402
-from radistill.utils.io import write_json_atomic  # noqa: E402
+from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 GLOBAL = (3, 8)
 WINDOWS = (8, 16, 32, 64)
@@ -226,9 +226,7 @@ def main(argv=None) -> int:
     }
     write_json_atomic(out.with_suffix(".json"), result)
     text = markdown(result)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out.with_suffix(".md"))
+    write_text_atomic(out.with_suffix(".md"), text)
     print(text)
     print(f"wrote {_relative(str(out))}.{{json,md}} in {result['seconds']:.0f} s")
     return 0
