@@ -59,6 +59,7 @@ from radistill.utils.console import console  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_BUDGET = 13_795_328  # the testbed's top-16 budget (stage 2 2,752,512 + stage 3 11,042,816)
+SUITES = ROOT / "examples" / "suites" / "teacher-19m"  # records and facts (radistill.eval.suites), multiple choice
 TEACHER_SHARE = 0.25
 STAGE1_SHARE = 0.1
 
@@ -107,6 +108,18 @@ def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int) -> dic
     return out
 
 
+def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
+    """Accuracy on the testbed's capability suites (in-context record lookups, recalled facts); quick: 16 items."""
+    from radistill.eval.choice import choice_accuracy
+    from radistill.probes.items import load_jsonl
+
+    scores = {}
+    for path in sorted(SUITES.glob("*.jsonl")):
+        items = load_jsonl(path)
+        scores[path.stem] = choice_accuracy(model, tokenizer, items[:16] if quick else items, batch)
+    return scores
+
+
 def _setup_key(result: dict) -> dict:
     return {k: result.get(k) for k in ("budget_tokens", "top", "state", "quick", "teacher")}
 
@@ -127,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fidelity", action="store_true", help="skip radistill.eval.fidelity")
     parser.add_argument("--lr-stage2", type=float, default=1e-3)
     parser.add_argument("--lr-stage3", type=float, default=5e-4)
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="stop each student's training after this long (its row says truncated; for a device call's "
+                             "time limit: evaluation still runs)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="students, runs, generated text (default: temp)")
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"] = [r for r in earlier.get("rows", []) if r["variant"] not in chosen]
     with timings("eval: teacher"):
         result["teacher_eval"] = evaluate(teacher, evalset, device, batch)
+        result["teacher_eval"]["suites"] = suite_scores(teacher, tokenizer, batch, args.quick)
 
     cpu_teacher = None
     for name in chosen:
@@ -207,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"distilling variant {name} ...")
         model, _ = load_model(student_dir, dtype="fp32", device=device)
         started = time.perf_counter()
-        tokens, _, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer, recipe, device,
-                                                   None, timings, name)
+        tokens, truncated, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer, recipe,
+                                                           device, args.train_seconds, timings, name)
         with timings(f"{name}: eval"):
-            row = {"variant": name, "tokens": tokens, "train_seconds": round(time.perf_counter() - started, 1),
+            row = {"variant": name, "tokens": tokens, "truncated": truncated,
+                   "train_seconds": round(time.perf_counter() - started, 1),
                    "stage_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
                    "recipe_changes": spec.get("recipe", {}), "build": build,
-                   **evaluate(model, evalset, device, batch)}
+                   **evaluate(model, evalset, device, batch), "suites": suite_scores(model, tokenizer, batch, args.quick)}
             if not args.no_fidelity:
                 row["fidelity"] = fidelity_scores(teacher, tokenizer, model, args.quick, batch)
         row["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -243,19 +261,25 @@ def _fidelity_cells(fid: dict | None) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    head = ("| variant | tokens | KV@5 | KV@10 | KV@20 | KV@40 | held-out ppl | KL (held-out) | top-1 "
-            "| confident top-1 | KL (teacher's text) | greedy agreement | train s |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| variant | tokens | KV@5 | KV@10 | KV@20 | KV@40 | records | facts | held-out ppl | KL (held-out) "
+            "| top-1 | confident top-1 | KL (teacher's text) | greedy agreement | train s |")
+    lines = [head, "|" + "---|" * 15]
+
+    def suites(row: dict) -> str:
+        values = row.get("suites", {})
+        return " | ".join("–" if values.get(k) is None else f"{values[k]:.3f}" for k in ("records", "facts"))
+
     t = result.get("teacher_eval", {})
     if t:
         kv = t["kv_retrieval"]
         lines.append(f"| teacher | – | {kv['5']:.2f} | {kv['10']:.2f} | {kv['20']:.2f} | {kv['40']:.2f} | "
-                     f"{t['heldout_ppl']:.2f} | 0 | 1 | 1 | 0 | – | – |")
+                     f"{suites(t)} | {t['heldout_ppl']:.2f} | 0 | 1 | 1 | 0 | – | – |")
     for r in result["rows"]:
         kv = r["kv_retrieval"]
-        lines.append(f"| {r['variant']} | {r['tokens']:,} | {kv['5']:.2f} | {kv['10']:.2f} | {kv['20']:.2f} | "
-                     f"{kv['40']:.2f} | {r['heldout_ppl']:.2f} | " + " | ".join(_fidelity_cells(r.get("fidelity")))
-                     + f" | {r['train_seconds']:.0f} |")
+        cut = " (cut)" if r.get("truncated") else ""
+        lines.append(f"| {r['variant']} | {r['tokens']:,}{cut} | {kv['5']:.2f} | {kv['10']:.2f} | {kv['20']:.2f} | "
+                     f"{kv['40']:.2f} | {suites(r)} | {r['heldout_ppl']:.2f} | "
+                     + " | ".join(_fidelity_cells(r.get("fidelity"))) + f" | {r['train_seconds']:.0f} |")
     lines.append(f"\n{result['device']}, top-{result['top']} heads at state {result['state']}, "
                  f"{result['budget_tokens']:,} tokens per student, {result['kv_items_per_size']} KV items per size, "
                  f"{result['heldout_tokens']:,} held-out tokens.")

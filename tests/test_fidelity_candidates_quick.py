@@ -27,6 +27,8 @@ def test_variants_run_alone_and_accumulate(tmp_path):
     row = second["rows"][1]
     assert set(row["stage_seconds"]) == {"stage1", "stage2", "stage3"}  # stage 1 did run
     assert set(row["kv_retrieval"]) == {"5", "10", "20", "40"} and row["heldout_ppl"] > 1
+    assert set(row["suites"]) == {"records", "facts"} and set(second["teacher_eval"]["suites"]) == {"records", "facts"}
+    assert row["truncated"] is False
     assert "| stage1-recal |" in out.with_suffix(".md").read_text()
 
 
