@@ -128,6 +128,8 @@ def markdown(r: dict) -> str:
     for name, q in (("no bridge", own), ("gate closed", closed)):
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in q["kv"].values()) + f" | {q['heldout_ppl']:.4f} |")
     lines += ["", f"Equal: {r['gate_closed_equal']}."]
+    if not r.get("complete", True):
+        lines += ["", "**Incomplete**: the run was cut before every bridge row was trained; the rows above are final."]
     return "\n".join(lines) + "\n"
 
 
@@ -189,27 +191,35 @@ def main(argv=None) -> int:
               flush=True)
         return out
 
+    out = Path(args.results_dir) / args.out
+
+    def save(rows: list[dict], done: bool) -> dict:
+        """Written after every row, so a run cut by a time limit keeps the rows it finished (``complete`` says)."""
+        result = {
+            "keep": args.keep, "kept_heads": kept, "scan": _relative(args.scan), "pairs": pairs, "steps": steps,
+            "batch": batch, "lr": args.lr, "train_samples": train_n, "eval_samples": eval_n, "rows": rows,
+            "chunk_ae": ae_rows, "student_own": own, "student_gate_closed": closed, "gate_closed_equal": own == closed,
+            "complete": done, "seconds": round(time.time() - start, 1),
+            "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
+                       f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+        }
+        write_json_atomic(out.with_suffix(".json"), result)
+        write_text_atomic(out.with_suffix(".md"), markdown(result))
+        return result
+
     rows = [{"bridge": "none", "source": "-", "trainable_parameters": 0, "training_tokens": 0,
              "accuracy": {str(p): accuracy(student, None, None, items, pad_id=pad_id) for p, items in eval_items.items()}}]
-    for name, source in sources.items():
-        rows.append(row("kept-head", name, source, 0))
-    for name, source in sources.items():
-        rows.append(row(f"full-width every {args.full_width_every}", name, source, args.full_width_every))
-
-    result = {
-        "keep": args.keep, "kept_heads": kept, "scan": _relative(args.scan), "pairs": pairs, "steps": steps,
-        "batch": batch, "lr": args.lr, "train_samples": train_n, "eval_samples": eval_n, "rows": rows,
-        "chunk_ae": ae_rows, "student_own": own, "student_gate_closed": closed, "gate_closed_equal": own == closed,
-        "seconds": round(time.time() - start, 1),
-        "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
-                   f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-    }
-    out = Path(args.results_dir) / args.out
-    write_json_atomic(out.with_suffix(".json"), result)
+    save(rows, False)
+    plan = [("kept-head", name, source, 0) for name, source in sources.items()]
+    plan += [(f"full-width every {args.full_width_every}", name, source, args.full_width_every)
+             for name, source in sources.items()]
+    for kind, name, source, every in plan:
+        rows.append(row(kind, name, source, every))
+        result = save(rows, False)
+    result = save(rows, True)
     text = markdown(result)
-    write_text_atomic(out.with_suffix(".md"), text)
     print(text)
     print(f"wrote {_relative(str(out))}.{{json,md}}")
     return 0 if result["gate_closed_equal"] else 1

@@ -285,6 +285,7 @@ def test_bridge_benchmark_quick_runs(tmp_path, teacher_19m_path):
     kept, full = result["rows"][1], result["rows"][3]
     assert 0 < kept["trainable_parameters"] < full["trainable_parameters"]
     assert result["gate_closed_equal"] and result["student_own"] == result["student_gate_closed"]
+    assert result["complete"] is True
     assert [a["K"] for a in result["chunk_ae"]] == [1, 2]
     assert (tmp_path / "b.md").read_text().startswith("# Bridges on a teacher-19m student")
 
