@@ -20,6 +20,11 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
                   the student would be the baseline's)
   stage1-recal    stage 1 (matrix orientation) on 10% of the tokens, then the normalisers recalibrated
 
+Second round, after the first (benchmarks/results/fidelity_candidates.md):
+
+  teacher-data-50          50% teacher-generated sequences (twice the generated texts)
+  teacher-data+private-kv  teacher-data combined with private-kv (the two best on records)
+
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
 evaluation), and by ``radistill.eval.fidelity`` against the teacher (unless ``--no-fidelity``; KL, top-1 and
 confident agreement on held-out and teacher-generated text). Rows are written as each variant finishes, into
@@ -78,6 +83,13 @@ def variants(quick: bool) -> dict[str, dict]:
         "stage3-kept": {"recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         "private-kv": {"build": {"private_kv": True}, "recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         "stage1-recal": {"stage1_share": STAGE1_SHARE, "recipe": {"stages": {1: {"recalibrate": True}}}},
+        # after the first round (teacher-data the clear winner on records): more of the teacher's text, and the
+        # winner combined with the runner-up on records
+        "teacher-data-50": {"recipe": {"data": {"teacher_share": 0.5, **gen,
+                                                "teacher_documents": 2 * gen["teacher_documents"]}}},
+        "teacher-data+private-kv": {"build": {"private_kv": True},
+                                    "recipe": {"data": {"teacher_share": TEACHER_SHARE, **gen},
+                                               "stages": {3: {"trainable": "recurrent,kept-heads"}}}},
     }
 
 
@@ -91,7 +103,8 @@ def variant_recipe(name: str, spec: dict, budget: int, args, work: Path) -> Dist
         raise SystemExit(f"variant {name}: --budget-tokens {budget:,} leaves stage 1 no whole step")
     overrides = json.loads(json.dumps(spec.get("recipe", {})))  # a copy
     if overrides.get("data", {}).get("teacher_share"):  # generated once per work directory, reused by reruns
-        overrides["data"]["teacher_dir"] = str(work / "teacher_text")
+        documents = overrides["data"].get("teacher_documents", "default")  # a store per size: never a stale one
+        overrides["data"]["teacher_dir"] = str(work / f"teacher_text-{documents}")
     return merge(recipe, overrides)
 
 
