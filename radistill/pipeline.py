@@ -19,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-from radistill.distill.recipe import DistillRecipe, read_recipe_file
+from radistill.distill.recipe import DistillRecipe, read_recipe_file, with_recommended
 from radistill.eval.coverage import EvalReport
 from radistill.report.inputs import RunLayout, final_checkpoint, read_json
 from radistill.utils.console import console
@@ -85,7 +85,7 @@ class Recipe:
         recipe = DistillRecipe.from_dict(self.distill)
         if self.data:
             recipe.data.source = self.data
-        return recipe
+        return with_recommended(recipe, self.distill)
 
     def eval_config(self) -> "EvalConfig":
         from radistill.eval.runner import EvalConfig  # imports torch: not at `radistill --help` time

@@ -65,6 +65,30 @@ def test_flags_override_the_recipe_file(tmp_path):
     assert (sharded.parallel, sharded.shard_teacher, sharded.enabled_stages()) == ("fsdp", True, [3])
 
 
+def test_commands_add_the_recommended_teacher_text_unless_the_user_chose(tmp_path):
+    """`radistill distill` / `radistill run` mix in teacher text (the measured winner) where the user set no share;
+    DistillRecipe() itself stays the plain recipe; a resumed run keeps its recipe.json; sharded teachers get none."""
+    assert DistillRecipe().data.teacher_share == 0.0
+    small = resolve_recipe(tmp_path / "run", None, overrides_from_flags(tokens={2: 2048, 3: 8192}), resume=False)
+    assert small.data.teacher_share == 0.25
+    assert small.data.teacher_documents == 5  # ceil(0.25 * 10,240 / (32 + 480)): the texts the budget reads once
+    big = resolve_recipe(tmp_path / "run", None, {}, resume=False)  # 25B tokens: capped at the default count
+    assert (big.data.teacher_share, big.data.teacher_documents) == (0.25, DistillRecipe().data.teacher_documents)
+    off = overrides_from_flags(tokens={3: 8192})
+    off.setdefault("data", {})["teacher_share"] = 0.0  # --data teacher:0
+    assert resolve_recipe(tmp_path / "run", None, off, resume=False).data.teacher_share == 0.0
+    (tmp_path / "r.yaml").write_text("data:\n  teacher_share: 0.1\n  teacher_documents: 7\n")
+    chosen = resolve_recipe(tmp_path / "run", tmp_path / "r.yaml", {}, resume=False)
+    assert (chosen.data.teacher_share, chosen.data.teacher_documents) == (0.1, 7)
+    sharded = resolve_recipe(tmp_path / "run", None, overrides_from_flags(stages="3", parallel="fsdp",
+                                                                          shard_teacher=True), resume=False)
+    assert sharded.data.teacher_share == 0.0
+    run = tmp_path / "old-run"
+    run.mkdir()
+    DistillRecipe().save(run / "recipe.json")  # a run started without teacher text resumes without it
+    assert resolve_recipe(run, None, {}, resume=True).data.teacher_share == 0.0
+
+
 def test_distill_command_end_to_end(tmp_path):
     teacher = tiny_teacher()
     tokenizer = char_tokenizer()

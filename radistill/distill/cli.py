@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from radistill.distill.recipe import STAGES, DistillRecipe, merge, read_recipe_file
+from radistill.distill.recipe import STAGES, DistillRecipe, merge, read_recipe_file, with_recommended
 from radistill.utils.cli_options import renamed
 from radistill.utils.errors import RadistillError
 
@@ -71,14 +71,19 @@ def split_data_flags(values: list[str] | None) -> tuple[str | None, float | None
 
 
 def resolve_recipe(run_dir: Path, recipe_file: Path | None, flags: dict[str, Any], resume: bool) -> DistillRecipe:
-    """Defaults <- RUN/recipe.json (when resuming) <- --recipe FILE <- flags."""
+    """Defaults <- RUN/recipe.json (when resuming) <- --recipe FILE <- flags; a new run also gets the recommended
+    options the file and flags leave unset (:func:`radistill.distill.recipe.with_recommended`)."""
     recipe = DistillRecipe()
     saved = run_dir / "recipe.json"
-    if resume and saved.exists():
+    resuming = resume and saved.exists()
+    if resuming:
         recipe = DistillRecipe.load(saved)
-    if recipe_file is not None:
-        recipe = merge(recipe, read_recipe_file(recipe_file))
-    return merge(recipe, flags)
+    from_file = read_recipe_file(recipe_file) if recipe_file is not None else {}
+    recipe = merge(merge(recipe, from_file), flags)
+    if resuming:  # the run's recipe.json already holds what it was started with
+        return recipe
+    explicit_data = {**(from_file.get("data") or {}), **(flags.get("data") or {})}
+    return with_recommended(recipe, {"data": explicit_data})
 
 
 def distill(
