@@ -19,6 +19,12 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
                   --private-kv): compare with stage3-kept (with the kept heads frozen the copies never diverge and
                   the student would be the baseline's)
   stage1-recal    stage 1 (matrix orientation) on 10% of the tokens, then the normalisers recalibrated
+  window-rec      every other head a window_recurrent head (build --mixer window_recurrent --window 16): the
+                  teacher head over its last 16 tokens plus a DiscreteMamba2 head (state --state) behind a per-head
+                  gate that starts at 0, so the built student is window-only-free exactly and training adds the
+                  recurrence (gate, recurrence and window projections train under trainable: recurrent)
+  window-only     the same heads as plain window heads (build --mixer window --window 16), distilled alike
+  window-only-free  that window student as built, not trained (the start of both window variants)
 
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
 evaluation), and by ``radistill.eval.fidelity`` against the teacher (unless ``--no-fidelity``; KL, top-1 and
@@ -30,7 +36,9 @@ is the same, so several GPU calls can fill one table.
 GPU time (H200, from benchmarks/results/testbed_recovery-top16.md: top16-s8 trained 13.8M tokens in 93 s, its first
 evaluation 51 s with compilation): about 3 minutes per variant after ~2 minutes of setup (scan, builds, teacher);
 teacher-data adds the generation (2,000 texts of 512 tokens, batched 256: about a minute, once per --work
-directory), stage1-recal its stage 1 (1.4M tokens at stage 2's speed or slower: about 20 s more).
+directory), stage1-recal its stage 1 (1.4M tokens at stage 2's speed or slower: about 20 s more). The window
+variants' heads also run a blockwise softmax over their window (not timed on a GPU yet: budget ~1.5x a variant);
+window-only-free is an evaluation only (about a minute).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E40
 DEFAULT_BUDGET = 13_795_328  # the testbed's top-16 budget (stage 2 2,752,512 + stage 3 11,042,816)
 TEACHER_SHARE = 0.25
 STAGE1_SHARE = 0.1
+WINDOW = 16  # the window variants' span: the training-free top-3 window student's (docs/hybrid.md)
 
 
 def variants(quick: bool) -> dict[str, dict]:
@@ -77,6 +86,10 @@ def variants(quick: bool) -> dict[str, dict]:
         "stage3-kept": {"recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         "private-kv": {"build": {"private_kv": True}, "recipe": {"stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         "stage1-recal": {"stage1_share": STAGE1_SHARE, "recipe": {"stages": {1: {"recalibrate": True}}}},
+        # the recurrence's state size is --state, as the baseline's; a window head has none (state_size None)
+        "window-rec": {"build": {"mixer": "window_recurrent", "window": WINDOW}},
+        "window-only": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}},
+        "window-only-free": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}, "distill": False},
     }
 
 
@@ -196,23 +209,27 @@ def main(argv: list[str] | None = None) -> int:
         spec = table[name]
         recipe = variant_recipe(name, spec, budget, args, work)
         build = spec.get("build", {})
-        student_dir = work / ("student-" + "-".join(f"{k}" for k in sorted(build)) if build else "student")
+        # one directory per distinct build (variants that build alike share it)
+        student_dir = work / ("student-" + "-".join(f"{k}_{v}" for k, v in sorted(build.items())) if build
+                              else "student")
         if not (student_dir / "config.json").exists():
             with timings(f"build {student_dir.name}"):
                 if cpu_teacher is None:
                     cpu_teacher, _ = load_model(TEACHER, dtype="fp32", device="cpu")
-                build_student(cpu_teacher, student_dir, heads=heads, state_size=args.state, tokenizer=tokenizer,
-                              calibration_data=CORPUS, calibration_tokens=2048 if args.quick else 16384,
-                              overwrite=True, **build)
-        console.print(f"distilling variant {name} ...")
+                build_student(cpu_teacher, student_dir, heads=heads, tokenizer=tokenizer, calibration_data=CORPUS,
+                              calibration_tokens=2048 if args.quick else 16384, overwrite=True,
+                              **{"state_size": args.state, **build})
         model, _ = load_model(student_dir, dtype="fp32", device=device)
         started = time.perf_counter()
-        tokens, _, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer, recipe, device,
-                                                   None, timings, name)
+        tokens, stage_seconds = 0, {}
+        if spec.get("distill", True):
+            console.print(f"distilling variant {name} ...")
+            tokens, _, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer, recipe,
+                                                       device, None, timings, name)
         with timings(f"{name}: eval"):
             row = {"variant": name, "tokens": tokens, "train_seconds": round(time.perf_counter() - started, 1),
                    "stage_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
-                   "recipe_changes": spec.get("recipe", {}), "build": build,
+                   "recipe_changes": spec.get("recipe", {}), "build": build, "distilled": bool(tokens),
                    **evaluate(model, evalset, device, batch)}
             if not args.no_fidelity:
                 row["fidelity"] = fidelity_scores(teacher, tokenizer, model, args.quick, batch)

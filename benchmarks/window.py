@@ -4,6 +4,12 @@
     python benchmarks/window.py --device cuda                     # GPU, full size -> results/window.{json,md}
     python benchmarks/window.py --device cuda --students RUN/stage3 ...   # add distilled students
 
+``--students``: any student directories (e.g. the distilled ``window-rec`` / ``window-only`` / ``baseline`` of
+benchmarks/fidelity_candidates.py, ``WORK/run-NAME/stage3``), each a row labelled from its config (mixer, kept heads,
+window W, state N) with the same evaluation and cache bytes. The comparison to read is at equal cache bytes per
+sequence: a W-token window holds K and V of W tokens per KV head (2W head_dim values), a DiscreteMamba2 head N x
+head_dim, so W=16 per KV head is about N=32 per head (less with GQA sharing); ``window_recurrent`` holds both.
+
 Every student is built from the teacher with no training and no calibration (``radistill build --keep G --mixer
 window --window W``): the scan's top G heads stay full attention, every other head keeps its teacher Q/K/V/RoPE and
 sees only the last W tokens. G in {3, 8} and the no-global control (G = 0), W in {8, 16, 32, 64}. The scan is
@@ -89,6 +95,17 @@ def window_student(teacher, heads: list[tuple[int, int]], window: int):
     return convert(teacher, student_config(teacher, kept, "window", {"window": window})).eval()
 
 
+def student_labels(model) -> dict:
+    """The table's columns for a loaded student: its mixer, kept heads, window and state size (from its config)."""
+    config = model.config
+    if getattr(config, "model_type", "") != "radistill_hybrid":
+        return {"mixer": config.model_type}
+    names = {name for i in range(config.num_hidden_layers) for name, _, _ in config.mixer_groups(i)}
+    settings = config.mixer_settings or {}
+    return {"mixer": "+".join(sorted(names)) or config.mixer, "global": config.num_kept_heads,
+            "window": settings.get("window", "-"), "state": settings.get("state_size", "-")}
+
+
 def _relative(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
 
@@ -156,13 +173,14 @@ def markdown(result: dict) -> str:
     lines = [f"# Training-free window students of teacher-19m ({result['device']})", "",
              f"KV retrieval (log-likelihood, {result['kv_items_per_size']} items per size, seed {KV_SEED}); "
              f"held-out perplexity on {result['heldout_tokens']} tokens; cache per sequence in bf16 (computed).", "",
-             "| model | global | W | " + " | ".join(f"KV@{p}" for p in pairs) + " | ppl | cache 2k | cache 8k |",
-             "|---|---|---|" + "---|" * (len(pairs) + 3)]
+             "| model | mixer | global | W | N | " + " | ".join(f"KV@{p}" for p in pairs) +
+             " | ppl | cache 2k | cache 8k |",
+             "|---|---|---|---|---|" + "---|" * (len(pairs) + 3)]
     for row in [result["teacher"], *result["students"]]:
         kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
         cache = " | ".join(f"{row['cache_bytes_bf16'][str(n)] / 2**10:,.0f} KiB" for n in LENGTHS)
-        lines.append(f"| {row['name']} | {row.get('global', '-')} | {row.get('window', '-')} | {kv} | "
-                     f"{row['heldout_ppl']:.2f} | {cache} |")
+        lines.append(f"| {row['name']} | {row.get('mixer', '-')} | {row.get('global', '-')} | "
+                     f"{row.get('window', '-')} | {row.get('state', '-')} | {kv} | {row['heldout_ppl']:.2f} | {cache} |")
     serving = result["serving"]
     lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB, bf16, COMPUTED (memplan arithmetic, not "
               "measured; benchmarks/results/24gb.json has the measured teacher and SSM rows):", "",
@@ -199,7 +217,8 @@ def main(argv=None) -> int:
     for window in args.windows:
         for top in (*GLOBAL, 0):
             student = window_student(teacher.cpu(), ranked[:top], window)
-            row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "global": top, "window": window,
+            row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "mixer": "window", "global": top,
+                   "window": window,
                    "kept_heads": [list(h) for h in ranked[:top]],
                    **evaluate(student, tok, heldout, args, device)}
             if args.fidelity:
@@ -211,7 +230,8 @@ def main(argv=None) -> int:
             del student
     for path in args.students:
         student, _ = load_model(path, dtype="fp32", device="cpu")
-        row = {"name": str(path), **evaluate(student, tok, heldout, args, device)}
+        row = {"name": _relative(str(path)), **student_labels(student),
+               **evaluate(student, tok, heldout, args, device)}
         if args.fidelity:
             row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
         rows.append(row)

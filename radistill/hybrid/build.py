@@ -446,7 +446,8 @@ def build_student(
 
     Mixers: ``mixer`` serves every head not kept; ``window_heads`` M > 0 gives the scan's next M heads (ranks
     K+1..K+M) to sliding-window heads of ``window`` tokens (the ``window`` mixer) instead; ``window`` is also the
-    setting of a ``mixer`` that has a window (``window``, ``window_recurrent``). ``kept_mixer``: a registered mixer in place of the kept heads' softmax attention.
+    setting of a ``mixer`` that has a window (``window``, ``window_recurrent``). ``kept_mixer``: a registered mixer
+    in place of the kept heads' softmax attention.
     ``private_kv``: each kept query head gets its own copy of its GQA group's K/V projection (the paper's choice).
     """
     # before loading anything: a refusal after the work would waste it

@@ -136,7 +136,7 @@ class WindowRecurrent(RecurrentMixer):
         return y + self.gate[:, None].to(y.dtype) * self.normalizer(r).to(y.dtype), state
 
     def part_output(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
-        """[B, T, H, P]: the recurrence alone before its normaliser and gate (what ``calibrate_part`` fits its normaliser on)."""
+        """[B, T, H, P]: the recurrence alone, before its normaliser and gate (``calibrate_part`` fits on it)."""
         return self.recurrence(hidden_states, attention_mask)[0]
 
     def mixing_matrix(
