@@ -471,8 +471,8 @@ def build_student(
     if window is not None and takes_window(mixer):
         settings["window"] = window
     elif window is not None and not window_heads:
-        raise RadistillError("--window sets the window mixer's span: pass --mixer window (or window_recurrent) or "
-                             "--window-heads M")
+        raise RadistillError("--window sets the window mixer's span: pass --mixer window or --window-heads M (or "
+                             "--mixer window_recurrent)")
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)
