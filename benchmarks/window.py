@@ -12,7 +12,8 @@ head_dim, so W=16 per KV head is about N=32 per head (less with GQA sharing); ``
 
 Every student is built from the teacher with no training and no calibration (``radistill build --keep G --mixer
 window --window W``): the scan's top G heads stay full attention, every other head keeps its teacher Q/K/V/RoPE and
-sees only the last W tokens. G in {3, 8} and the no-global control (G = 0), W in {8, 16, 32, 64}. The scan is
+sees only the last W tokens. G in {3, 8} and the no-global control (G = 0) (``--globals``, e.g. ``--globals 16`` for
+fidelity_candidates' ``window-only-free`` student), W in {8, 16, 32, 64}. The scan is
 radistill's own (KV probe, 20 pairs, seed 0) unless ``--scan scan.json`` gives one. Evaluation: KV retrieval by
 dictionary size (``radistill.eval.kv``, log-likelihood multiple choice, items seeded apart from the scan),
 perplexity on held-out prose documents (the testbed's held-out split), cache bytes per sequence at 2k/8k tokens
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-samples", type=int, help="KV items per dictionary size [quick 24, else 128]")
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity [quick 4096, else 65536]")
     p.add_argument("--windows", help=f"window sizes [quick 16,64, else {','.join(map(str, WINDOWS))}]")
+    p.add_argument("--globals", default=",".join(map(str, (*GLOBAL, 0))),
+                   help="kept (global) head counts of the training-free students; '' for none [%(default)s]")
     p.add_argument("--pairs", help=f"KV dictionary sizes [quick 10,40, else {','.join(map(str, PAIRS))}]")
     p.add_argument("--measure", action="store_true", help="also measure cache bytes with a real prefill")
     p.add_argument("--fidelity", action="store_true", help="call radistill.eval.fidelity if it exists")
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     windows = args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))
     pairs = args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))
     args.windows, args.pairs = [int(w) for w in windows.split(",")], tuple(int(p) for p in pairs.split(","))
+    args.globals = [int(g) for g in args.globals.split(",") if g.strip()]
     if not Path(args.teacher).exists() or not CORPUS.exists():
         print(f"needs {args.teacher} and {CORPUS}")
         return 2
@@ -215,7 +219,7 @@ def main(argv=None) -> int:
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
     rows = []
     for window in args.windows:
-        for top in (*GLOBAL, 0):
+        for top in args.globals:
             student = window_student(teacher.cpu(), ranked[:top], window)
             row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "mixer": "window", "global": top,
                    "window": window,

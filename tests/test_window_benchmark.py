@@ -51,3 +51,31 @@ def test_students_are_labelled_by_their_mixer_heads_window_and_state():
     text = markdown({"device": "cpu", "kv_items_per_size": 4, "heldout_tokens": 512, "pairs": [20], "serving": serving,
                      "teacher": {"name": "teacher", **row}, "students": [{"name": "s", **labels, **row}]})
     assert "| s | window_recurrent | 3 | 8 | 4 | 1.00 | 5.00 | 2 KiB | 4 KiB |" in text
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(not SCAN.exists(), reason="the committed scan of teacher-19m is absent")
+def test_window_benchmark_adds_a_window_recurrent_student(tmp_path):
+    """--globals picks the training-free students (here one) and --students rows carry their mixer and state."""
+    from radistill.hybrid.build import build_student
+    from radistill.scan.result import load_scan
+
+    teacher = ROOT.parent / "shared" / "fixtures" / "teacher-19m"
+    heads = [(h.layer, h.head) for h in load_scan(SCAN).heads[:3]]
+    student = build_student(teacher, tmp_path / "wr", heads=heads, mixer="window_recurrent", window=16,
+                            state_size=8, calibration_tokens=512, device="cpu", dtype="fp32")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
+                           "--windows", "16", "--globals", "3", "--pairs", "20", "--kv-samples", "4", "--ppl-tokens",
+                           "512", "--students", str(student), "--results-dir", str(tmp_path), "--out", "w"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "w.json").read_text())
+    window, built = result["students"]
+    assert window["name"] == "top3-w16" and window["mixer"] == "window"
+    assert (built["mixer"], built["global"], built["window"], built["state"]) == ("window_recurrent", 3, 16, 8)
+    # as built (gate 0) it is the window student: the same retrieval and perplexity, more cache (its SSM state)
+    assert built["kv_retrieval"] == window["kv_retrieval"]
+    assert built["heldout_ppl"] == pytest.approx(window["heldout_ppl"], rel=1e-5)
+    assert built["cache_bytes_bf16"]["2048"] > window["cache_bytes_bf16"]["2048"]
