@@ -296,3 +296,18 @@ def test_cli_build_and_memory(tmp_path):
     assert rows[1]["ssm_bytes"] > 0 and rows[1]["conv_bytes"] > 0
     result = CliRunner().invoke(app, [*common, "--mixer", "discrete_mamba2", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "window_recurrent" in str(result.exception or result.output)
+
+
+def test_recalibration_refits_the_recurrence_normaliser_only():
+    from radistill.hybrid.calibrate import recalibrate_normalizers
+
+    teacher = make_teacher()
+    student = build(teacher)
+    calibrate(student, teacher, text())
+    mixer = student.model.layers[1].self_attn.recurrent
+    before = mixer.normalizer.student_std.clone()
+    opened(student)  # training moved the recurrence: its output spread is no longer the calibrated one
+    assert recalibrate_normalizers(student, teacher, text()) == 32
+    assert not torch.allclose(mixer.normalizer.student_std, before)
+    layer_norm = student.model.layers[1].self_attn.normalizer
+    assert torch.equal(layer_norm.student_std, torch.ones_like(layer_norm.student_std))
