@@ -25,6 +25,7 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
                   recurrence (gate, recurrence and window projections train under trainable: recurrent)
   window-only     the same heads as plain window heads (build --mixer window --window 16), distilled alike
   window-only-free  that window student as built, not trained (the start of both window variants)
+  window-rec-g1   window-rec with gate_scale 1 (its default is 16: the gate moves 16 times faster under Adam)
 
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
 evaluation), and by ``radistill.eval.fidelity`` against the teacher (unless ``--no-fidelity``; KL, top-1 and
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -90,6 +92,9 @@ def variants(quick: bool) -> dict[str, dict]:
         "window-rec": {"build": {"mixer": "window_recurrent", "window": WINDOW}},
         "window-only": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}},
         "window-only-free": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}, "distill": False},
+        # the same with a plain gate (gate_scale 1: Adam moves it ~lr per step): does the gate's speed matter?
+        "window-rec-g1": {"build": {"mixer": "window_recurrent", "window": WINDOW,
+                                    "mixer_settings": {"gate_scale": 1.0}}},
     }
 
 
@@ -210,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = variant_recipe(name, spec, budget, args, work)
         build = spec.get("build", {})
         # one directory per distinct build (variants that build alike share it)
-        student_dir = work / ("student-" + "-".join(f"{k}_{v}" for k, v in sorted(build.items())) if build
-                              else "student")
+        label = re.sub(r"[^\w.-]", "", "-".join(f"{k}_{v}" for k, v in sorted(build.items())))
+        student_dir = work / (f"student-{label}" if build else "student")
         if not (student_dir / "config.json").exists():
             with timings(f"build {student_dir.name}"):
                 if cpu_teacher is None:

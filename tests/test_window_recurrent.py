@@ -39,7 +39,7 @@ def opened(student, seed=0):
     """Gates open (random, nonzero) and the recurrence moved off its init, as after some training."""
     generator = torch.Generator().manual_seed(seed)
     for mixer in mixers_of(student):
-        mixer.gate.copy_(torch.rand(mixer.gate.shape, generator=generator) + 0.5)
+        mixer.gate.copy_((torch.rand(mixer.gate.shape, generator=generator) + 0.5) / mixer.gate_scale)
         for param in mixer.recurrence.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     return student
@@ -57,7 +57,7 @@ def small_mixer(gate=0.7, seed=0):
     mixer = WindowRecurrent(32, 4, 8, window=3, state_size=4, chunk_size=4, block_size=2,
                             kv_groups=[0, 0, 1, 1]).double()
     with torch.no_grad():
-        mixer.gate.fill_(gate)
+        mixer.gate.fill_(gate / mixer.gate_scale)
         for param in mixer.recurrence.parameters():
             param.add_(torch.randn_like(param) * 0.1)
         mixer.normalizer.student_std.uniform_(0.5, 2.0)
@@ -72,7 +72,10 @@ def test_registered_with_the_parts_flags_and_settings():
     assert WindowRecurrent.has_half_lives and not WindowRecurrent.calibrate_normalizer
     mixer = WindowRecurrent(32, 4, 8, window=5, state_size=4, kv_groups=[0, 0, 1, 1])
     assert mixer.settings["window"] == 5 and mixer.settings["state_size"] == 4 and "kv_groups" not in mixer.settings
-    assert torch.equal(mixer.gate, torch.zeros(4)) and mixer.normalized_heads() == [False] * 4
+    assert torch.equal(mixer.gates(), torch.zeros(4)) and mixer.normalized_heads() == [False] * 4
+    assert mixer.settings["gate_scale"] == 16.0
+    with pytest.raises(RadistillError, match="gate_scale"):
+        WindowRecurrent(32, 4, 8, gate_scale=0.0)
     with pytest.raises(RadistillError, match="window >= 1"):
         WindowRecurrent(32, 4, 8, window=0)
     with pytest.raises(RadistillError, match="state_size"):
@@ -91,12 +94,13 @@ def test_from_attention_builds_each_part_as_its_own_from_attention():
     window = WindowAttention.from_attention(D, q, k, v, kv_groups=[0, 0, 1, 1], window=3)
     recurrence = DiscreteMamba2.from_attention(D, q, k, v, state_size=4, chunk_size=4)
     with torch.no_grad():
-        mixer.gate.copy_(torch.tensor([0.0, 0.5, -1.0, 2.0], dtype=torch.float64))
+        mixer.gate.copy_(torch.tensor([0.0, 0.5, -1.0, 2.0], dtype=torch.float64) / mixer.gate_scale)
         mixer.normalizer.student_std.uniform_(0.5, 2.0)
     u = torch.randn(2, 9, D, dtype=torch.float64)
     pe = rope(9)
     y, _ = mixer(u, position_embeddings=pe)
-    expected = window(u, position_embeddings=pe)[0] + mixer.gate[:, None] * mixer.normalizer(recurrence(u)[0])
+    gates = torch.tensor([0.0, 0.5, -1.0, 2.0], dtype=torch.float64)[:, None]
+    expected = window(u, position_embeddings=pe)[0] + gates * mixer.normalizer(recurrence(u)[0])
     assert torch.allclose(y, expected, atol=1e-12)
     with pytest.raises(RadistillError, match="does not take the settings"):
         WindowRecurrent.from_attention(D, q, k, v, kv_groups=[0, 0, 1, 1], slots=4)
@@ -219,7 +223,7 @@ def test_mixing_matrix_is_the_window_plus_the_gated_recurrence():
     real = mask.bool()
     assert torch.allclose((matrix @ v).transpose(1, 2)[real], y[real], atol=1e-12)  # gate 0: the window's
     with torch.no_grad():
-        mixer.gate.fill_(0.5)
+        mixer.gate.fill_(0.5 / mixer.gate_scale)
     opened_matrix = mixer.mixing_matrix(u, mask, position_embeddings=pe)
     assert torch.allclose(opened_matrix - matrix, 0.5 * mixer.recurrence.mixing_matrix(u, mask), atol=1e-12)
 

@@ -3,7 +3,7 @@ head built from the same teacher head (LoLCATs / Based: an exact short window be
 
 Per head h, from the layer's normed hidden states u (P = head_dim):
 
-    y_t = window_t(u) + gate_h * norm_h(recurrence_t(u))
+    y_t = window_t(u) + gate_h * norm_h(recurrence_t(u)),   gate_h = gate_scale * (a parameter that starts at 0)
 
 - ``window``: :class:`~radistill.hybrid.mixers.window.WindowAttention`, the teacher head's exact softmax over the
   last ``window`` real tokens (teacher Q/K/V, RoPE, qk-norm, GQA-shared ring buffer).
@@ -13,10 +13,13 @@ Per head h, from the layer's normed hidden states u (P = head_dim):
   (``calibrate_part``) to map the fresh recurrence's per-channel output onto the replaced head's spread, centred:
   an un-normalised linear attention's scale grows with the context, and without this a gate step of one
   learning rate would add a term tens of times the head's own size. The window part already is the head's scale.
-- ``gate``: one learned scalar per head, initialised to exactly 0. So the built, untrained student *is* the
-  training-free window student (bit for bit: y + 0 * finite = y), and distillation can only add the recurrence.
-  At 0 the recurrence's parameters get no gradient; the gate's does (the product's other factor), and the first
-  optimiser step that moves it opens the recurrence to training (Adam moves it by ~lr, whatever the gradient scale).
+- ``gate``: one learned scalar per head, ``gate_scale`` times its parameter, which is initialised to exactly 0. So
+  the built, untrained student *is* the training-free window student (bit for bit: y + 0 * finite = y), and
+  distillation can only add the recurrence. At 0 the recurrence's parameters get no gradient; the gate's does (the
+  product's other factor), and the first optimiser step that moves it opens the recurrence to training. Why the
+  scale: Adam moves a parameter by ~lr per step whatever its gradient's size, so a plain gate at the recipes' 5e-4
+  to 1e-3 would reach only ~0.01 in the 60 steps of a small CPU run and ~0.2 in a 13.8M-token testbed run (~420
+  steps): the recurrence could hardly enter. ``gate_scale`` (default 16) moves the gate that many times faster.
 
 Why the recurrence sees *all* tokens, not only those older than the window (LoLCATs' split with a shared softmax
 normaliser): the split needs the recurrence to lag ``window`` tokens behind, i.e. a token enters the state only
@@ -53,7 +56,8 @@ class WindowRecurrent(RecurrentMixer):
     """num_heads heads, each a sliding-window softmax head plus a gated DiscreteMamba2 head (module docstring).
 
     settings: the window's (window, bias, qk_norm, rms_norm_eps, block_size) and the recurrence's (state_size,
-    conv_width, chunk_size, backend, min_half_life, max_half_life), with their defaults (window 16, state_size 64).
+    conv_width, chunk_size, backend, min_half_life, max_half_life), with their defaults (window 16, state_size 64);
+    gate_scale (the gate is gate_scale times its parameter: module docstring).
     """
 
     needs_positions = True  # the window part applies the teacher's RoPE
@@ -66,17 +70,21 @@ class WindowRecurrent(RecurrentMixer):
         self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, bias: bool = False,
         qk_norm: bool = False, rms_norm_eps: float = 1e-6, block_size: int = 256, state_size: int = 64,
         conv_width: int = 4, chunk_size: int = 64, backend: str = "auto", min_half_life: float = 1.0,
-        max_half_life: float = 16.0, kv_groups: list[int] | None = None,
+        max_half_life: float = 16.0, gate_scale: float = 16.0, kv_groups: list[int] | None = None,
     ):
         window_settings = dict(window=window, bias=bias, qk_norm=qk_norm, rms_norm_eps=rms_norm_eps,
                                block_size=block_size)
         recurrence_settings = dict(state_size=state_size, conv_width=conv_width, chunk_size=chunk_size,
                                    backend=backend, min_half_life=min_half_life, max_half_life=max_half_life)
-        super().__init__(hidden_size, num_heads, head_dim, **window_settings, **recurrence_settings)
+        super().__init__(hidden_size, num_heads, head_dim, **window_settings, **recurrence_settings,
+                         gate_scale=gate_scale)
+        if not gate_scale > 0:
+            raise RadistillError(f"the window_recurrent mixer needs gate_scale > 0, got {gate_scale}")
+        self.gate_scale = float(gate_scale)
         self.window = WindowAttention(hidden_size, num_heads, head_dim, kv_groups=kv_groups, **window_settings)
         self.recurrence = DiscreteMamba2(hidden_size, num_heads, head_dim, **recurrence_settings)
         self.kv_groups, self.num_kv_heads = self.window.kv_groups, self.window.num_kv_heads
-        self.gate = nn.Parameter(torch.zeros(num_heads))
+        self.gate = nn.Parameter(torch.zeros(num_heads))  # the gates are gate_scale * gate (see gates())
         self.normalizer = StaticNormalizer(num_heads, head_dim)
 
     @classmethod
@@ -110,6 +118,10 @@ class WindowRecurrent(RecurrentMixer):
     def normalized_heads(self) -> list[bool]:
         return [False] * self.num_heads
 
+    def gates(self) -> Tensor:
+        """[heads] each head's gate on its recurrence: gate_scale times the parameter ``gate``."""
+        return self.gate * self.gate_scale
+
     # ---- the computation ------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -133,7 +145,7 @@ class WindowRecurrent(RecurrentMixer):
         if state is not None:  # the parts advance their tensors in place; kept in the flat dict either way
             state.update({f"window.{k}": v for k, v in window_state.items()})
             state.update({f"recurrence.{k}": v for k, v in recurrence_state.items()})
-        return y + self.gate[:, None].to(y.dtype) * self.normalizer(r).to(y.dtype), state
+        return y + self.gates()[:, None].to(y.dtype) * self.normalizer(r).to(y.dtype), state
 
     def part_output(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **_: Any) -> Tensor:
         """[B, T, H, P]: the recurrence alone, before its normaliser and gate (``calibrate_part`` fits on it)."""
@@ -150,7 +162,7 @@ class WindowRecurrent(RecurrentMixer):
         window = self.window.mixing_matrix(hidden_states, attention_mask, position_embeddings=position_embeddings,
                                            reset=reset)
         recurrence = self.recurrence.mixing_matrix(hidden_states, attention_mask, reset=reset)
-        return window + self.gate[:, None, None].to(window.dtype) * recurrence.to(window.dtype)
+        return window + self.gates()[:, None, None].to(window.dtype) * recurrence.to(window.dtype)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         """{"window.k", "window.v": [B, G, W, P], "window.valid": [B, W], "recurrence.conv": [B, H (P + 2N),
@@ -175,7 +187,7 @@ class WindowRecurrent(RecurrentMixer):
     ) -> WindowRecurrent:
         """Both parts by their own ``from_attention`` from the same heads (base contract); gate 0, normaliser the
         identity until ``calibrate_part``."""
-        unknown = set(settings) - set(WINDOW_SETTINGS) - set(RECURRENCE_SETTINGS)
+        unknown = set(settings) - set(WINDOW_SETTINGS) - set(RECURRENCE_SETTINGS) - {"gate_scale"}
         if unknown:
             raise RadistillError(f"the window_recurrent mixer does not take the settings {sorted(unknown)}: drop or "
                                  "rename them")
