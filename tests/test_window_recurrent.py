@@ -315,3 +315,17 @@ def test_recalibration_refits_the_recurrence_normaliser_only():
     assert not torch.allclose(mixer.normalizer.student_std, before)
     layer_norm = student.model.layers[1].self_attn.normalizer
     assert torch.equal(layer_norm.student_std, torch.ones_like(layer_norm.student_std))
+
+
+def test_save_load_keeps_gates_and_the_recurrence_normaliser(tmp_path):
+    teacher = make_teacher()
+    student = opened(build(teacher))
+    calibrate(student, teacher, text())
+    student.save_pretrained(tmp_path)
+    loaded = HybridForCausalLM.from_pretrained(tmp_path).eval()
+    mixer, again = student.model.layers[1].self_attn.recurrent, loaded.model.layers[1].self_attn.recurrent
+    assert torch.equal(mixer.normalizer.student_std, again.normalizer.student_std)
+    assert torch.equal(mixer.gates(), again.gates()) and bool((again.gates() != 0).all())
+    ids = torch.randint(1, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-6)
