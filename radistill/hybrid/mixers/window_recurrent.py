@@ -11,15 +11,16 @@ Per head h, from the layer's normed hidden states u (P = head_dim):
   ``from_attention`` from the same head's Q/K/V rows (its init, half-lives from the teacher's attention distance).
 - ``norm``: a :class:`~radistill.hybrid.normalizer.StaticNormalizer` on the recurrence alone, fitted at build time
   (``calibrate_part``) to map the fresh recurrence's per-channel output onto the replaced head's spread, centred:
-  an un-normalised linear attention's scale grows with the context, and without this a gate step of one
-  learning rate would add a term tens of times the head's own size. The window part already is the head's scale.
+  an un-normalised linear attention's scale grows with the context (on teacher-19m the fresh recurrence's spread
+  is 7-22x the replaced head's in the first layers), so without this every gate step would add that much more. The
+  window part already is the head's scale.
 - ``gate``: one learned scalar per head, ``gate_scale`` times its parameter, which is initialised to exactly 0. So
   the built, untrained student *is* the training-free window student (bit for bit: y + 0 * finite = y), and
   distillation can only add the recurrence. At 0 the recurrence's parameters get no gradient; the gate's does (the
   product's other factor), and the first optimiser step that moves it opens the recurrence to training. Why the
   scale: Adam moves a parameter by ~lr per step whatever its gradient's size, so a plain gate at the recipes' 5e-4
-  to 1e-3 would reach only ~0.01 in the 60 steps of a small CPU run and ~0.2 in a 13.8M-token testbed run (~420
-  steps): the recurrence could hardly enter. ``gate_scale`` (default 16) moves the gate that many times faster.
+  to 1e-3 reached only 0.014 in the 60 steps of a small CPU run, and could reach at most ~0.2 in a 13.8M-token
+  testbed run (~420 steps): the recurrence could hardly enter. ``gate_scale`` (default 16) moves the gate that many times faster.
 
 Why the recurrence sees *all* tokens, not only those older than the window (LoLCATs' split with a shared softmax
 normaliser): the split needs the recurrence to lag ``window`` tokens behind, i.e. a token enters the state only
