@@ -182,8 +182,8 @@ def markdown(result: dict) -> str:
     for row in [result["teacher"], *result["students"]]:
         kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
         cache = " | ".join(f"{row['cache_bytes_bf16'][str(n)] / 2**10:,.0f} KiB" for n in LENGTHS)
-        lines.append(f"| {row['name']} | {row.get('mixer', '-')} | {row.get('global', '-')} | "
-                     f"{row.get('window', '-')} | {row.get('state', '-')} | {kv} | {row['heldout_ppl']:.2f} | {cache} |")
+        labels = " | ".join(str(row.get(k, "-")) for k in ("mixer", "global", "window", "state"))
+        lines.append(f"| {row['name']} | {labels} | {kv} | {row['heldout_ppl']:.2f} | {cache} |")
     serving = result["serving"]
     lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB, bf16, COMPUTED (memplan arithmetic, not "
               "measured; benchmarks/results/24gb.json has the measured teacher and SSM rows):", "",

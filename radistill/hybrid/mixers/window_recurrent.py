@@ -20,7 +20,8 @@ Per head h, from the layer's normed hidden states u (P = head_dim):
   product's other factor), and the first optimiser step that moves it opens the recurrence to training. Why the
   scale: Adam moves a parameter by ~lr per step whatever its gradient's size, so a plain gate at the recipes' 5e-4
   to 1e-3 reached only 0.014 in the 60 steps of a small CPU run, and could reach at most ~0.2 in a 13.8M-token
-  testbed run (~420 steps): the recurrence could hardly enter. ``gate_scale`` (default 16) moves the gate that many times faster.
+  testbed run (~420 steps): the recurrence could hardly enter. ``gate_scale`` (default 16) moves the gate that
+  many times faster.
 
 Why the recurrence sees *all* tokens, not only those older than the window (LoLCATs' split with a shared softmax
 normaliser): the split needs the recurrence to lag ``window`` tokens behind, i.e. a token enters the state only
