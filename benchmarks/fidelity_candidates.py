@@ -19,6 +19,13 @@ stage 3; recurrent heads trained; cosine schedules, seq 512), each variant chang
                   --private-kv): compare with stage3-kept (with the kept heads frozen the copies never diverge and
                   the student would be the baseline's)
   stage1-recal    stage 1 (matrix orientation) on 10% of the tokens, then the normalisers recalibrated
+  window-rec      every other head a window_recurrent head (build --mixer window_recurrent --window 16): the
+                  teacher head over its last 16 tokens plus a DiscreteMamba2 head (state --state) behind a per-head
+                  gate that starts at 0, so the built student is window-only-free exactly and training adds the
+                  recurrence (gate, recurrence and window projections train under trainable: recurrent)
+  window-only     the same heads as plain window heads (build --mixer window --window 16), distilled alike
+  window-only-free  that window student as built, not trained (the start of both window variants)
+  window-rec-g1   window-rec with gate_scale 1 (its default is 16: the gate moves 16 times faster under Adam)
 
 Second round, after the first (benchmarks/results/fidelity_candidates.md):
 
@@ -35,7 +42,9 @@ is the same, so several GPU calls can fill one table.
 GPU time (H200, from benchmarks/results/testbed_recovery-top16.md: top16-s8 trained 13.8M tokens in 93 s, its first
 evaluation 51 s with compilation): about 3 minutes per variant after ~2 minutes of setup (scan, builds, teacher);
 teacher-data adds the generation (2,000 texts of 512 tokens, batched 256: about a minute, once per --work
-directory), stage1-recal its stage 1 (1.4M tokens at stage 2's speed or slower: about 20 s more).
+directory), stage1-recal its stage 1 (1.4M tokens at stage 2's speed or slower: about 20 s more). The window
+variants' heads also run a blockwise softmax over their window (not timed on a GPU yet: budget ~1.5x a variant);
+window-only-free is an evaluation only (about a minute).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -67,6 +77,7 @@ DEFAULT_BUDGET = 13_795_328  # the testbed's top-16 budget (stage 2 2,752,512 + 
 SUITES = ROOT / "examples" / "suites" / "teacher-19m"  # records and facts (radistill.eval.suites), multiple choice
 TEACHER_SHARE = 0.25
 STAGE1_SHARE = 0.1
+WINDOW = 16  # the window variants' span: the training-free top-3 window student's (docs/hybrid.md)
 
 
 def variants(quick: bool) -> dict[str, dict]:
@@ -90,6 +101,13 @@ def variants(quick: bool) -> dict[str, dict]:
         "teacher-data+private-kv": {"build": {"private_kv": True},
                                     "recipe": {"data": {"teacher_share": TEACHER_SHARE, **gen},
                                                "stages": {3: {"trainable": "recurrent,kept-heads"}}}},
+        # the recurrence's state size is --state, as the baseline's; a window head has none (state_size None)
+        "window-rec": {"build": {"mixer": "window_recurrent", "window": WINDOW}},
+        "window-only": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}},
+        "window-only-free": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}, "distill": False},
+        # the same with a plain gate (gate_scale 1: Adam moves it ~lr per step): does the gate's speed matter?
+        "window-rec-g1": {"build": {"mixer": "window_recurrent", "window": WINDOW,
+                                    "mixer_settings": {"gate_scale": 1.0}}},
     }
 
 
@@ -226,24 +244,28 @@ def main(argv: list[str] | None = None) -> int:
         spec = table[name]
         recipe = variant_recipe(name, spec, budget, args, work)
         build = spec.get("build", {})
-        student_dir = work / ("student-" + "-".join(f"{k}" for k in sorted(build)) if build else "student")
+        # one directory per distinct build (variants that build alike share it)
+        label = re.sub(r"[^\w.-]", "", "-".join(f"{k}_{v}" for k, v in sorted(build.items())))
+        student_dir = work / (f"student-{label}" if build else "student")
         if not (student_dir / "config.json").exists():
             with timings(f"build {student_dir.name}"):
                 if cpu_teacher is None:
                     cpu_teacher, _ = load_model(TEACHER, dtype="fp32", device="cpu")
-                build_student(cpu_teacher, student_dir, heads=heads, state_size=args.state, tokenizer=tokenizer,
-                              calibration_data=CORPUS, calibration_tokens=2048 if args.quick else 16384,
-                              overwrite=True, **build)
-        console.print(f"distilling variant {name} ...")
+                build_student(cpu_teacher, student_dir, heads=heads, tokenizer=tokenizer, calibration_data=CORPUS,
+                              calibration_tokens=2048 if args.quick else 16384, overwrite=True,
+                              **{"state_size": args.state, **build})
         model, _ = load_model(student_dir, dtype="fp32", device=device)
         started = time.perf_counter()
-        tokens, truncated, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer, recipe,
-                                                           device, args.train_seconds, timings, name)
+        tokens, truncated, stage_seconds = 0, False, {}
+        if spec.get("distill", True):
+            console.print(f"distilling variant {name} ...")
+            tokens, truncated, stage_seconds = distill_student(model, work / f"run-{name}", teacher, tokenizer,
+                                                               recipe, device, args.train_seconds, timings, name)
         with timings(f"{name}: eval"):
             row = {"variant": name, "tokens": tokens, "truncated": truncated,
                    "train_seconds": round(time.perf_counter() - started, 1),
                    "stage_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
-                   "recipe_changes": spec.get("recipe", {}), "build": build,
+                   "recipe_changes": spec.get("recipe", {}), "build": build, "distilled": bool(tokens),
                    **evaluate(model, evalset, device, batch), "suites": suite_scores(model, tokenizer, batch, args.quick)}
             if not args.no_fidelity:
                 row["fidelity"] = fidelity_scores(teacher, tokenizer, model, args.quick, batch)

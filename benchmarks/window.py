@@ -4,9 +4,16 @@
     python benchmarks/window.py --device cuda                     # GPU, full size -> results/window.{json,md}
     python benchmarks/window.py --device cuda --students RUN/stage3 ...   # add distilled students
 
+``--students``: any student directories (e.g. the distilled ``window-rec`` / ``window-only`` / ``baseline`` of
+benchmarks/fidelity_candidates.py, ``WORK/run-NAME/stage3``), each a row labelled from its config (mixer, kept heads,
+window W, state N) with the same evaluation and cache bytes. The comparison to read is at equal cache bytes per
+sequence: a W-token window holds K and V of W tokens per KV head (2W head_dim values), a DiscreteMamba2 head N x
+head_dim, so W=16 per KV head is about N=32 per head (less with GQA sharing); ``window_recurrent`` holds both.
+
 Every student is built from the teacher with no training and no calibration (``radistill build --keep G --mixer
 window --window W``): the scan's top G heads stay full attention, every other head keeps its teacher Q/K/V/RoPE and
-sees only the last W tokens. G in {3, 8} and the no-global control (G = 0), W in {8, 16, 32, 64}. The scan is
+sees only the last W tokens. G in {3, 8} and the no-global control (G = 0) (``--globals``, e.g. ``--globals 16`` for
+fidelity_candidates' ``window-only-free`` student), W in {8, 16, 32, 64}. The scan is
 radistill's own (KV probe, 20 pairs, seed 0) unless ``--scan scan.json`` gives one. Evaluation: KV retrieval by
 dictionary size (``radistill.eval.kv``, log-likelihood multiple choice, items seeded apart from the scan),
 perplexity on held-out prose documents (the testbed's held-out split), cache bytes per sequence at 2k/8k tokens
@@ -66,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-samples", type=int, help="KV items per dictionary size [quick 24, else 128]")
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity [quick 4096, else 65536]")
     p.add_argument("--windows", help=f"window sizes [quick 16,64, else {','.join(map(str, WINDOWS))}]")
+    p.add_argument("--globals", default=",".join(map(str, (*GLOBAL, 0))),
+                   help="kept (global) head counts of the training-free students; '' for none [%(default)s]")
     p.add_argument("--pairs", help=f"KV dictionary sizes [quick 10,40, else {','.join(map(str, PAIRS))}]")
     p.add_argument("--measure", action="store_true", help="also measure cache bytes with a real prefill")
     p.add_argument("--fidelity", action="store_true", help="call radistill.eval.fidelity if it exists")
@@ -87,6 +96,17 @@ def window_student(teacher, heads: list[tuple[int, int]], window: int):
     layers = teacher.config.num_hidden_layers
     kept = select_heads(teacher, heads=heads).kept_per_layer(layers) if heads else [[] for _ in range(layers)]
     return convert(teacher, student_config(teacher, kept, "window", {"window": window})).eval()
+
+
+def student_labels(model) -> dict:
+    """The table's columns for a loaded student: its mixer, kept heads, window and state size (from its config)."""
+    config = model.config
+    if getattr(config, "model_type", "") != "radistill_hybrid":
+        return {"mixer": config.model_type}
+    names = {name for i in range(config.num_hidden_layers) for name, _, _ in config.mixer_groups(i)}
+    settings = config.mixer_settings or {}
+    return {"mixer": "+".join(sorted(names)) or config.mixer, "global": config.num_kept_heads,
+            "window": settings.get("window", "-"), "state": settings.get("state_size", "-")}
 
 
 def _relative(path: str) -> str:
@@ -156,13 +176,14 @@ def markdown(result: dict) -> str:
     lines = [f"# Training-free window students of teacher-19m ({result['device']})", "",
              f"KV retrieval (log-likelihood, {result['kv_items_per_size']} items per size, seed {KV_SEED}); "
              f"held-out perplexity on {result['heldout_tokens']} tokens; cache per sequence in bf16 (computed).", "",
-             "| model | global | W | " + " | ".join(f"KV@{p}" for p in pairs) + " | ppl | cache 2k | cache 8k |",
-             "|---|---|---|" + "---|" * (len(pairs) + 3)]
+             "| model | mixer | global | W | N | " + " | ".join(f"KV@{p}" for p in pairs) +
+             " | ppl | cache 2k | cache 8k |",
+             "|---|---|---|---|---|" + "---|" * (len(pairs) + 3)]
     for row in [result["teacher"], *result["students"]]:
         kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
         cache = " | ".join(f"{row['cache_bytes_bf16'][str(n)] / 2**10:,.0f} KiB" for n in LENGTHS)
-        lines.append(f"| {row['name']} | {row.get('global', '-')} | {row.get('window', '-')} | {kv} | "
-                     f"{row['heldout_ppl']:.2f} | {cache} |")
+        labels = " | ".join(str(row.get(k, "-")) for k in ("mixer", "global", "window", "state"))
+        lines.append(f"| {row['name']} | {labels} | {kv} | {row['heldout_ppl']:.2f} | {cache} |")
     serving = result["serving"]
     lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB, bf16, COMPUTED (memplan arithmetic, not "
               "measured; benchmarks/results/24gb.json has the measured teacher and SSM rows):", "",
@@ -184,6 +205,7 @@ def main(argv=None) -> int:
     windows = args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS)))
     pairs = args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))
     args.windows, args.pairs = [int(w) for w in windows.split(",")], tuple(int(p) for p in pairs.split(","))
+    args.globals = [int(g) for g in args.globals.split(",") if g.strip()]
     if not Path(args.teacher).exists() or not CORPUS.exists():
         print(f"needs {args.teacher} and {CORPUS}")
         return 2
@@ -197,9 +219,10 @@ def main(argv=None) -> int:
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
     rows = []
     for window in args.windows:
-        for top in (*GLOBAL, 0):
+        for top in args.globals:
             student = window_student(teacher.cpu(), ranked[:top], window)
-            row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "global": top, "window": window,
+            row = {"name": f"top{top}-w{window}" if top else f"none-w{window}", "mixer": "window", "global": top,
+                   "window": window,
                    "kept_heads": [list(h) for h in ranked[:top]],
                    **evaluate(student, tok, heldout, args, device)}
             if args.fidelity:
@@ -211,7 +234,8 @@ def main(argv=None) -> int:
             del student
     for path in args.students:
         student, _ = load_model(path, dtype="fp32", device="cpu")
-        row = {"name": str(path), **evaluate(student, tok, heldout, args, device)}
+        row = {"name": _relative(str(path)), **student_labels(student),
+               **evaluate(student, tok, heldout, args, device)}
         if args.fidelity:
             row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
         rows.append(row)

@@ -62,3 +62,28 @@ def test_merge_joins_rows_of_one_setup(tmp_path):
     assert [(r["variant"], r["heldout_ppl"]) for r in merged["rows"]] == [("baseline", 7.0), ("bos", 6.5)]
     with pytest.raises(SystemExit):
         main(["--merge", str(paths[0]), str(paths[2]), "--out", str(tmp_path / "bad.json")])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "teacher-19m").exists(), reason="needs ../shared/fixtures (teacher-19m, corpus)")
+def test_window_variants_build_the_mixers_and_training_opens_the_gates(tmp_path):
+    from radistill.hybrid import HybridForCausalLM
+
+    out, work = tmp_path / "fc.json", tmp_path / "work"
+    scan = BENCHMARKS / "results" / "window-cpu-scan" / "scan.json"  # the committed scan of teacher-19m, if there
+    result = run_quick("fidelity_candidates.py", out, "--variants", "window-rec,window-only-free", "--kv-items", "2",
+                       "--ppl-tokens", "512", "--no-fidelity", "--work", str(work),
+                       *(["--scan", str(scan)] if scan.exists() else []))
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["window-rec"]["distilled"] and rows["window-rec"]["tokens"] > 0
+    assert not rows["window-only-free"]["distilled"] and rows["window-only-free"]["tokens"] == 0
+    assert rows["window-rec"]["build"] == {"mixer": "window_recurrent", "window": 16}
+    built = HybridForCausalLM.from_pretrained(work / "student-mixer_window_recurrent-window_16")
+    trained = HybridForCausalLM.from_pretrained(work / "run-window-rec" / "stage3")
+    assert built.config.mixer_settings["state_size"] == result["state"]
+    gates = [(layer.self_attn.recurrent.gate, trained.model.layers[i].self_attn.recurrent.gate)
+             for i, layer in enumerate(built.model.layers)]
+    assert all(bool((b == 0).all()) for b, _ in gates)  # built closed: the window student
+    assert all(bool((t != 0).all()) for _, t in gates)  # the recipe's trainable: recurrent trained every gate
+    window_only = HybridForCausalLM.from_pretrained(work / "student-mixer_window-state_size_None-window_16")
+    assert window_only.config.mixer == "window"

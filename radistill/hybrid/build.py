@@ -25,7 +25,7 @@ from torch import nn
 
 from radistill.hybrid.card import write_model_card
 from radistill.hybrid.configuration import HybridConfig
-from radistill.hybrid.memory import attention_windows
+from radistill.hybrid.memory import attention_windows, takes_window
 from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
 from radistill.hybrid.calibrate import DEFAULT_TOKENS, calibrate, calibration_batches
 from radistill.models.access import (
@@ -446,7 +446,8 @@ def build_student(
 
     Mixers: ``mixer`` serves every head not kept; ``window_heads`` M > 0 gives the scan's next M heads (ranks
     K+1..K+M) to sliding-window heads of ``window`` tokens (the ``window`` mixer) instead; ``window`` is also the
-    ``--mixer window`` setting. ``kept_mixer``: a registered mixer in place of the kept heads' softmax attention.
+    setting of a ``mixer`` that has a window (``window``, ``window_recurrent``). ``kept_mixer``: a registered mixer
+    in place of the kept heads' softmax attention.
     ``private_kv``: each kept query head gets its own copy of its GQA group's K/V projection (the paper's choice).
     """
     # before loading anything: a refusal after the work would waste it
@@ -467,10 +468,11 @@ def build_student(
         settings["state_size"] = state_size
     if window is not None and window < 1:
         raise RadistillError(f"--window {window}: a window holds at least 1 token")
-    if window is not None and mixer == "window":
+    if window is not None and takes_window(mixer):
         settings["window"] = window
     elif window is not None and not window_heads:
-        raise RadistillError("--window sets the window mixer's span: pass --mixer window or --window-heads M")
+        raise RadistillError("--window sets the window mixer's span: pass --mixer window or --window-heads M (or "
+                             "--mixer window_recurrent)")
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)

@@ -9,7 +9,9 @@ One pass of the teacher over the calibration tokens, then the fresh mixers on th
    a / (1 - a) = d̃, i.e. a half-life of ln 2 / ln((1 + d̃) / d̃) tokens. ``"fixed"`` keeps the mixer's own
    data-independent spread (``min_half_life`` .. ``max_half_life``).
 2. **Normaliser** statistics (:class:`~radistill.hybrid.normalizer.StaticNormalizer`): per channel, the replaced
-   heads' attention output in the teacher and the fresh mixer's output, with the half-lives of pass 1.
+   heads' attention output in the teacher and the fresh mixer's output, with the half-lives of pass 1. A mixer
+   with a normaliser of its own on one part (``part_output`` / ``calibrate_part``, e.g. ``window_recurrent``'s
+   recurrence) gets that part's moments and the teacher heads' instead (docs/hybrid.md, "Writing a mixer").
 
 Why (benchmarks/results/init_quality.json, docs/hybrid.md "Initial quality"): on teacher-19m the decays and the
 calibration text dominate a fresh student's quality. With the top 8 heads kept and state 16, held-out perplexity
@@ -156,7 +158,7 @@ def calibrate(student: HybridForCausalLM, teacher: nn.Module, batches: Sequence[
               if layer.self_attn.recurrent is not None}
     # mixers without a decay (e.g. window heads) keep their own; the normaliser is fit only where a mixer asks
     decaying = {i for i, b in blocks.items() if getattr(b.recurrent, "has_half_lives", False)}
-    normalized = {i: b for i, b in blocks.items() if any(_normalized_heads(b.recurrent))}
+    normalized = {i: b for i, b in blocks.items() if _needs_statistics(b.recurrent)}
     wanted = {i: blocks[i] for i in sorted(decaying | set(normalized))}
     group = student.config.num_attention_heads // student.config.num_key_value_heads
     distances = decaying if half_lives == "attention" else set()
@@ -175,6 +177,30 @@ def _normalized_heads(mixer) -> list[bool]:
     return flags() if flags is not None else [True] * mixer.num_heads
 
 
+def _calibrated_parts(mixer) -> list[tuple[nn.Module, slice]]:
+    """(mixer, its heads among the layer's mixer heads) for every mixer of the layer (a bank's groups) that fits a
+    normaliser of its own on one part (``part_output`` / ``calibrate_part``)."""
+    groups = list(getattr(mixer, "groups", None) or [mixer])
+    parts, start = [], 0
+    for group in groups:
+        if callable(getattr(group, "calibrate_part", None)):
+            parts.append((group, slice(start, start + group.num_heads)))
+        start += group.num_heads
+    return parts
+
+
+def _needs_statistics(mixer) -> bool:
+    """Whether calibration fits a normaliser for this layer's mixer: the layer's, or one inside the mixer."""
+    return any(_normalized_heads(mixer)) or bool(_calibrated_parts(mixer))
+
+
+def _heads_of(moments: ChannelMoments, heads: slice) -> ChannelMoments:
+    """The moments of some heads only."""
+    part = ChannelMoments(0, 0)
+    part.count, part.sum, part.sum_sq = moments.count, moments.sum[heads], moments.sum_sq[heads]
+    return part
+
+
 @torch.no_grad()
 def recalibrate_normalizers(student: HybridForCausalLM, teacher: nn.Module,
                             batches: Sequence[dict[str, torch.Tensor]]) -> int:
@@ -184,7 +210,7 @@ def recalibrate_normalizers(student: HybridForCausalLM, teacher: nn.Module,
     Half-lives are left as they are, and heads whose mixer asks for no normaliser stay the identity. Returns the
     real tokens seen."""
     normalized = {i: layer.self_attn for i, layer in enumerate(student.model.layers)
-                  if layer.self_attn.recurrent is not None and any(_normalized_heads(layer.self_attn.recurrent))}
+                  if layer.self_attn.recurrent is not None and _needs_statistics(layer.self_attn.recurrent)}
     if not normalized:
         return 0
     group = student.config.num_attention_heads // student.config.num_key_value_heads
@@ -300,7 +326,12 @@ def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
     replaced heads' output moments."""
     for i, block in blocks.items():
         mixer = block.recurrent
-        student = ChannelMoments(len(block.recurrent_heads), stats.teacher_moments[i].sum.shape[-1])
+        head_dim = stats.teacher_moments[i].sum.shape[-1]
+        keep = torch.tensor(_normalized_heads(mixer))
+        # the layer's normaliser (if any head asks for it) and the mixers' own part normalisers
+        student = ChannelMoments(len(block.recurrent_heads), head_dim) if keep.any() else None
+        parts = [(group, heads, ChannelMoments(group.num_heads, head_dim))
+                 for group, heads in _calibrated_parts(mixer)]
         device = next(mixer.parameters()).device
         backend = getattr(mixer, "backend", None)
         if backend is not None:
@@ -308,16 +339,22 @@ def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
         try:
             with torch.compiler.set_stance("force_eager"):
                 for hidden, mask, rope in stats.inputs[i]:
-                    mask = mask.to(device)
+                    mask, hidden = mask.to(device), hidden.to(device)
                     rope = tuple(t.to(device) for t in rope) if rope is not None else None
-                    y, _ = mixer(hidden.to(device), attention_mask=mask, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
-                    student.add(y, mask)
+                    if student is not None:
+                        y, _ = mixer(hidden, attention_mask=mask, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
+                        student.add(y, mask)
+                    for group, _, moments in parts:
+                        moments.add(group.part_output(hidden, attention_mask=mask, **mixer_kwargs(group, rope)), mask)
         finally:
             if backend is not None:
                 mixer.backend = backend
         stats.inputs[i] = []  # freed layer by layer
+        for group, heads, moments in parts:
+            group.calibrate_part(moments, _heads_of(stats.teacher_moments[i], heads))
+        if student is None:
+            continue
         block.normalizer.calibrate(student, stats.teacher_moments[i])
-        keep = torch.tensor(_normalized_heads(mixer))
         if not keep.all():  # heads whose mixer needs no correction stay the identity
             block.normalizer.reset_statistics(~keep)
 

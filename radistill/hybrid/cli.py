@@ -46,9 +46,10 @@ def register(app: typer.Typer) -> None:
         ),
         state_size: Optional[int] = typer.Option(None, "--state-size", help="recurrent state size N [mixer default]"),
         mixer: str = typer.Option("discrete_mamba2", "--mixer", help="mixer of the other heads: discrete_mamba2, "
-                                  "window (sliding-window softmax, training-free) or a registered one"),
-        window: Optional[int] = typer.Option(None, "--window", help="tokens a window head sees (--mixer window or "
-                                             "--window-heads) [16]"),
+                                  "window (sliding-window softmax, training-free), window_recurrent (window + a "
+                                  "gated recurrence that starts closed) or a registered one"),
+        window: Optional[int] = typer.Option(None, "--window", help="tokens a window head sees (--mixer window, "
+                                             "window_recurrent or --window-heads) [16]"),
         window_heads: int = typer.Option(0, "--window-heads", help="also give the scan's next M heads after the "
                                          "kept ones to sliding-window heads (the rest stay --mixer)"),
         kept_mixer: Optional[str] = typer.Option(None, "--kept-mixer", help="a registered mixer in place of the "
@@ -103,7 +104,8 @@ def register(app: typer.Typer) -> None:
             None, "--baseline", help="layer-level hybrid to compare with: mil-P (P% attention layers), repeatable"
         ),
         mixer: str = typer.Option("discrete_mamba2", "--mixer", help="that student's other heads (e.g. window)"),
-        window: Optional[int] = typer.Option(None, "--window", help="with --mixer window: its span in tokens [16]"),
+        window: Optional[int] = typer.Option(None, "--window", help="with --mixer window or window_recurrent: its "
+                                             "span in tokens [16]"),
         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     ) -> None:
         """Cache bytes per sequence (KV, SSM state, conv state) from the config alone: student vs teacher."""

@@ -31,6 +31,7 @@ Rows:
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -85,6 +86,13 @@ def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, setting
     extra = {"kv_heads": kv_heads} if cls.shares_kv and kv_heads is not None else {}
     sizes = cls.state_bytes(num_heads, head_dim, nbytes, **settings, **extra)
     return {"ssm": sum(v for k, v in sizes.items() if k != "conv"), "conv": sizes.get("conv", 0)}
+
+
+def takes_window(mixer: str) -> bool:
+    """Whether the mixer called ``mixer`` has a ``window`` setting (what ``--window`` sets)."""
+    from radistill.hybrid.modeling import mixer_class
+
+    return "window" in inspect.signature(mixer_class(mixer)).parameters
 
 
 def attention_windows(config) -> list[int | None]:
@@ -153,10 +161,14 @@ def planned_student_rows(
     from radistill.hybrid.modeling import mixer_class
 
     if recurrent and mixer_class(mixer).shares_kv:
-        # K/V shared per GQA group (window): at most one state per (layer, KV head), an upper bound, per layer
-        per_layer = _state_bytes(mixer, max(1, recurrent // layout.num_layers), layout.head_dim, nbytes, settings,
-                                 kv_heads=layout.num_kv_heads)
-        sizes = {k: v * layout.num_layers for k, v in per_layer.items()}
+        # K/V shared per GQA group (window): the heads spread evenly over the layers, each layer holding one ring per
+        # KV head its heads could read (an upper bound); per-head parts (window_recurrent's SSM) count every head
+        sizes = {"ssm": 0, "conv": 0}
+        for layer in range(layout.num_layers):
+            heads = recurrent // layout.num_layers + (layer < recurrent % layout.num_layers)
+            part = _state_bytes(mixer, heads, layout.head_dim, nbytes, settings,
+                                kv_heads=min(heads, layout.num_kv_heads))
+            sizes = {k: sizes[k] + part[k] for k in sizes}
     else:
         sizes = _state_bytes(mixer, recurrent, layout.head_dim, nbytes, settings)
     label = f"student K={keep}" + (f" N={settings['state_size']}" if "state_size" in settings else "")
@@ -243,8 +255,9 @@ def memory_rows(
         if keep is not None:
             settings = {} if state_size is None else {"state_size": state_size}
             if window is not None:
-                if mixer != "window":
-                    raise RadistillError("--window is the window mixer's span: pass --mixer window with it")
+                if not takes_window(mixer):
+                    raise RadistillError("--window is the window mixer's span: pass --mixer window (or "
+                                         "window_recurrent) with it")
                 settings["window"] = window
             # the paper's accounting (an SSM state on every head) describes its SSM student only
             for paper in (False, True) if mixer == DEFAULT_MIXER else (False,):
@@ -311,5 +324,6 @@ __all__ = [
     "one_window",
     "planned_student_rows",
     "student_rows",
+    "takes_window",
     "teacher_rows",
 ]

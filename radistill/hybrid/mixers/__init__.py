@@ -1,6 +1,7 @@
 """The registry of mixers: the only place the hybrid layer looks one up (docs/hybrid.md, "Writing a mixer").
 
-Built in: ``discrete_mamba2`` (recurrent), ``window`` (sliding-window softmax). More come from
+Built in: ``discrete_mamba2`` (recurrent), ``window`` (sliding-window softmax), ``window_recurrent`` (a window head
+plus a gated DiscreteMamba2 head that starts closed). More come from
 :func:`register_mixer`, or from installed packages through the entry point group ``radistill.mixers``
 (``name = "package.module:Class"``), loaded the first time a name is not registered.
 """
@@ -13,10 +14,12 @@ from radistill.hybrid.mixers.bank import MixerBank
 from radistill.hybrid.mixers.base import RecurrentMixer, mixer_kwargs
 from radistill.hybrid.mixers.discrete_mamba2 import DiscreteMamba2
 from radistill.hybrid.mixers.window import WindowAttention
+from radistill.hybrid.mixers.window_recurrent import WindowRecurrent
 from radistill.utils.errors import RadistillError
 
 ENTRY_POINT_GROUP = "radistill.mixers"
-MIXERS: dict[str, type[RecurrentMixer]] = {"discrete_mamba2": DiscreteMamba2, "window": WindowAttention}
+MIXERS: dict[str, type[RecurrentMixer]] = {"discrete_mamba2": DiscreteMamba2, "window": WindowAttention,
+                                            "window_recurrent": WindowRecurrent}
 
 
 def register_mixer(name: str, cls: type[RecurrentMixer], *, overwrite: bool = False) -> type[RecurrentMixer]:
@@ -53,4 +56,4 @@ def get_mixer(name: str) -> type[RecurrentMixer]:
 
 
 __all__ = ["ENTRY_POINT_GROUP", "MIXERS", "DiscreteMamba2", "MixerBank", "RecurrentMixer", "WindowAttention",
-           "find_mixer", "get_mixer", "mixer_kwargs", "register_mixer"]
+           "WindowRecurrent", "find_mixer", "get_mixer", "mixer_kwargs", "register_mixer"]

@@ -40,6 +40,11 @@ class RecurrentMixer(nn.Module, ABC):
       teacher's attention distance); otherwise the build leaves the mixer as ``from_attention`` made it.
     - ``calibrate_normalizer``: the build fits the static normaliser on this mixer's heads (a mixer whose fresh
       output already is the teacher head's, e.g. a windowed softmax, sets False and keeps the identity).
+
+    Optional methods for a normaliser on one *part* of the mixer (``window_recurrent``'s recurrence): with
+    ``part_output(hidden_states, attention_mask, **keywords)`` -> [batch, seq, heads, head_dim] (that part alone)
+    and ``calibrate_part(student, teacher)`` (``ChannelMoments`` of part_output and of the replaced teacher heads
+    on the calibration tokens), the build and ``stages.1.recalibrate`` fit it (radistill/hybrid/calibrate.py).
     """
 
     needs_positions: bool = False
