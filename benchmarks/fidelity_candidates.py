@@ -31,6 +31,7 @@ Second round, after the first (benchmarks/results/fidelity_candidates.md):
 
   teacher-data-50          50% teacher-generated sequences (twice the generated texts)
   teacher-data+private-kv  teacher-data combined with private-kv (the two best on records)
+  window-rec+teacher-data  window-rec with teacher-data's 25% teacher text
 
 Each student is evaluated by KV retrieval at 5/10/20/40 pairs and held-out perplexity (testbed_recovery's
 evaluation), and by ``radistill.eval.fidelity`` against the teacher (unless ``--no-fidelity``; KL, top-1 and
@@ -103,6 +104,8 @@ def variants(quick: bool) -> dict[str, dict]:
                                                "stages": {3: {"trainable": "recurrent,kept-heads"}}}},
         # the recurrence's state size is --state, as the baseline's; a window head has none (state_size None)
         "window-rec": {"build": {"mixer": "window_recurrent", "window": WINDOW}},
+        "window-rec+teacher-data": {"build": {"mixer": "window_recurrent", "window": WINDOW},
+                                    "recipe": {"data": {"teacher_share": TEACHER_SHARE, **gen}}},
         "window-only": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}},
         "window-only-free": {"build": {"mixer": "window", "window": WINDOW, "state_size": None}, "distill": False},
         # the same with a plain gate (gate_scale 1: Adam moves it ~lr per step): does the gate's speed matter?

@@ -58,6 +58,7 @@ from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E40
 
 GLOBAL = (3, 8)
 WINDOWS = (8, 16, 32, 64)
+SUITES = ROOT / "examples" / "suites" / "teacher-19m"
 PAIRS = (5, 10, 20, 40)
 LENGTHS = (2048, 8192)
 SERVING_BUDGET_GIB, SERVING_KEEP, SERVING_STATE, SERVING_CONTEXT = 24, 13, 8, 32768  # as benchmarks/gpu24.py
@@ -113,27 +114,36 @@ def _relative(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
 
 
-def fidelity_hook(student, teacher, tokenizer, quick: bool) -> dict | None:
-    """``radistill.eval.fidelity.fidelity`` (student vs teacher on the prose corpus and the teacher's samples) when
-    that module exists; None when it does not, {"error": ...} when its call fails (the other numbers still count)."""
-    try:
-        from radistill.eval import fidelity as module  # written alongside; optional here
-    except ImportError:
-        return None
-    try:
-        config = module.FidelityConfig(windows=4, samples=2, greedy_prompts=4) if quick else module.FidelityConfig()
-        result = module.fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config)
-        return result.to_dict() if hasattr(result, "to_dict") else result
-    except Exception as exc:  # a hook must not cost the benchmark's other numbers
-        return {"error": f"{type(exc).__name__}: {exc}"}
+def fidelity_scores(student, teacher, tokenizer, quick: bool) -> dict:
+    """``radistill.eval.fidelity`` of the student against the teacher (prose corpus and the teacher's samples),
+    without the token ids it also returns (reproducible from its seed, too large for a table's JSON)."""
+    from radistill.eval.fidelity import FidelityConfig, fidelity
+
+    config = FidelityConfig(windows=4, samples=2, greedy_prompts=4) if quick else FidelityConfig()
+    out = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config).to_dict()
+    out.pop("samples", None)
+    out.pop("greedy_continuations", None)
+    return out
+
+
+def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
+    """Accuracy on the testbed's capability suites (examples/suites/teacher-19m: records read in context, facts
+    recalled); quick: the first 16 items of each."""
+    from radistill.eval.choice import choice_accuracy
+    from radistill.probes.items import load_jsonl
+
+    return {path.stem: choice_accuracy(model, tokenizer, load_jsonl(path)[:16] if quick else load_jsonl(path), batch)
+            for path in sorted(SUITES.glob("*.jsonl"))}
 
 
 def evaluate(model, tokenizer, heldout, args, device: str) -> dict:
     model.to(device).eval()
     config = KVEvalConfig(pairs=args.pairs, samples=args.kv_samples, seed=KV_SEED, generate=False)
-    results = {t.name: t.value for t in kv_retrieval(model, tokenizer, config, batch_size=16)}
+    batch = 64 if device.startswith("cuda") else 16
+    results = {t.name: t.value for t in kv_retrieval(model, tokenizer, config, batch_size=batch)}
     row = {"kv_retrieval": {str(p): results[f"kv_ret@{p}"] for p in args.pairs},
-           "heldout_ppl": heldout_perplexity(model, heldout, 4, device)}
+           "heldout_ppl": heldout_perplexity(model, heldout, 4, device),
+           "suites": suite_scores(model, tokenizer, batch, args.quick)}
     if getattr(model.config, "model_type", "") == "radistill_hybrid":
         rows = student_rows(model.config, list(LENGTHS), 2)
     else:
@@ -171,19 +181,26 @@ def serving_rows() -> dict:
     return {"budget_gib": SERVING_BUDGET_GIB, "computed": True, "rows": rows}
 
 
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(result: dict) -> str:
     pairs = result["pairs"]
     lines = [f"# Training-free window students of teacher-19m ({result['device']})", "",
              f"KV retrieval (log-likelihood, {result['kv_items_per_size']} items per size, seed {KV_SEED}); "
              f"held-out perplexity on {result['heldout_tokens']} tokens; cache per sequence in bf16 (computed).", "",
              "| model | mixer | global | W | N | " + " | ".join(f"KV@{p}" for p in pairs) +
-             " | ppl | cache 2k | cache 8k |",
-             "|---|---|---|---|---|" + "---|" * (len(pairs) + 3)]
+             " | records | facts | ppl | KL | confident top-1 | cache 2k | cache 8k |",
+             "|---|---|---|---|---|" + "---|" * (len(pairs) + 7)]
     for row in [result["teacher"], *result["students"]]:
         kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
         cache = " | ".join(f"{row['cache_bytes_bf16'][str(n)] / 2**10:,.0f} KiB" for n in LENGTHS)
         labels = " | ".join(str(row.get(k, "-")) for k in ("mixer", "global", "window", "state"))
-        lines.append(f"| {row['name']} | {labels} | {kv} | {row['heldout_ppl']:.2f} | {cache} |")
+        suites = " | ".join(_cell(row.get("suites", {}).get(k)) for k in ("records", "facts"))
+        held = (row.get("fidelity") or {}).get("texts", {}).get("heldout", {}).get("all", {})
+        fid = " | ".join(_cell(held.get(k)) for k in ("kl", "confident"))
+        lines.append(f"| {row['name']} | {labels} | {kv} | {suites} | {row['heldout_ppl']:.2f} | {fid} | {cache} |")
     serving = result["serving"]
     lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB, bf16, COMPUTED (memplan arithmetic, not "
               "measured; benchmarks/results/24gb.json has the measured teacher and SSM rows):", "",
@@ -191,6 +208,8 @@ def markdown(result: dict) -> str:
     for name, r in serving["rows"].items():
         lines.append(f"| {name} | {r['kv_bytes_per_token']:,} | {r['state_bytes'] / 2**20:.2f} | "
                      f"{r['max_context_b1']:,} | {r['max_batch']:,} |")
+    if not result.get("complete", True):
+        lines += ["", "**Incomplete**: the run was cut before every student was evaluated."]
     if result.get("serving_note"):
         lines += ["", f"Note: {result['serving_note']}."]
     lines += ["", "Both students are capped by the model's 262,144 positions; the window student holds the teacher's "
@@ -218,6 +237,22 @@ def main(argv=None) -> int:
     heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, args.ppl_tokens // 512))
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
     rows = []
+
+    def save(done: bool) -> dict:
+        """Written after every row, so a run cut by a time limit keeps its finished rows (``complete`` says)."""
+        result = {
+            "teacher": teacher_row, "students": rows, "scan": _relative(scan), "pairs": list(args.pairs),
+            "scan_top8": ranked[:8], "kv_items_per_size": args.kv_samples, "heldout_tokens": int(heldout.numel()),
+            "serving": serving_rows(), "seconds": round(time.time() - start, 1), "complete": done,
+            "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
+                       f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+        }
+        write_json_atomic(out.with_suffix(".json"), result)
+        write_text_atomic(out.with_suffix(".md"), markdown(result))
+        return result
+
     for window in args.windows:
         for top in args.globals:
             student = window_student(teacher.cpu(), ranked[:top], window)
@@ -226,8 +261,9 @@ def main(argv=None) -> int:
                    "kept_heads": [list(h) for h in ranked[:top]],
                    **evaluate(student, tok, heldout, args, device)}
             if args.fidelity:
-                row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
+                row["fidelity"] = fidelity_scores(student, teacher.to(device), tok, args.quick)
             rows.append(row)
+            save(False)
             kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
             print(f"{row['name']:>10}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)",
                   flush=True)
@@ -237,20 +273,11 @@ def main(argv=None) -> int:
         row = {"name": _relative(str(path)), **student_labels(student),
                **evaluate(student, tok, heldout, args, device)}
         if args.fidelity:
-            row["fidelity"] = fidelity_hook(student, teacher.to(device), tok, args.quick)
+            row["fidelity"] = fidelity_scores(student, teacher.to(device), tok, args.quick)
         rows.append(row)
-    result = {
-        "teacher": teacher_row, "students": rows, "scan": _relative(scan), "pairs": list(args.pairs),
-        "scan_top8": ranked[:8], "kv_items_per_size": args.kv_samples, "heldout_tokens": int(heldout.numel()),
-        "serving": serving_rows(), "seconds": round(time.time() - start, 1),
-        "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
-                   f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-    }
-    write_json_atomic(out.with_suffix(".json"), result)
+        save(False)
+    result = save(True)
     text = markdown(result)
-    write_text_atomic(out.with_suffix(".md"), text)
     print(text)
     print(f"wrote {_relative(str(out))}.{{json,md}} in {result['seconds']:.0f} s")
     return 0

@@ -32,6 +32,8 @@ def test_window_benchmark_runs_and_windows_keep_retrieval(tmp_path):
     assert rows["none-w16"]["cache_bytes_bf16"]["2048"] == rows["none-w16"]["cache_bytes_bf16"]["8192"]
     assert result["teacher"]["cache_bytes_bf16"]["8192"] == 4 * result["teacher"]["cache_bytes_bf16"]["2048"]
     assert result["serving"]["computed"] and (tmp_path / "w.md").read_text().startswith("# Training-free")
+    assert result["complete"] is True
+    assert set(rows["top3-w16"]["suites"]) == {"records", "facts"}
 
 
 def test_students_are_labelled_by_their_mixer_heads_window_and_state():
@@ -46,11 +48,12 @@ def test_students_are_labelled_by_their_mixer_heads_window_and_state():
                                               {"window": 8, "state_size": 4}))
     labels = student_labels(student)
     assert labels == {"mixer": "window_recurrent", "global": 3, "window": 8, "state": 4}
-    row = {"kv_retrieval": {"20": 1.0}, "heldout_ppl": 5.0, "cache_bytes_bf16": {"2048": 2048, "8192": 4096}}
+    row = {"kv_retrieval": {"20": 1.0}, "heldout_ppl": 5.0, "cache_bytes_bf16": {"2048": 2048, "8192": 4096},
+           "suites": {"records": 0.5, "facts": 0.75}}
     serving = {"budget_gib": 24, "rows": {}}
     text = markdown({"device": "cpu", "kv_items_per_size": 4, "heldout_tokens": 512, "pairs": [20], "serving": serving,
                      "teacher": {"name": "teacher", **row}, "students": [{"name": "s", **labels, **row}]})
-    assert "| s | window_recurrent | 3 | 8 | 4 | 1.00 | 5.00 | 2 KiB | 4 KiB |" in text
+    assert "| s | window_recurrent | 3 | 8 | 4 | 1.00 | 0.500 | 0.750 | 5.00 | - | - | 2 KiB | 4 KiB |" in text
 
 
 @pytest.mark.shared
