@@ -104,7 +104,9 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[StageResult]:
-        position = self._restore() if resume else check_fresh(self.run_dir)
+        """Train the recipe's enabled stages (with ``resume``, from the run folder's newest checkpoint on); one
+        result per stage trained."""
+        position = self._restore() if resume else check_fresh(self.run_dir)  # a fresh run has nothing to continue
         if self.recipe.data.teacher_share > 0:
             self._teacher_texts()
         self.metrics.open()  # only now: a refused --out gets no tensorboard/ folder
