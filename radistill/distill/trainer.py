@@ -66,6 +66,8 @@ __all__ = ["NonFiniteLossError", "Position", "StageResult", "StepHook", "Trainer
 
 @dataclass
 class StageResult:
+    """What a stage did: its optimizer steps, the tokens it trained on, its last loss and its wall time."""
+
     stage: int
     steps: int
     tokens: int
@@ -86,9 +88,7 @@ class Trainer:
             recipe = merge(recipe, {"data": {"teacher_dir": str((Path(run_dir) / "teacher_text").resolve())}})
         self.student, self.teacher, self.tokenizer, self.recipe = student, teacher, tokenizer, recipe
         self.run_dir = Path(run_dir)
-        self.device = device
-        self.export_files = export_files
-        self.step_hook = step_hook
+        self.device, self.export_files, self.step_hook = device, export_files, step_hook
         self.ckpt_root = self.run_dir / "checkpoints"
         self.autocast = device.startswith("cuda") and recipe.dtype == "bf16"
         self.fsdp = recipe.parallel == "fsdp" and world_size() > 1
