@@ -12,6 +12,12 @@ ones executing. When transformers is in ``sys.modules`` and none of them is mid-
 modules around the ``import transformers`` to finish matters: ``radistill.models.access`` imports transformers, and
 :mod:`radistill.hybrid.auto` imports ``radistill.models.access``; registering halfway through would import a partly
 executed module.
+
+Why a hook and not something plainer: transformers has no plugin entry point for its Auto classes, and Python tells
+no one when a module has finished importing except through ``sys.meta_path``. Importing
+:mod:`radistill.hybrid.auto` in ``radistill/__init__.py`` would load torch for ``radistill --help``; watching only
+``transformers`` would register from inside a radistill module that is still executing (the cycle above). Counting
+the watched modules' execution is the least that handles every import order (tests/test_autoregister.py).
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 ``recipe.py`` (settings), ``data.py`` (documents -> packed, resumable token stream), ``losses.py`` (the three
 losses as tensor functions), ``stages.py`` (objectives: forward + backward of one micro-batch), ``trainer.py``
-(the loop, checkpoints, NaN guard, DDP), ``teacher_logits.py`` (stage 3's teacher top-k, precomputed to disk),
-``checkpoint.py``, ``schedule.py``, ``parallel.py``, ``run.py`` and ``cli.py`` (`radistill distill`). See
-docs/distill.md.
+(the loop: stages, layer blocks, optimizer steps), around it ``schedule.py`` (steps per stage, lr),
+``optimizer.py``, ``placement.py`` (what is on the device when), ``guard.py`` (NaN guard), ``metrics.py``
+(``metrics.jsonl``, progress), ``resume.py`` (run-folder checks, what a resume reads), ``publish.py`` (checkpoints
+and ``RUN/stageN/`` exports, written by rename) over ``checkpoint.py`` (the files), ``parallel.py`` (several
+processes), ``teacher_logits.py`` (stage 3's teacher top-k, precomputed to disk), ``run.py`` and ``cli.py``
+(`radistill distill`). See docs/distill.md.
 """
 
 from radistill.utils.lazy import lazy_exports
