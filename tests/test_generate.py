@@ -214,6 +214,36 @@ def test_bf16_normalizer_fast_path_equals_the_float32_reference():
     assert (fast.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
 
 
+def test_float32_normalizer_is_the_reference_with_its_affine_computed_once():
+    """float32: the reference's y.float() is y itself, so forward applies the map directly (no second computation
+    of scale and shift); the values are the reference's exactly. float64 keeps the reference path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from radistill.hybrid.normalizer import StaticNormalizer
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    norm = StaticNormalizer(3, 16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in ("student_mean", "teacher_mean"):
+            getattr(norm, name).copy_(torch.randn(3, 16, generator=g))
+        for name in ("student_std", "teacher_std"):
+            getattr(norm, name).copy_(torch.rand(3, 16, generator=g) + 0.5)
+    y = torch.randn(2, 33, 3, 16, generator=g) * 3
+    with Count():
+        fast = norm(y)
+    assert torch.equal(fast, norm.forward_reference(y))
+    assert Count.ops == 4  # clamp_min, div, addcmul (shift), addcmul (the map)
+    norm64 = norm.double()
+    torch.testing.assert_close(norm64(y.double()), norm64.forward_reference(y.double()), rtol=0, atol=0)
+
+
 def test_static_cache_beam_search_and_sampled_returns_match_the_growing_cache(student):
     """Beam search reorders the cache every step; a static cache does it in place (fixed addresses)."""
     ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))

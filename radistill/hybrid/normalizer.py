@@ -54,13 +54,18 @@ class StaticNormalizer(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """y [batch, seq, heads, head_dim] -> same shape, in y's dtype (statistics applied in fp32)."""
-        scale = self.teacher_std / self.student_std.clamp_min(_MIN_STD)  # [heads, head_dim]
-        shift = torch.addcmul(self.teacher_mean, self.student_mean, scale, value=-1.0)
-        if y.element_size() < 4 and scale.dtype == y.dtype:
-            # 16-bit model (buffers cast with it): addcmul in y's dtype computes in fp32 internally and rounds once,
-            # the same value as upcasting y, without materialising a float32 copy of a prefill-sized tensor
+        scale, shift = self._affine()
+        if scale.dtype == y.dtype and y.element_size() <= 4:
+            # In y's dtype: for float32 that is the reference itself (y.float() would be y); for a 16-bit model
+            # (buffers cast with it) addcmul computes in fp32 internally and rounds once, the same value as
+            # upcasting y, without materialising a float32 copy of a prefill-sized tensor
             return torch.addcmul(shift, y, scale)
-        return self.forward_reference(y)
+        return torch.addcmul(shift, y.float(), scale).to(y.dtype)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) [heads, head_dim] of y' = y * scale + shift, from the statistics as they are now."""
+        scale = self.teacher_std / self.student_std.clamp_min(_MIN_STD)
+        return scale, torch.addcmul(self.teacher_mean, self.student_mean, scale, value=-1.0)
 
     def forward_reference(self, y: torch.Tensor) -> torch.Tensor:
         """The plain version of :meth:`forward`: y upcast to float32, the map applied, cast back."""
