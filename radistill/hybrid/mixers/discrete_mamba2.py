@@ -299,9 +299,8 @@ def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None, documents: 
         return window[:, k : k + length] * same.unsqueeze(-1).to(window.dtype)
 
     taps = weight.unbind(1)  # W column views in one operator (indexing each column is one per tap)
-    out = tap(0) * taps[0]
-    if bias is not None:
-        out.add_(bias)
+    # the bias joins the first tap's product: one kernel instead of a product and an add
+    out = tap(0) * taps[0] if bias is None else torch.addcmul(bias, tap(0), taps[0])
     for k in range(1, width):
         out.addcmul_(tap(k), taps[k])
     return out
