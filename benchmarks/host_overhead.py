@@ -139,7 +139,7 @@ def prefill_ops(model, ids: torch.Tensor) -> dict:
     out = {"total": sum(by_name.values()), "outside_layers": counter.total("outside layers"),
            "scan": counter.total("scan"), "scan_calls": len(calls),
            "per_layer": per_layer, "by_name": dict(by_name.most_common())}
-    if hasattr(layers[0].self_attn, "recurrent"):  # the hybrid: layers with recurrent heads (all of them here) with and without kept heads
+    if hasattr(layers[0].self_attn, "recurrent"):  # the hybrid: its layers with and without kept heads
         with_kept = [n for n, layer in zip(per_layer, layers) if layer.self_attn.attention is not None]
         without = [n for n, layer in zip(per_layer, layers) if layer.self_attn.attention is None]
         out["layer_with_kept_heads"] = max(with_kept, default=None)
@@ -241,6 +241,20 @@ def decode_host(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
             "generate_ms_per_token": 1e3 * seconds / new_tokens, "decode_calls": len(recorder.calls)}
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" when the working tree differs), so a results file names its code."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def table(result: dict) -> str:
     names = list(result["models"])
     rows = [("aten ops per prefill forward", "prefill_ops.total"),
@@ -269,7 +283,7 @@ def table(result: dict) -> str:
         return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = [f"# Host overhead: {result['device_name']} ({result['dtype']}), torch {result['torch']}, "
-             f"transformers {result['transformers']}", "",
+             f"transformers {result['transformers']}, code at {result.get('commit')}", "",
              f"Shape {result['shape']}, prefill {result['prefill_tokens']} tokens at batch 1, decode after a "
              f"{result['decode_prompt']}-token prompt ({result['new_tokens']} new tokens).", "",
              f"| | {' | '.join(names)} | hybrid / teacher |", f"|---|{'---|' * len(names)}---|"]
@@ -296,17 +310,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", choices=["quick", "1b-narrow", "llama-3.2-1b"], default=None,
                         help="default: llama-3.2-1b on CUDA, 1b-narrow on CPU (quick with --quick)")
-    parser.add_argument("--prefill-tokens", type=int, default=None, help="default: 2048 on CUDA, 256 on CPU")
+    parser.add_argument("--prefill-tokens", type=int, default=None,
+                        help="default: 2048 on CUDA; 64 on CPU (one scan chunk: host work, not arithmetic)")
     parser.add_argument("--decode-prompt", type=int, default=None, help="default: 8192 on CUDA, 64 on CPU")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--state-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: the quick shape, short prompts")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--code", default=None, help="what code ran (default: the checkout's git commit)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     shape = args.shape or ("quick" if args.quick else "llama-3.2-1b" if cuda else "1b-narrow")
-    prefill_tokens = args.prefill_tokens or (32 if args.quick else 2048 if cuda else 256)
+    prefill_tokens = args.prefill_tokens or (32 if args.quick else 2048 if cuda else 64)
     decode_prompt = args.decode_prompt or (16 if args.quick else 8192 if cuda else 64)
     new_tokens = 4 if args.quick else args.new_tokens
     repeat = 2 if args.quick else args.repeat
@@ -316,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-              "transformers": transformers.__version__, "shape": shape, "prefill_tokens": prefill_tokens,
+              "transformers": transformers.__version__, "commit": args.code or git_commit(), "shape": shape,
+              "prefill_tokens": prefill_tokens,
               "decode_prompt": decode_prompt, "new_tokens": new_tokens, "models": {}}
     for name, model in make_models(shape, args.device, dtype, args.state_size).items():
         row = {}
