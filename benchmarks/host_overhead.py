@@ -17,7 +17,11 @@ DiscreteMamba2 head of state size 8), as benchmarks/decode.py builds them. ``--s
 Measured for each model:
 - ``prefill_ops``: aten operators of one prefill forward (batch 1, ``model(ids, use_cache=True,
   logits_to_keep=1)``, what generate's prefill runs), by name, and per decoder layer (attention-only layers vs
-  layers with recurrent heads); counted with a TorchDispatchMode, so every operator that reaches a kernel counts;
+  layers with recurrent heads, the scan apart); counted with a TorchDispatchMode, so every operator that reaches a
+  kernel counts (the scan on CPU is the PyTorch chunked scan; on CUDA fla's, whose Triton kernels are no aten
+  operators: only its wrapper's operators count there, ``prefill_device_launches`` sees the kernels);
+- ``prefill_device_launches`` (CUDA only): the kernels the device ran for that forward (torch.profiler), which
+  include the Triton kernels of fla's scan that no aten count sees;
 - ``prefill_host_ms``: median wall time until that forward returned (on CUDA the device may still be running: when
   the full time is close to it, the prefill is host-bound), and ``prefill_ms`` with the device synchronised;
 - ``decode_ops``: aten operators of one eager one-token step on the static cache, inside the model's forward, and
@@ -163,6 +167,20 @@ def prefill_times(model, ids: torch.Tensor, device: str, repeat: int) -> dict:
     return {"prefill_host_ms": 1e3 * statistics.median(returned), "prefill_ms": 1e3 * statistics.median(total)}
 
 
+@torch.no_grad()
+def device_launches(model, ids: torch.Tensor) -> int | None:
+    """CUDA only: kernels (and copies/fills) the device ran for one prefill forward, from torch.profiler. The aten
+    count misses Triton kernels (fla's scan launches its own), this count sees every launch."""
+    if not ids.is_cuda:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 class StepRecorder:
     """Wraps the decode forward generate() calls (``model.__call__`` eager, ``get_compiled_call`` compiled) to
     record when each call starts and returns, and to switch an OpCounter's label between inside and outside."""
@@ -263,6 +281,7 @@ def table(result: dict) -> str:
             ("  per layer, without the scan (max)", "per_layer_max"),
             ("  hybrid layer with kept heads", "prefill_ops.layer_with_kept_heads"),
             ("  hybrid layer, recurrent only", "prefill_ops.layer_recurrent_only"),
+            ("device kernels per prefill (CUDA: profiler)", "prefill_device_launches"),
             ("prefill host ms (until returned)", "prefill_host_ms"),
             ("prefill ms (synchronised)", "prefill_ms"),
             ("aten ops per decode step (eager, static cache)", "decode_ops"),
@@ -340,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids = prompt(model, prefill_tokens, args.device)
         row["prefill_ops"] = prefill_ops(model, ids)
         row.update(prefill_times(model, ids, args.device, repeat))
+        row["prefill_device_launches"] = device_launches(model, ids)
         decode_ids = prompt(model, decode_prompt, args.device)
         row.update(decode_ops(model, decode_ids, new_tokens))
         row.update(decode_host(model, decode_ids, new_tokens, args.device))
