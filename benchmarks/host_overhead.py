@@ -30,7 +30,8 @@ Measured for each model:
 - ``generate_outside_host_ms``: host time per token between the end of one decode forward and the start of the next
   (generate's own per-token work), and ``decode_call_host_ms`` the host time inside the forward call, from a
   greedy ``generate(cache_implementation="static")`` -- compiled on CUDA (transformers' default reduce-overhead),
-  eager on CPU. Both without synchronising, so they are host time, not device time.
+  eager on CPU. Both without synchronising, so they are host time, not device time -- unless generate() itself
+  waits for the device between steps (a stopping check reading a device value), which then shows in the gap.
 
     python benchmarks/host_overhead.py                      # CPU -> benchmarks/results/host_overhead-cpu.{json,md}
     python benchmarks/host_overhead.py --device cuda        # one H200 -> benchmarks/results/host_overhead-h200.*
