@@ -305,7 +305,9 @@ def table(result: dict) -> str:
     lines = [f"# Host overhead: {result['device_name']} ({result['dtype']}), torch {result['torch']}, "
              f"transformers {result['transformers']}, code at {result.get('commit')}", "",
              f"Shape {result['shape']}, prefill {result['prefill_tokens']} tokens at batch 1, decode after a "
-             f"{result['decode_prompt']}-token prompt ({result['new_tokens']} new tokens).", "",
+             f"{result['decode_prompt']}-token prompt ({result['new_tokens']} new tokens)."
+             + (" On CPU the times include the arithmetic and vary with the machine's load from run to run; the "
+                "operator counts do not." if result["dtype"] == "float32" else ""), "",
              f"| | {' | '.join(names)} | hybrid / teacher |", f"|---|{'---|' * len(names)}---|"]
     for label, key in rows:
         values = [get(result["models"][n], key) for n in names]
