@@ -24,7 +24,8 @@ Measured for each model:
   include the Triton kernels of fla's scan that no aten count sees;
 - ``prefill_host_ms``: median wall time until that forward returned (on CUDA the device may still be running: when
   the full time is close to it, the prefill is host-bound), and ``prefill_ms`` with the device synchronised;
-- ``decode_ops``: aten operators of one eager one-token step on the static cache, inside the model's forward, and
+- ``decode_ops``: aten operators of one eager one-token step on the static cache, inside the model's forward
+  (``decode_ops_growing``: on the default growing cache, generate's eager path), and
   ``generate_outside_ops``: those generate() runs per token outside it (its input preparation, our
   ``create_masks_for_generate``, the token bookkeeping);
 - ``generate_outside_host_ms``: host time per token between the end of one decode forward and the start of the next
@@ -223,24 +224,36 @@ class StepRecorder:
         return [1e3 * (b[0] - a[1]) for a, b in zip(self.calls, self.calls[1:])]
 
 
-def generate_kwargs(new_tokens: int, length: int) -> dict:
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                pad_token_id=0, cache_implementation="static", max_cache_len=length + new_tokens)
+def generate_kwargs(new_tokens: int, length: int, static: bool = True) -> dict:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                  pad_token_id=0)
+    if static:
+        kwargs.update(cache_implementation="static", max_cache_len=length + new_tokens)
+    return kwargs
 
 
 @torch.no_grad()
 def decode_ops(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Per token: aten ops inside the eager decode forward and those generate() runs outside it."""
-    counter = OpCounter()
-    counter.label = None  # the prefill and generate's set-up are not counted: the recorder labels decode steps
-    with StepRecorder(model, counter) as recorder, counter:
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), disable_compile=True,
-                       **generate_kwargs(new_tokens, ids.shape[1]))
-    steps = len(recorder.calls)
-    return {"decode_ops": counter.total("inside") / steps,
+    """Per token: aten ops inside the eager decode forward and those generate() runs outside it, on the static
+    cache (what the compiled step traces) and on the default growing cache (generate's eager default)."""
+    out = {}
+    for static in (True, False):
+        counter = OpCounter()
+        counter.label = None  # the prefill and generate's set-up are not counted: the recorder labels decode steps
+        with StepRecorder(model, counter) as recorder, counter:
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), disable_compile=True,
+                           **generate_kwargs(new_tokens, ids.shape[1], static))
+        steps = len(recorder.calls)
+        if not static:
+            out["decode_ops_growing"] = counter.total("inside") / steps
+            continue
+        out.update({
+            "decode_ops": counter.total("inside") / steps,
             "generate_outside_ops": statistics.median(recorder.outside_ops),
             "decode_by_name": {k: v / steps for k, v in counter.counts["inside"].most_common()},
-            "outside_by_name": {k: v / steps for k, v in counter.counts.get("outside", Counter()).most_common()}}
+            "outside_by_name": {k: v / steps for k, v in counter.counts.get("outside", Counter()).most_common()},
+        })
+    return out
 
 
 @torch.no_grad()
@@ -286,6 +299,7 @@ def table(result: dict) -> str:
             ("prefill host ms (until returned)", "prefill_host_ms"),
             ("prefill ms (synchronised)", "prefill_ms"),
             ("aten ops per decode step (eager, static cache)", "decode_ops"),
+            ("aten ops per decode step (eager, growing cache)", "decode_ops_growing"),
             ("aten ops per token in generate() outside forward", "generate_outside_ops"),
             ("generate() host ms per token outside forward", "generate_outside_host_ms"),
             ("decode call host ms", "decode_call_host_ms"),
