@@ -287,10 +287,14 @@ def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None, documents: 
     int (packed documents: each row's document number) or None: a tap reads its input only when that input is of
     the output's document, so no document sees the end of the one before it.
 
-    Written as W shifted multiply-adds accumulated in place into one output: the same code for a prefill and for
-    one token, free of layout changes (``F.conv1d`` wants [B, C, T], i.e. two transposing copies of a prefill-sized
-    tensor) and of F.conv1d's seconds-long first call on CPU; ``tests/test_mixers.py`` checks it against F.conv1d."""
+    Written as W shifted multiply-adds accumulated in place into one output, free of layout changes (``F.conv1d``
+    wants [B, C, T], i.e. two transposing copies of a prefill-sized tensor) and of F.conv1d's seconds-long first
+    call on CPU; one token (a decode step, whose host work is the cost) takes one product and a sum over the taps
+    instead (4 operators, not 10). ``tests/test_mixers.py`` checks both against F.conv1d."""
     width, length = weight.shape[1], window.shape[1] - weight.shape[1] + 1
+    if length == 1 and documents is None:  # one token (a decode step): one product and one sum over the W taps
+        out = (window * weight.t()).sum(1, keepdim=True)
+        return out if bias is None else out + bias
 
     def tap(k: int) -> Tensor:
         if documents is None:
