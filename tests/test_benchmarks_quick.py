@@ -134,3 +134,18 @@ def test_fidelity_benchmark_quick_rows_and_merge(tmp_path):
     assert merged["rows"][2]["device"] == "H200"
     with pytest.raises(Exception, match="two runs"):
         merge_runs([result, result])
+
+
+def test_host_overhead_benchmark_quick_counts_every_operator_once(tmp_path):
+    """benchmarks/host_overhead.py --quick: the prefill's operators split into outside-the-layers, per layer and
+    the scan add up to the total; the teacher has no scan; decode steps and generate's own work were counted."""
+    result = run_quick("host_overhead.py", tmp_path / "host.json")
+    teacher, hybrid = result["models"].values()
+    for model in (teacher, hybrid):
+        ops = model["prefill_ops"]
+        parts = ops["outside_layers"] + ops["scan"] + sum(ops["per_layer"])
+        assert ops["total"] == parts == sum(ops["by_name"].values())
+        assert model["decode_ops"] > 0 and model["generate_outside_ops"] > 0 and model["prefill_host_ms"] > 0
+    assert teacher["prefill_ops"]["scan"] == 0 and hybrid["prefill_ops"]["scan_calls"] == 4  # one per layer
+    assert hybrid["prefill_ops"]["layer_with_kept_heads"] > hybrid["prefill_ops"]["layer_recurrent_only"]
+    assert (tmp_path / "host.md").read_text().count("| aten ops per prefill forward |") == 1

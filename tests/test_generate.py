@@ -214,6 +214,65 @@ def test_bf16_normalizer_fast_path_equals_the_float32_reference():
     assert (fast.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
 
 
+def test_float32_normalizer_is_the_reference_and_reuses_its_affine_until_a_statistic_changes():
+    """float32: the reference's y.float() is y itself, so forward applies the map directly; scale and shift are
+    computed once and reused until a statistic changes (any write, a reset, a load). float64 keeps the reference
+    path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from radistill.hybrid.normalizer import StaticNormalizer
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    norm = StaticNormalizer(3, 16)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in ("student_mean", "teacher_mean"):
+            getattr(norm, name).copy_(torch.randn(3, 16, generator=g))
+        for name in ("student_std", "teacher_std"):
+            getattr(norm, name).copy_(torch.rand(3, 16, generator=g) + 0.5)
+    y = torch.randn(2, 33, 3, 16, generator=g) * 3
+    with Count():
+        fast = norm(y)
+    assert torch.equal(fast, norm.forward_reference(y))
+    assert Count.ops == 4  # clamp_min, div, addcmul (shift), addcmul (the map)
+    Count.ops = 0
+    with Count():
+        again = norm(y)
+    assert torch.equal(again, fast) and Count.ops == 1  # the statistics did not change: only the map runs
+
+    # every way the statistics change is seen: an in-place edit, reset_statistics, load_state_dict
+    def same_as_reference():
+        out = norm(y)
+        assert torch.equal(out, norm.forward_reference(y))
+        return out
+
+    with torch.no_grad():
+        norm.teacher_std[0, 0] += 1.0
+    edited = same_as_reference()
+    assert not torch.equal(edited, fast)
+    state = {k: v.clone() for k, v in norm.state_dict().items()}
+    norm.reset_statistics(torch.tensor([True, False, False]))
+    assert not torch.equal(same_as_reference(), edited)
+    norm.load_state_dict(state)
+    assert torch.equal(same_as_reference(), edited)
+    norm.reset_statistics()
+    assert torch.equal(same_as_reference(), y)
+    norm.load_state_dict(state)
+    with torch.inference_mode():  # results made in inference mode are not reused outside it (autograd needs them)
+        norm(y)
+    y_grad = y.clone().requires_grad_(True)
+    norm(y_grad).sum().backward()
+    assert y_grad.grad is not None
+    norm64 = norm.double()
+    torch.testing.assert_close(norm64(y.double()), norm64.forward_reference(y.double()), rtol=0, atol=0)
+
+
 def test_static_cache_beam_search_and_sampled_returns_match_the_growing_cache(student):
     """Beam search reorders the cache every step; a static cache does it in place (fixed addresses)."""
     ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))

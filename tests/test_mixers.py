@@ -240,6 +240,30 @@ def test_token_major_causal_conv_equals_conv1d_values_and_gradients(length):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_aligned_in_proj_width_takes_one_product(monkeypatch):
+    """An in_proj width that is a multiple of 8 (8 heads x 41 rows) needs no split: the prefill runs in_proj whole
+    (split_linear is not called) and still equals one-token steps; a misaligned width (3 heads) does call it."""
+    from radistill.hybrid.mixers import discrete_mamba2
+
+    calls = []
+    split = discrete_mamba2.split_linear
+    monkeypatch.setattr(discrete_mamba2, "split_linear", lambda *a: calls.append(1) or split(*a))
+    g = torch.Generator().manual_seed(6)
+    for heads, splits in ((8, 0), (3, 1)):
+        calls.clear()
+        mixer = DiscreteMamba2(HIDDEN, num_heads=heads, head_dim=16, state_size=4).double()
+        assert (mixer.in_proj.out_features % 8 == 0) == (heads == 8)
+        with torch.no_grad():
+            for p in mixer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+            u = torch.randn(2, 5, HIDDEN, generator=g, dtype=torch.float64)
+            full, _ = mixer(u)
+            assert len(calls) == splits
+            state = mixer.empty_state(2, "cpu", torch.float64)
+            steps = torch.cat([mixer(u[:, t : t + 1], state=state)[0] for t in range(5)], dim=1)
+        torch.testing.assert_close(full, steps, rtol=1e-10, atol=1e-10)
+
+
 def test_in_proj_split_equals_one_product_and_the_prefill_uses_it():
     """split_linear (x/b/c/z rows, then the decay rows: keeps the big product's width aligned) against in_proj
     itself, values and gradients; and a multi-token forward against one-token steps, which use in_proj whole."""

@@ -216,3 +216,10 @@ def test_compiled_chunk_and_auto_dispatch_on_gpu(caplog):
             assert_close(actual, expected, torch.bfloat16)
     with torch.no_grad():
         assert_close(torch.compile(lambda *t: ssd(*t, backend="auto"))(*inputs)[0], want[0], torch.bfloat16)
+
+
+def test_wide_is_promotion_with_float32():
+    from radistill.ops.ssd.naive import wide
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool):
+        assert wide(dtype) == torch.promote_types(dtype, torch.float32), dtype

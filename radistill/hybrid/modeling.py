@@ -415,6 +415,8 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        # whether any layer has softmax heads (then masks are built): fixed with the layers, asked every step
+        self.has_attention_heads = any(config.attention_heads(i) for i in range(config.num_hidden_layers))
         self.post_init()
 
     def layer_kwargs(
@@ -471,7 +473,7 @@ class HybridModel(HybridPreTrainedModel):
         if isinstance(attention_mask, dict):
             return attention_mask
         causal_mask = None
-        if any(self.config.attention_heads(i) for i in range(self.config.num_hidden_layers)):
+        if self.has_attention_heads:
             make_mask = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
             # Positional on purpose: the 4th parameter is `past_key_values` in 5.17 and `cache` in 5.24.
             causal_mask = make_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)

@@ -54,13 +54,40 @@ class StaticNormalizer(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         """y [batch, seq, heads, head_dim] -> same shape, in y's dtype (statistics applied in fp32)."""
-        scale = self.teacher_std / self.student_std.clamp_min(_MIN_STD)  # [heads, head_dim]
-        shift = torch.addcmul(self.teacher_mean, self.student_mean, scale, value=-1.0)
-        if y.element_size() < 4 and scale.dtype == y.dtype:
-            # 16-bit model (buffers cast with it): addcmul in y's dtype computes in fp32 internally and rounds once,
-            # the same value as upcasting y, without materialising a float32 copy of a prefill-sized tensor
+        scale, shift = self._affine()
+        if scale.dtype == y.dtype and y.element_size() <= 4:
+            # In y's dtype: for float32 that is the reference itself (y.float() would be y); for a 16-bit model
+            # (buffers cast with it) addcmul computes in fp32 internally and rounds once, the same value as
+            # upcasting y, without materialising a float32 copy of a prefill-sized tensor
             return torch.addcmul(shift, y, scale)
-        return self.forward_reference(y)
+        return torch.addcmul(shift, y.float(), scale).to(y.dtype)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) [heads, head_dim] of y' = y * scale + shift, from the statistics as they are now.
+
+        Kept between calls while no statistic changed: three operators per layer and call fewer (a prefill, every
+        eager decode step). "Changed" is read off each buffer's storage address and version counter, which every
+        write bumps (calibrate, reset_statistics, load_state_dict, any in-place edit) and every move or cast
+        replaces. Computed afresh where that cannot be read or must not be skipped: while compiling (the graph
+        computes it), while a CUDA graph captures (a replay must read the buffers as they are then), and for
+        inference-mode buffers (they have no version counter)."""
+        buffers = (self.teacher_std, self.student_std, self.teacher_mean, self.student_mean)
+        if torch.compiler.is_compiling() or any(torch.is_inference(b) for b in buffers) or (
+                buffers[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._compute_affine()
+        # The cache holds the buffer objects themselves, so a freed buffer's address cannot come back under a new
+        # tensor and match; inference-mode results are not reused outside it (autograd cannot save them).
+        key = (torch.is_inference_mode_enabled(), *((b.data_ptr(), b._version) for b in buffers))
+        cached = self.__dict__.get("_affine_cache")
+        if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], buffers)):
+            return cached[2], cached[3]
+        scale, shift = self._compute_affine()
+        self.__dict__["_affine_cache"] = (key, buffers, scale, shift)
+        return scale, shift
+
+    def _compute_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.teacher_std / self.student_std.clamp_min(_MIN_STD)
+        return scale, torch.addcmul(self.teacher_mean, self.student_mean, scale, value=-1.0)
 
     def forward_reference(self, y: torch.Tensor) -> torch.Tensor:
         """The plain version of :meth:`forward`: y upcast to float32, the map applied, cast back."""

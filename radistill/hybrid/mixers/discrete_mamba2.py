@@ -46,6 +46,7 @@ from radistill.ops.ssd.naive import wide
 from radistill.utils.errors import RadistillError
 
 Z_OPEN = 1.278464542761074  # the root of z·sigmoid(z) = 1: silu(Z_OPEN) = 1
+ALIGN = 8  # output widths that are a multiple of this keep bf16 rows 16-byte aligned for cuBLAS (split_linear)
 
 
 class DiscreteMamba2(RecurrentMixer):
@@ -134,10 +135,12 @@ class DiscreteMamba2(RecurrentMixer):
         H, P, N = self.num_heads, self.head_dim, self.state_size
         # The split product reads in_proj's weight directly, so only a plain Linear may take it: a wrapped in_proj
         # (a LoRA layer, a quantised linear) must run its own forward, or its adapter would be skipped silently.
-        if T > 1 and type(self.in_proj) is nn.Linear:
+        # Only a misaligned width needs it (split_linear): an aligned one (e.g. 32 heads) stays one product, one
+        # launch and a few host operators fewer per layer.
+        if T > 1 and type(self.in_proj) is nn.Linear and self.in_proj.out_features % ALIGN:
             xbcz, a_log = split_linear(hidden_states, self.in_proj, self.conv_channels + self.sizes["z"])
             xbc, z = xbcz.split([self.conv_channels, self.sizes["z"]], dim=-1)
-        else:  # one token: one matrix-vector product (the row alignment does not matter there); or a wrapped in_proj
+        else:  # one token (a matrix-vector product: the row alignment does not matter), an aligned width, a wrapped one
             xbc, z, a_log = self.in_proj(hidden_states).split(
                 [self.conv_channels, self.sizes["z"], self.sizes["a"]], dim=-1
             )
@@ -284,10 +287,14 @@ def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None, documents: 
     int (packed documents: each row's document number) or None: a tap reads its input only when that input is of
     the output's document, so no document sees the end of the one before it.
 
-    Written as W shifted multiply-adds accumulated in place into one output: the same code for a prefill and for
-    one token, free of layout changes (``F.conv1d`` wants [B, C, T], i.e. two transposing copies of a prefill-sized
-    tensor) and of F.conv1d's seconds-long first call on CPU; ``tests/test_mixers.py`` checks it against F.conv1d."""
+    Written as W shifted multiply-adds accumulated in place into one output, free of layout changes (``F.conv1d``
+    wants [B, C, T], i.e. two transposing copies of a prefill-sized tensor) and of F.conv1d's seconds-long first
+    call on CPU; one token (a decode step, whose host work is the cost) takes one product and a sum over the taps
+    instead (4 operators, not 10). ``tests/test_mixers.py`` checks both against F.conv1d."""
     width, length = weight.shape[1], window.shape[1] - weight.shape[1] + 1
+    if length == 1 and documents is None:  # one token (a decode step): one product and one sum over the W taps
+        out = (window * weight.t()).sum(1, keepdim=True)
+        return out if bias is None else out + bias
 
     def tap(k: int) -> Tensor:
         if documents is None:
@@ -295,11 +302,11 @@ def causal_conv(window: Tensor, weight: Tensor, bias: Tensor | None, documents: 
         same = documents[:, k : k + length] == documents[:, width - 1 :]  # [B, T]
         return window[:, k : k + length] * same.unsqueeze(-1).to(window.dtype)
 
-    out = tap(0) * weight[:, 0]
-    if bias is not None:
-        out.add_(bias)
+    taps = weight.unbind(1)  # W column views in one operator (indexing each column is one per tap)
+    # the bias joins the first tap's product: one kernel instead of a product and an add
+    out = tap(0) * taps[0] if bias is None else torch.addcmul(bias, tap(0), taps[0])
     for k in range(1, width):
-        out.addcmul_(tap(k), weight[:, k])
+        out.addcmul_(tap(k), taps[k])
     return out
 
 
