@@ -103,11 +103,14 @@ def normaliser_state(student) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in student.state_dict().items() if ".normalizer." in k or "in_proj.bias" in k}
 
 
-@pytest.mark.parametrize("half_lives", ["attention", "fixed"])
-def test_one_pass_calibration_equals_the_two_pass_reference(teacher, half_lives):  # noqa: F811
+@pytest.mark.parametrize("half_lives,packed", [("attention", False), ("fixed", False), ("attention", True)])
+def test_one_pass_calibration_equals_the_two_pass_reference(teacher, half_lives, packed):  # noqa: F811
     tokenizer = byte_tokenizer()
     config = student_config(teacher, [[0], [], [2, 3]], "discrete_mamba2", {"state_size": 8})
     batches = calibration_batches(tokenizer)  # padded rows of different lengths
+    if packed:  # no padding at all, as packed calibration text has (the mixers then run without a mask)
+        ids = torch.randint(3, 250, (3, 40), generator=torch.Generator().manual_seed(0))
+        batches = [{"input_ids": part, "attention_mask": torch.ones_like(part)} for part in ids.split(2)]
     fast, slow = convert(teacher, config), convert(teacher, config)
     record = calibrate(fast, teacher, batches, half_lives=half_lives)
     tokens = two_pass_calibrate(slow, teacher, batches, half_lives=half_lives)
@@ -157,6 +160,24 @@ def test_teacher_pass_stops_after_its_last_hooked_layer(teacher):  # noqa: F811
             handle.remove()
     assert tokens == 18 and reached == [0, 1] and seen == [0, (2, 9, teacher.config.num_attention_heads * teacher.config.head_dim)]
     assert len(teacher.model.layers) > 2
+
+
+def test_channel_moments_of_an_unpadded_batch_match_and_leave_the_input_alone():
+    y = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    before = y.clone()
+    plain, full, padded = ChannelMoments(3, 4), ChannelMoments(3, 4), ChannelMoments(3, 4)
+    plain.add(y)
+    full.add(y, torch.ones(2, 5, dtype=torch.long))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    padded.add(y, mask)
+    assert torch.equal(y, before)  # squared in place only when it is a copy
+    rows = y.reshape(-1, 3, 4)
+    for moments in (plain, full):
+        assert moments.count == 10 and torch.equal(moments.sum, rows.sum(0))
+        assert torch.equal(moments.sum_sq, (rows * rows).sum(0))
+    kept = y[mask.bool()]
+    assert padded.count == 8 and torch.allclose(padded.sum_sq, (kept * kept).sum(0), rtol=0, atol=1e-12)
 
 def test_calibration_runs_the_mixers_on_the_plain_scan(teacher, monkeypatch):  # noqa: F811
     """Calibration-sized work is not worth a compile or fla's kernel tuning: the mixers see backend "torch" (on

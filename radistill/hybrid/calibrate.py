@@ -342,7 +342,9 @@ def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
                 for hidden, mask, rope in stats.inputs[i]:
                     mask = mask.to(device)
                     rope = tuple(t.to(device) for t in rope) if rope is not None else None
-                    y, _ = mixer(hidden.to(device), attention_mask=mask, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
+                    # no padding (packed text): no mask, which the mixer then need not apply (the same output)
+                    given = None if bool(mask.all()) else mask
+                    y, _ = mixer(hidden.to(device), attention_mask=given, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
                     student.add(y, mask)
         finally:
             if backend is not None:

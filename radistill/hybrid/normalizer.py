@@ -92,14 +92,16 @@ class ChannelMoments:
 
     def add(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """y [batch, seq, heads, head_dim]; mask [batch, seq] (1 = real token) or None."""
-        y = y.detach().to(torch.float64).cpu()
-        if mask is not None:
+        given = y.detach()
+        y = given.to(torch.float64).cpu()
+        if mask is not None and not bool(mask.all()):
             y = y[mask.bool().cpu()]  # [tokens, heads, head_dim]
-        else:
+        else:  # no padding (packed text): the same rows in the same order, without the selection's copy
             y = y.reshape(-1, *y.shape[-2:])
         self.count += y.shape[0]
         self.sum += y.sum(0)
-        self.sum_sq += (y * y).sum(0)
+        owned = y.data_ptr() != given.data_ptr()  # a copy of ours may be squared in place; the caller's may not
+        self.sum_sq += (y.square_() if owned else y * y).sum(0)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) [heads, head_dim] in fp32 (population std)."""
