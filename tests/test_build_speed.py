@@ -158,7 +158,8 @@ def test_teacher_pass_stops_after_its_last_hooked_layer(teacher):  # noqa: F811
     finally:
         for handle in handles:
             handle.remove()
-    assert tokens == 18 and reached == [0, 1] and seen == [0, (2, 9, teacher.config.num_attention_heads * teacher.config.head_dim)]
+    width = teacher.config.num_attention_heads * teacher.config.head_dim
+    assert tokens == 18 and reached == [0, 1] and seen == [0, (2, 9, width)]
     assert len(teacher.model.layers) > 2
 
 
