@@ -216,12 +216,14 @@ def test_calibration_on_too_short_text_is_refused(teacher):  # noqa: F811
 def test_build_time_benchmark_quick(tmp_path):
     out = tmp_path / "build_time.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "build_time.py"), "--quick", "--device", "cpu",
-                           "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)],
+                           "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out),
+                           "--baseline", str(ROOT), "--baseline-label", "itself"],  # the before/after mode
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
     (row,) = result["rows"]
-    assert row["case"] == "built-in text" and row["cli_s"] is None
+    assert row["case"] == "built-in text" and row["cli_s"] is None and row["baseline_build_s"] > 0
+    assert result["baseline"] == "itself" and "baseline_build s" in result["table"]
     assert all(row[k] > 0 for k in ("build_s", "load_s", "convert_s", "calibrate_s", "save_s"))
     assert result["torch"] == torch.__version__ and "build s" in result["table"]
     assert (tmp_path / "work" / "student" / "README.md").exists()
