@@ -83,7 +83,8 @@ class StaticNormalizer(nn.Module):
 
 
 class ChannelMoments:
-    """Running per-channel mean and variance over masked tokens (fp64 sums: calibration sees many tokens)."""
+    """Running per-channel mean and variance over masked tokens (fp64 sums: calibration sees many tokens). The sums
+    live on the device of the first ``y`` added (a GPU build then moves no prefill-sized fp64 tensor to the host)."""
 
     def __init__(self, num_heads: int, head_dim: int):
         self.count = 0
@@ -93,9 +94,11 @@ class ChannelMoments:
     def add(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """y [batch, seq, heads, head_dim]; mask [batch, seq] (1 = real token) or None."""
         given = y.detach()
-        y = given.to(torch.float64).cpu()
+        if self.count == 0 and self.sum.device != given.device:
+            self.sum, self.sum_sq = self.sum.to(given.device), self.sum_sq.to(given.device)
+        y = given.to(self.sum.device, torch.float64)
         if mask is not None and not bool(mask.all()):
-            y = y[mask.bool().cpu()]  # [tokens, heads, head_dim]
+            y = y[mask.bool().to(y.device)]  # [tokens, heads, head_dim]
         else:  # no padding (packed text): the same rows in the same order, without the selection's copy
             y = y.reshape(-1, *y.shape[-2:])
         self.count += y.shape[0]
