@@ -136,7 +136,9 @@ def test_mean_log_distance_equals_the_renormalised_attention_probabilities(model
         want_q, want_k = _rotated_qk(attn, hidden, rope, heads, group)  # only the heads' rows projected
         torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-6)
-        got = mean_log_distance(q, k, attn.scaling, head_chunk=2)  # [B, heads, T]
+        got = mean_log_distance(q, k, attn.scaling, head_chunk=2, query_block=8)  # [B, heads, T]
+        whole = mean_log_distance(q, k, attn.scaling, query_block=37)  # one block: every key column computed
+        torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
         (probs,) = attention_probs(attn, hidden, rope, heads, group)  # [B, heads, T, T], first key included
     rest = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True)
     distance = (torch.arange(37)[:, None] - torch.arange(1, 37)[None, :]).clamp_min(0)

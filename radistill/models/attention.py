@@ -39,7 +39,8 @@ def attention_probs(attn: nn.Module, hidden: Tensor, position_embeddings: tuple[
 
 
 @torch.no_grad()
-def mean_log_distance(q: Tensor, k: Tensor, scaling: float, head_chunk: int | None = None) -> Tensor:
+def mean_log_distance(q: Tensor, k: Tensor, scaling: float, head_chunk: int | None = None,
+                      query_block: int = 64) -> Tensor:
     """Per query t >= 1: E[log(1 + t - s)] over keys s = 1..t under causal softmax attention with the first key
     left out (a first-token attention sink says nothing about how far a head reads).
 
@@ -50,7 +51,8 @@ def mean_log_distance(q: Tensor, k: Tensor, scaling: float, head_chunk: int | No
     The same value as renormalising :func:`attention_probs`' rows over keys 1..t (a softmax over a subset of the
     keys is the full softmax renormalised over it), computed without the first key's column and in fewer passes
     over the scores: one ``baddbmm`` for scale, product and causal mask, one softmax, one weighted sum
-    (tests/test_build_speed.py compares the two)."""
+    (tests/test_build_speed.py compares the two). Queries go in blocks of ``query_block``, each against the keys up
+    to its last query only, so the all-masked upper triangle is mostly never computed."""
     batch, count, seq, head_dim = q.shape
     out = torch.zeros(batch, count, seq, dtype=torch.float32, device=q.device)
     if seq < 2:
@@ -63,10 +65,15 @@ def mean_log_distance(q: Tensor, k: Tensor, scaling: float, head_chunk: int | No
     for start in range(0, count, step):
         q_part, k_part = q[:, start : start + step].float(), k[:, start : start + step, 1:].float()
         chunk = q_part.shape[1]
-        scores = torch.baddbmm(bias, q_part.reshape(-1, seq, head_dim),
-                               k_part.reshape(-1, seq - 1, head_dim).transpose(1, 2), alpha=scaling)
-        probs = scores.softmax(dim=-1)  # [batch * chunk, seq, seq - 1]
-        out[:, start : start + chunk] = (probs * log_distance).sum(-1).view(batch, chunk, seq)
+        q_part, k_part = q_part.reshape(-1, seq, head_dim), k_part.reshape(-1, seq - 1, head_dim)
+        for first in range(0, seq, query_block):
+            last = min(seq, first + query_block)  # queries first..last-1 see keys 1..last-1 at most
+            keys = max(1, last - 1)
+            scores = torch.baddbmm(bias[first:last, :keys], q_part[:, first:last],
+                                   k_part[:, :keys].transpose(1, 2), alpha=scaling)
+            probs = scores.softmax(dim=-1)  # [batch * chunk, queries, keys]
+            weighted = (probs * log_distance[first:last, :keys]).sum(-1)
+            out[:, start : start + chunk, first:last] = weighted.view(batch, chunk, last - first)
     out[:, :, 0] = 0.0
     return out
 
