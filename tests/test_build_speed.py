@@ -229,3 +229,18 @@ def test_build_time_benchmark_quick(tmp_path):
     assert all(row[k] > 0 for k in ("build_s", "load_s", "convert_s", "calibrate_s", "save_s"))
     assert result["torch"] == torch.__version__ and "build s" in result["table"]
     assert (tmp_path / "work" / "student" / "README.md").exists()
+
+
+def test_one_thread_restores_the_thread_count_even_on_error():
+    from radistill.utils.threads import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError):
+            with one_thread():
+                assert torch.get_num_threads() == 1
+                raise ValueError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
