@@ -85,12 +85,11 @@ def rotated_heads(attn: nn.Module, q_states: Tensor, k_states: Tensor, position_
     [batch, len(heads), seq, head_dim], qk-norm and RoPE applied as the module applies them."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    head_dim = attn.head_dim
-    index = torch.tensor(heads, device=q_states.device)
-    q = q_states.view(*q_states.shape[:2], -1, head_dim).index_select(2, index)
-    kv_index = index // group_size
-    distinct, inverse = torch.unique(kv_index, return_inverse=True)  # RoPE once per KV head, then repeated
-    k = k_states.view(*k_states.shape[:2], -1, head_dim).index_select(2, distinct)
+    head_dim, device = attn.head_dim, q_states.device
+    q = q_states.view(*q_states.shape[:2], -1, head_dim).index_select(2, torch.tensor(heads, device=device))
+    distinct = sorted({h // group_size for h in heads})  # RoPE once per KV head, then repeated per query head
+    inverse = torch.tensor([distinct.index(h // group_size) for h in heads], device=device)
+    k = k_states.view(*k_states.shape[:2], -1, head_dim).index_select(2, torch.tensor(distinct, device=device))
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm on q and k before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = position_embeddings
