@@ -163,6 +163,19 @@ def test_teacher_pass_stops_after_its_last_hooked_layer(teacher):  # noqa: F811
     width = teacher.config.num_attention_heads * teacher.config.head_dim
     assert tokens == 18 and reached == [0, 1] and seen == [0, (2, 9, width)]
     assert len(teacher.model.layers) > 2
+    # a wrapper that must see every forward end (accelerate's hooks; FSDP likewise): the whole forward runs
+    teacher.model.layers[1]._hf_hook = object()
+    reached.clear()
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: reached.append(i))
+               for i, layer in enumerate(teacher.model.layers)]
+    try:
+        teacher_pass(teacher, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                     {0: {"o_proj": lambda m, a, mask: None}})
+    finally:
+        del teacher.model.layers[1]._hf_hook
+        for handle in handles:
+            handle.remove()
+    assert reached == list(range(len(teacher.model.layers)))
 
 
 def test_channel_moments_of_an_unpadded_batch_match_and_leave_the_input_alone():

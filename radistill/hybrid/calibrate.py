@@ -204,6 +204,16 @@ class _Enough(Exception):
     """Raised once the teacher's last hooked attention module has run: nothing after it is looked at."""
 
 
+def _may_stop_early(teacher: nn.Module) -> bool:
+    """Whether a forward of ``teacher`` may be left by an exception half way: not when a wrapper must run after each
+    module's forward (FSDP's reshard, accelerate's offload hooks), which the exception would skip."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    return not any(isinstance(m, FSDPModule) or hasattr(m, "_hf_hook") for m in teacher.modules())
+
+
 def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(module, args, kwargs, mask),
     "q_proj" / "k_proj": forward hook(module, args, output, mask), "o_proj": pre-hook(module, args, mask)}}
@@ -211,7 +221,7 @@ def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     so does benchmarks/init_quality.py.)
 
     Each forward stops once the last hooked layer's attention has run: the layers after it, its MLP and the LM head
-    would be computed for nothing."""
+    would be computed for nothing (unless a wrapper such as FSDP must see every forward end)."""
     current: dict[str, torch.Tensor] = {}
     handles = []
     layers = decoder_layers(teacher)
@@ -233,7 +243,7 @@ def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     def enough(module, args, output):
         raise _Enough
 
-    if hooked:
+    if hooked and _may_stop_early(teacher):
         handles.append(layers[hooked[-1]].self_attn.register_forward_hook(enough))
     device = next(teacher.parameters()).device
     tokens = 0
