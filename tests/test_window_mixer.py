@@ -318,3 +318,23 @@ def test_window_student_compiled_static_generate_matches_the_growing_cache():
     compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
                                 compile_config=eager_compile_config(), **GREEDY)
     assert torch.equal(growing, compiled) and counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("kv_groups", [[0, 0, 1, 1], [0, 1, 1, 2], [0, 1, 2, 3], [0, 1, 0, 1]])
+def test_window_decode_step_widens_kv_per_head_like_the_index(kv_groups):
+    """The decode step's view-only widening of K/V per query head equals index_select by kv_groups (the last case,
+    KV heads not adjacent, takes index_select itself); decode == the full forward either way."""
+    torch.manual_seed(0)
+    mixer = WindowAttention(32, 4, 8, window=3, kv_groups=kv_groups).double()
+    kv = torch.randn(2, len(set(kv_groups)), 3, 8, dtype=torch.float64)
+    assert torch.equal(mixer._per_head(kv), kv.index_select(1, torch.tensor(kv_groups)))
+    u = torch.randn(2, 7, 32, dtype=torch.float64)
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    cos, sin = rope(u, torch.arange(7)[None].expand(2, -1))
+    with torch.no_grad():
+        full, _ = mixer(u, position_embeddings=(cos.double(), sin.double()))
+        state = mixer.empty_state(2, "cpu", torch.float64)
+        steps = [mixer(u[:, t : t + 1], state=state, position_embeddings=(cos[:, t : t + 1].double(),
+                                                                          sin[:, t : t + 1].double()))[0]
+                 for t in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)  # scores are fp32 on both paths

@@ -56,6 +56,12 @@ class WindowAttention(RecurrentMixer):
                                  "numbered 0, 1, ... in order of first appearance")
         self.window, self.block_size, self.kv_groups = window, block_size, kv_groups
         self.num_kv_heads = len(distinct)
+        # (KV head, query heads reading it) in head order when each KV head's query heads are adjacent (always so
+        # in a built student: heads ascend, and so do their KV heads): the decode step then widens K/V per head by
+        # views alone, with no index tensor to copy to the device (a CUDA graph could not capture that copy)
+        runs = [(g, kv_groups.count(g)) for g in distinct]
+        adjacent = [g for g, n in runs for _ in range(n)] == kv_groups
+        self._runs = runs if adjacent else None
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
@@ -114,6 +120,14 @@ class WindowAttention(RecurrentMixer):
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
+
+    def _per_head(self, kv: Tensor) -> Tensor:
+        """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
+        if self._runs is None:
+            return kv.index_select(1, torch.as_tensor(self.kv_groups, device=kv.device))
+        if len(self._runs) == self.num_heads:  # one query head per KV head
+            return kv
+        return torch.cat([kv[:, g : g + 1].expand(-1, n, *kv.shape[2:]) for g, n in self._runs], dim=1)
 
     def _combined(self, k, v, attention_mask, state):
         B, T = k.shape[0], k.shape[2]
@@ -189,8 +203,7 @@ class WindowAttention(RecurrentMixer):
         filled = state["valid"].gather(1, slot)
         state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
         state["next"].add_(real.long())
-        index = torch.as_tensor(self.kv_groups, device=q.device)
-        keys, values = state["k"].index_select(1, index), state["v"].index_select(1, index)  # [B, H, W, P]
+        keys, values = self._per_head(state["k"]), self._per_head(state["v"])  # [B, H, W, P]
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, W]
         scores = scores.masked_fill(~state["valid"].bool()[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # nothing real yet: zeros
