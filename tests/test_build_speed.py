@@ -123,7 +123,6 @@ def test_one_pass_calibration_equals_the_two_pass_reference(teacher, half_lives,
     assert fast.model.layers[0].self_attn.recurrent.backend == "auto"  # put back after calibration
 
 
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: qk-norm before RoPE
 def test_mean_log_distance_equals_the_renormalised_attention_probabilities(model_type):
     model = random_model(tiny_config(model_type), seed=1).eval()
