@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import radistill
-from radistill.hybrid import HybridForCausalLM, output_cache
+from radistill.hybrid import HybridCache, HybridForCausalLM, output_cache
 from radistill.hybrid import mixers as mixer_registry
 from radistill.hybrid.build import convert, student_config
-from radistill.hybrid.memory import measure_cache_bytes, student_rows
+from radistill.hybrid.memory import cache_nbytes, measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MIXERS, RecurrentMixer, find_mixer, get_mixer
 from radistill.utils.errors import RadistillError
 from test_hybrid import left_padded, make_teacher
@@ -97,6 +97,25 @@ def test_examples_in_both_slots_decode_like_the_full_forward(registered):
     (row,) = student_rows(student.config, [10], nbytes=4)
     assert measured["kv"] == 0 == row.kv_bytes and measured["total"] == row.ssm_bytes  # constant state only
 
+
+
+def test_kept_heads_served_by_a_mixer_get_no_key_value_cache(registered):
+    """The cache holds keys/values for softmax attention heads only: kept heads under a kept-head mixer keep their
+    state in the mixer, so a static cache of 6 positions neither allocates K/V layers nor refuses a 9th token, and
+    its bytes are what `radistill memory` counts."""
+    student = example_student(make_teacher())
+    cache = HybridCache(student.config, max_length=6)
+    assert [layer.kv for layer in cache.layers] == [None] * student.config.num_hidden_layers
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(input_ids=ids).logits
+        steps = [student(input_ids=ids[:, :6], cache=cache, use_cache=True).logits]
+        for t in range(6, 9):  # past max_length: nothing there needs room
+            steps.append(student(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+    (row,) = student_rows(student.config, [9], nbytes=4)
+    held = {k: v // 2 for k, v in cache_nbytes(cache).items()}  # per sequence
+    assert held["kv"] == 0 == row.kv_bytes and held["total"] == row.total_bytes > 0
 
 def test_gated_matrix_mixing_matrix_is_its_forward(registered):
     torch.manual_seed(0)

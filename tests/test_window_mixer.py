@@ -75,7 +75,8 @@ def test_mixed_groups_layout():
     assert mixers[0].recurrent.groups[0].num_kv_heads == 2 and mixers[1].recurrent.num_kv_heads == 2
 
 
-@pytest.mark.parametrize("chunks", [[9, 1, 1, 1, 1, 1], [4, 3, 7]])
+# the last: chunks of several tokens after single steps have wrapped the ring (window 3)
+@pytest.mark.parametrize("chunks", [[9, 1, 1, 1, 1, 1], [4, 3, 7], [2, 1, 1, 1, 1, 3, 1, 2, 1, 1]])
 def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
     student = mixed_student(make_teacher())
     ids, mask, positions = left_padded(length=14)
@@ -116,11 +117,11 @@ def test_cache_state_is_constant_and_matches_the_memory_accounting():
 
 
 def test_state_bytes_of_a_window():
-    # W = 16, head_dim 128, bf16: K and V of 16 tokens = 8 KiB per KV head (plus a 16-slot mask)
+    # W = 16, head_dim 128, bf16: K and V of 16 tokens = 8 KiB per KV head (plus a 16-slot mask, an int64 position)
     one = WindowAttention.state_bytes(1, 128, 2, window=16)["window"]
-    assert one - 16 * 2 == 8 * 1024
+    assert one - 16 * 2 - 8 == 8 * 1024
     # GQA: 4 query heads reading 2 KV heads hold two KV heads' rings, not four
-    assert WindowAttention.state_bytes(4, 128, 2, window=16, kv_heads=2)["window"] == 2 * 8 * 1024 + 32
+    assert WindowAttention.state_bytes(4, 128, 2, window=16, kv_heads=2)["window"] == 2 * 8 * 1024 + 32 + 8
 
 
 def test_mixing_matrix_is_the_forward():
@@ -261,8 +262,79 @@ def test_memory_plans_a_window_student_with_gqa_shared_rings():
 
     rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window", window=16)
     (planned,) = [r for r in rows if r.model.startswith("student")]  # no "paper accounting" row for a window
-    # 32 layers x (4 KV heads x K and V of 16 tokens x 128 dims in bf16 + each layer's 16-slot mask)
-    assert planned.ssm_bytes == 32 * (4 * 2 * 16 * 128 * 2 + 16 * 2) and planned.conv_bytes == 0
+    # 32 layers x (4 KV heads x K and V of 16 tokens x 128 dims in bf16 + each layer's 16-slot mask and ring position)
+    assert planned.ssm_bytes == 32 * (4 * 2 * 16 * 128 * 2 + 16 * 2 + 8) and planned.conv_bytes == 0
     assert planned.kv_bytes == 13 * 2 * 128 * 2 * 2048
     with pytest.raises(RadistillError, match="--mixer window"):
         memory_rows("nanbeige4.1-3b", [2048], keep=13, window=16)
+
+
+def test_window_decode_step_traces_as_one_graph():
+    """A window student's static decode step under torch.compile(fullgraph=True), as the DM2 one
+    (tests/test_generate.py): no host read (.item()), no data-dependent shape, the ring written in place at a
+    device-side position; steps past the window's length (the ring wraps), left padding in one row, each equal to
+    the eager step, and the last to the full forward."""
+    import copy
+
+    student = mixed_student(make_teacher())
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :2] = 0
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    step = torch.compile(student, backend=recording, fullgraph=True)
+    with torch.no_grad():
+        cache = HybridCache(student.config, max_length=16)
+        student(input_ids=ids[:, :7], attention_mask=mask[:, :7], cache=cache, use_cache=True)
+        reference = copy.deepcopy(cache)
+        for t in range(7, 12):
+            want = student(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=reference,
+                           use_cache=True).logits
+            got = step(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache,
+                       use_cache=True).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        full = student(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+    assert int(cache.get_seq_length()) == 12 and graphs
+    for code in graphs:  # what a CUDA graph cannot hold: a host read and the shapes it would decide
+        for op in (".item()", "_local_scalar_dense", "sym_max", "sym_min", "_assert_scalar", "nonzero"):
+            assert op not in code, op
+        assert "scatter_" in code  # the ring is written in place
+
+
+def test_window_student_compiled_static_generate_matches_the_growing_cache():
+    from test_generate import GREEDY, eager_compile_config
+    from torch._dynamo.utils import counters
+
+    student = mixed_student(make_teacher())
+    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
+    growing = student.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
+                                compile_config=eager_compile_config(), **GREEDY)
+    assert torch.equal(growing, compiled) and counters["stats"]["unique_graphs"] >= 1
+
+
+@pytest.mark.parametrize("kv_groups", [[0, 0, 1, 1], [0, 1, 1, 2], [0, 1, 2, 3], [0, 1, 0, 1]])
+def test_window_decode_step_widens_kv_per_head_like_the_index(kv_groups):
+    """The decode step's view-only widening of K/V per query head equals index_select by kv_groups (the last case,
+    KV heads not adjacent, takes index_select itself); decode == the full forward either way."""
+    torch.manual_seed(0)
+    mixer = WindowAttention(32, 4, 8, window=3, kv_groups=kv_groups).double()
+    kv = torch.randn(2, len(set(kv_groups)), 3, 8, dtype=torch.float64)
+    assert torch.equal(mixer._per_head(kv), kv.index_select(1, torch.tensor(kv_groups)))
+    u = torch.randn(2, 7, 32, dtype=torch.float64)
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    cos, sin = rope(u, torch.arange(7)[None].expand(2, -1))
+    with torch.no_grad():
+        full, _ = mixer(u, position_embeddings=(cos.double(), sin.double()))
+        state = mixer.empty_state(2, "cpu", torch.float64)
+        steps = [mixer(u[:, t : t + 1], state=state, position_embeddings=(cos[:, t : t + 1].double(),
+                                                                          sin[:, t : t + 1].double()))[0]
+                 for t in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)  # scores are fp32 on both paths

@@ -2,8 +2,9 @@
 
 Per decoder layer one :class:`HybridLayerCache` holds
 
-- ``keys`` / ``values`` ``[batch, kept_kv_heads, held, head_dim]`` for the KV heads of the layer's kept query heads
-  (GQA: one entry per kept KV head, shared by its kept query heads); ``None`` in layers without kept heads;
+- ``keys`` / ``values`` ``[batch, kept_kv_heads, held, head_dim]`` for the KV heads of the layer's softmax attention
+  heads (``config.attention_heads``: the kept heads, unless a ``kept_mixer`` serves them; GQA: one entry per kept KV
+  head, shared by its kept query heads); ``None`` in layers without attention heads;
 - ``state``: the mixer's state dict (``mixer.empty_state(...)``, e.g. ``{"conv": ..., "ssm": ...}``), advanced in
   place by the mixer; ``None`` in layers without recurrent heads;
 - ``seen_tokens``: how many positions (padding included) the layer has consumed, which is what masks need. While
@@ -251,16 +252,18 @@ class HybridCache(Cache):
 
     ``HybridCache(config)`` is empty; tensors appear on the first forward, with that forward's batch size,
     device and dtype. ``HybridCache(config, max_length=n)`` (or ``make_static(n)`` later) keeps keys/values in
-    static buffers of ``n`` positions. Layers with kept heads use ``config.sliding_window`` (None: full attention).
+    static buffers of ``n`` positions. Layers with attention heads use ``config.sliding_window`` (None: full attention).
     """
 
     def __init__(self, config, max_length: int | None = None):
         window = getattr(config, "sliding_window", None)
-        super().__init__(layers=[HybridLayerCache(max_length, window, attention=bool(heads))
-                                 for heads in config.kept_heads])
-        # Every layer with kept heads has the same window and has seen the same tokens, so any of them sizes the
-        # masks of all; layers without kept heads hold no keys/values to size anything by.
-        self._mask_layer = next((i for i, heads in enumerate(config.kept_heads) if heads), 0)
+        # Keys/values only where heads really are softmax attention (``attention_heads``): kept heads that a
+        # ``kept_mixer`` serves keep their state in the mixer's, like any other mixer head.
+        attention = [bool(config.attention_heads(i)) for i in range(config.num_hidden_layers)]
+        super().__init__(layers=[HybridLayerCache(max_length, window, attention=a) for a in attention])
+        # Every layer with attention heads has the same window and has seen the same tokens, so any of them sizes the
+        # masks of all; layers without them hold no keys/values to size anything by.
+        self._mask_layer = next((i for i, a in enumerate(attention) if a), 0)
 
     @property
     def max_length(self) -> int | None:

@@ -41,7 +41,7 @@ from radistill.utils.errors import RadistillError
 HALF_LIVES = ("attention", "fixed")
 DEFAULT_TOKENS = 16_384
 MIN_HALF_LIFE, MAX_HALF_LIFE = 0.5, 4096.0
-HEAD_CHUNK = 4  # attention matrices [batch, HEAD_CHUNK, seq, seq] exist one chunk at a time
+HEAD_CHUNK = 4  # attention scores [batch, HEAD_CHUNK, seq, seq - 1] exist one chunk at a time
 
 # A few sentences of varied register so the fallback calibration is not only probe prompts; no network needed.
 BUILTIN_TEXT = (
@@ -226,25 +226,61 @@ def half_life_for_distance(distance: torch.Tensor) -> torch.Tensor:
     return (math.log(2.0) / torch.log1p(1.0 / d)).clamp(MIN_HALF_LIFE, MAX_HALF_LIFE)
 
 
+class _Enough(Exception):
+    """Raised once the teacher's last hooked attention module has run: nothing after it is looked at."""
+
+
+def _may_stop_early(teacher: nn.Module) -> bool:
+    """Whether a forward of ``teacher`` may be left by an exception half way: not when a wrapper must run after each
+    module's forward (FSDP's reshard, accelerate's offload hooks), which the exception would skip."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    return not any(isinstance(m, FSDPModule) or hasattr(m, "_hf_hook") for m in teacher.modules())
+
+
 def teacher_pass(teacher: nn.Module, batches, hooks: dict[int, dict]) -> int:
     """Run the teacher over ``batches`` with ``hooks`` {layer: {"attn": pre-hook(module, args, kwargs, mask),
-    "o_proj": pre-hook(module, args, mask)}} installed, ``mask`` being the batch's attention mask [B, T]. Returns the
-    real tokens seen. (Calibration uses it; so does benchmarks/init_quality.py.)"""
+    "q_proj" / "k_proj": forward hook(module, args, output, mask), "o_proj": pre-hook(module, args, mask)}}
+    installed, ``mask`` being the batch's attention mask [B, T]. Returns the real tokens seen. (Calibration uses it;
+    so does benchmarks/init_quality.py.)
+
+    Each forward stops once the last hooked layer's attention has run: the layers after it, its MLP and the LM head
+    would be computed for nothing (unless a wrapper such as FSDP must see every forward end)."""
     current: dict[str, torch.Tensor] = {}
     handles = []
-    for i, layer in enumerate(decoder_layers(teacher)):
+    layers = decoder_layers(teacher)
+    for i, layer in enumerate(layers):
         for name, hook in hooks.get(i, {}).items():
-            module = layer.self_attn if name == "attn" else layer.self_attn.o_proj
-            bound = (lambda m, a, k, h=hook: h(m, a, k, current["mask"])) if name == "attn" else \
-                (lambda m, a, h=hook: h(m, a, current["mask"]))
-            handles.append(module.register_forward_pre_hook(bound, with_kwargs=name == "attn"))
+            if name == "attn":
+                bound = lambda m, a, k, h=hook: h(m, a, k, current["mask"])  # noqa: E731
+                handles.append(layer.self_attn.register_forward_pre_hook(bound, with_kwargs=True))
+            elif name in ("q_proj", "k_proj"):
+                bound = lambda m, a, o, h=hook: h(m, a, o, current["mask"])  # noqa: E731
+                handles.append(getattr(layer.self_attn, name).register_forward_hook(bound))
+            elif name == "o_proj":
+                bound = lambda m, a, h=hook: h(m, a, current["mask"])  # noqa: E731
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(bound))
+            else:
+                raise ValueError(f"teacher_pass: no hook point {name!r} (attn, q_proj, k_proj, o_proj)")
+    hooked = [i for i in range(len(layers)) if hooks.get(i)]
+
+    def enough(module, args, output):
+        raise _Enough
+
+    if hooked and _may_stop_early(teacher):
+        handles.append(layers[hooked[-1]].self_attn.register_forward_hook(enough))
     device = next(teacher.parameters()).device
     tokens = 0
     try:
         for batch in batches:
             current["mask"] = batch["attention_mask"].to(device)
-            teacher(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False,
-                    logits_to_keep=1)
+            try:
+                teacher(input_ids=batch["input_ids"].to(device), attention_mask=current["mask"], use_cache=False,
+                        logits_to_keep=1)
+            except _Enough:
+                pass
             tokens += int(batch["attention_mask"].sum())
     finally:
         for handle in handles:
@@ -266,7 +302,7 @@ def _teacher_statistics(teacher, blocks, batches, group_size: int, head_dim: int
     """One teacher pass: attention distances of the layers in ``distances`` (module docstring), the replaced heads'
     output moments, and the attention inputs of the layers in ``keep_inputs`` (on the teacher's device, or in CPU
     memory when they are large)."""
-    from radistill.models.attention import attention_probs
+    from radistill.models.attention import mean_log_distance, rotated_heads
 
     sums = {i: torch.zeros(len(b.recurrent_heads), dtype=torch.float64) for i, b in blocks.items()}
     counts = {i: 0 for i in blocks}
@@ -276,32 +312,25 @@ def _teacher_statistics(teacher, blocks, batches, group_size: int, head_dim: int
     stored = sum(b["input_ids"].numel() for b in batches) * teacher.config.hidden_size * param.element_size()
     store = param.device if stored * len(keep_inputs) <= STORE_ON_DEVICE_BYTES else torch.device("cpu")
 
+    # the replaced heads' q/k come from the teacher's own projections (every head's, computed anyway), caught as
+    # q_proj / k_proj return and used at o_proj, once the layer's RoPE is known: no second projection
+    projected: dict[str, torch.Tensor] = {}
+
     def attn_hook(i):
         def hook(module, args, kwargs, mask):
             hidden = hidden_input(args, kwargs)
+            rope = kwargs.get("position_embeddings")
             if i in keep_inputs:
-                rope = kwargs.get("position_embeddings")
                 inputs[i].append((hidden.to(store), mask.to(store),
                                   tuple(t.to(store) for t in rope) if rope is not None else None))
-            if i not in distances:
-                return
-            heads = list(blocks[i].recurrent_heads)
-            seq = hidden.shape[1]
-            distance = (torch.arange(seq, device=hidden.device)[:, None]
-                        - torch.arange(1, seq, device=hidden.device)[None, :]).clamp_min(0)
-            log_distance_of = torch.log1p(distance.float())
-            queries = mask.bool().clone()
-            queries[:, 0] = False  # its only key is the first one, which is left out
-            start = 0
-            for probs in attention_probs(module, hidden, kwargs["position_embeddings"], heads, group_size,
-                                         HEAD_CHUNK):  # [B, chunk, T, T]
-                rest = probs[..., 1:]
-                rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
-                log_distance = (rest * log_distance_of).sum(-1)  # [B, chunk, T]
-                chunk = log_distance.shape[1]
-                sums[i][start : start + chunk] += log_distance.transpose(1, 2)[queries].double().sum(0).cpu()
-                start += chunk
-            counts[i] += int(queries.sum())
+            if i in distances:
+                projected["rope"] = rope
+
+        return hook
+
+    def keep_projection(name):
+        def hook(module, args, output, mask):
+            projected[name] = output
 
         return hook
 
@@ -309,10 +338,23 @@ def _teacher_statistics(teacher, blocks, batches, group_size: int, head_dim: int
         def hook(module, args, mask):  # the o_proj input [B, T, H*hd] -> the replaced heads' slices
             heads = args[0].view(*args[0].shape[:-1], -1, head_dim)[:, :, blocks[i].recurrent_heads]
             moments[i].add(heads, mask)
+            if i not in distances:
+                return
+            attn = decoder_layers(teacher)[i].self_attn
+            q, k = rotated_heads(attn, projected.pop("q"), projected.pop("k"), projected.pop("rope"),
+                                 list(blocks[i].recurrent_heads), group_size)
+            log_distance = mean_log_distance(q, k, attn.scaling, HEAD_CHUNK)  # [B, r, T]
+            queries = mask.bool().clone()
+            queries[:, 0] = False  # its only key is the first one, which is left out
+            sums[i] += log_distance.transpose(1, 2)[queries].double().sum(0).cpu()
+            counts[i] += int(queries.sum())
 
         return hook
 
-    tokens = teacher_pass(teacher, batches, {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks})
+    hooks = {i: {"attn": attn_hook(i), "o_proj": o_proj_hook(i)} for i in blocks}
+    for i in distances:
+        hooks[i].update(q_proj=keep_projection("q"), k_proj=keep_projection("k"))
+    tokens = teacher_pass(teacher, batches, hooks)
     found = {}
     if distances:
         if any(counts[i] == 0 for i in distances):
@@ -341,11 +383,13 @@ def _mixer_statistics(blocks, stats: _TeacherStatistics) -> None:
                 for hidden, mask, rope in stats.inputs[i]:
                     mask, hidden = mask.to(device), hidden.to(device)
                     rope = tuple(t.to(device) for t in rope) if rope is not None else None
+                    # no padding (packed text): no mask, which the mixer then need not apply (the same output)
+                    given = None if bool(mask.all()) else mask
                     if student is not None:
-                        y, _ = mixer(hidden, attention_mask=mask, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
+                        y, _ = mixer(hidden, attention_mask=given, **mixer_kwargs(mixer, rope))  # [B, T, r, hd]
                         student.add(y, mask)
                     for group, _, moments in parts:
-                        moments.add(group.part_output(hidden, attention_mask=mask, **mixer_kwargs(group, rope)), mask)
+                        moments.add(group.part_output(hidden, attention_mask=given, **mixer_kwargs(group, rope)), mask)
         finally:
             if backend is not None:
                 mixer.backend = backend

@@ -8,7 +8,7 @@ Accounting (docs/hybrid.md, /work/shared/notes/method.md):
   SSM state at float32 for accuracy (docs/hybrid.md, "The cache"), so a measured bf16 cache holds twice the SSM
   bytes of the bf16 row; ``measure_cache_bytes`` reports what is really held. Every part of a mixer's state other
   than ``conv`` counts in the state column (labelled SSM): e.g. the ``window`` mixer's ring of the last
-  ``window`` tokens' K/V per KV head (GQA-shared as in the teacher) and its slot mask.
+  ``window`` tokens' K/V per KV head (GQA-shared as in the teacher), its slot mask and its ring position.
 - sliding-window attention (Mistral; Qwen2's ``sliding_attention`` layers): a layer keeps the K/V of its last
   ``window - 1`` positions (the next token brings the window's last), as transformers' sliding-window cache layers and
   :class:`HybridCache` do, so its KV bytes stop growing there.

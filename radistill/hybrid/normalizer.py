@@ -110,7 +110,8 @@ class StaticNormalizer(nn.Module):
 
 
 class ChannelMoments:
-    """Running per-channel mean and variance over masked tokens (fp64 sums: calibration sees many tokens)."""
+    """Running per-channel mean and variance over masked tokens (fp64 sums: calibration sees many tokens). The sums
+    live on the device of the first ``y`` added (a GPU build then moves no prefill-sized fp64 tensor to the host)."""
 
     def __init__(self, num_heads: int, head_dim: int):
         self.count = 0
@@ -119,14 +120,18 @@ class ChannelMoments:
 
     def add(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """y [batch, seq, heads, head_dim]; mask [batch, seq] (1 = real token) or None."""
-        y = y.detach().to(torch.float64).cpu()
-        if mask is not None:
-            y = y[mask.bool().cpu()]  # [tokens, heads, head_dim]
-        else:
+        given = y.detach()
+        if self.count == 0 and self.sum.device != given.device:
+            self.sum, self.sum_sq = self.sum.to(given.device), self.sum_sq.to(given.device)
+        y = given.to(self.sum.device, torch.float64)
+        if mask is not None and not bool(mask.all()):
+            y = y[mask.bool().to(y.device)]  # [tokens, heads, head_dim]
+        else:  # no padding (packed text): the same rows in the same order, without the selection's copy
             y = y.reshape(-1, *y.shape[-2:])
         self.count += y.shape[0]
         self.sum += y.sum(0)
-        self.sum_sq += (y * y).sum(0)
+        owned = y.data_ptr() != given.data_ptr()  # a copy of ours may be squared in place; the caller's may not
+        self.sum_sq += (y.square_() if owned else y * y).sum(0)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) [heads, head_dim] in fp32 (population std)."""

@@ -34,6 +34,7 @@ writes to nor decays the state and its output is 0; the conv state kept is the l
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,6 +45,7 @@ from radistill.hybrid.mixers.base import RecurrentMixer
 from radistill.ops.ssd import BACKENDS, ssd, ssd_matrix
 from radistill.ops.ssd.naive import wide
 from radistill.utils.errors import RadistillError
+from radistill.utils.threads import one_thread
 
 Z_OPEN = 1.278464542761074  # the root of z·sigmoid(z) = 1: silu(Z_OPEN) = 1
 ALIGN = 8  # output widths that are a multiple of this keep bf16 rows 16-byte aligned for cuBLAS (split_linear)
@@ -319,9 +321,10 @@ def score_factors(q: Tensor, k: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     P = q.shape[1]
     if rank >= P:
         return F.pad(q, (0, 0, 0, rank - P)), F.pad(k, (0, 0, 0, rank - P))
-    q_basis, q_tri = torch.linalg.qr(q.transpose(1, 2))
-    k_basis, k_tri = torch.linalg.qr(k.transpose(1, 2))
-    u, s, vh = torch.linalg.svd(q_tri @ k_tri.transpose(1, 2))
+    with one_thread() if q.device.type == "cpu" else contextlib.nullcontext():  # small LAPACK calls: one_thread's why
+        q_basis, q_tri = torch.linalg.qr(q.transpose(1, 2))
+        k_basis, k_tri = torch.linalg.qr(k.transpose(1, 2))
+        u, s, vh = torch.linalg.svd(q_tri @ k_tri.transpose(1, 2))
     root = s[:, :rank].sqrt().unsqueeze(-1)
     c = root * (q_basis @ u[:, :, :rank]).transpose(1, 2)
     b = root * (k_basis @ vh[:, :rank].transpose(1, 2)).transpose(1, 2)

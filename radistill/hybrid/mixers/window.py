@@ -9,7 +9,12 @@ other head at 16 tokens keeps KV retrieval at 40 pairs at 1.00 without any train
 
 Window convention (Mistral's, as ``sliding_window`` in transformers): query t attends to the real tokens
 t - window + 1 .. t (padding does not count and is never attended). The state holds the last ``window`` real
-tokens, like transformers' static sliding-window layer: a decode step writes its token, then reads the buffer.
+tokens in a ring of ``window`` slots: a one-token decode step writes its token over the oldest slot (``scatter_``
+at the row's ring position ``next % window``, a device tensor), then reads the whole ring with the empty slots
+masked. That step has fixed shapes and no host reads, so a static-cache decode step compiles as one graph and a
+CUDA graph can capture it (tests/test_window_mixer.py). Any other call (a prefill, a chunk of several tokens,
+packed documents) unrolls the ring into token order and takes the blockwise path, then lays the ring out again
+from slot 0.
 
 Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W window, L = past + T.
 """
@@ -51,6 +56,12 @@ class WindowAttention(RecurrentMixer):
                                  "numbered 0, 1, ... in order of first appearance")
         self.window, self.block_size, self.kv_groups = window, block_size, kv_groups
         self.num_kv_heads = len(distinct)
+        # (KV head, query heads reading it) in head order when each KV head's query heads are adjacent (always so
+        # in a built student: heads ascend, and so do their KV heads): the decode step then widens K/V per head by
+        # views alone, with no index tensor to copy to the device (a CUDA graph could not capture that copy)
+        runs = [(g, kv_groups.count(g)) for g in distinct]
+        adjacent = [g for g, n in runs for _ in range(n)] == kv_groups
+        self._runs = runs if adjacent else None
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
@@ -110,15 +121,26 @@ class WindowAttention(RecurrentMixer):
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
 
+    def _per_head(self, kv: Tensor) -> Tensor:
+        """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
+        if self._runs is None:
+            return kv.index_select(1, torch.as_tensor(self.kv_groups, device=kv.device))
+        if len(self._runs) == self.num_heads:  # one query head per KV head
+            return kv
+        return torch.cat([kv[:, g : g + 1].expand(-1, n, *kv.shape[2:]) for g, n in self._runs], dim=1)
+
     def _combined(self, k, v, attention_mask, state):
         B, T = k.shape[0], k.shape[2]
         real = torch.ones(B, T, dtype=torch.bool, device=k.device) if attention_mask is None \
             else attention_mask[:, -T:].bool()
         if state is None:
             return k, v, real, 0
-        keys = torch.cat([state["k"].to(k.dtype), k], dim=2)
-        values = torch.cat([state["v"].to(v.dtype), v], dim=2)
-        return keys, values, torch.cat([state["valid"].bool(), real], dim=1), self.window
+        # the ring in token order: from the oldest slot (next % W; when not full, the empty slots come first)
+        order = (state["next"][:, None] + torch.arange(self.window, device=k.device)) % self.window  # [B, W]
+        gather = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        keys = torch.cat([state["k"].gather(2, gather).to(k.dtype), k], dim=2)
+        values = torch.cat([state["v"].gather(2, gather).to(v.dtype), v], dim=2)
+        return keys, values, torch.cat([state["valid"].gather(1, order).bool(), real], dim=1), self.window
 
     @staticmethod
     def _documents(reset: Tensor | None, past: int) -> Tensor | None:
@@ -136,6 +158,8 @@ class WindowAttention(RecurrentMixer):
         empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]; reset [B, T] bool (a packed document
         starts there) or None. -> (y [B, T, H, P], state)."""
         q, k, v = self._qkv(hidden_states, position_embeddings)
+        if state is not None and reset is None and hidden_states.shape[1] == 1:
+            return self._step(q, k, v, attention_mask, state), state
         keys, values, valid, past = self._combined(k, v, attention_mask, state)
         documents = self._documents(reset, past)
         index = torch.as_tensor(self.kv_groups, device=q.device)
@@ -144,17 +168,47 @@ class WindowAttention(RecurrentMixer):
             out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
         y = torch.cat(out, dim=2).transpose(1, 2)  # [B, T, H, P]
         y = y * valid[:, past:, None, None].to(y.dtype)  # padded positions: 0
-        if state is not None:  # keep the last W real tokens (fewer real: some empty slots stay empty)
+        if state is not None:  # keep the last W real tokens in slots 0.., in token order; the ring goes on from there
             if documents is not None:  # of the last document only: the next tokens continue it
                 valid = valid & (documents == documents[:, -1:])
             length = valid.shape[1]
-            latest = valid.long() * torch.arange(1, length + 1, device=valid.device)
-            keep = latest.topk(self.window, dim=1).indices.sort(dim=1).values  # [B, W]
+            position = torch.arange(length, device=valid.device)
+            later = valid.flip(1).long().cumsum(1).flip(1)  # [B, L]: real tokens at or after each position
+            kept = valid & (later <= self.window)
+            # kept positions first, in token order, then the rest (whose slots stay empty)
+            keep = torch.where(kept, position, position + length).argsort(dim=1)[:, : self.window]  # [B, W]
+            count = kept.sum(1)  # [B] <= W
             gather = keep[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
             state["k"].copy_(keys.gather(2, gather))
             state["v"].copy_(values.gather(2, gather))
-            state["valid"].copy_(valid.gather(1, keep))
+            state["valid"].copy_(torch.arange(self.window, device=valid.device) < count[:, None])
+            state["next"].copy_(count)
         return y, state
+
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, state: dict[str, Tensor]) -> Tensor:
+        """One token per row: q [B, H, 1, P], k/v [B, G, 1, P] -> y [B, 1, H, P]; the ring advanced in place.
+
+        The row's token goes into slot ``next % W`` (the oldest, or the first empty one), by ``scatter_`` at that
+        device-side index; a padding token writes the slot's own content back and leaves ``next`` alone. The query
+        then reads every filled slot: the last W real tokens, its own included, the same keys the blockwise path
+        gives it (in ring order rather than token order, which a softmax does not see)."""
+        B, G, _, P = k.shape
+        real = torch.ones(B, dtype=torch.bool, device=q.device) if attention_mask is None \
+            else attention_mask[:, -1].bool()
+        slot = (state["next"] % self.window)[:, None]  # [B, 1]
+        at = slot[:, None, :, None].expand(B, G, 1, P)
+        for name, new in (("k", k), ("v", v)):
+            old = state[name].gather(2, at)
+            state[name].scatter_(2, at, torch.where(real[:, None, None, None], new.to(old.dtype), old))
+        filled = state["valid"].gather(1, slot)
+        state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
+        state["next"].add_(real.long())
+        keys, values = self._per_head(state["k"]), self._per_head(state["v"])  # [B, H, W, P]
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, W]
+        scores = scores.masked_fill(~state["valid"].bool()[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # nothing real yet: zeros
+        y = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [B, 1, H, P]
+        return y * real[:, None, None, None].to(y.dtype)
 
     def mixing_matrix(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -171,18 +225,21 @@ class WindowAttention(RecurrentMixer):
         return (matrix * valid[:, None, :, None]).to(q.dtype)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
-        """{"k", "v": [B, G, W, P] the last W real tokens' keys (RoPE applied) and values, "valid": [B, W]}."""
+        """{"k", "v": [B, G, W, P] the last W real tokens' keys (RoPE applied) and values in a ring of W slots,
+        "valid": [B, W] which slots are filled, "next": [B] int64 the ring position of the next write (mod W)}."""
         shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
         return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype),
-                "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype)}
+                "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype),
+                "next": torch.zeros(batch_size, device=device, dtype=torch.long)}
 
     @staticmethod
     def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, kv_heads: int | None = None,
                     **_: object) -> dict[str, int]:
-        """K and V of ``window`` tokens per KV head (``kv_heads``, default one per head) and the slots' mask."""
+        """K and V of ``window`` tokens per KV head (``kv_heads``, default one per head), the slots' mask and the
+        ring position (one int64)."""
         kv = num_heads if kv_heads is None else kv_heads
-        return {"window": 2 * kv * window * head_dim * dtype_bytes + window * dtype_bytes}
+        return {"window": 2 * kv * window * head_dim * dtype_bytes + window * dtype_bytes + 8}
 
     @classmethod
     def from_attention(
