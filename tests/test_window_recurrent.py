@@ -187,7 +187,7 @@ def test_left_padding_changes_neither_outputs_nor_state():
     y, _ = mixer(u, state=state, position_embeddings=rope(7))
     y_padded, _ = mixer(padded, mask, state=padded_state, position_embeddings=rope(10, positions))
     assert torch.allclose(y_padded[:, 3:], y, atol=1e-10)
-    assert set(state) == {"window.k", "window.v", "window.valid", "recurrence.conv", "recurrence.ssm"}
+    assert set(state) == {"window.k", "window.v", "window.valid", "window.next", "recurrence.conv", "recurrence.ssm"}
     assert all(torch.allclose(state[k], padded_state[k], atol=1e-10) for k in state)
 
 
@@ -244,7 +244,7 @@ def test_cache_bytes_are_both_parts_and_match_the_accounting():
     rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window_recurrent", window=16, state_size=8)
     (planned,) = [r for r in rows if r.model.startswith("student")]
     # 627 recurrent heads over 32 layers (>= 4 per layer): each layer's 4 KV rings + every head's SSM state
-    ring = 4 * 2 * 16 * 128 * 2 + 16 * 2
+    ring = 4 * 2 * 16 * 128 * 2 + 16 * 2 + 8  # + the ring position (int64)
     assert planned.ssm_bytes == 32 * ring + 627 * 8 * 128 * 2 and planned.conv_bytes == 627 * (128 + 16) * 3 * 2
 
 

@@ -167,8 +167,9 @@ class WindowRecurrent(RecurrentMixer):
         return window + self.gates()[:, None, None].to(window.dtype) * recurrence.to(window.dtype)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
-        """{"window.k", "window.v": [B, G, W, P], "window.valid": [B, W], "recurrence.conv": [B, H (P + 2N),
-        conv_width - 1], "recurrence.ssm": [B, H, N, P] (float32 for 16-bit dtypes)}."""
+        """{"window.k", "window.v": [B, G, W, P], "window.valid": [B, W], "window.next": [B],
+        "recurrence.conv": [B, H (P + 2N), conv_width - 1], "recurrence.ssm": [B, H, N, P] (float32 for 16-bit
+        dtypes)}."""
         return {**{f"window.{k}": v for k, v in self.window.empty_state(batch_size, device, dtype).items()},
                 **{f"recurrence.{k}": v for k, v in self.recurrence.empty_state(batch_size, device, dtype).items()}}
 
