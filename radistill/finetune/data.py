@@ -2,7 +2,8 @@
 
 ``--data FILE``: a ``.jsonl`` whose records have ``prompt`` and ``answer`` is a teaching task; anything else is
 text, read and packed by :class:`radistill.distill.data.PackedStream` (``.txt``, ``.txt.xz``, ``.jsonl`` with a
-``text`` field, ``.parquet``, HF dataset ids).
+``text`` field, ``.parquet``, HF dataset ids). From Python, :func:`document_batches` trains on short documents held
+in memory (one per row, loss on every token), e.g. statements a benchmark generates.
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def pair_batches(tokenizer, pairs: list[Pair], batch_size: int, max_length: int,
             yield collate([encoded[i] for i in order[start : start + size]], pad)
 
 
+def document_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int = 0
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of in-memory documents, one per row (right-padded), loss on every token.
+
+    Short documents are not packed: each starts its own row after the tokenizer's beginning-of-text token, as a
+    question about it would at evaluation, and ends with EOS. A document is a pair with an empty prompt, so the
+    loss and the checks are :func:`pair_batches`'s.
+    """
+    if not texts:
+        raise RadistillError("document_batches: no documents to train on")
+    return pair_batches(tokenizer, [Pair("", text) for text in texts], batch_size, max_length, seed)
+
+
 def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless packed text batches (every token is a target; documents are separated by EOS)."""
@@ -117,5 +131,5 @@ def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
     return text_batches(tokenizer, source, batch_size, seq_len, seed)
 
 
-__all__ = ["IGNORE", "Pair", "batches", "collate", "encode_pair", "is_pairs_file", "load_pairs", "pair_batches",
+__all__ = ["IGNORE", "Pair", "batches", "collate", "document_batches", "encode_pair", "is_pairs_file", "load_pairs", "pair_batches",
            "text_batches"]
