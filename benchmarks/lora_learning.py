@@ -210,12 +210,14 @@ def build_default_student(args, device: str, work: Path) -> tuple[Path, dict]:
 
 
 def describe_student(path: Path) -> dict:
-    """What a ``--student`` folder is: distilled when a trainer exported it (a recipe.json sits beside or above)."""
+    """What a ``--student`` folder is, from its JSON: distilled when a trainer exported it (the run's recipe.json sits
+    in it or, for ``RUN/stageN/``, one level up: where the model card looks too)."""
     distilled = any((p / "recipe.json").is_file() for p in (path, path.parent))
-    selection = path / "selection.json"
-    heads = json.loads(selection.read_text()).get("heads") if selection.is_file() else None
-    return {"source": str(path), "distilled": distilled if distilled else "unknown (no recipe.json beside it)",
-            "kept_heads": heads}
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    kept = config.get("kept_heads") or []
+    return {"source": str(path), "distilled": distilled,
+            "kept_heads": [f"{layer}.{h}" for layer, heads in enumerate(kept) for h in heads],
+            "state_size": (config.get("mixer_settings") or {}).get("state_size")}
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -281,7 +283,13 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
     cfg = FinetuneConfig(lora=None, steps=setup["steps"], lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
                          loss_chunk=2048, seed=args.seed)
     batches = document_batches(evaluator.tokenizer, setup["train"], setup["batch"], setup["seq_len"], seed=args.seed)
-    result = train(model, batches, cfg, device, autocast=device.startswith("cuda"))
+    every = max(1, setup["steps"] // 6)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0:
+            print(f"  {task} {method} lr {lr:g}: step {step}/{setup['steps']} loss {loss:.3f}", flush=True)
+
+    result = train(model, batches, cfg, device, autocast=device.startswith("cuda"), on_step=progress)
     plain = merge_lora(model) if targets is not None else model
     plain.eval()
     started = time.perf_counter()
@@ -303,9 +311,8 @@ def warm_up(base, tokenizer, data: dict, args, device: str) -> None:
     """One throwaway step per task of each kind on copies: compilation (the recurrent scan's forward and backward)
     and kernel choice fall on no measured run."""
     for targets in (None, METHODS[0][1]):
-        for task in TASKS:
+        for setup in data.values():
             model, _ = prepare(base, targets, args.rank)
-            setup = data[task]
             cfg = FinetuneConfig(lora=None, steps=1, lr=1e-12, batch_size=setup["batch"], seq_len=setup["seq_len"],
                                  loss_chunk=2048)
             train(model, document_batches(tokenizer, setup["train"], setup["batch"], setup["seq_len"]), cfg, device,
@@ -337,7 +344,7 @@ def markdown(result: dict) -> str:
     before = result["before"]
     lines = [f"# LoRA learning vs forgetting ({result['date']}, {result['device']})", "",
              f"Student: {result['student']['source']}, "
-             f"{'distilled' if result['student']['distilled'] is True else 'NOT distilled'}"
+             f"{'distilled' if result['student']['distilled'] else 'NOT distilled (no recipe.json of a distill run)'}"
              + (f" (kept heads {', '.join(result['student']['kept_heads'])}, state {result['student']['state_size']})"
                 if result['student'].get('state_size') else "") + ".", "",
              "| task | method | lr | trainable | steps × batch | tokens | s | loss first → last | held-out acc "
