@@ -396,7 +396,7 @@ def parse_args(argv=None):
     p.add_argument("--lrs-lora", default="1e-3,3e-3,1e-2", help="LoRA learning rates (the middle one runs first)")
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (both tasks)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (both tasks)")
     p.add_argument("--facts-batch", type=int, default=64, help="statements per step (task A)")
     p.add_argument("--kv-batch", type=int, default=32, help="lists per step (task B)")
     p.add_argument("--entities", type=int, default=120)
