@@ -319,12 +319,15 @@ def warm_up(base, tokenizer, data: dict, args, device: str) -> None:
                   autocast=device.startswith("cuda"))
 
 
-def schedule(lrs: dict[str, list[float]], tasks: list[str]) -> list[tuple[str, str, str | None, float]]:
+def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] | None = None
+             ) -> list[tuple[str, str, str | None, float]]:
     """(task, method, targets, lr) in priority order: every (task, method) at its middle lr, then the rest."""
     runs = []
     for rank in sorted(range(max(len(v) for v in lrs.values())), key=lambda i: (i != 1, i)):
         for task in tasks:
             for method, targets in METHODS:
+                if methods is not None and method not in methods:
+                    continue
                 kind = "full" if targets is None else "lora"
                 if rank < len(lrs[kind]):
                     runs.append((task, method, targets, lrs[kind][rank]))
@@ -393,7 +396,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=16)
     p.add_argument("--state-size", type=int, default=8)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
-    p.add_argument("--lrs-lora", default="1e-3,3e-3,1e-2", help="LoRA learning rates (the middle one runs first)")
+    p.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="comma-separated subset of "
+                   f"{', '.join(m for m, _ in METHODS)}")
+    p.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates (the middle one runs first)")
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (both tasks)")
@@ -423,6 +428,9 @@ def parse_args(argv=None):
     if not tasks or set(tasks) - set(TASKS):
         p.error(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
     args.tasks = tasks
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods or set(args.methods) - {m for m, _ in METHODS}:
+        p.error(f"--methods {','.join(args.methods)!r}: choose from {', '.join(m for m, _ in METHODS)}")
     try:
         args.lrs = {"lora": [float(x) for x in args.lrs_lora.split(",")],
                     "full": [float(x) for x in args.lrs_full.split(",")]}
@@ -485,9 +493,10 @@ def main(argv=None) -> int:
             "before": before, "runs": [], "skipped": [], "wall_seconds": None,
         }
         warm_start = time.perf_counter()
-        warm_up(base, tokenizer, {t: data[t] for t in args.tasks}, args, device)
+        if device == "cuda":  # nothing is compiled on the CPU
+            warm_up(base, tokenizer, {t: data[t] for t in args.tasks}, args, device)
         result["warm_up_seconds"] = round(time.perf_counter() - warm_start, 1)
-        plan = schedule(args.lrs, args.tasks)
+        plan = schedule(args.lrs, args.tasks, args.methods)
         slowest = 0.0
         for task, method, targets, lr in plan:
             elapsed = time.perf_counter() - started
