@@ -8,8 +8,8 @@ calibrated here but NOT distilled; ``--student DIR`` for a distilled one) is fin
 - ``full``: every weight,
 
 each at ``--lrs-lora`` / ``--lrs-full`` (three learning rates each), with the finetune wing's code
-(:mod:`radistill.finetune`: ``add_lora``, ``train``, ``document_batches``). Same steps, batch and data for every
-method of a task. The tasks, both made up here, so the model has never seen them:
+(:mod:`radistill.finetune`: ``add_lora``, ``train``, ``document_batches``, ``marked_batches``). Same steps, batch
+and data for every method of a task. The tasks, both made up here, so the model has never seen them:
 
 A. **new facts** (closed book). ``--entities`` invented names (syllables, none an English word), each with a job
    and, for about half of them, a favourite colour (values: single-token words the teacher's world uses).
@@ -19,8 +19,9 @@ A. **new facts** (closed book). ``--entities`` invented names (syllables, none a
    of Zarnoble? Answer:"; the headline) and, as a memorisation check, on a *seen phrasing* ("Name: Zarnoble; Job:").
 B. **a new retrieval format** (in context). A list written value first, ``42 is the value of apple.``, then
    ``The value of apple is`` -> `` 42``. Training documents: a fresh list, then every key asked once in random
-   order with its answer (loss on every token); scored on held-out lists (fresh keys from the other half of the
-   word list, fresh values), multiple choice over the list's values (chance 1 / ``--pairs``). A model that
+   order with its answer (loss on the answers only: ``marked_batches``); scored on held-out lists (fresh keys
+   from the other half of the word list, fresh values), multiple choice over the list's values (chance
+   1 / ``--pairs``). A model that
    copies what followed the key in the list (the KV probe's skill) picks the *next* line's value.
 
 Per (task, method, lr): held-out accuracy before/after (learning); KV retrieval at 10 and 40 pairs
@@ -61,7 +62,7 @@ from radistill.eval.choice import choice_accuracy  # noqa: E402
 from radistill.eval.fidelity import FidelityConfig, compare_batch  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.eval.suites import JOBS  # noqa: E402
-from radistill.finetune.data import document_batches  # noqa: E402
+from radistill.finetune.data import document_batches, marked_batches  # noqa: E402
 from radistill.finetune.lora import LoraSpec, add_lora, merge_lora  # noqa: E402
 from radistill.finetune.train import FinetuneConfig, train  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
@@ -161,8 +162,9 @@ LIST_QUESTION = "\nThe value of {key} is"
 
 
 def reversed_kv_task(tokenizer, pairs: int, train_docs: int, heldout: int, seed: int = 0):
-    """(training documents, held-out items). Keys: the word list's even entries for training, odd for held-out;
-    values: distinct numbers written as one token after ``is`` (:func:`radistill.probes.kv.value_range`)."""
+    """(training documents as ``(piece, scored)`` pieces, held-out items). Keys: the word list's even entries for
+    training, odd for held-out; values: distinct numbers written as one token after ``is``
+    (:func:`radistill.probes.kv.value_range`)."""
     prefix = value_prefix(tokenizer)
     end, start = spacing(tokenizer, prefix)
     values = value_range(tokenizer, prefix)
@@ -179,7 +181,10 @@ def reversed_kv_task(tokenizer, pairs: int, train_docs: int, heldout: int, seed:
     for _ in range(train_docs):
         keys, vals, body = draw(rng, train_keys)
         order = rng.sample(range(pairs), pairs)
-        documents.append(body + "".join(LIST_QUESTION.format(key=keys[i]) + f"{end}{start}{vals[i]}." for i in order))
+        pieces = [(body, False)]
+        for i in order:  # the loss falls on the answers only: the random keys and values are unpredictable noise
+            pieces += [(LIST_QUESTION.format(key=keys[i]) + end, False), (f"{start}{vals[i]}", True), (".", False)]
+        documents.append(pieces)
     rng = random.Random(seed + 1)
     items = []
     for _ in range(heldout):
@@ -267,6 +272,13 @@ class Evaluator:
         return {"kl_vs_start": totals.kl, "top1_vs_start": totals.top1}
 
 
+def training_batches(tokenizer, setup: dict, seed: int):
+    """Task A: statements, loss on every token; task B: documents of pieces, loss on the answers."""
+    if setup["marked"]:
+        return marked_batches(tokenizer, setup["train"], setup["batch"], setup["seq_len"], seed=seed)
+    return document_batches(tokenizer, setup["train"], setup["batch"], setup["seq_len"], seed=seed)
+
+
 def prepare(model, targets: str | None, rank: int):
     """A copy of ``model`` with LoRA on ``targets`` (None: every weight trainable) and the adapter summary."""
     model = copy.deepcopy(model)
@@ -282,7 +294,7 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
     setup = data[task]
     cfg = FinetuneConfig(lora=None, steps=setup["steps"], lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
                          loss_chunk=2048, seed=args.seed)
-    batches = document_batches(evaluator.tokenizer, setup["train"], setup["batch"], setup["seq_len"], seed=args.seed)
+    batches = training_batches(evaluator.tokenizer, setup, args.seed)
     every = max(1, setup["steps"] // 6)
 
     def progress(step: int, loss: float) -> None:
@@ -315,8 +327,7 @@ def warm_up(base, tokenizer, data: dict, args, device: str) -> None:
             model, _ = prepare(base, targets, args.rank)
             cfg = FinetuneConfig(lora=None, steps=1, lr=1e-12, batch_size=setup["batch"], seq_len=setup["seq_len"],
                                  loss_chunk=2048)
-            train(model, document_batches(tokenizer, setup["train"], setup["batch"], setup["seq_len"]), cfg, device,
-                  autocast=device.startswith("cuda"))
+            train(model, training_batches(tokenizer, setup, 0), cfg, device, autocast=device.startswith("cuda"))
 
 
 def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] | None = None
@@ -360,22 +371,22 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         seen = f"{start['facts-seen']:.3f} → {r['after']['facts-seen']:.3f}" if r["task"] == "facts" else "–"
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {r['steps']} × {r['batch']} | "
-            f"{r['target_tokens']:,} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
-            f"{start[r['task']]:.3f} → **{r['after'][r['task']]:.3f}** | {seen} | {r['kv@10']:.3f} | {r['kv@40']:.3f} "
-            f"| {r['heldout_ppl']:.2f} | {r['kl_vs_start']:.4f} | {r['top1_vs_start']:.3f} |")
+            f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {r['steps']} × {r['batch']} "
+            f"| {r['target_tokens']:,} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
+            f"{start[r['task']]:.3f} → **{r['after'][r['task']]:.3f}** | {seen} | {r['kv@10']:.3f} | "
+            f"{r['kv@40']:.3f} | {r['heldout_ppl']:.2f} | {r['kl_vs_start']:.4f} | {r['top1_vs_start']:.3f} |")
     t = before.get("teacher")
     if t:
         lines.append(f"\nTeacher (for reference): facts {t['facts']:.3f}, seen phrasing {t['facts-seen']:.3f}, "
                      f"reversed-kv {t['reversed-kv']:.3f}, KV@10 {t['kv@10']:.3f}, KV@40 {t['kv@40']:.3f}, "
                      f"prose ppl {t['heldout_ppl']:.2f}.")
-    task = result["tasks"]
-    lines.append(f"\nChance: facts {1 / task['facts']['choices']:.3f} ({task['facts']['heldout_items']} held-out-phrasing"
-                 f" items, {task['facts']['facts']} facts of {task['facts']['entities']} invented entities, "
-                 f"{task['facts']['statements']} training statements); reversed-kv {1 / task['reversed-kv']['pairs']:.3f}"
-                 f" ({task['reversed-kv']['heldout_items']} held-out lists of {task['reversed-kv']['pairs']} pairs). "
-                 f"Loss: mean next-token loss over every token of the training documents (last = mean of the last 10% "
-                 f"of steps). KL / top-1: next-token distributions against the starting student on held-out prose.")
+    facts, kv = result["tasks"]["facts"], result["tasks"]["reversed-kv"]
+    lines.append(f"\nChance: facts {1 / facts['choices']:.3f} ({facts['heldout_items']} held-out-phrasing items, "
+                 f"{facts['facts']} facts of {facts['entities']} invented entities, {facts['statements']} training "
+                 f"statements); reversed-kv {1 / kv['pairs']:.3f} ({kv['heldout_items']} held-out lists of "
+                 f"{kv['pairs']} pairs). Loss: mean next-token loss over the training targets (facts: every token of "
+                 "the statements; reversed-kv: the answers only), last = mean of the last 10% of steps. KL / top-1: "
+                 "next-token distributions against the starting student on held-out prose.")
     if result["skipped"]:
         lines.append(f"\nNot run (time limit {result['time_limit']} s): "
                      + ", ".join(f"{s['task']}/{s['method']}@{s['lr']:g}" for s in result["skipped"]) + ".")
@@ -462,10 +473,10 @@ def main(argv=None) -> int:
         kv_docs, kv_heldout = reversed_kv_task(tokenizer, args.pairs, max(2000, args.steps * args.kv_batch),
                                                args.heldout, args.seed)
         data = {
-            "facts": {"train": statements, "batch": args.facts_batch, "steps": args.steps,
-                      "seq_len": 64},
+            "facts": {"train": statements, "batch": args.facts_batch, "steps": args.steps, "seq_len": 64,
+                      "marked": False},
             "reversed-kv": {"train": kv_docs, "batch": args.kv_batch, "steps": args.steps,
-                            "seq_len": 64 + 32 * args.pairs},
+                            "seq_len": 64 + 32 * args.pairs, "marked": True},
         }
         evaluator = Evaluator(tokenizer, {"facts": facts_heldout, "facts-seen": facts_seen,
                                           "reversed-kv": kv_heldout}, args, device)
@@ -484,7 +495,8 @@ def main(argv=None) -> int:
                           "choices": args.choices, "heldout_items": len(facts_heldout), "seen_items": len(facts_seen),
                           "example_statements": statements[:8], "example_question": facts_heldout[0].to_dict()},
                 "reversed-kv": {"pairs": args.pairs, "train_documents": len(kv_docs), "heldout_items": len(kv_heldout),
-                                "example_document": kv_docs[0], "example_question": kv_heldout[0].to_dict()},
+                                "example_document": "".join(piece for piece, _ in kv_docs[0]),
+                                "example_question": kv_heldout[0].to_dict()},
             },
             "settings": {"steps": args.steps, "facts_batch": args.facts_batch, "kv_batch": args.kv_batch,
                          "lora_rank": args.rank, "lora_alpha": 2.0 * args.rank, "lrs": args.lrs,

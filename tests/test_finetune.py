@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import radistill.hybrid  # noqa: F401  (Auto registration)
-from radistill.finetune.data import IGNORE, Pair, document_batches, encode_pair, pair_batches
+from radistill.finetune.data import (IGNORE, Pair, document_batches, encode_marked, encode_pair, marked_batches,
+                                     pair_batches)
 from radistill.finetune.lora import LoraSpec, add_lora, adapter_parameters, load_adapter
 from radistill.finetune.run import save_merged
 from radistill.finetune.targets import parse_targets, target_modules
@@ -173,6 +174,23 @@ def test_documents_are_one_row_each_with_the_loss_on_every_token(tokenizer):
     assert set(rows) == {tuple(tokenizer(t).input_ids) for t in texts}  # one document per row, none packed together
     with pytest.raises(RadistillError, match="no documents"):
         document_batches(tokenizer, [], 2, 64)
+
+
+def test_marked_pieces_carry_the_loss_and_nothing_else(tokenizer):
+    pieces = [("list: a=1 b=2\n", False), ("Q a?", False), (" 1", True), ("\nQ b?", False), (" 2", True)]
+    ids, labels = encode_marked(tokenizer, pieces, 64)
+    assert ids[:-1] == tokenizer("".join(p for p, _ in pieces)).input_ids and ids[-1] == tokenizer.eos_token_id
+    scored = [i for i, label in enumerate(labels) if label != IGNORE]
+    answer = [t for a in (" 1", " 2") for t in tokenizer(a, add_special_tokens=False).input_ids]
+    assert [ids[i] for i in scored] == answer + [tokenizer.eos_token_id]
+    assert all(labels[i] == ids[i] for i in scored)
+    # the same text as a prompt/answer pair: the same ids, the loss on the last answer only
+    pair_ids, pair_labels = encode_pair(tokenizer, Pair("".join(p for p, _ in pieces[:-1]), pieces[-1][0]), 64)
+    assert pair_ids == ids and sum(label != IGNORE for label in pair_labels) == len(scored) - len(answer) // 2
+    with pytest.raises(RadistillError, match="no scored piece"):
+        encode_marked(tokenizer, [("context only", False)], 64)
+    batch = next(marked_batches(tokenizer, [pieces, pieces[:3]], batch_size=2, max_length=64))
+    assert int((batch["labels"] != IGNORE).sum()) == len(scored) + len(answer) // 2 + 1
 
 
 def test_training_on_documents_memorises_them(student, tokenizer):

@@ -52,11 +52,13 @@ def test_value_first_lists_answer_with_the_value_before_the_key(tokenizer):
     docs, items = lora_learning.reversed_kv_task(tokenizer, pairs=6, train_docs=30, heldout=30, seed=0)
     line = re.compile(r"^(\d+) is the value of (\w+)\.$", re.M)
     train_keys = set()
-    for doc in docs:
+    for pieces in docs:
+        doc = "".join(piece for piece, _ in pieces)
         pairs = dict((k, v) for v, k in line.findall(doc))
         assert len(pairs) == 6
         asked = re.findall(r"\nThe value of (\w+) is ?(\d+)\.", doc)
         assert sorted(k for k, _ in asked) == sorted(pairs) and all(pairs[k] == v for k, v in asked)
+        assert [p.strip() for p, scored in pieces if scored] == [v for _, v in asked]  # the loss: on the answers only
         train_keys |= set(pairs)
     heldout_keys = set()
     for item in items:
@@ -74,7 +76,8 @@ def test_every_method_runs_at_its_middle_lr_first():
     first = plan[:6]
     assert [(t, m) for t, m, _, _ in first] == [(t, m) for t in ("facts", "reversed-kv")
                                                 for m in ("lora-restricted", "lora-all", "full")]
-    assert {lr for _, m, _, lr in first if m == "full"} == {3e-4} and {lr for _, m, _, lr in first if m != "full"} == {3e-3}
+    assert {lr for _, m, _, lr in first if m == "full"} == {3e-4}
+    assert {lr for _, m, _, lr in first if m != "full"} == {3e-3}
 
 
 @pytest.mark.slow
