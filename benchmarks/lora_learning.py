@@ -416,6 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (both tasks)")
+    p.add_argument("--kv-steps", type=int, default=None, help="steps per run of task B (default: --steps)")
     p.add_argument("--facts-batch", type=int, default=64, help="statements per step (task A)")
     p.add_argument("--kv-batch", type=int, default=32, help="lists per step (task B)")
     p.add_argument("--entities", type=int, default=120)
@@ -435,11 +436,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.facts_batch, args.kv_batch, args.entities, args.heldout = 3, 4, 2, 8, 8
+        args.steps, args.kv_steps, args.facts_batch, args.kv_batch, args.entities, args.heldout = 3, 3, 4, 2, 8, 8
         args.kv_items, args.ppl_tokens, args.ppl_seq, args.eval_batch, args.pairs = 4, 256, 128, 8, 4
         args.lrs_lora, args.lrs_full = "3e-3", "3e-4"
     if not 1 <= args.entities <= 5000 or args.choices < 2 or not 2 <= args.pairs <= 40 or args.heldout < 1:
         p.error("need 1 <= --entities <= 5000, --choices >= 2, 2 <= --pairs <= 40 and --heldout >= 1")
+    args.kv_steps = args.kv_steps or args.steps
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks or set(tasks) - set(TASKS):
         p.error(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
@@ -475,12 +477,12 @@ def main(argv=None) -> int:
         base, tokenizer = load_model(student_dir, dtype="fp32", device=device)
 
         statements, facts_heldout, facts_seen, facts = facts_task(tokenizer, args.entities, args.choices, args.seed)
-        kv_docs, kv_heldout = reversed_kv_task(tokenizer, args.pairs, max(2000, args.steps * args.kv_batch),
+        kv_docs, kv_heldout = reversed_kv_task(tokenizer, args.pairs, max(2000, args.kv_steps * args.kv_batch),
                                                args.heldout, args.seed)
         data = {
             "facts": {"train": statements, "batch": args.facts_batch, "steps": args.steps, "seq_len": 64,
                       "marked": False},
-            "reversed-kv": {"train": kv_docs, "batch": args.kv_batch, "steps": args.steps,
+            "reversed-kv": {"train": kv_docs, "batch": args.kv_batch, "steps": args.kv_steps,
                             "seq_len": 64 + 32 * args.pairs, "marked": True},
         }
         evaluator = Evaluator(tokenizer, {"facts": facts_heldout, "facts-seen": facts_seen,
@@ -503,7 +505,8 @@ def main(argv=None) -> int:
                                 "example_document": "".join(piece for piece, _ in kv_docs[0]),
                                 "example_question": kv_heldout[0].to_dict()},
             },
-            "settings": {"steps": args.steps, "facts_batch": args.facts_batch, "kv_batch": args.kv_batch,
+            "settings": {"steps": args.steps, "kv_steps": args.kv_steps, "facts_batch": args.facts_batch,
+                         "kv_batch": args.kv_batch,
                          "lora_rank": args.rank, "lora_alpha": 2.0 * args.rank, "lrs": args.lrs,
                          "optimizer": "adamw, constant lr, no weight decay", "seed": args.seed,
                          "kv_items": args.kv_items, "ppl_tokens": int(evaluator.windows.numel())},
