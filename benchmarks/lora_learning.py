@@ -429,7 +429,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (both tasks)")
     p.add_argument("--kv-steps", type=int, default=None, help="steps per run of task B (default: --steps)")
     p.add_argument("--facts-batch", type=int, default=64, help="statements per step (task A)")
-    p.add_argument("--kv-batch", type=int, default=32, help="lists per step (task B)")
+    p.add_argument("--kv-batch", type=int, default=64, help="lists per step (task B; 8 answers each)")
     p.add_argument("--entities", type=int, default=120)
     p.add_argument("--choices", type=int, default=4, help="choices per fact question")
     p.add_argument("--pairs", type=int, default=8, help="pairs per value-first list")
