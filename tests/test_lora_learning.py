@@ -94,7 +94,8 @@ def test_quick_run_writes_rows_with_learning_and_forgetting(tmp_path):
         (t, m) for t in ("facts", "reversed-kv") for m in ("lora-restricted", "lora-all", "full")]
     for r in result["runs"]:
         assert r["loss_last"] < r["loss_first"]  # three steps at the quick lrs already lower the training loss
-        assert 0 <= r["after"][r["task"]] <= 1 and r["heldout_ppl"] > 1 and r["kl_vs_start"] > 0
+        assert 0 <= r["after"][r["task"]] <= 1 and r["heldout_ppl"] > 1 and r["heldout_ppl_first32"] > 1
+        assert r["kl_vs_start"] > 0 and 0 <= r["top1_vs_start"] <= 1
     params = {r["method"]: r["trainable_params"] for r in result["runs"]}
     assert params["lora-restricted"] < params["lora-all"] < params["full"]
     assert (tmp_path / "lora_learning.md").read_text().count("\n| facts |") == 3
