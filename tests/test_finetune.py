@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import radistill.hybrid  # noqa: F401  (Auto registration)
-from radistill.finetune.data import IGNORE, Pair, encode_pair, pair_batches
+from radistill.finetune.data import (IGNORE, Pair, document_batches, encode_marked, encode_pair, marked_batches,
+                                     pair_batches)
 from radistill.finetune.lora import LoraSpec, add_lora, adapter_parameters, load_adapter
 from radistill.finetune.run import save_merged
 from radistill.finetune.targets import parse_targets, target_modules
@@ -158,6 +159,45 @@ def test_pairs_put_the_loss_on_the_answer_only(tokenizer):
     assert ids[prompt:-1] == tokenizer(" b1", add_special_tokens=False).input_ids
     with pytest.raises(RadistillError, match="over --seq-len"):
         encode_pair(tokenizer, Pair("x" * 50, "y" * 20), 64)
+
+
+def test_documents_are_one_row_each_with_the_loss_on_every_token(tokenizer):
+    texts = ["apple is red.", "a much longer statement about a brick."]
+    batch = next(document_batches(tokenizer, texts, batch_size=2, max_length=64, seed=0))
+    lead = len(tokenizer("").input_ids)  # a beginning-of-text token, if the tokenizer adds one, is never a target
+    rows = {}
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        assert (labels[n:] == IGNORE).all() and (labels[:lead] == IGNORE).all()
+        assert torch.equal(labels[lead:n], ids[lead:n]) and int(ids[n - 1]) == tokenizer.eos_token_id
+        rows[tuple(ids[:n - 1].tolist())] = n
+    assert set(rows) == {tuple(tokenizer(t).input_ids) for t in texts}  # one document per row, none packed together
+    with pytest.raises(RadistillError, match="no documents"):
+        document_batches(tokenizer, [], 2, 64)
+
+
+def test_marked_pieces_carry_the_loss_and_nothing_else(tokenizer):
+    pieces = [("list: a=1 b=2\n", False), ("Q a?", False), (" 1", True), ("\nQ b?", False), (" 2", True)]
+    ids, labels = encode_marked(tokenizer, pieces, 64)
+    assert ids[:-1] == tokenizer("".join(p for p, _ in pieces)).input_ids and ids[-1] == tokenizer.eos_token_id
+    scored = [i for i, label in enumerate(labels) if label != IGNORE]
+    answer = [t for a in (" 1", " 2") for t in tokenizer(a, add_special_tokens=False).input_ids]
+    assert [ids[i] for i in scored] == answer + [tokenizer.eos_token_id]
+    assert all(labels[i] == ids[i] for i in scored)
+    # the same text as a prompt/answer pair: the same ids, the loss on the last answer only
+    pair_ids, pair_labels = encode_pair(tokenizer, Pair("".join(p for p, _ in pieces[:-1]), pieces[-1][0]), 64)
+    assert pair_ids == ids and sum(label != IGNORE for label in pair_labels) == len(scored) - len(answer) // 2
+    with pytest.raises(RadistillError, match="no scored piece"):
+        encode_marked(tokenizer, [("context only", False)], 64)
+    batch = next(marked_batches(tokenizer, [pieces, pieces[:3]], batch_size=2, max_length=64))
+    assert int((batch["labels"] != IGNORE).sum()) == len(scored) + len(answer) // 2 + 1
+
+
+def test_training_on_documents_memorises_them(student, tokenizer):
+    texts = [f"{w} has code {c}." for w, c in [("apple", "x7"), ("brick", "q2"), ("cloud", "m5"), ("delta", "k9")]]
+    cfg = FinetuneConfig(lora=None, steps=30, lr=3e-3, batch_size=4, seq_len=64, seed=0)
+    result = train(student.requires_grad_(True), document_batches(tokenizer, texts, 4, 64), cfg, "cpu")
+    assert result.losses[-1] < 0.2 * result.losses[0]  # measured: 5.56 -> 0.40
 
 
 def test_cli_finetune_saves_adapter_and_merged_student(student, tokenizer, tmp_path):

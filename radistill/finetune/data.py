@@ -2,7 +2,9 @@
 
 ``--data FILE``: a ``.jsonl`` whose records have ``prompt`` and ``answer`` is a teaching task; anything else is
 text, read and packed by :class:`radistill.distill.data.PackedStream` (``.txt``, ``.txt.xz``, ``.jsonl`` with a
-``text`` field, ``.parquet``, HF dataset ids).
+``text`` field, ``.parquet``, HF dataset ids). From Python, :func:`document_batches` trains on short documents held
+in memory (one per row, loss on every token), e.g. statements a benchmark generates, and :func:`marked_batches` on
+documents whose loss falls on marked pieces only (several answers in one document).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,18 +86,75 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pair_batches(tokenizer, pairs: list[Pair], batch_size: int, max_length: int, seed: int = 0
-                 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches of pairs (a new order every epoch)."""
-    encoded = [encode_pair(tokenizer, p, max_length) for p in pairs]
+def encode_marked(tokenizer, pieces: Sequence[tuple[str, bool]], max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a text made of ``(piece, scored)`` pieces: the loss on the scored pieces' tokens only
+    (and on the closing EOS when the last piece is scored), e.g. several questions in one document, each answer
+    a target and everything else context.
+
+    Each piece's tokens are those the whole text so far gives after the previous pieces' (as :func:`encode_pair`
+    does for its answer); where a token merges across a boundary the piece is encoded on its own instead.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    text = ""
+    for piece, scored in pieces:
+        text += piece
+        whole = tokenizer(text).input_ids
+        if whole[: len(ids)] != ids:
+            whole = ids + tokenizer(piece, add_special_tokens=False).input_ids
+        new = whole[len(ids):]
+        labels += new if scored else [IGNORE] * len(new)
+        ids = whole
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+        labels = labels + [tokenizer.eos_token_id if pieces and pieces[-1][1] else IGNORE]
+    if len(ids) > max_length:
+        raise RadistillError(f"a document is {len(ids)} tokens, over --seq-len {max_length}: raise --seq-len or "
+                             "shorten it")
+    if all(label == IGNORE for label in labels):
+        raise RadistillError("a document has no scored piece: mark at least one piece (piece, True)")
+    return ids, labels
+
+
+def _shuffled(encoded: list[tuple[list[int], list[int]]], tokenizer, batch_size: int, seed: int
+              ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of encoded rows (a new order every epoch)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rng = random.Random(seed)
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
-        size = min(batch_size, len(order))  # fewer pairs than a batch: every batch is all of them
+        size = min(batch_size, len(order))  # fewer rows than a batch: every batch is all of them
         for start in range(0, len(order) - size + 1, size):
             yield collate([encoded[i] for i in order[start : start + size]], pad)
+
+
+def pair_batches(tokenizer, pairs: list[Pair], batch_size: int, max_length: int, seed: int = 0
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of pairs (a new order every epoch)."""
+    return _shuffled([encode_pair(tokenizer, p, max_length) for p in pairs], tokenizer, batch_size, seed)
+
+
+def marked_batches(tokenizer, documents: list[Sequence[tuple[str, bool]]], batch_size: int, max_length: int,
+                   seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of documents given as ``(piece, scored)`` pieces (:func:`encode_marked`), one per
+    row, the loss on the scored pieces only."""
+    if not documents:
+        raise RadistillError("marked_batches: no documents to train on")
+    return _shuffled([encode_marked(tokenizer, d, max_length) for d in documents], tokenizer, batch_size, seed)
+
+
+def document_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, seed: int = 0
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of in-memory documents, one per row (right-padded), loss on every token.
+
+    Short documents are not packed: each starts its own row after the tokenizer's beginning-of-text token, as a
+    question about it would at evaluation, and ends with EOS. A document is a pair with an empty prompt, so the
+    loss and the checks are :func:`pair_batches`'s.
+    """
+    if not texts:
+        raise RadistillError("document_batches: no documents to train on")
+    return pair_batches(tokenizer, [Pair("", text) for text in texts], batch_size, max_length, seed)
 
 
 def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
@@ -117,5 +176,5 @@ def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
     return text_batches(tokenizer, source, batch_size, seq_len, seed)
 
 
-__all__ = ["IGNORE", "Pair", "batches", "collate", "encode_pair", "is_pairs_file", "load_pairs", "pair_batches",
-           "text_batches"]
+__all__ = ["IGNORE", "Pair", "batches", "collate", "document_batches", "encode_marked", "encode_pair", "is_pairs_file",
+           "load_pairs", "marked_batches", "pair_batches", "text_batches"]

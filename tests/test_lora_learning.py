@@ -1,0 +1,101 @@
+"""benchmarks/lora_learning.py: its two made-up tasks are what they claim (new names, held-out phrasings, the value
+before its key, disjoint keys), its runs go in priority order, and its --quick mode runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TEACHER_19M
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import lora_learning  # noqa: E402
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TEACHER_19M)
+
+
+def test_facts_are_about_invented_names_and_asked_in_phrasings_never_trained(tokenizer):
+    from radistill.probes.kv import words
+
+    statements, heldout, seen, facts = lora_learning.facts_task(tokenizer, entities=40, choices=4, seed=3)
+    names = {name for name, _, _ in facts}
+    assert len(names) == 40 and not {n.lower() for n in names} & {w.lower() for w in words()}
+    assert {attr for _, attr, _ in facts} == {"job", "colour"}
+    for name, attr, value in facts:  # every fact is stated four ways, each naming the entity and its value
+        assert sum(name in s and re.search(rf"\b{value}\b", s) is not None for s in statements) >= 4
+    assert len(heldout) == 2 * len(facts) and len(seen) == len(facts)
+    for item in heldout:  # a held-out question is not how any training statement begins
+        assert not any(s.startswith(item.prompt) for s in statements)
+        assert len(set(item.choices)) == 4
+    for item in seen:  # the seen phrasing is a training statement cut before its value
+        assert any(s.startswith(item.prompt + item.choices[item.answer]) for s in statements)
+    again = lora_learning.facts_task(tokenizer, entities=40, choices=4, seed=3)
+    assert again[0] == statements  # seeded
+
+
+def test_value_first_lists_answer_with_the_value_before_the_key(tokenizer):
+    docs, items = lora_learning.reversed_kv_task(tokenizer, pairs=6, train_docs=30, heldout=30, seed=0)
+    line = re.compile(r"^(\d+) is the value of (\w+)\.$", re.M)
+    train_keys = set()
+    for pieces in docs:
+        doc = "".join(piece for piece, _ in pieces)
+        pairs = dict((k, v) for v, k in line.findall(doc))
+        assert len(pairs) == 6
+        asked = re.findall(r"\nThe value of (\w+) is ?(\d+)\.", doc)
+        assert sorted(k for k, _ in asked) == sorted(pairs) and all(pairs[k] == v for k, v in asked)
+        assert [p.strip() for p, scored in pieces if scored] == [v for _, v in asked]  # the loss: on the answers only
+        train_keys |= set(pairs)
+    heldout_keys = set()
+    for item in items:
+        pairs = dict((k, v) for v, k in line.findall(item.prompt))
+        key = re.search(r"\nThe value of (\w+) is ?$", item.prompt).group(1)
+        assert item.choices[item.answer].strip() == pairs[key]
+        assert sorted(c.strip() for c in item.choices) == sorted(pairs.values())
+        heldout_keys |= set(pairs)
+    assert not train_keys & heldout_keys  # held-out lists use other words: nothing to memorise
+
+
+def test_every_method_runs_at_its_middle_lr_first():
+    plan = lora_learning.schedule({"lora": [1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]}, ["facts", "reversed-kv"])
+    assert len(plan) == 18
+    first = plan[:6]
+    assert [(t, m) for t, m, _, _ in first] == [(t, m) for t in ("facts", "reversed-kv")
+                                                for m in ("lora-restricted", "lora-all", "full")]
+    assert {lr for _, m, _, lr in first if m == "full"} == {3e-4}
+    assert {lr for _, m, _, lr in first if m != "full"} == {3e-3}
+
+
+@pytest.mark.slow
+def test_quick_run_writes_rows_with_learning_and_forgetting(tmp_path):
+    out = tmp_path / "lora_learning.json"
+    scan = BENCHMARKS / "results" / "window-cpu-scan" / "scan.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "lora_learning.py"), "--quick", "--scan", str(scan),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["student"]["distilled"] is False and len(result["student"]["kept_heads"]) == 16
+    assert [(r["task"], r["method"]) for r in result["runs"]] == [
+        (t, m) for t in ("facts", "reversed-kv") for m in ("lora-restricted", "lora-all", "full")]
+    for r in result["runs"]:
+        assert r["loss_last"] < r["loss_first"]  # three steps at the quick lrs already lower the training loss
+        assert 0 <= r["after"][r["task"]] <= 1 and r["heldout_ppl"] > 1 and r["heldout_ppl_first32"] > 1
+        assert r["kl_vs_start"] > 0 and 0 <= r["top1_vs_start"] <= 1
+    params = {r["method"]: r["trainable_params"] for r in result["runs"]}
+    assert params["lora-restricted"] < params["lora-all"] < params["full"]
+    assert (tmp_path / "lora_learning.md").read_text().count("\n| facts |") == 3
