@@ -63,8 +63,9 @@ class Recipe:
     out: str = "radistill-run"
     data: str = ""  # training text for distillation (a file or an HF dataset id)
     students: list[StudentSpec] = field(default_factory=lambda: [StudentSpec("top10", keep=10)])
-    mixer: str = "discrete_mamba2"
+    mixer: str = "discrete_mamba2"  # window_recurrent with window 16 keeps the most (docs/distill.md)
     state_size: int | None = None  # None: the mixer's default
+    window: int | None = None  # tokens a window head sees (mixer window or window_recurrent); None: its default
     scan: ScanSettings = field(default_factory=ScanSettings)
     distill: dict = field(default_factory=dict)  # a partial DistillRecipe (radistill/distill/recipe.py)
     eval: dict = field(default_factory=dict)  # EvalConfig fields (radistill/eval/runner.py)
@@ -223,12 +224,15 @@ class Pipeline:
         out = self.layout.student_dir(student.name)
         inputs = {"scan": scan, **asdict(student), "mixer": self.recipe.mixer,
                   "state_size": self.recipe.state_size, "calibration_data": self.recipe.data or None}
+        if self.recipe.window is not None:  # only then: earlier runs' stamps stay valid
+            inputs["window"] = self.recipe.window
         if self._fresh(f"build/{student.name}", inputs, (out / "config.json").exists()):
             return
         console.rule(f"build {student.name}")
         build_student(self.recipe.teacher, out, scan=self.layout.scan_dir / "scan.json", keep=student.keep,
                       heads=student.heads, mixer=self.recipe.mixer, state_size=self.recipe.state_size,
-                      calibration_data=self.recipe.data or None, device=self.recipe.device, overwrite=True)
+                      window=self.recipe.window, calibration_data=self.recipe.data or None,
+                      device=self.recipe.device, overwrite=True)
         self._stamp(f"build/{student.name}", inputs)
 
     def distill(self, student: StudentSpec) -> None:

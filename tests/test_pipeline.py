@@ -81,6 +81,21 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path):
     assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))).to_dict() == recipe.to_dict()
 
 
+def test_recipe_builds_window_recurrent_students_with_their_window(tmp_path, monkeypatch):
+    """`mixer: window_recurrent` + `window: 16` reach build_student; a recipe without `window` keeps its old stamp."""
+    import radistill.hybrid.build as build
+
+    seen = {}
+    monkeypatch.setattr(build, "build_student", lambda *a, **kw: seen.update(kw))
+    recipe = Recipe.from_dict({"teacher": "t", "out": str(tmp_path / "run"), "mixer": "window_recurrent",
+                               "window": 16})
+    pipeline = Pipeline(recipe)
+    pipeline.build(recipe.students[0], "scan")
+    assert (seen["mixer"], seen["window"]) == ("window_recurrent", 16)
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))).window == 16
+    assert Recipe.from_dict({"teacher": "t"}).window is None
+
+
 def test_recipe_errors_name_the_fix():
     with pytest.raises(RadistillError, match="valid keys"):
         Recipe.from_dict({"teacher": "t", "studnets": []})
