@@ -63,7 +63,7 @@ class Recipe:
     out: str = "radistill-run"
     data: str = ""  # training text for distillation (a file or an HF dataset id)
     students: list[StudentSpec] = field(default_factory=lambda: [StudentSpec("top10", keep=10)])
-    mixer: str = "discrete_mamba2"  # window_recurrent with window 16 keeps the most (docs/distill.md)
+    mixer: str = "window_recurrent"  # keeps the most of the teacher (docs/distill.md); the paper's: discrete_mamba2
     state_size: int | None = None  # None: the mixer's default
     window: int | None = None  # tokens a window head sees (mixer window or window_recurrent); None: its default
     scan: ScanSettings = field(default_factory=ScanSettings)

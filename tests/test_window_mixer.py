@@ -214,7 +214,8 @@ def test_cli_build_with_window_heads(tmp_path):
     register(app)
     common = ["--scan", scan, "--keep", "2", "--device", "cpu", "--dtype", "fp32"]
     result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window-heads", "2",
-                                      "--window", "8", "--state-size", "4", "--out", str(tmp_path / "mixed")])
+                                      "--mixer", "discrete_mamba2", "--window", "8", "--state-size", "4",
+                                      "--out", str(tmp_path / "mixed")])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "mixed" / "config.json").read_text())
     assert config["kept_heads"] == [[3], [], [1]] and config["mixer"] == "discrete_mamba2"
@@ -233,8 +234,8 @@ def test_cli_build_with_window_heads(tmp_path):
     with torch.no_grad():
         assert (student(input_ids=ids).logits - teacher(input_ids=ids).logits).abs().max() <= 1e-4
 
-    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window", "4",
-                                      "--out", str(tmp_path / "bad")])
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--mixer", "discrete_mamba2",
+                                      "--window", "4", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "--mixer window or --window-heads" in str(result.exception or result.output)
 
 

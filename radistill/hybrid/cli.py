@@ -45,9 +45,11 @@ def register(app: typer.Typer) -> None:
             None, "--heads", help="keep these heads instead: L.H,L.H,... (e.g. 8.3,0.6)"
         ),
         state_size: Optional[int] = typer.Option(None, "--state-size", help="recurrent state size N [mixer default]"),
-        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="mixer of the other heads: discrete_mamba2, "
-                                  "window (sliding-window softmax, training-free), window_recurrent (window + a "
-                                  "gated recurrence that starts closed) or a registered one"),
+        mixer: str = typer.Option("window_recurrent", "--mixer", help="mixer of the other heads: window_recurrent "
+                                  "(the teacher head over its last --window tokens + a gated DiscreteMamba2 "
+                                  "recurrence that starts closed: keeps the most of the teacher, docs/distill.md), "
+                                  "discrete_mamba2 (the paper's: recurrence only, the smallest state), window "
+                                  "(sliding-window softmax only) or a registered one"),
         window: Optional[int] = typer.Option(None, "--window", help="tokens a window head sees (--mixer window, "
                                              "window_recurrent or --window-heads) [16]"),
         window_heads: int = typer.Option(0, "--window-heads", help="also give the scan's next M heads after the "
