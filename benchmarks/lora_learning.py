@@ -306,6 +306,7 @@ def prepare(model, targets: str | None, rank: int):
 
 def run_one(task: str, method: str, targets: str | None, lr: float, base, data: dict, evaluator: Evaluator,
             args, device: str) -> dict:
+    torch.manual_seed(args.seed)  # the adapters' initialisation: every run reproducible, every method the same draw
     model, summary = prepare(base, targets, args.rank)
     setup = data[task]
     cfg = FinetuneConfig(lora=None, steps=setup["steps"], lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
