@@ -21,12 +21,12 @@ B. **a new retrieval format** (in context). A list written value first, ``Ticket
    ``42 goes to apple.``, then ``Which number goes to apple? Answer:`` -> `` 42``. Training documents: a fresh
    list, then every key asked once in random order with its answer (loss on the answers only:
    ``marked_batches``); scored on held-out lists (fresh keys from the other half of the word list, fresh values),
-   multiple choice over the list's values (chance 1 / ``--pairs``). A model that copies what followed the key in
-   the list (the KV probe's skill) picks the *next* line's value. Worded apart from the KV probe, which measures
+   multiple choice over the list's values (chance 1 / ``--pairs``). Copying what follows the key in the list (the
+   KV probe's skill) finds no value there, at best the next line's. Worded apart from the KV probe, which measures
    forgetting (see ``LIST_QUESTION``).
 
 Per (task, method, lr): held-out accuracy before/after (learning); KV retrieval at 10 and 40 pairs
-(:mod:`radistill.eval.kv`), held-out prose perplexity and the KL / top-1 agreement of the next-token
+(:mod:`radistill.eval.kv`), held-out prose perplexity (also over each window's first 32 predictions) and the KL / top-1 agreement of the next-token
 distributions against the starting student on held-out prose (:func:`radistill.eval.fidelity.compare_batch`)
 (forgetting); trainable parameters, steps, target tokens, seconds, first and last losses.
 
