@@ -26,9 +26,10 @@ B. **a new retrieval format** (in context). A list written value first, ``Ticket
    forgetting (see ``LIST_QUESTION``).
 
 Per (task, method, lr): held-out accuracy before/after (learning); KV retrieval at 10 and 40 pairs
-(:mod:`radistill.eval.kv`), held-out prose perplexity (also over each window's first 32 predictions) and the KL / top-1 agreement of the next-token
-distributions against the starting student on held-out prose (:func:`radistill.eval.fidelity.compare_batch`)
-(forgetting); trainable parameters, steps, target tokens, seconds, first and last losses.
+(:mod:`radistill.eval.kv`), held-out prose perplexity (also over each window's first 32 predictions) and the
+KL / top-1 agreement of the next-token distributions against the starting student on held-out prose
+(:func:`radistill.eval.fidelity.compare_batch`) (forgetting); trainable parameters, steps, target tokens, seconds,
+first and last losses.
 
     python benchmarks/lora_learning.py --time-limit 340   # one H200: ~5-6 min; lora_learning.{json,md}
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
