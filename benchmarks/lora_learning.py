@@ -17,17 +17,19 @@ A. **new facts** (closed book). ``--entities`` invented names (syllables, none a
    baker", ...), loss on every token. Scored as multiple choice among ``--choices`` values of the attribute
    (the right one and seeded distractors): on *held-out phrasings* never trained on ("Question: What is the job
    of Zarnoble? Answer:"; the headline) and, as a memorisation check, on a *seen phrasing* ("Name: Zarnoble; Job:").
-B. **a new retrieval format** (in context). A list written value first, ``42 is the value of apple.``, then
-   ``The value of apple is`` -> `` 42``. Training documents: a fresh list, then every key asked once in random
-   order with its answer (loss on the answers only: ``marked_batches``); scored on held-out lists (fresh keys
-   from the other half of the word list, fresh values), multiple choice over the list's values (chance
-   1 / ``--pairs``). A model that
-   copies what followed the key in the list (the KV probe's skill) picks the *next* line's value.
+B. **a new retrieval format** (in context). A list written value first, ``Ticket numbers:`` then lines such as
+   ``42 goes to apple.``, then ``Which number goes to apple? Answer:`` -> `` 42``. Training documents: a fresh
+   list, then every key asked once in random order with its answer (loss on the answers only:
+   ``marked_batches``); scored on held-out lists (fresh keys from the other half of the word list, fresh values),
+   multiple choice over the list's values (chance 1 / ``--pairs``). Copying what follows the key in the list (the
+   KV probe's skill) finds no value there, at best the next line's. Worded apart from the KV probe, which measures
+   forgetting (see ``LIST_QUESTION``).
 
 Per (task, method, lr): held-out accuracy before/after (learning); KV retrieval at 10 and 40 pairs
-(:mod:`radistill.eval.kv`), held-out prose perplexity and the KL / top-1 agreement of the next-token
-distributions against the starting student on held-out prose (:func:`radistill.eval.fidelity.compare_batch`)
-(forgetting); trainable parameters, steps, target tokens, seconds, first and last losses.
+(:mod:`radistill.eval.kv`), held-out prose perplexity (also over each window's first 32 predictions) and the
+KL / top-1 agreement of the next-token distributions against the starting student on held-out prose
+(:func:`radistill.eval.fidelity.compare_batch`) (forgetting); trainable parameters, steps, target tokens, seconds,
+first and last losses.
 
     python benchmarks/lora_learning.py --time-limit 340   # one H200: ~5-6 min; lora_learning.{json,md}
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
@@ -158,9 +160,13 @@ def facts_task(tokenizer, entities: int, choices: int, seed: int = 0):
 
 
 # ---- task B: a value-first retrieval format ------------------------------------------------------------------------
-LIST_HEADER = "Remember these values:\n"
-LIST_LINE = "{value} is the value of {key}.\n"
-LIST_QUESTION = "\nThe value of {key} is"
+# Worded apart from the KV probe ("key:value" lines, "The value of the key 'k' is"): with its question, learning to
+# read the number *before* the key would answer the probe with the previous line's value, and the probe, which
+# measures forgetting here, would measure that interference instead (CPU check: KV@10 0.94 -> 0.16 after full
+# fine-tuning at 1e-4 on "42 is the value of apple." lists asked "The value of apple is").
+LIST_HEADER = "Ticket numbers:\n"
+LIST_LINE = "{value} goes to {key}.\n"
+LIST_QUESTION = "\nWhich number goes to {key}? Answer:"
 
 
 def reversed_kv_task(tokenizer, pairs: int, train_docs: int, heldout: int, seed: int = 0):
@@ -301,6 +307,7 @@ def prepare(model, targets: str | None, rank: int):
 
 def run_one(task: str, method: str, targets: str | None, lr: float, base, data: dict, evaluator: Evaluator,
             args, device: str) -> dict:
+    torch.manual_seed(args.seed)  # the adapters' initialisation: every run reproducible, every method the same draw
     model, summary = prepare(base, targets, args.rank)
     setup = data[task]
     cfg = FinetuneConfig(lora=None, steps=setup["steps"], lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],

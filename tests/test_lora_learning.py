@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import lora_learning  # noqa: E402
+from radistill.probes.items import encode_items  # noqa: E402
 
 pytestmark = pytest.mark.shared
 
@@ -50,23 +51,25 @@ def test_facts_are_about_invented_names_and_asked_in_phrasings_never_trained(tok
 
 def test_value_first_lists_answer_with_the_value_before_the_key(tokenizer):
     docs, items = lora_learning.reversed_kv_task(tokenizer, pairs=6, train_docs=30, heldout=30, seed=0)
-    line = re.compile(r"^(\d+) is the value of (\w+)\.$", re.M)
+    line = re.compile(r"^(\d+) goes to (\w+)\.$", re.M)
     train_keys = set()
     for pieces in docs:
         doc = "".join(piece for piece, _ in pieces)
         pairs = dict((k, v) for v, k in line.findall(doc))
         assert len(pairs) == 6
-        asked = re.findall(r"\nThe value of (\w+) is ?(\d+)\.", doc)
+        asked = re.findall(r"\nWhich number goes to (\w+)\? Answer: ?(\d+)\.", doc)
         assert sorted(k for k, _ in asked) == sorted(pairs) and all(pairs[k] == v for k, v in asked)
         assert [p.strip() for p, scored in pieces if scored] == [v for _, v in asked]  # the loss: on the answers only
         train_keys |= set(pairs)
     heldout_keys = set()
     for item in items:
         pairs = dict((k, v) for v, k in line.findall(item.prompt))
-        key = re.search(r"\nThe value of (\w+) is ?$", item.prompt).group(1)
+        key = re.search(r"\nWhich number goes to (\w+)\? Answer: ?$", item.prompt).group(1)
         assert item.choices[item.answer].strip() == pairs[key]
         assert sorted(c.strip() for c in item.choices) == sorted(pairs.values())
         heldout_keys |= set(pairs)
+    encoded = encode_items(tokenizer, items)  # one token per value: scoring compares like with like
+    assert all(len(c) == 1 for item in encoded for c in item.choice_ids)
     assert not train_keys & heldout_keys  # held-out lists use other words: nothing to memorise
 
 
