@@ -24,14 +24,12 @@ with a bridge attached, its gate closed and a memory in use: they must equal the
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -48,6 +46,7 @@ from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.hybrid.build import build_student  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
+from environment import device_label, versions  # noqa: E402
 
 SCAN = ROOT / "benchmarks" / "results" / "window-cpu-scan" / "scan.json"
 
@@ -200,10 +199,7 @@ def main(argv=None) -> int:
             "batch": batch, "lr": args.lr, "train_samples": train_n, "eval_samples": eval_n, "rows": rows,
             "chunk_ae": ae_rows, "student_own": own, "student_gate_closed": closed, "gate_closed_equal": own == closed,
             "complete": done, "seconds": round(time.time() - start, 1),
-            "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
-                       f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
+            "device": device_label(device), "versions": versions(),
         }
         write_json_atomic(out.with_suffix(".json"), result)
         write_text_atomic(out.with_suffix(".md"), markdown(result))

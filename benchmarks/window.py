@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -55,6 +53,7 @@ from radistill.models.access import load_model, model_layout  # noqa: E402
 from radistill.scan.result import load_scan  # noqa: E402
 from radistill.scan.run import probe_items, scan_model  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
+from environment import device_label, versions  # noqa: E402
 
 GLOBAL = (3, 8)
 WINDOWS = (8, 16, 32, 64)
@@ -244,10 +243,7 @@ def main(argv=None) -> int:
             "teacher": teacher_row, "students": rows, "scan": _relative(scan), "pairs": list(args.pairs),
             "scan_top8": ranked[:8], "kv_items_per_size": args.kv_samples, "heldout_tokens": int(heldout.numel()),
             "serving": serving_rows(), "seconds": round(time.time() - start, 1), "complete": done,
-            "device": (torch.cuda.get_device_name(0) if device.startswith("cuda") else
-                       f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
+            "device": device_label(device), "versions": versions(),
         }
         write_json_atomic(out.with_suffix(".json"), result)
         write_text_atomic(out.with_suffix(".md"), markdown(result))
