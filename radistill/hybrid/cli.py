@@ -105,7 +105,8 @@ def register(app: typer.Typer) -> None:
         baseline: Optional[list[str]] = typer.Option(
             None, "--baseline", help="layer-level hybrid to compare with: mil-P (P% attention layers), repeatable"
         ),
-        mixer: str = typer.Option("discrete_mamba2", "--mixer", help="that student's other heads (e.g. window)"),
+        mixer: str = typer.Option("window_recurrent", "--mixer", help="that student's other heads, as `build` "
+                                  "makes them (window_recurrent; discrete_mamba2 for the paper's, window, ...)"),
         window: Optional[int] = typer.Option(None, "--window", help="with --mixer window or window_recurrent: its "
                                              "span in tokens [16]"),
         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),

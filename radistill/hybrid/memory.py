@@ -74,6 +74,16 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def _window_span(mixer: str, settings: dict) -> int | None:
+    """The window a mixer's heads see (``settings`` or its default), None for a mixer without one."""
+    if "window" in settings:
+        return settings["window"]
+    from radistill.hybrid.modeling import mixer_class
+
+    default = inspect.signature(mixer_class(mixer).state_bytes).parameters.get("window")
+    return None if default is None else default.default
+
+
 def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, settings: dict,
                  kv_heads: int | None = None) -> dict[str, int]:
     """The mixer's per-sequence state bytes for ``num_heads`` heads (0 heads: nothing): ``{"ssm": every part but
@@ -172,7 +182,8 @@ def planned_student_rows(
     else:
         sizes = _state_bytes(mixer, recurrent, layout.head_dim, nbytes, settings)
     label = f"student K={keep}" + (f" N={settings['state_size']}" if "state_size" in settings else "")
-    label += f" {mixer} W={settings['window']}" if "window" in settings else ""
+    window_span = _window_span(mixer, settings)
+    label += f" W={window_span}" if window_span is not None else ""
     label += " (paper accounting)" if paper else ""
     return [
         MemoryRow(label, n, _kv_bytes(keep, layout.head_dim, nbytes, n, window), sizes["ssm"], sizes["conv"])
