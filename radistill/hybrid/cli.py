@@ -26,7 +26,8 @@ def _memory_table(rows, dtype: str) -> Table:
     teacher = {r.length: r.total_bytes for r in rows if r.model.startswith("teacher")}
     table = Table(title=f"cache per sequence ({dtype}, MB = 10^6 bytes; total = KV + SSM, conv shown apart)")
     for column in ("model", "length", "KV MB", "SSM MB", "conv MB", "total MB", "teacher / this"):
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
+        # numbers stay whole on a narrow terminal; a long model name wraps instead
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column != "model")
     for r in rows:
         ratio = teacher.get(r.length, 0) / r.total_bytes if r.total_bytes else float("inf")
         table.add_row(r.model, str(r.length), f"{r.kv_bytes / 1e6:.2f}", f"{r.ssm_bytes / 1e6:.2f}",
