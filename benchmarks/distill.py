@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from environment import versions  # noqa: E402  (also imported from here by gpu24.py)
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.distill.stages import make_objective  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
@@ -212,26 +213,6 @@ def kernel_table(teacher, student, device: str, seq_len: int, batch: int, compil
     total = sum(e.self_device_time_total for e in events) or 1
     return [{"name": e.key[:90], "calls": e.count, "ms": e.self_device_time_total / 1e3,
              "share": e.self_device_time_total / total} for e in events[:top]]
-
-
-def versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        import fla
-
-        out["fla"] = getattr(fla, "__version__", "installed")
-    except ImportError:
-        out["fla"] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

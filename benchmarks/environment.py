@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 import torch
 
@@ -15,14 +14,22 @@ def device_label(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def versions(*packages: str) -> dict[str, str]:
-    """Python, torch and transformers, plus each of ``packages`` that is installed (by distribution name)."""
+def versions() -> dict:
+    """Python, torch, transformers and CUDA, and triton and fla where installed (fla None where not)."""
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import fla
+
+        out["fla"] = getattr(fla, "__version__", "installed")
+    except ImportError:
+        out["fla"] = None
     return out

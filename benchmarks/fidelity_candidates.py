@@ -66,7 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from testbed_recovery import (  # noqa: E402
-    CORPUS, TEACHER, EvalSet, Timings, distill_student, evaluate, recipe_for, scan_heads,
+    CORPUS, TEACHER, EvalSet, Timings, distill_student, evaluate, fidelity_scores, recipe_for, scan_heads,
+    suite_scores,
 )
 from distill import synchronizer  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
@@ -75,7 +76,6 @@ from radistill.utils.console import console  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 DEFAULT_BUDGET = 13_795_328  # the testbed's top-16 budget (stage 2 2,752,512 + stage 3 11,042,816)
-SUITES = ROOT / "examples" / "suites" / "teacher-19m"  # records and facts (radistill.eval.suites), multiple choice
 TEACHER_SHARE = 0.25
 STAGE1_SHARE = 0.1
 WINDOW = 16  # the window variants' span: the training-free top-3 window student's (docs/hybrid.md)
@@ -126,31 +126,6 @@ def variant_recipe(name: str, spec: dict, budget: int, args, work: Path) -> Dist
         documents = overrides["data"].get("teacher_documents", "default")  # a store per size: never a stale one
         overrides["data"]["teacher_dir"] = str(work / f"teacher_text-{documents}")
     return merge(recipe, overrides)
-
-
-def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int) -> dict:
-    """``radistill.eval.fidelity`` of the student against the teacher on the prose corpus."""
-    from radistill.eval.fidelity import FidelityConfig, fidelity
-
-    config = FidelityConfig(windows=4, window=64, samples=2, generate=32, greedy_prompts=2, greedy_tokens=16,
-                            text_tokens=8192) if quick else FidelityConfig()
-    result = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config, batch_size=batch)
-    out = result.to_dict()
-    out.pop("samples", None)  # token ids: reproducible from the seed, too large for a table's JSON
-    out.pop("greedy_continuations", None)
-    return out
-
-
-def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
-    """Accuracy on the testbed's capability suites (in-context record lookups, recalled facts); quick: 16 items."""
-    from radistill.eval.choice import choice_accuracy
-    from radistill.probes.items import load_jsonl
-
-    scores = {}
-    for path in sorted(SUITES.glob("*.jsonl")):
-        items = load_jsonl(path)
-        scores[path.stem] = choice_accuracy(model, tokenizer, items[:16] if quick else items, batch)
-    return scores
 
 
 def _setup_key(result: dict) -> dict:

@@ -74,11 +74,10 @@ def generate(model, ids: torch.Tensor, new_tokens: int, compile_config, static: 
 
 
 @torch.no_grad()
-def time_prefill(model, batch: int, length: int, device: str, repeat: int = 3, host: list | None = None) -> float:
-    """Median seconds of one prefill forward. ``host``: if given, gets the median seconds until the forward
-    *returned* (before the device finished): when that is close to the total, the prefill is bound by the host
-    launching kernels, not by the device running them."""
-    ids = prompt(model, batch, length, device)
+def prefill_timings(model, ids: torch.Tensor, device: str, repeat: int = 3) -> tuple[float, float]:
+    """Median seconds of one prefill forward of ``ids`` [batch, length] after a warm-up: (until the device finished,
+    until the forward *returned*). When the second is close to the first, the prefill is bound by the host launching
+    kernels, not by the device running them."""
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
     times, returned = [], []
     for _ in range(repeat):
@@ -88,9 +87,16 @@ def time_prefill(model, batch: int, length: int, device: str, repeat: int = 3, h
         returned.append(time.perf_counter() - start)
         sync(device)
         times.append(time.perf_counter() - start)
+    return statistics.median(times), statistics.median(returned)
+
+
+def time_prefill(model, batch: int, length: int, device: str, repeat: int = 3, host: list | None = None) -> float:
+    """Median seconds of one prefill forward of a ``batch`` x ``length`` prompt; ``host``, if given, gets the median
+    seconds until the forward returned (:func:`prefill_timings`)."""
+    total, returned = prefill_timings(model, prompt(model, batch, length, device), device, repeat)
     if host is not None:
-        host.append(statistics.median(returned))
-    return statistics.median(times)
+        host.append(returned)
+    return total
 
 
 def set_ssd_backend(model, backend: str) -> str:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decode import PAPER_HEADS, QUICK_HEADS, sync  # noqa: E402
+from generate import prefill_timings  # noqa: E402
 
 from radistill.hybrid.build import convert, student_config  # noqa: E402
 from radistill.models.presets import shape_config, tiny_config  # noqa: E402
@@ -155,18 +156,9 @@ def prefill_ops(model, ids: torch.Tensor) -> dict:
     return out
 
 
-@torch.no_grad()
 def prefill_times(model, ids: torch.Tensor, device: str, repeat: int) -> dict:
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)  # warm-up
-    returned, total = [], []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        returned.append(time.perf_counter() - start)
-        sync(device)
-        total.append(time.perf_counter() - start)
-    return {"prefill_host_ms": 1e3 * statistics.median(returned), "prefill_ms": 1e3 * statistics.median(total)}
+    total, returned = prefill_timings(model, ids, device, repeat)
+    return {"prefill_host_ms": 1e3 * returned, "prefill_ms": 1e3 * total}
 
 
 @torch.no_grad()

@@ -64,6 +64,7 @@ from radistill.utils.io import write_json_atomic  # noqa: E402
 SHARED = ROOT.parent / "shared" / "fixtures"
 TEACHER = SHARED / "teacher-19m"
 CORPUS = SHARED / "corpus" / "prose-train.txt.xz"
+SUITES = ROOT / "examples" / "suites" / "teacher-19m"  # records and facts (radistill.eval.suites), multiple choice
 PAIRS = (5, 10, 20, 40)
 STAGE2_SHARE = 0.2  # of each student's tokens (the authors' repo: 5B of 25B)
 KV_SEED = 1234  # evaluation items: not the scan's seed (0), heads are not judged on the items that ranked them
@@ -238,6 +239,32 @@ def evaluate(model, evalset: EvalSet, device: str, batch: int) -> dict:
     model.eval()
     kv = {str(p): kv_accuracy(model, items, batch, device) for p, items in evalset.kv.items()}
     return {"kv_retrieval": kv, "heldout_ppl": heldout_perplexity(model, evalset.heldout, max(1, batch // 4), device)}
+
+
+def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
+    """Accuracy on the testbed's capability suites (in-context record lookups, recalled facts); quick: the first 16
+    items of each."""
+    from radistill.eval.choice import choice_accuracy
+    from radistill.probes.items import load_jsonl
+
+    scores = {}
+    for path in sorted(SUITES.glob("*.jsonl")):
+        items = load_jsonl(path)
+        scores[path.stem] = choice_accuracy(model, tokenizer, items[:16] if quick else items, batch)
+    return scores
+
+
+def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int = 8) -> dict:
+    """``radistill.eval.fidelity`` of the student against the teacher on the prose corpus and the teacher's own
+    samples, without the token ids it also returns (reproducible from its seed, too large for a table's JSON)."""
+    from radistill.eval.fidelity import FidelityConfig, fidelity
+
+    config = FidelityConfig(windows=4, window=64, samples=2, generate=32, greedy_prompts=2, greedy_tokens=16,
+                            text_tokens=8192) if quick else FidelityConfig()
+    out = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config, batch_size=batch).to_dict()
+    out.pop("samples", None)
+    out.pop("greedy_continuations", None)
+    return out
 
 
 def _autocast(device: str):

@@ -38,7 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from testbed_recovery import CORPUS, KV_SEED, TEACHER, heldout_perplexity, recipe_for  # noqa: E402
+from testbed_recovery import (  # noqa: E402
+    CORPUS, KV_SEED, TEACHER, fidelity_scores, heldout_perplexity, recipe_for, suite_scores,
+)
 from radistill.distill.data import heldout_sequences  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.hybrid.build import convert, select_heads, student_config  # noqa: E402
@@ -57,7 +59,6 @@ from environment import device_label, versions  # noqa: E402
 
 GLOBAL = (3, 8)
 WINDOWS = (8, 16, 32, 64)
-SUITES = ROOT / "examples" / "suites" / "teacher-19m"
 PAIRS = (5, 10, 20, 40)
 LENGTHS = (2048, 8192)
 SERVING_BUDGET_GIB, SERVING_KEEP, SERVING_STATE, SERVING_CONTEXT = 24, 13, 8, 32768  # as benchmarks/gpu24.py
@@ -111,28 +112,6 @@ def student_labels(model) -> dict:
 
 def _relative(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
-
-
-def fidelity_scores(student, teacher, tokenizer, quick: bool) -> dict:
-    """``radistill.eval.fidelity`` of the student against the teacher (prose corpus and the teacher's samples),
-    without the token ids it also returns (reproducible from its seed, too large for a table's JSON)."""
-    from radistill.eval.fidelity import FidelityConfig, fidelity
-
-    config = FidelityConfig(windows=4, samples=2, greedy_prompts=4) if quick else FidelityConfig()
-    out = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config).to_dict()
-    out.pop("samples", None)
-    out.pop("greedy_continuations", None)
-    return out
-
-
-def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
-    """Accuracy on the testbed's capability suites (examples/suites/teacher-19m: records read in context, facts
-    recalled); quick: the first 16 items of each."""
-    from radistill.eval.choice import choice_accuracy
-    from radistill.probes.items import load_jsonl
-
-    return {path.stem: choice_accuracy(model, tokenizer, load_jsonl(path)[:16] if quick else load_jsonl(path), batch)
-            for path in sorted(SUITES.glob("*.jsonl"))}
 
 
 def evaluate(model, tokenizer, heldout, args, device: str) -> dict:
@@ -235,14 +214,14 @@ def main(argv=None) -> int:
     print(f"scan: {scan}; top 8 {ranked[:8]} ({time.time() - start:.0f} s)", flush=True)
     heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, args.ppl_tokens // 512))
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
-    rows = []
+    rows, serving = [], serving_rows()
 
     def save(done: bool) -> dict:
         """Written after every row, so a run cut by a time limit keeps its finished rows (``complete`` says)."""
         result = {
             "teacher": teacher_row, "students": rows, "scan": _relative(scan), "pairs": list(args.pairs),
             "scan_top8": ranked[:8], "kv_items_per_size": args.kv_samples, "heldout_tokens": int(heldout.numel()),
-            "serving": serving_rows(), "seconds": round(time.time() - start, 1), "complete": done,
+            "serving": serving, "seconds": round(time.time() - start, 1), "complete": done,
             "device": device_label(device), "versions": versions(),
         }
         write_json_atomic(out.with_suffix(".json"), result)
@@ -257,7 +236,7 @@ def main(argv=None) -> int:
                    "kept_heads": [list(h) for h in ranked[:top]],
                    **evaluate(student, tok, heldout, args, device)}
             if args.fidelity:
-                row["fidelity"] = fidelity_scores(student, teacher.to(device), tok, args.quick)
+                row["fidelity"] = fidelity_scores(teacher.to(device), tok, student, args.quick)
             rows.append(row)
             save(False)
             kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
@@ -269,7 +248,7 @@ def main(argv=None) -> int:
         row = {"name": _relative(str(path)), **student_labels(student),
                **evaluate(student, tok, heldout, args, device)}
         if args.fidelity:
-            row["fidelity"] = fidelity_scores(student, teacher.to(device), tok, args.quick)
+            row["fidelity"] = fidelity_scores(teacher.to(device), tok, student, args.quick)
         rows.append(row)
         save(False)
     result = save(True)
