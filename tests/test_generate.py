@@ -196,16 +196,22 @@ def test_teacher_order_scatter_equals_the_concatenate_and_gather_reference():
     assert all(torch.equal(a, b) for a, b in zip(grads, wants))
 
 
-def test_bf16_normalizer_fast_path_equals_the_float32_reference():
+def random_normalizer(seed: int):
+    """A StaticNormalizer over 3 heads x 16 channels with seeded random statistics, and the generator (for inputs)."""
     from radistill.hybrid.normalizer import StaticNormalizer
 
     norm = StaticNormalizer(3, 16)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in ("student_mean", "teacher_mean"):
             getattr(norm, name).copy_(torch.randn(3, 16, generator=g))
         for name in ("student_std", "teacher_std"):
             getattr(norm, name).copy_(torch.rand(3, 16, generator=g) + 0.5)
+    return norm, g
+
+
+def test_bf16_normalizer_fast_path_equals_the_float32_reference():
+    norm, g = random_normalizer(seed=0)
     norm = norm.to(torch.bfloat16)
     y = (torch.randn(4, 257, 3, 16, generator=g) * 3).to(torch.bfloat16)
     fast, reference = norm(y), norm.forward_reference(y)
@@ -220,8 +226,6 @@ def test_float32_normalizer_is_the_reference_and_reuses_its_affine_until_a_stati
     path."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from radistill.hybrid.normalizer import StaticNormalizer
-
     class Count(TorchDispatchMode):
         ops = 0
 
@@ -229,13 +233,7 @@ def test_float32_normalizer_is_the_reference_and_reuses_its_affine_until_a_stati
             Count.ops += 1
             return func(*args, **(kwargs or {}))
 
-    norm = StaticNormalizer(3, 16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name in ("student_mean", "teacher_mean"):
-            getattr(norm, name).copy_(torch.randn(3, 16, generator=g))
-        for name in ("student_std", "teacher_std"):
-            getattr(norm, name).copy_(torch.rand(3, 16, generator=g) + 0.5)
+    norm, g = random_normalizer(seed=1)
     y = torch.randn(2, 33, 3, 16, generator=g) * 3
     with Count():
         fast = norm(y)

@@ -61,6 +61,22 @@ def left_padded(batch: int = 3, length: int = 12, pads=(0, 3, 7), vocab: int = 2
     return ids, mask, positions
 
 
+def chunked_logits(model, ids, mask, positions, chunks):
+    """Logits [batch, sum(chunks), vocab] of ``ids`` fed in consecutive pieces of ``chunks`` tokens through one
+    cache (chunked prefill, then decode steps where a piece is one token), and the cache left."""
+    from radistill.hybrid import output_cache
+
+    cache, steps, start = None, [], 0
+    with torch.no_grad():
+        for size in chunks:
+            end = start + size
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                        position_ids=positions[:, start:end], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache, start = output_cache(out), end
+    return torch.cat(steps, 1), cache
+
+
 @pytest.mark.parametrize(
     ("model_type", "overrides"),
     [("llama", {}), ("llama", {"tie_word_embeddings": True, "attention_bias": True, "num_key_value_heads": 4}),

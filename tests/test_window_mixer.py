@@ -7,13 +7,13 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import radistill  # noqa: F401  (Auto-class registration)
-from radistill.hybrid import HybridCache, HybridConfig, HybridForCausalLM, output_cache
+from radistill.hybrid import HybridCache, HybridConfig, HybridForCausalLM
 from radistill.hybrid.build import convert, student_config
 from radistill.hybrid.memory import measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MixerBank, WindowAttention
 from radistill.models.presets import random_model, tiny_config
 from radistill.utils.errors import RadistillError
-from test_hybrid import left_padded, make_teacher
+from test_hybrid import chunked_logits, left_padded, make_teacher
 
 MAMBA = {"state_size": 8, "chunk_size": 4}
 
@@ -82,15 +82,9 @@ def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
     ids, mask, positions = left_padded(length=14)
     with torch.no_grad():
         full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        cache, steps, start = None, [], 0
-        for size in chunks:
-            end = start + size
-            out = student(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
-                          position_ids=positions[:, start:end], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache, start = output_cache(out), end
+    chunked, cache = chunked_logits(student, ids, mask, positions, chunks)
     assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
-    assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() <= 1e-4
+    assert (chunked - full)[mask.bool()].abs().max() <= 1e-4
 
 
 def test_generate_matches_the_uncached_greedy_continuation():

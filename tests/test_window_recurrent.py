@@ -15,7 +15,7 @@ from radistill.hybrid.memory import measure_cache_bytes, memory_rows, student_ro
 from radistill.hybrid.mixers import DiscreteMamba2, MixerBank, WindowAttention, WindowRecurrent, get_mixer
 from radistill.models.presets import tiny_config
 from radistill.utils.errors import RadistillError
-from test_hybrid import left_padded, make_teacher
+from test_hybrid import chunked_logits, left_padded, make_teacher
 
 SETTINGS = {"window": 3, "state_size": 8, "chunk_size": 4}
 KEPT = [[0], [], [2], []]  # tiny presets: 4 query heads in 2 KV groups, head_dim 16, 4 layers here
@@ -143,15 +143,9 @@ def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
     ids, mask, positions = left_padded(length=14)
     with torch.no_grad():
         full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        cache, steps, start = None, [], 0
-        for size in chunks:
-            end = start + size
-            out = student(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
-                          position_ids=positions[:, start:end], cache=cache, use_cache=True)
-            steps.append(out.logits)
-            cache, start = output_cache(out), end
+    chunked, cache = chunked_logits(student, ids, mask, positions, chunks)
     assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
-    assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() <= 1e-4
+    assert (chunked - full)[mask.bool()].abs().max() <= 1e-4
 
 
 def test_packed_documents_restart_both_parts():
