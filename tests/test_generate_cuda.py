@@ -1,0 +1,37 @@
+"""generate() on CUDA, the way a user calls it: the static cache with transformers' own compiled decode step
+(inductor, CUDA graphs) gives the tokens of the eager growing cache, for the paper's mixer and the default one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import GREEDY
+from test_hybrid import MIXED, left_padded, make_student, make_teacher
+from test_window_recurrent import build, opened
+
+pytestmark = pytest.mark.gpu
+
+
+def student_with(mixer: str):
+    teacher = make_teacher()
+    if mixer == "discrete_mamba2":
+        return make_student(teacher, MIXED)
+    return opened(build(teacher, kept=MIXED))  # gates open: the recurrence contributes to every token
+
+
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
+def test_compiled_static_generate_on_cuda_equals_the_eager_growing_cache(mixer):
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 arithmetic on both paths: a tie cannot hide a bug
+    try:
+        student = student_with(mixer).to("cuda")
+        ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
+        ids, mask = ids.cuda(), mask.cuda()
+        growing = student.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        # transformers compiles the static decode step on CUDA by default (its CompileConfig)
+        static = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY)
+        again = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **GREEDY)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert torch.equal(growing, static), mixer
+    assert torch.equal(static, again), mixer  # the captured graph replays, not only its first run
