@@ -593,6 +593,18 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             masks["padding"] = masks["padding"].clone(memory_format=torch.contiguous_format)
         return masks
 
+    def generate(self, inputs: torch.Tensor | None = None, *args, graph_decode: bool | None = None, **kwargs):
+        """transformers' generate(); with ``cache_implementation="static"`` on CUDA, a greedy call that needs nothing
+        else of transformers' loop (no sampling, beams, processors, streamer, scores) runs the same search with its
+        decode step replayed as a CUDA graph and no per-token host work (radistill/hybrid/graph_decode.py, same
+        tokens). ``graph_decode=False`` always takes transformers' loop; ``True`` also runs the loop on CPU."""
+        from radistill.hybrid.graph_decode import decode_plan, greedy_generate
+
+        plan = None if args else decode_plan(self, inputs, kwargs, graph_decode)
+        if plan is None:
+            return super().generate(inputs, *args, **kwargs)
+        return greedy_generate(self, **plan)
+
     def __init__(self, config: HybridConfig):
         super().__init__(config)
         self.model = HybridModel(config)

@@ -1,0 +1,167 @@
+"""Greedy decoding with the whole token loop on the device: what ``generate(cache_implementation="static")`` runs
+for a hybrid on CUDA when nothing in the call needs transformers' own loop.
+
+Why: transformers' generate() does ~50 small operators of host work per token outside the model (inputs, masks,
+stopping checks) and reads a device value every token to decide whether to stop, so the host and the device take
+turns. Measured on an H200 host (benchmarks/results/host_overhead-h200.md): 2.3-2.9 ms of host work per token
+outside the forward, more than the 1B-shaped hybrid's whole decode step on the device, which caps both teacher and
+hybrid at ~14% of their HBM bound through generate(). Here one decode step -- the forward, the argmax, writing
+the token, the end-of-sequence bookkeeping -- is captured once as a CUDA graph (its inputs are static buffers
+updated in place) and replayed per token; the host looks at the device only every ``check_every`` tokens.
+
+The result is the token sequence transformers' greedy search produces for the same call (tests/test_graph_decode.py
+compares them on CPU, where the same loop runs eagerly, and on CUDA): rows that reach an end-of-sequence token are
+filled with the pad token afterwards, and the output stops at the step where the last row finished or at
+``max_new_tokens``. Anything else -- sampling, beams, logits processors, stopping criteria, streamers, scores,
+``inputs_embeds`` -- goes to transformers' generate(), as does ``generate(..., graph_decode=False)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig
+
+from radistill.hybrid.cache import HybridCache
+
+# Call arguments the loop honours; any other one means transformers' generate() handles the call.
+ARGUMENTS = {"input_ids", "attention_mask", "generation_config", "max_new_tokens", "max_length", "do_sample",
+             "num_beams", "pad_token_id", "eos_token_id", "bos_token_id", "cache_implementation", "use_cache",
+             "temperature", "top_k", "top_p"}
+# Generation-config fields that may differ from transformers' defaults without changing greedy search (sampling
+# parameters are unused when do_sample is False).
+NEUTRAL_FIELDS = ARGUMENTS | {"transformers_version", "_from_model_config", "decoder_start_token_id",
+                              "compile_config", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+                              "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                              "return_dict_in_generate"}
+# ... of which these must be off: the loop returns the tokens only
+OUTPUTS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate")
+WARMUP_STEPS = 2  # eager steps before the capture: they initialise lazily made buffers (and are real steps)
+
+
+def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: bool | None) -> dict | None:
+    """The loop's arguments for this generate() call, or None when transformers' generate() must run it.
+
+    ``requested``: the call's ``graph_decode`` (None: on CUDA when the call asks for the static cache; True: also on
+    CPU, where the loop runs without a graph; False: never)."""
+    if requested is False or model.training or set(kwargs) - ARGUMENTS:
+        return None
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        return None
+    config = GenerationConfig.from_dict((kwargs.get("generation_config") or model.generation_config).to_dict())
+    config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "generation_config")})
+    if set(config.to_diff_dict()) - NEUTRAL_FIELDS or any(getattr(config, name, False) for name in OUTPUTS):
+        return None
+    if config.do_sample or (config.num_beams or 1) != 1:
+        return None
+    if config.cache_implementation != "static" or config.use_cache is False:
+        return None
+    if requested is None and input_ids.device.type != "cuda":
+        return None
+    if model.config.sliding_window is not None or model.config._attn_implementation not in ("sdpa", "eager"):
+        return None
+    prompt = input_ids.shape[1]
+    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt
+    if new < 1:
+        return None
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask"), "max_new_tokens": new,
+            "eos_token_ids": eos, "pad_token_id": pad}
+
+
+class GreedyLoop:
+    """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``slot`` (the
+    cache slot being written, 0-d), ``mask`` [B, max_length] (1 = a real token in that slot), ``done`` [B],
+    ``out`` [B, new] (the generated tokens) and ``count`` (how many are written, 0-d), all updated in place."""
+
+    def __init__(self, model, cache: HybridCache, first: torch.Tensor, prompt_mask: torch.Tensor,
+                 positions: torch.Tensor, new: int, eos: list[int], pad: int):
+        batch, prompt = prompt_mask.shape
+        device = first.device
+        self.model, self.cache = model, cache
+        self.mask = torch.zeros(batch, cache.max_length, dtype=torch.bool, device=device)
+        self.mask[:, :prompt] = prompt_mask.bool()
+        self.slots = torch.arange(cache.max_length, device=device)
+        self.slot = torch.tensor(prompt, device=device)
+        self.position = positions[:, -1:] + 1
+        self.eos = torch.tensor(eos or [-1], device=device)
+        self.pad = torch.tensor(pad, device=device)
+        self.out = torch.full((batch, new), pad, dtype=torch.long, device=device)
+        self.out[:, 0] = first
+        self.count = torch.tensor(1, device=device)
+        self.done = torch.isin(first, self.eos) if eos else torch.zeros(batch, dtype=torch.bool, device=device)
+        self.token = first[:, None].clone()
+        self.sdpa = model.config._attn_implementation == "sdpa"
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.mask.index_fill_(1, self.slot.view(1), True)  # the token fed now is real (finished rows feed the pad)
+        visible = (self.mask & (self.slots <= self.slot))[:, None, None, :]  # [B, 1, 1, max_length]
+        attention = visible if self.sdpa else torch.zeros(visible.shape, dtype=self.model.dtype,
+                                                          device=visible.device).masked_fill(~visible, float("-inf"))
+        # a prepared mask dict: kept heads get the 4D mask; the new token is never padding for the recurrent heads
+        logits = self.model(input_ids=self.token, position_ids=self.position, use_cache=True, logits_to_keep=1,
+                            attention_mask={"attention": attention, "padding": None}, cache=self.cache).logits
+        token = torch.where(self.done, self.pad, logits[:, -1].argmax(-1))
+        self.out.index_copy_(1, self.count.view(1), token[:, None])
+        self.done |= (token[:, None] == self.eos).any(-1)
+        self.token.copy_(token[:, None])
+        self.position.add_(1)
+        self.slot.add_(1)
+        self.count.add_(1)
+
+    def warm_up_and_capture(self, steps: int) -> None:
+        """Run ``steps`` real steps on a side stream (as CUDA graph capture wants: lazily made handles and buffers
+        exist before it), then record ``step`` as a CUDA graph (recording runs nothing; ``run`` replays it)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(steps):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def run(self) -> None:
+        self.graph.replay() if self.graph is not None else self.step()
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    eos_token_ids: list[int], pad_token_id: int, check_every: int = 16) -> torch.Tensor:
+    """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` greedy tokens, as
+    transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA."""
+    from radistill.hybrid.modeling import refuse_inner_padding
+
+    batch, prompt = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    refuse_inner_padding(torch.cat([mask, mask.new_ones(batch, 1)], -1))  # generated tokens follow the prompt
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # transformers' rule for left padding
+    cache = HybridCache(model.config, max_length=prompt + max_new_tokens)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits
+    loop = GreedyLoop(model, cache, logits[:, -1].argmax(-1), mask, positions, max_new_tokens, eos_token_ids,
+                      pad_token_id)
+    steps = max_new_tokens - 1
+    taken = 0
+    if input_ids.is_cuda and steps > WARMUP_STEPS:
+        loop.warm_up_and_capture(WARMUP_STEPS)
+        taken = WARMUP_STEPS
+    while taken < steps:
+        burst = min(check_every, steps - taken)
+        for _ in range(burst):
+            loop.run()
+        taken += burst
+        if eos_token_ids and bool(loop.done.all()):  # the one host read per burst
+            break
+    generated = loop.out[:, : taken + 1]
+    if eos_token_ids:
+        # transformers stops at the step where the last row finished: cut the burst's extra (pad-only) columns
+        hit = torch.isin(generated, loop.eos)
+        ends = torch.where(hit.any(-1), hit.int().argmax(-1) + 1, generated.shape[1])
+        generated = generated[:, : int(ends.max())]
+    return torch.cat([input_ids, generated], dim=-1)

@@ -1,0 +1,70 @@
+"""The device-side greedy loop behind generate(cache_implementation="static") gives transformers' greedy tokens
+(left padding, end-of-sequence rows padded, early stop when every row finished) and leaves every other call to
+transformers' generate(). On CPU the same loop runs without a CUDA graph (tests/test_generate_cuda.py: with it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hybrid import MIXED, left_padded, make_student, make_teacher
+from test_window_recurrent import build, opened
+
+from radistill.hybrid.graph_decode import decode_plan
+from radistill.utils.errors import RadistillError
+
+STATIC = dict(cache_implementation="static", do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["discrete_mamba2", "window_recurrent"])
+def student(request):
+    teacher = make_teacher()
+    return make_student(teacher, MIXED) if request.param == "discrete_mamba2" else opened(build(teacher, kept=MIXED))
+
+
+def both(student, ids, mask, **kwargs):
+    assert decode_plan(student, ids, {"attention_mask": mask, **STATIC, **kwargs}, True) is not None  # the loop runs
+    ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, **STATIC, **kwargs)
+    got = student.generate(input_ids=ids, attention_mask=mask, graph_decode=True, **STATIC, **kwargs)
+    return ref, got
+
+
+@pytest.mark.parametrize("eos", [None, 5, [7, 9]])
+def test_greedy_tokens_equal_transformers_loop_with_left_padding(student, eos):
+    ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+    ref, got = both(student, ids, mask, max_new_tokens=12, eos_token_id=eos)
+    assert ref.shape == (3, 22) and torch.equal(ref, got)
+
+
+def test_rows_that_finish_are_padded_and_the_output_stops_with_the_last_row(student):
+    ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+    free = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, max_new_tokens=12,
+                            eos_token_id=None, **STATIC)
+    # each row's own 3rd, 2nd and 5th new token as end-of-sequence tokens: all rows finish, at different steps
+    eos = sorted({int(free[0, 12]), int(free[1, 11]), int(free[2, 14])})
+    ref, got = both(student, ids, mask, max_new_tokens=12, eos_token_id=eos)
+    assert ref.shape[1] < 22, "every row finished early: transformers stops there"
+    assert torch.equal(ref, got)
+    ref, got = both(student, ids, mask, max_new_tokens=1, eos_token_id=eos)  # the prefill's token only
+    assert ref.shape == (3, 11) and torch.equal(ref, got)
+
+
+def test_calls_that_need_transformers_loop_are_left_to_it(student):
+    ids = torch.randint(1, 200, (2, 6))
+    plan = lambda requested=True, **kw: decode_plan(student, ids, {**STATIC, "max_new_tokens": 4, **kw}, requested)
+    assert plan() is not None
+    assert plan(requested=None) is None  # on CPU only when asked for
+    assert plan(requested=False) is None
+    assert plan(do_sample=True) is None and plan(num_beams=2) is None
+    assert plan(repetition_penalty=1.3) is None and plan(output_scores=True, return_dict_in_generate=True) is None
+    assert plan(logits_processor=[]) is None and plan(streamer=object()) is None
+    assert plan(cache_implementation=None) is None  # the growing cache: transformers' loop
+    sampled = student.generate(input_ids=ids, do_sample=True, top_k=5, max_new_tokens=3, graph_decode=True,
+                               pad_token_id=0, cache_implementation="static")
+    assert sampled.shape == (2, 9)  # went through transformers' sampling
+
+
+def test_padding_between_tokens_is_refused(student):
+    ids = torch.randint(1, 200, (1, 6))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1]])
+    with pytest.raises(RadistillError, match="padding between real tokens"):
+        student.generate(input_ids=ids, attention_mask=mask, graph_decode=True, max_new_tokens=3, **STATIC)
