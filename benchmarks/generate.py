@@ -26,10 +26,10 @@ Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanl
 Bandwidth bound and ceiling, per decode cell: the bytes one step must read -- every weight once (``weight_bytes``:
 the real parameters), and per sequence the cache a real batch-1 prefill of that length leaves (``cache_nbytes`` of
 the model's own cache: the teacher's KV, the hybrid's kept-head KV plus its recurrent state, window ring and conv
-window at the dtypes the cache really holds; the SSM state and conv window count twice, read and rewritten). The static caches of the
-timed generate hold ``--new-tokens`` + 8 positions more than the prompt (<1% at 8k). ``bound`` = bandwidth /
-bytes x batch; ``ceiling`` = teacher bytes / hybrid bytes: the best hybrid/teacher decode ratio any kernel could
-reach at that cell, since a memory-bound step cannot beat reading its bytes once.
+window at the dtypes the cache really holds; the SSM state and conv window count twice, read and rewritten). The
+static caches of the timed generate hold ``--new-tokens`` + 8 positions more than the prompt (<1% at 8k).
+``bound`` = bandwidth / bytes x batch; ``ceiling`` = teacher bytes / hybrid bytes: the best hybrid/teacher decode
+ratio any kernel could reach at that cell, since a memory-bound step cannot beat reading its bytes once.
 
 Rows are written (JSON and markdown) as they are measured, so a timeout keeps what was done.
 
@@ -423,7 +423,8 @@ def run(args) -> dict:
         key = f"{length}x{batch}"
         for name in names:
             host = []
-            value = attempt(f"prefill {name} {key}", lambda: time_prefill(models[name], batch, length, device, host=host))
+            value = attempt(f"prefill {name} {key}",
+                            lambda: time_prefill(models[name], batch, length, device, host=host))
             result["prefill_s"][name][key] = value
             result["prefill_host_s"][name][key] = host[0] if host else None
             print(f"prefill {name} {key}: {value} (host {host[0] if host else None})", flush=True)
@@ -539,8 +540,8 @@ def table(result: dict) -> str:
         lines.append(f"| {cell} | {fmt(t and t * 1e3)} | " + " | ".join(fmt(h and h * 1e3) for h in hs) + " | "
                      + " | ".join(ratios) + " |")
     if any(result["prefill_torch_scan_s"].get(h) for h in hybrids):
-        lines += ["", "| prefill: scan path (ms; host ms until the forward returned) | model | default path (fla on CUDA) | "
-                      "PyTorch chunked path |", "|---|---|---|---|"]
+        lines += ["", "| prefill: scan path (ms; host ms until the forward returned) | model | "
+                      "default path (fla on CUDA) | PyTorch chunked path |", "|---|---|---|---|"]
         for h in hybrids:
             for cell, value in result["prefill_torch_scan_s"][h].items():
                 fla, fla_host = result["prefill_s"][h].get(cell), result["prefill_host_s"][h].get(cell)
