@@ -28,8 +28,10 @@ the real parameters), and per sequence the cache a real batch-1 prefill of that 
 the model's own cache: the teacher's KV, the hybrid's kept-head KV plus its recurrent state, window ring and conv
 window at the dtypes the cache really holds; the SSM state and conv window count twice, read and rewritten). The
 static caches of the timed generate hold ``--new-tokens`` + 8 positions more than the prompt (<1% at 8k).
-``bound`` = bandwidth / bytes x batch; ``ceiling`` = teacher bytes / hybrid bytes: the best hybrid/teacher decode
-ratio any kernel could reach at that cell, since a memory-bound step cannot beat reading its bytes once.
+``bound`` = bandwidth / bytes x batch; ``ceiling`` = teacher bytes / hybrid bytes = the ratio of the two bounds: the
+hybrid/teacher decode ratio once both steps are bandwidth-bound (a step cannot beat reading its bytes once). A
+measured ratio above it means the teacher runs further below its bound than the hybrid (as at batch 16, where the
+teacher's attention over the KV is far from the bandwidth bound), not that the bytes were miscounted.
 
 Rows are written (JSON and markdown) as they are measured, so a timeout keeps what was done.
 
@@ -563,7 +565,8 @@ def table(result: dict) -> str:
     lines += ["", "GB / step: weights once + per sequence the KV and window rings once and 2x the SSM state and conv "
                   "window (read and rewritten), "
                   "from the models' real parameters and the caches of real prefills; ceiling = teacher bytes / "
-                  "hybrid bytes, the best hybrid/teacher decode ratio a bandwidth-bound step allows; bound: "
+                  "hybrid bytes, the hybrid/teacher decode ratio once both steps are bandwidth-bound (above it: the "
+                  "teacher is further from its bound than the hybrid); bound: "
                   f"{result['bandwidth_bytes_per_s'] / 1e12:.1f} TB/s / bytes."]
     if any(result["long"].get(n) for n in names):
         lines += ["", "| long generation | TTFT (s) | end-to-end tok/s | decode tok/s |", "|---|---|---|---|"]
