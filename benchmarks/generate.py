@@ -9,7 +9,7 @@ step (its default ``CompileConfig``: inductor, ``reduce-overhead`` = CUDA graphs
 ``StaticCache``, the hybrids on their static ``HybridCache``. Prefill is what ``generate`` runs eagerly (no compile),
 the hybrids' scan through fla's chunked kernel when installed.
 
-Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanly between items):
+Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanly between parts, see run_parts):
 1. decode tokens/s at 8k, batch 1 then 16: ``generate`` of ``--new-tokens`` tokens minus ``generate`` of 1 token
    (same prompt; both after an untimed warm-up that compiles), i.e. batch x (new - 1) / time difference;
 2. prefill: one ``model(ids, use_cache=True, logits_to_keep=1)`` (what generate's prefill runs), median of 3 after a
@@ -314,6 +314,30 @@ class TorchScan:
             os.environ[TORCH_BELOW_ENV] = self.previous
 
 
+def run_parts(work: list, time_limit: float | None, reserve: float, started: float, result: dict, save,
+              clock=time.perf_counter) -> None:
+    """Run ``work`` [(what, kind, fn)] in order. With ``time_limit`` (seconds since ``started``), a part starts only
+    if it is expected to end by the limit -- less ``reserve`` for every part but the ``profile`` -- expected = the
+    longest finished part of its kind (0 for the first of a kind: a margin below any hard limit covers it).
+    Appends to ``result["done"]`` / ``result["skipped"]`` and calls ``save()`` after each part."""
+    took: dict[str, float] = {}
+    for what, kind, fn in work:
+        begun = clock()
+        elapsed = begun - started
+        if time_limit is not None:
+            limit = time_limit - (reserve if kind != "profile" else 0.0)
+            expected = took.get(kind, 0.0)
+            if elapsed + expected >= limit:
+                result["skipped"].append(what)
+                print(f"{what}: skipped (at {elapsed:.0f} s, expected {expected:.0f} s more; limit {limit:g} s)",
+                      flush=True)
+                continue
+        fn()
+        took[kind] = max(took.get(kind, 0.0), clock() - begun)
+        result["done"].append(f"{what} (by {clock() - started:.0f} s)")
+        save()
+
+
 def run(args) -> dict:
     started = time.perf_counter()
     quick = args.quick
@@ -362,7 +386,7 @@ def run(args) -> dict:
         "prefill_torch_scan_s": {n: {} for n in hybrids},
         "prefill_torch_scan_host_s": {n: {} for n in hybrids},
         "decode": {n: {} for n in names},
-        "ceiling": {n: {} for n in hybrids},
+        "ceiling": {n: {} for n in hybrids},  # teacher bytes / hybrid bytes per decode cell
         "long": {n: {} for n in names},
         "agreement": {},
         "done": [],
@@ -397,29 +421,26 @@ def run(args) -> dict:
     cache_lengths = {n: n + max(new_tokens, steps if n == length else 0) + 8 for n in contexts}
     contexts = sorted(contexts)
 
-    def decode(context: int, batch: int) -> None:
-        key = f"{context}x{batch}"
-        moved = {}
-        for name in names:
-            model = models[name]
-            if context not in result["cache_bytes_per_sequence"][name]:
-                result["cache_bytes_per_sequence"][name][context] = attempt(
-                    f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
-            per_sequence = result["cache_bytes_per_sequence"][name][context]
-            cell = attempt(f"decode {name} {key}", lambda: decode_cell(
-                model, prompt(model, batch, context, device), new_tokens, compile_config, cache_lengths[context]))
-            cell = cell or {}
-            if per_sequence:
-                moved[name] = cell["bytes_per_step"] = step_bytes(model, per_sequence, batch)
-                cell["bound_tokens_per_s"] = batch * H200_BANDWIDTH / moved[name]
-                if cell.get("tokens_per_s"):
-                    cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
-            result["decode"][name][key] = cell
-            print(f"decode {name} {key}: {cell}", flush=True)
-            save()
-        for name in hybrids:
-            if teacher in moved and name in moved:
-                result["ceiling"][name][key] = moved[teacher] / moved[name]
+    def decode(context: int, batch: int, name: str) -> None:
+        key, model = f"{context}x{batch}", models[name]
+        if context not in result["cache_bytes_per_sequence"][name]:
+            result["cache_bytes_per_sequence"][name][context] = attempt(
+                f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
+        per_sequence = result["cache_bytes_per_sequence"][name][context]
+        cell = attempt(f"decode {name} {key}", lambda: decode_cell(
+            model, prompt(model, batch, context, device), new_tokens, compile_config, cache_lengths[context])) or {}
+        if per_sequence:
+            cell["bytes_per_step"] = step_bytes(model, per_sequence, batch)
+            cell["bound_tokens_per_s"] = batch * H200_BANDWIDTH / cell["bytes_per_step"]
+            if cell.get("tokens_per_s"):
+                cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
+        result["decode"][name][key] = cell
+        print(f"decode {name} {key}: {cell}", flush=True)
+        for hybrid in hybrids:  # the ceiling of every cell both sides of which have their bytes
+            for cell_key, c in result["decode"][hybrid].items():
+                t = result["decode"][teacher].get(cell_key) or {}
+                if t.get("bytes_per_step") and c.get("bytes_per_step"):
+                    result["ceiling"][hybrid][cell_key] = t["bytes_per_step"] / c["bytes_per_step"]
 
     def prefill(length: int, batch: int = 1) -> None:
         key = f"{length}x{batch}"
@@ -499,29 +520,25 @@ def run(args) -> dict:
                                                                    device), profiles["errors"])
             save()
 
+    # (what, kind, run): a part's kind names the finished parts whose longest time estimates it (a model's decode
+    # cells each compile their own shapes, so one model's cell is the best guess for its next)
     first, rest = contexts[:1], contexts[1:]
-    work = [(f"decode {c}x{b}", lambda c=c, b=b: decode(c, b)) for c in first for b in batches]
+    work = [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
+            for c in first for b in batches for n in names]
     if "prefill" not in skip:
-        work += [(f"prefill {n}x1", lambda n=n: prefill(n)) for n in prefill_lengths[:2]]
-    work += [(f"decode {c}x{b}", lambda c=c, b=b: decode(c, b)) for c in rest for b in batches]
+        work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[:2]]
+    work += [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
+             for c in rest for b in batches for n in names]
     if "prefill" not in skip:
-        work += [(f"prefill {n}x1", lambda n=n: prefill(n)) for n in prefill_lengths[2:]]
-        work.append((f"prefill {prefill_b16[0]}x{prefill_b16[1]}", lambda: prefill(*prefill_b16)))
+        work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[2:]]
+        work.append((f"prefill {prefill_b16[0]}x{prefill_b16[1]}", "prefill", lambda: prefill(*prefill_b16)))
     if "long" not in skip:
-        work.append(("long", long_all))
+        work.append(("long", "long", long_all))
     if "agreement" not in skip:
-        work.append(("agreement", agreement_all))
+        work.append(("agreement", "agreement", agreement_all))
     if args.profile:
-        work.append(("profile", profile_all))
-    for what, fn in work:
-        elapsed = time.perf_counter() - started
-        if args.time_limit is not None and elapsed >= args.time_limit:
-            result["skipped"].append(what)
-            print(f"{what}: skipped (--time-limit {args.time_limit:g} s reached at {elapsed:.0f} s)", flush=True)
-            continue
-        fn()
-        result["done"].append(f"{what} (by {time.perf_counter() - started:.0f} s)")
-        save()
+        work.append(("profile", "profile", profile_all))
+    run_parts(work, args.time_limit, args.profile_reserve if args.profile else 0.0, started, result, save)
     save()  # also when the limit left nothing to run: the files say what was not run
     return result
 
@@ -642,8 +659,11 @@ def main() -> None:
                         help="last: kernel profiles of one decode step and one short prefill per model "
                              "-> <out>-profile.{json,md}")
     parser.add_argument("--time-limit", type=float, default=None,
-                        help="seconds after which no new part starts (results so far are kept; a part already "
-                             "running finishes, so leave a margin below any hard limit)")
+                        help="seconds from the start of the run (model building included) by which parts must "
+                             "end: a part starts only if the longest finished part of its kind would end by then "
+                             "(results so far are kept; the first part of a kind has no estimate: leave a margin)")
+    parser.add_argument("--profile-reserve", type=float, default=60.0,
+                        help="with --profile and --time-limit: seconds kept free for the profile at the end [60]")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
     unknown = set(args.skip or []) - {"prefill", "long", "agreement"}
@@ -654,6 +674,8 @@ def main() -> None:
         parser.error(f"--mixers needs registered mixer names; unknown: {', '.join(missing) or '(none given)'}")
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error("--time-limit must be > 0 seconds")
+    if args.profile_reserve < 0:
+        parser.error("--profile-reserve must be >= 0 seconds")
     if args.out is None:
         args.out = RESULTS / ("generate-quick.json" if args.quick else "generate.json")
     if args.quick:

@@ -140,11 +140,34 @@ def test_generate_benchmark_profile_of_a_decode_step_and_a_prefill_per_model(tmp
     assert "compiled step" in (tmp_path / "generate-profile.md").read_text()
 
 
+def test_generate_benchmark_parts_start_only_when_expected_to_end_by_the_limit():
+    """run_parts on a fake clock: a part is skipped when the longest finished part of its kind would overrun the
+    limit (less the profile's reserve); the first of a kind runs while time is left; the profile uses the reserve."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from generate import run_parts
+
+    now = [0.0]
+    costs = {"a1": 30, "a2": 30, "a3": 30, "b1": 5, "profile": 20}
+    work = [(w, w[0] if w != "profile" else "profile", lambda w=w: now.__setitem__(0, now[0] + costs[w]))
+            for w in ("a1", "a2", "b1", "a3", "profile")]
+    result = {"done": [], "skipped": []}
+    saves = []
+    run_parts(work, 100.0, 25.0, 0.0, result, lambda: saves.append(1), clock=lambda: now[0])
+    # a1 ends at 30; a2 (expected 30) ends at 60 <= 75; b1 at 65; a3 would end at 95 > 75: skipped; profile: 85
+    assert [d.split(" (")[0] for d in result["done"]] == ["a1", "a2", "b1", "profile"]
+    assert result["skipped"] == ["a3"] and len(saves) == 4
+    result = {"done": [], "skipped": []}
+    now[0] = 0.0
+    run_parts(work, None, 25.0, 0.0, result, lambda: None, clock=lambda: now[0])
+    assert len(result["done"]) == 5 and result["skipped"] == []
+
+
 def test_generate_benchmark_time_limit_stops_between_parts_and_keeps_what_ran(tmp_path):
     """--time-limit: parts after the limit are listed as not run, and what ran is saved (json and md)."""
     result = run_quick("generate.py", tmp_path / "generate.json", "--time-limit", "0.001", "--mixers",
                        "window_recurrent")
-    assert result["done"] == [] and result["skipped"][:2] == ["decode 48x1", "decode 48x2"]
+    assert result["done"] == [] and result["skipped"][:2] == ["decode 48x1 teacher",
+                                                             "decode 48x1 hybrid window_recurrent K=4 N=8 W=16"]
     assert result["skipped"][-1] == "agreement"
     assert "Not run (--time-limit" in (tmp_path / "generate.md").read_text()
 
