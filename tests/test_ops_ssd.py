@@ -255,3 +255,7 @@ def test_torch_below_threshold_sends_short_auto_calls_to_the_torch_scan(monkeypa
     monkeypatch.setenv(ops.TORCH_BELOW_ENV, "many")
     with pytest.raises(RadistillError, match="RADISTILL_SSD_TORCH_BELOW='many' is not a token count"):
         ops.ssd(x, log_a, b, c)
+    # inside compiled code the threshold is one constant: no graph break (fullgraph raises on any)
+    monkeypatch.setenv(ops.TORCH_BELOW_ENV, "7")
+    torch._dynamo.reset()
+    assert torch.compile(lambda t: t + ops.torch_below(), fullgraph=True, backend="eager")(torch.zeros(1)).item() == 7

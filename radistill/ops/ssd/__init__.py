@@ -119,8 +119,10 @@ def ssd(
         t is not None and t.requires_grad for t in (x, log_a, b, c, initial_state)
     )
     how = plan(backend, x.device, needs_grad)
-    if how == "fla" and backend == "auto" and x.shape[1] < torch_below():
-        how = "torch"
+    if how == "fla" and backend == "auto":
+        below = torch_below()
+        if below and x.shape[1] < below:  # unset: no comparison, so no shape guard in compiled code
+            how = "torch"
     if how != "torch":
         return ssd_fla(x, log_a, b, c, initial_state, recurrent=how == "fla-recurrent")
     # inside a compiled region the plain scan joins the caller's graph; a nested compiled function would not
