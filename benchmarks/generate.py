@@ -318,15 +318,16 @@ def run_parts(work: list, time_limit: float | None, reserve: float, started: flo
               clock=time.perf_counter) -> None:
     """Run ``work`` [(what, kind, fn)] in order. With ``time_limit`` (seconds since ``started``), a part starts only
     if it is expected to end by the limit -- less ``reserve`` for every part but the ``profile`` -- expected = the
-    longest finished part of its kind (0 for the first of a kind: a margin below any hard limit covers it).
-    Appends to ``result["done"]`` / ``result["skipped"]`` and calls ``save()`` after each part."""
+    longest finished part of its kind; for the first of a kind, the longest finished part of any kind (a first
+    part may compile new shapes), and ``reserve`` for the profile. Appends to ``result["done"]`` /
+    ``result["skipped"]`` and calls ``save()`` after each part."""
     took: dict[str, float] = {}
     for what, kind, fn in work:
         begun = clock()
         elapsed = begun - started
         if time_limit is not None:
             limit = time_limit - (reserve if kind != "profile" else 0.0)
-            expected = took.get(kind, 0.0)
+            expected = took.get(kind, reserve if kind == "profile" else max(took.values(), default=0.0))
             if elapsed + expected >= limit:
                 result["skipped"].append(what)
                 print(f"{what}: skipped (at {elapsed:.0f} s, expected {expected:.0f} s more; limit {limit:g} s)",
@@ -661,7 +662,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds from the start of the run (model building included) by which parts must "
                              "end: a part starts only if the longest finished part of its kind would end by then "
-                             "(results so far are kept; the first part of a kind has no estimate: leave a margin)")
+                             "(results so far are kept; the very first part has no estimate: leave a margin)")
     parser.add_argument("--profile-reserve", type=float, default=60.0,
                         help="with --profile and --time-limit: seconds kept free for the profile at the end [60]")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")

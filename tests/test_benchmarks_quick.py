@@ -141,25 +141,27 @@ def test_generate_benchmark_profile_of_a_decode_step_and_a_prefill_per_model(tmp
 
 
 def test_generate_benchmark_parts_start_only_when_expected_to_end_by_the_limit():
-    """run_parts on a fake clock: a part is skipped when the longest finished part of its kind would overrun the
-    limit (less the profile's reserve); the first of a kind runs while time is left; the profile uses the reserve."""
+    """run_parts on a fake clock: a part is skipped when the longest finished part of its kind (for a first of a
+    kind: of any kind) would overrun the limit less the profile's reserve; the profile is expected to need the
+    reserve and may use it."""
     sys.path.insert(0, str(BENCHMARKS))
     from generate import run_parts
 
     now = [0.0]
-    costs = {"a1": 30, "a2": 30, "a3": 30, "b1": 5, "profile": 20}
+    costs = {"a1": 30, "b1": 5, "a2": 30, "a3": 30, "b2": 5, "c1": 1, "profile": 20}
     work = [(w, w[0] if w != "profile" else "profile", lambda w=w: now.__setitem__(0, now[0] + costs[w]))
-            for w in ("a1", "a2", "b1", "a3", "profile")]
+            for w in costs]
     result = {"done": [], "skipped": []}
     saves = []
     run_parts(work, 100.0, 25.0, 0.0, result, lambda: saves.append(1), clock=lambda: now[0])
-    # a1 ends at 30; a2 (expected 30) ends at 60 <= 75; b1 at 65; a3 would end at 95 > 75: skipped; profile: 85
-    assert [d.split(" (")[0] for d in result["done"]] == ["a1", "a2", "b1", "profile"]
-    assert result["skipped"] == ["a3"] and len(saves) == 4
+    # limit 75 before the profile: a1 -> 30; b1 (expected 30, the longest so far) -> 35; a2 (30) -> 65; a3 would end
+    # at 95: skipped; b2 (5) -> 70; c1 (expected 30) would end at 100: skipped; profile (expected 25 <= 100) -> 90
+    assert [d.split(" (")[0] for d in result["done"]] == ["a1", "b1", "a2", "b2", "profile"]
+    assert result["skipped"] == ["a3", "c1"] and len(saves) == 5
     result = {"done": [], "skipped": []}
     now[0] = 0.0
     run_parts(work, None, 25.0, 0.0, result, lambda: None, clock=lambda: now[0])
-    assert len(result["done"]) == 5 and result["skipped"] == []
+    assert len(result["done"]) == len(costs) and result["skipped"] == []
 
 
 def test_generate_benchmark_time_limit_stops_between_parts_and_keeps_what_ran(tmp_path):
