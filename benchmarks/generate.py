@@ -240,8 +240,11 @@ def device_time(event) -> float:
     return float(value if value is not None else getattr(event, "self_cuda_time_total", 0.0))
 
 
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
-                "cudaMemcpyAsync", "cudaMemsetAsync")
+def launch_call(event) -> bool:
+    """A host-side CUDA runtime/driver call that puts work on the device (cudaLaunchKernel, Triton's cuLaunchKernel*,
+    cudaGraphLaunch, async copies and sets), as the profiler names them."""
+    return not str(event.device_type).endswith("CUDA") and (
+        ("Launch" in event.key and event.key.startswith("cu")) or event.key in ("cudaMemcpyAsync", "cudaMemsetAsync"))
 
 
 def profile_call(fn, device: str, rows: int = 15) -> dict:
@@ -267,7 +270,7 @@ def profile_call(fn, device: str, rows: int = 15) -> dict:
         kernels = [e for e in events if e.self_cpu_time_total > 0 and e.key.startswith("aten::")]
         timing = lambda e: float(e.self_cpu_time_total)  # noqa: E731
     kernels.sort(key=timing, reverse=True)
-    launches = {name: int(e.count) for e in events for name in LAUNCH_CALLS if e.key == name}
+    launches = {e.key: int(e.count) for e in events if launch_call(e)}
     return {"timed": "device kernels" if cuda else "CPU aten ops (no device)",
             "top": [{"name": e.key, "count": int(e.count), "total_us": timing(e)} for e in kernels[:rows]],
             "device_total_us": sum(timing(e) for e in kernels), "kernels_run": sum(int(e.count) for e in kernels),
