@@ -60,7 +60,7 @@ from decode import PAPER_HEADS, QUICK_HEADS, _fla_version, describe, make_models
 from transformers.generation import CompileConfig  # noqa: E402
 
 from radistill.hybrid.build import convert, student_config  # noqa: E402
-from radistill.hybrid.memory import cache_nbytes, takes_window  # noqa: E402
+from radistill.hybrid.memory import cache_nbytes, memory_rows, takes_window  # noqa: E402
 from radistill.hybrid.mixers import find_mixer  # noqa: E402
 from radistill.hybrid.modeling import output_cache  # noqa: E402
 from radistill.ops.ssd import TORCH_BELOW_ENV  # noqa: E402
@@ -180,6 +180,15 @@ def sequence_cache_bytes(model, length: int, device: str) -> dict[str, int]:
     sizes = cache_nbytes(output_cache(out))
     del out
     return sizes
+
+
+def config_bytes(model, length: int, dtype: str) -> dict[str, int]:
+    """radistill.memory's per-sequence bytes for the model's config at ``dtype`` (every part at that dtype: the
+    measured cache holds the SSM state at float32, so in bf16 its SSM part is twice this), to check the measured
+    bytes against: ``{"kv", "state" (SSM and rings), "conv"}``."""
+    rows = memory_rows(model.config, [length], dtype)
+    (row,) = [r for r in rows if r.model == "teacher" or r.model.startswith("student")]
+    return {"kv": row.kv_bytes, "state": row.ssm_bytes, "conv": row.conv_bytes}
 
 
 def step_bytes(model, per_sequence: dict[str, int], batch: int) -> int:
@@ -385,6 +394,7 @@ def run(args) -> dict:
         "time_limit_s": args.time_limit,
         "weight_bytes": {n: weight_bytes(m) for n, m in models.items()},
         "cache_bytes_per_sequence": {n: {} for n in names},
+        "config_bytes_per_sequence": {n: {} for n in names},  # radistill.memory's accounting, to check against
         "prefill_s": {n: {} for n in names},
         "prefill_host_s": {n: {} for n in names},
         "prefill_torch_scan_s": {n: {} for n in hybrids},
@@ -430,6 +440,8 @@ def run(args) -> dict:
         if context not in result["cache_bytes_per_sequence"][name]:
             result["cache_bytes_per_sequence"][name][context] = attempt(
                 f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
+            row = attempt(f"config bytes {name} {context}", lambda: config_bytes(model, context, result["dtype"]))
+            result["config_bytes_per_sequence"][name][context] = row
         per_sequence = result["cache_bytes_per_sequence"][name][context]
         cell = attempt(f"decode {name} {key}", lambda: decode_cell(
             model, prompt(model, batch, context, device), new_tokens, compile_config, cache_lengths[context])) or {}

@@ -108,6 +108,9 @@ def test_generate_benchmark_quick_runs_teacher_and_both_hybrids_through_generate
     (length,) = result["cache_bytes_per_sequence"][teacher]
     assert result["cache_bytes_per_sequence"][teacher][length]["kv"] == 2 * 4 * 2 * 32 * int(length) * 4
     assert {"window.k", "recurrence.ssm"} <= set(result["cache_bytes_per_sequence"][hybrids[1]][length])
+    for name in result["models"]:  # float32 everywhere on CPU: the caches hold what radistill.memory accounts
+        measured, config = (result[k][name][length] for k in ("cache_bytes_per_sequence", "config_bytes_per_sequence"))
+        assert measured["kv"] == config["kv"] and measured["total"] == sum(config.values())
     for name in hybrids:  # ceiling = teacher bytes / hybrid bytes, per cell
         for cell, ceiling in result["ceiling"][name].items():
             assert ceiling == pytest.approx(result["decode"][teacher][cell]["bytes_per_step"]
