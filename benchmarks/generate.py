@@ -289,14 +289,21 @@ def profile_call(fn, device: str, rows: int = 15) -> dict:
 @torch.no_grad()
 def profile_decode(model, ids, compile_config, cache_length, device) -> dict:
     """One decode step with generate's own inputs: the compiled step (a CUDA-graph replay on GPU) and the same step
-    eagerly (its kernels one launch each: what the graph saves the host)."""
+    eagerly (its kernels one launch each: what the graph saves the host). The step's input shapes are recorded:
+    the static cache's length shows in its masks."""
+    # generate never shrinks a static cache (transformers and HybridCache keep the longest length asked so far): start
+    # from this cell's own length, not a longer context's, whose compiled shapes and attention span would be measured
+    if hasattr(model, "_previous_max_cache_length"):
+        del model._previous_max_cache_length
     with LastStep(model) as last:
         generate(model, ids, 3, compile_config, cache_length=cache_length)
     if last.step is None:
         raise RuntimeError("generate never called the compiled decode step")
     step, kwargs = last.step, last.kwargs
     step(**kwargs)  # the step at the last position again (same inputs, same cache slot): a warm replay
-    result = {"compiled": profile_call(lambda: step(**kwargs), device)}
+    result = {"step_inputs": [[name, list(shape)] for key in sorted(kwargs)
+                              for name, shape, _, _ in StepInputs.layout(kwargs[key], key)]}
+    result["compiled"] = profile_call(lambda: step(**kwargs), device)
     model(**kwargs)
     result["eager"] = profile_call(lambda: model(**kwargs), device)
     return result
@@ -644,6 +651,8 @@ def profile_table(profiles: dict) -> str:
     for name, cases in profiles["cases"].items():
         for case, value in cases.items():
             if case.startswith("decode") and value:
+                shapes = ", ".join(f"{n} {tuple(shape)}" for n, shape in value.get("step_inputs", []))
+                lines.extend([f"{name}: {case}: step inputs {shapes}.", ""])
                 block(f"{name}: {case}, compiled step", value.get("compiled"))
                 block(f"{name}: {case}, eager step", value.get("eager"))
             else:

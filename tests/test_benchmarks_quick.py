@@ -138,6 +138,7 @@ def test_generate_benchmark_profile_of_a_decode_step_and_a_prefill_per_model(tmp
     for cases in profile["cases"].values():
         step = cases["decode step 48x2"]
         assert step["compiled"]["top"] and step["eager"]["kernels_run"] > 0
+        assert ["input_ids", [2, 1]] in step["step_inputs"]  # one token per sequence of the batch
         assert step["compiled"]["top"][0]["total_us"] >= step["compiled"]["top"][-1]["total_us"] > 0
         assert cases["prefill 32x1"]["top"][0]["total_us"] > 0
     assert "compiled step" in (tmp_path / "generate-profile.md").read_text()
