@@ -93,24 +93,89 @@ def test_startup_benchmark_times_help_and_usage_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_benchmark_quick_runs_teacher_and_hybrid_through_generate(tmp_path):
+def test_generate_benchmark_quick_runs_teacher_and_both_hybrids_through_generate(tmp_path):
     result = run_quick("generate.py", tmp_path / "generate.json")
-    assert result["errors"] == []
-    teacher, hybrid = result["models"]
-    for name in (teacher, hybrid):
+    assert result["errors"] == [] and result["skipped"] == []
+    teacher, *hybrids = result["models"]
+    assert [h.split()[1] for h in hybrids] == ["discrete_mamba2", "window_recurrent"]
+    for name in result["models"]:
         assert all(v > 0 for v in result["prefill_s"][name].values())
         assert all(cell["tokens_per_s"] > 0 and cell["bound_tokens_per_s"] > 0
                    for cell in result["decode"][name].values())
         assert result["long"][name]["ttft_s"] > 0
-    # the compiled static path continues prompts exactly as the eager growing cache does (float32 on CPU)
-    assert result["hybrid_static_compiled_vs_eager_token_agreement"] == 1.0
-    assert result["hybrid_static_vs_eager_divergence"]["first_different_step"] is None
+    # the byte counts come from the real caches: the teacher's KV per sequence is the config's 2 * layers *
+    # kv_heads * head_dim * length * 4 (float32 on CPU); the window_recurrent cache holds its ring and recurrence
+    (length,) = result["cache_bytes_per_sequence"][teacher]
+    assert result["cache_bytes_per_sequence"][teacher][length]["kv"] == 2 * 4 * 2 * 32 * int(length) * 4
+    assert {"window.k", "recurrence.ssm"} <= set(result["cache_bytes_per_sequence"][hybrids[1]][length])
+    for name in result["models"]:  # float32 everywhere on CPU: the caches hold what radistill.memory accounts
+        measured, config = (result[k][name][length] for k in ("cache_bytes_per_sequence", "config_bytes_per_sequence"))
+        assert measured["kv"] == config["kv"] and measured["total"] == sum(config.values())
+    for name in hybrids:  # ceiling = teacher bytes / hybrid bytes, per cell
+        for cell, ceiling in result["ceiling"][name].items():
+            assert ceiling == pytest.approx(result["decode"][teacher][cell]["bytes_per_step"]
+                                            / result["decode"][name][cell]["bytes_per_step"])
+        assert set(result["prefill_torch_scan_s"][name]) == {"32x1", "64x1"}
+        # the compiled static path continues prompts exactly as the eager growing cache does (float32 on CPU)
+        assert result["agreement"][name]["equal_fraction"] == 1.0
+        assert result["agreement"][name]["first_different_step"] is None
     # every decode step of a cell called the compiled forward with the same tensor layouts (one graph)
-    assert all(cell["step_input_layouts"] == 1 for name in (teacher, hybrid)
+    assert all(cell["step_input_layouts"] == 1 for name in result["models"]
                for cell in result["decode"][name].values())
-    assert all(v > 0 for v in result["prefill_host_s"][hybrid].values())
-    assert "Name" in result["profile_hybrid_prefill"]
     assert (tmp_path / "generate.md").read_text().startswith("# generate() benchmark")
+    assert "| ceiling |" in (tmp_path / "generate.md").read_text()
+
+
+@pytest.mark.slow
+def test_generate_benchmark_profile_of_a_decode_step_and_a_prefill_per_model(tmp_path):
+    """--profile: per model, the compiled and the eager decode step (with generate's own inputs) and a prefill,
+    each with its top ops and counts -> generate-profile.{json,md} (CPU: aten ops stand in for kernels)."""
+    result = run_quick("generate.py", tmp_path / "generate.json", "--profile", "--mixers", "window_recurrent",
+                       "--skip", "prefill,long,agreement")
+    assert result["errors"] == [] and result["done"][-1].startswith("profile")
+    profile = json.loads((tmp_path / "generate-profile.json").read_text())
+    assert profile["errors"] == [] and set(profile["cases"]) == set(result["models"])
+    for cases in profile["cases"].values():
+        step = cases["decode step 48x2"]
+        assert step["compiled"]["top"] and step["eager"]["kernels_run"] > 0
+        assert ["input_ids", [2, 1]] in step["step_inputs"]  # one token per sequence of the batch
+        assert step["compiled"]["top"][0]["total_us"] >= step["compiled"]["top"][-1]["total_us"] > 0
+        assert cases["prefill 32x1"]["top"][0]["total_us"] > 0
+    assert "compiled step" in (tmp_path / "generate-profile.md").read_text()
+
+
+def test_generate_benchmark_parts_start_only_when_expected_to_end_by_the_limit():
+    """run_parts on a fake clock: a part is skipped when the longest finished part of its kind (for a first of a
+    kind: of any kind) would overrun the limit less the profile's reserve; the profile is expected to need the
+    reserve and may use it."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from generate import run_parts
+
+    now = [0.0]
+    costs = {"a1": 30, "b1": 5, "a2": 30, "a3": 30, "b2": 5, "c1": 1, "profile": 20}
+    work = [(w, w[0] if w != "profile" else "profile", lambda w=w: now.__setitem__(0, now[0] + costs[w]))
+            for w in costs]
+    result = {"done": [], "skipped": []}
+    saves = []
+    run_parts(work, 100.0, 25.0, 0.0, result, lambda: saves.append(1), clock=lambda: now[0])
+    # limit 75 before the profile: a1 -> 30; b1 (expected 30, the longest so far) -> 35; a2 (30) -> 65; a3 would end
+    # at 95: skipped; b2 (5) -> 70; c1 (expected 30) would end at 100: skipped; profile (expected 25 <= 100) -> 90
+    assert [d.split(" (")[0] for d in result["done"]] == ["a1", "b1", "a2", "b2", "profile"]
+    assert result["skipped"] == ["a3", "c1"] and len(saves) == 5
+    result = {"done": [], "skipped": []}
+    now[0] = 0.0
+    run_parts(work, None, 25.0, 0.0, result, lambda: None, clock=lambda: now[0])
+    assert len(result["done"]) == len(costs) and result["skipped"] == []
+
+
+def test_generate_benchmark_time_limit_stops_between_parts_and_keeps_what_ran(tmp_path):
+    """--time-limit: parts after the limit are listed as not run, and what ran is saved (json and md)."""
+    result = run_quick("generate.py", tmp_path / "generate.json", "--time-limit", "0.001", "--mixers",
+                       "window_recurrent")
+    assert result["done"] == [] and result["skipped"][:2] == ["decode 48x1 teacher",
+                                                             "decode 48x1 hybrid window_recurrent K=4 N=8 W=16"]
+    assert result["skipped"][-1] == "agreement"
+    assert "Not run (--time-limit" in (tmp_path / "generate.md").read_text()
 
 
 def test_fidelity_benchmark_quick_rows_and_merge(tmp_path):

@@ -223,3 +223,39 @@ def test_wide_is_promotion_with_float32():
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool):
         assert wide(dtype) == torch.promote_types(dtype, torch.float32), dtype
+
+
+def test_torch_below_threshold_sends_short_auto_calls_to_the_torch_scan(monkeypatch):
+    """RADISTILL_SSD_TORCH_BELOW: with backend "auto", calls shorter than it skip fla's kernels for the chunked
+    PyTorch scan; longer calls and an explicit "fla" keep fla; unset keeps fla; a bad value is a clear error.
+    fla is stood in for by a recorder (plan decided as on a GPU with fla)."""
+    import radistill.ops.ssd as ops
+
+    calls = []
+
+    def fake_fla(x, *args, **kwargs):
+        calls.append(x.shape[1])
+        return ssd_chunk(x, *args[:4])
+
+    monkeypatch.setattr(ops, "plan", lambda backend, device, needs_grad: "fla")
+    monkeypatch.setattr(ops, "ssd_fla", fake_fla)
+    x, log_a, b, c, _ = make_inputs(T=12)
+    reference = ssd_naive(x, log_a, b, c)[0]
+    monkeypatch.delenv(ops.TORCH_BELOW_ENV, raising=False)
+    ops.ssd(x, log_a, b, c)
+    assert calls == [12]
+    monkeypatch.setenv(ops.TORCH_BELOW_ENV, "13")
+    y, _ = ops.ssd(x, log_a, b, c)
+    assert calls == [12]  # the torch path served it
+    torch.testing.assert_close(y, reference)
+    ops.ssd(x, log_a, b, c, backend="fla")
+    monkeypatch.setenv(ops.TORCH_BELOW_ENV, "12")
+    ops.ssd(x, log_a, b, c)
+    assert calls == [12, 12, 12]
+    monkeypatch.setenv(ops.TORCH_BELOW_ENV, "many")
+    with pytest.raises(RadistillError, match="RADISTILL_SSD_TORCH_BELOW='many' is not a token count"):
+        ops.ssd(x, log_a, b, c)
+    # inside compiled code the threshold is one constant: no graph break (fullgraph raises on any)
+    monkeypatch.setenv(ops.TORCH_BELOW_ENV, "7")
+    torch._dynamo.reset()
+    assert torch.compile(lambda t: t + ops.torch_below(), fullgraph=True, backend="eager")(torch.zeros(1)).item() == 7

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 from torch import Tensor
@@ -22,6 +23,11 @@ from radistill.utils.errors import RadistillError
 __all__ = ["BACKENDS", "segsum", "ssd", "ssd_chunk", "ssd_fla", "ssd_matrix", "ssd_naive", "ssd_recurrent", "ssd_step"]
 
 BACKENDS = ("auto", "torch", "fla")
+# With backend "auto", calls of fewer tokens than this take the plain-PyTorch chunked scan instead of fla's kernels
+# (default 0: never). fla's chunk kernels cost ~0.5 ms of host time per call (Python launch path, several Triton
+# launches), so a short eager prefill can be bound by the host; whether the torch path wins is measured by
+# benchmarks/generate.py, not assumed, which is why the default leaves fla's path alone.
+TORCH_BELOW_ENV = "RADISTILL_SSD_TORCH_BELOW"
 logger = logging.getLogger(__name__)
 
 
@@ -67,6 +73,22 @@ def plan(backend: str, device: torch.device, needs_grad: bool) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result
+def torch_below() -> int:
+    """The ``RADISTILL_SSD_TORCH_BELOW`` threshold in tokens (0 when unset), read at each eager dispatch (so a
+    benchmark can switch it between calls) and baked in as a constant inside a compiled region."""
+    raw = os.environ.get(TORCH_BELOW_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RadistillError(f"{TORCH_BELOW_ENV}={raw!r} is not a token count: set it to an integer >= 0 or unset it")
+    return value
+
+
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
     logger.warning(message)
@@ -83,7 +105,8 @@ def ssd(
     is unreliable (Hopper, Triton < 3.7.1) and gradients are needed, fla's fused-recurrent kernel instead.
     "auto": fla's chunked kernel on CUDA when installed and usable for this call, else the compiled PyTorch scan
     (faster than fla's fused-recurrent backward), with one logged warning per reason per process.
-    A single token (T = 1) always takes the step form.
+    A single token (T = 1) always takes the step form. With "auto", a call of fewer than
+    ``RADISTILL_SSD_TORCH_BELOW`` tokens (env, default 0 = never) takes the PyTorch scan (:data:`TORCH_BELOW_ENV`).
     """
     if backend not in BACKENDS:
         raise RadistillError(f"unknown ssd backend {backend!r}: use one of {', '.join(BACKENDS)}")
@@ -96,6 +119,10 @@ def ssd(
         t is not None and t.requires_grad for t in (x, log_a, b, c, initial_state)
     )
     how = plan(backend, x.device, needs_grad)
+    if how == "fla" and backend == "auto":
+        below = torch_below()
+        if below and x.shape[1] < below:  # unset: no comparison, so no shape guard in compiled code
+            how = "torch"
     if how != "torch":
         return ssd_fla(x, log_a, b, c, initial_state, recurrent=how == "fla-recurrent")
     # inside a compiled region the plain scan joins the caller's graph; a nested compiled function would not
