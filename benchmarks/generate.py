@@ -19,6 +19,9 @@ Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanl
 3. decode at 32k (batch 1, 16), prefill 32k batch 1 and 8k batch 16, the long generation (32k prompt + 256 new
    tokens at batch 1: time to first token and tokens/s), greedy agreement of the default hybrid's static compiled
    cache vs the eager growing cache (bf16: a rare near-tie may flip, so the fraction is reported, not asserted);
+   Each hybrid's decode cells are measured twice: through transformers' loop (as above) and through the hybrid's
+   own generate() default on CUDA, the captured greedy loop (radistill/hybrid/graph_decode.py; "graph loop" rows;
+   ``--no-graph-loop`` leaves them out);
 4. ``--profile`` (last): torch.profiler of one decode step at 8k batch 16 (the compiled CUDA-graph step when the
    profiler sees its kernels, else eager) and one 2k batch-1 prefill, per model: the top 15 device kernels by
    total time, kernel count, launch calls, device time vs wall time -> ``<out>-profile.{json,md}``.
@@ -218,6 +221,34 @@ def decode_cell(model, ids, new_tokens, compile_config, cache_length) -> dict:
             "step_input_layouts": len(inputs.layouts)}
 
 
+def graph_decode_cell(model, ids, new_tokens, force: bool = False) -> dict:
+    """A decode cell through the hybrid's own greedy loop: ``generate(cache_implementation="static")`` as a user
+    calls it on CUDA, whose decode step replays as a CUDA graph (radistill/hybrid/graph_decode.py). Each call
+    captures its graph anew; that cost is inside the timed call, as a user pays it. ``force``: the loop on CPU too
+    (no graph there; the quick run's check of this path)."""
+    from radistill.hybrid.graph_decode import decode_plan
+
+    batch = ids.shape[0]
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  cache_implementation="static")
+    if decode_plan(model, ids, {**kwargs, "max_new_tokens": new_tokens}, True if force else None) is None:
+        raise RuntimeError("this call would not take the graph loop (CPU, or a setting it leaves to transformers)")
+
+    def timed(n: int) -> float:
+        sync(str(ids.device))
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, max_new_tokens=n, graph_decode=True if force else None, **kwargs)
+        sync(str(ids.device))
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    timed(new_tokens)  # warm-up (first-use kernels, cuBLAS handles)
+    first, total = timed(1), timed(new_tokens)
+    return {"tokens_per_s": batch * (new_tokens - 1) / max(total - first, 1e-9), "generate_s": total,
+            "first_token_s": first, "loop": "radistill graph loop"}
+
+
 class LastStep:
     """Keeps the compiled decode step ``generate`` used and the keyword arguments of its last call (the static
     cache among them), by wrapping ``model.get_compiled_call``, so one decode step can be run again under the
@@ -372,6 +403,10 @@ def run(args) -> dict:
     models = make_generate_models(quick, device, dtype, args.mixers, args.state_size, args.window)
     names = list(models)
     teacher, hybrids = names[0], names[1:]
+    # the hybrids once more through their own generate() default on CUDA: the captured greedy loop (the rows above
+    # go through transformers' loop: min_new_tokens and compile_config keep them there)
+    graph_names = [f"{h} graph loop" for h in hybrids] if args.graph_loop else []
+    base = {**{n: n for n in names}, **{g: h for g, h in zip(graph_names, hybrids)}}
     if quick:
         # CPU has no CUDA graphs and no C++ toolchain here: the eager backend still traces the whole step
         compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
@@ -393,6 +428,7 @@ def run(args) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "quick": quick,
         "models": names,
+        "graph_loop_models": graph_names,
         "setting": "generate(cache_implementation='static') for all, transformers' default compile of the decode "
                    "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)")
                    + (", dynamic=True" if args.dynamic and not quick else ""),
@@ -406,8 +442,8 @@ def run(args) -> dict:
         "prefill_host_s": {n: {} for n in names},
         "prefill_torch_scan_s": {n: {} for n in hybrids},
         "prefill_torch_scan_host_s": {n: {} for n in hybrids},
-        "decode": {n: {} for n in names},
-        "ceiling": {n: {} for n in hybrids},  # teacher bytes / hybrid bytes per decode cell
+        "decode": {n: {} for n in names + graph_names},
+        "ceiling": {n: {} for n in hybrids + graph_names},  # teacher bytes / hybrid bytes per decode cell
         "long": {n: {} for n in names},
         "agreement": {},
         "done": [],
@@ -443,7 +479,20 @@ def run(args) -> dict:
     contexts = sorted(contexts)
 
     def decode(context: int, batch: int, name: str) -> None:
-        key, model = f"{context}x{batch}", models[name]
+        key, model = f"{context}x{batch}", models[base[name]]
+        if name in graph_names:
+            cell = attempt(f"decode {name} {key}", lambda: graph_decode_cell(
+                model, prompt(model, batch, context, device), new_tokens, force=quick)) or {}
+            for field in ("bytes_per_step", "bound_tokens_per_s"):  # same model, same bytes
+                if field in (result["decode"][base[name]].get(key) or {}):
+                    cell[field] = result["decode"][base[name]][key][field]
+            if cell.get("tokens_per_s") and cell.get("bound_tokens_per_s"):
+                cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
+            result["decode"][name][key] = cell
+            print(f"decode {name} {key}: {cell}", flush=True)
+            if base[name] in result["ceiling"] and key in result["ceiling"][base[name]]:
+                result["ceiling"][name][key] = result["ceiling"][base[name]][key]
+            return
         if context not in result["cache_bytes_per_sequence"][name]:
             result["cache_bytes_per_sequence"][name][context] = attempt(
                 f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
@@ -547,11 +596,11 @@ def run(args) -> dict:
     # cells each compile their own shapes, so one model's cell is the best guess for its next)
     first, rest = contexts[:1], contexts[1:]
     work = [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
-            for c in first for b in batches for n in names]
+            for c in first for b in batches for n in names + graph_names]
     if "prefill" not in skip:
         work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[:2]]
     work += [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
-             for c in rest for b in batches for n in names]
+             for c in rest for b in batches for n in names + graph_names]
     if "prefill" not in skip:
         work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[2:]]
         work.append((f"prefill {prefill_b16[0]}x{prefill_b16[1]}", "prefill", lambda: prefill(*prefill_b16)))
@@ -594,7 +643,7 @@ def table(result: dict) -> str:
                   "vs teacher | ceiling |", "|---|---|---|---|---|---|---|---|"]
     for cell in result["decode"][teacher]:
         t = (result["decode"][teacher].get(cell) or {}).get("tokens_per_s")
-        for name in names:
+        for name in names + result.get("graph_loop_models", []):
             c = result["decode"][name].get(cell) or {}
             ratio = "" if name == teacher or not (t and c.get("tokens_per_s")) else f"{c['tokens_per_s'] / t:.2f}x"
             ceiling = result["ceiling"].get(name, {}).get(cell)
@@ -608,6 +657,11 @@ def table(result: dict) -> str:
                   "hybrid bytes, the hybrid/teacher decode ratio once both steps are bandwidth-bound (above it: the "
                   "teacher is further from its bound than the hybrid); bound: "
                   f"{result['bandwidth_bytes_per_s'] / 1e12:.1f} TB/s / bytes."]
+    if result.get("graph_loop_models"):
+        lines += ["", "\"graph loop\" rows: the same hybrid through its own generate() default on CUDA "
+                      "(generate(cache_implementation='static'), greedy): one decode step captured as a CUDA graph per "
+                      "call and replayed per token, one host read per 16 tokens (radistill/hybrid/graph_decode.py); "
+                      "the other rows go through transformers' loop (generate(..., graph_decode=False) for a user)."]
     if any(result["long"].get(n) for n in names):
         lines += ["", "| long generation | TTFT (s) | end-to-end tok/s | decode tok/s |", "|---|---|---|---|"]
         for name in names:
@@ -680,6 +734,8 @@ def main() -> None:
                         help="CompileConfig(dynamic=True) for all models (fewer compiles if time is short)")
     parser.add_argument("--skip", type=lambda v: [x for x in v.split(",") if x], default=None,
                         help="parts to leave out, comma-separated: prefill, long, agreement")
+    parser.add_argument("--no-graph-loop", dest="graph_loop", action="store_false",
+                        help="skip the hybrids' rows through their own captured greedy loop (CUDA only)")
     parser.add_argument("--profile", action="store_true",
                         help="last: kernel profiles of one decode step and one short prefill per model "
                              "-> <out>-profile.{json,md}")

@@ -122,8 +122,15 @@ def test_generate_benchmark_quick_runs_teacher_and_both_hybrids_through_generate
     # every decode step of a cell called the compiled forward with the same tensor layouts (one graph)
     assert all(cell["step_input_layouts"] == 1 for name in result["models"]
                for cell in result["decode"][name].values())
+    # each hybrid once more through its own greedy loop (on CPU run without a graph): same bytes, its own speed
+    assert result["graph_loop_models"] == [f"{h} graph loop" for h in hybrids]
+    for name, hybrid in zip(result["graph_loop_models"], hybrids):
+        assert set(result["decode"][name]) == set(result["decode"][hybrid])
+        for cell, row in result["decode"][name].items():
+            assert row["tokens_per_s"] > 0 and row["bytes_per_step"] == result["decode"][hybrid][cell]["bytes_per_step"]
     assert (tmp_path / "generate.md").read_text().startswith("# generate() benchmark")
     assert "| ceiling |" in (tmp_path / "generate.md").read_text()
+    assert "graph loop |" in (tmp_path / "generate.md").read_text()
 
 
 @pytest.mark.slow
