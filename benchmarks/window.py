@@ -173,13 +173,15 @@ def _relative(path: str) -> str:
     return str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT) else str(path)
 
 
-def measured_cache(model, lengths) -> dict[str, int]:
-    """Bytes per sequence of the cache tensors a bf16 prefill of each length leaves (a bf16 copy of ``model``, so
-    the numbers compare with the computed bf16 column)."""
+def measured_cache(model, lengths) -> dict[str, dict[str, int]]:
+    """{length: {kind: bytes}} per sequence of the cache tensors a bf16 prefill of each length leaves (kinds kv,
+    ssm, conv, total; on CUDA also allocated). A bf16 copy of ``model`` runs it, so the numbers compare with the
+    computed bf16 column; a kind the cache keeps in another dtype (the SSM state in fp32) shows up as a
+    difference."""
     twin = copy.deepcopy(model).to(torch.bfloat16)
     try:
         with torch.inference_mode():
-            return {str(n): measure_cache_bytes(twin, n)["total"] for n in lengths}
+            return {str(n): measure_cache_bytes(twin, n) for n in lengths}
     finally:
         del twin
 
@@ -199,7 +201,9 @@ def evaluate(model, tokenizer, heldout, args, device: str) -> dict:
         rows = teacher_rows(model_layout(model), list(args.lengths), 2)
     row["cache_bytes_bf16"] = {str(r.length): r.total_bytes + r.conv_bytes for r in rows}
     if args.measure:
-        row["cache_bytes_measured"] = measured_cache(model, args.lengths)
+        kinds = measured_cache(model, args.lengths)
+        row["cache_bytes_measured"] = {n: k["total"] for n, k in kinds.items()}
+        row["cache_bytes_measured_kinds"] = kinds
     return row
 
 
@@ -301,6 +305,10 @@ def markdown(result: dict) -> str:
         fid = " | ".join(_cell(held.get(k)) for k in ("kl", "confident"))
         lines.append(f"| {row['name']} | {labels} | {tokens} | {kv} | {suites} | {row['heldout_ppl']:.2f} | {fid} | "
                      f"{' | '.join(cache)} |")
+    if measured:
+        lines += ["", "Computed: radistill.hybrid.memory at 2 bytes per value. Measured: the bytes of the cache tensors "
+                  "after a prefill of a bf16 copy (`cache_bytes_measured_kinds` in the JSON splits them into kv, ssm, "
+                  "conv); where they differ, the cache keeps that part in another dtype (the SSM state: fp32)."]
     matched = [r for r in result["students"] if "matches_window" in r]
     for r in matched:
         lines += ["", f"{r['name']}: state N = {r['state']} gives the cache bytes of a W = {r['matches_window']} window "
