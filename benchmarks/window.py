@@ -290,8 +290,9 @@ def markdown(result: dict) -> str:
              f"KV retrieval (log-likelihood, {result['kv_items_per_size']} items per size, seed {KV_SEED}); suites "
              f"(multiple choice); fidelity on held-out prose (KL to the teacher, confident top-1 agreement); held-out "
              f"perplexity on {result['heldout_tokens']} tokens; cache per sequence in bf16, computed from the config"
-             + (" and measured after a bf16 prefill" if measured else "") + ". Distilled rows: "
-             f"{result.get('distill_tokens') or 0:,} tokens each (the `tokens` column: what was trained).", "",
+             + (" and measured after a bf16 prefill" if measured else "") + "."
+             + (f" Distilled rows: {result['distill_tokens']:,} tokens each (the `tokens` column: what was trained)."
+                if result.get("distill_tokens") else ""), "",
              "| model | mixer | global | W | N | tokens | " + " | ".join(f"KV@{p}" for p in pairs) +
              " | records | facts | ppl | KL | confident top-1 | " + " | ".join(cache_heads) + " |",
              "|---|---|---|---|---|---|" + "---|" * (len(pairs) + 5 + len(cache_heads))]
@@ -326,6 +327,8 @@ def markdown(result: dict) -> str:
                      f"{r['state_bytes'] / 2**20:.2f} | {r['max_context_b1']:,} | {r['max_batch']:,} |")
     if not result.get("complete", True):
         lines += ["", "**Incomplete**: the run was cut before every student was evaluated."]
+    if result.get("serving_note"):
+        lines += ["", f"Note: {result['serving_note']}."]
     lines += ["", "Every student is capped by the model's 262,144 positions; the window student keeps the teacher's "
               "weights (its heads keep Q/K/V), the SSM student's in_proj is larger (its z gate), window_recurrent "
               "holds both the window's projections and the recurrence's."]
