@@ -142,7 +142,8 @@ def kept_per_layer(teacher, heads: list[tuple[int, int]]) -> list[list[int]]:
 
 def window_student(teacher, heads: list[tuple[int, int]], window: int):
     """The training-free student: ``heads`` full attention, every other head a window of ``window`` tokens."""
-    return convert(teacher, student_config(teacher, kept_per_layer(teacher, heads), "window", {"window": window})).eval()
+    config = student_config(teacher, kept_per_layer(teacher, heads), "window", {"window": window})
+    return convert(teacher, config).eval()
 
 
 def cache_bytes(config, length: int) -> int:
@@ -309,12 +310,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['name']} | {labels} | {tokens} | {kv} | {suites} | {row['heldout_ppl']:.2f} | {fid} | "
                      f"{' | '.join(cache)} |")
     if measured:
-        lines += ["", "Computed: radistill.hybrid.memory at 2 bytes per value. Measured: the bytes of the cache tensors "
+        lines += ["", "Computed: radistill.hybrid.memory at 2 bytes per value. Measured: the bytes of the cache "
+                  "tensors "
                   "after a prefill of a bf16 copy (`cache_bytes_measured_kinds` in the JSON splits them into kv, ssm, "
                   "conv); where they differ, the cache keeps that part in another dtype (the SSM state: fp32)."]
     matched = [r for r in result["students"] if "matches_window" in r]
     for r in matched:
-        lines += ["", f"{r['name']}: state N = {r['state']} gives the cache bytes of a W = {r['matches_window']} window "
+        lines += ["", f"{r['name']}: state N = {r['state']} gives the cache bytes of a W = {r['matches_window']} "
+                  "window "
                   "student with the same kept heads (closest multiple of 4, radistill.hybrid.memory's arithmetic)."]
     serving = result["serving"]
     lines += ["", f"Nanbeige4.1-3B shape in {serving['budget_gib']} GiB (memplan's 5% reserve), bf16, COMPUTED "
