@@ -21,17 +21,24 @@ def test_window_benchmark_runs_and_windows_keep_retrieval(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
                            "--windows", "16", "--pairs", "20", "--kv-samples", "4", "--ppl-tokens", "512",
+                           "--distill", "", "--measure", "--lengths", "256,512",
                            "--results-dir", str(tmp_path), "--out", "w"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "w.json").read_text())
     rows = {r["name"]: r for r in result["students"]}
     assert set(rows) == {"top3-w16", "top8-w16", "none-w16"}
+    # a window (and the teacher) holds only K/V in the model's dtype: the bf16 prefill's cache tensors have the
+    # computed bytes exactly, and the no-global control's stop growing once its 16-token rings are full
+    for row in [result["teacher"], *rows.values()]:
+        assert row["cache_bytes_measured"] == row["cache_bytes_bf16"], row["name"]
+    assert rows["none-w16"]["cache_bytes_measured"]["256"] == rows["none-w16"]["cache_bytes_measured"]["512"]
+    assert rows["top3-w16"]["cache_bytes_measured_kinds"]["512"].get("ssm", 0) == 0
     # the scan's top heads carry retrieval; without them a 16-token window cannot reach a 20-pair dictionary
     assert rows["top3-w16"]["kv_retrieval"]["20"] > rows["none-w16"]["kv_retrieval"]["20"]
-    assert rows["none-w16"]["cache_bytes_bf16"]["2048"] == rows["none-w16"]["cache_bytes_bf16"]["8192"]
-    assert result["teacher"]["cache_bytes_bf16"]["8192"] == 4 * result["teacher"]["cache_bytes_bf16"]["2048"]
-    assert result["serving"]["computed"] and (tmp_path / "w.md").read_text().startswith("# Training-free")
+    assert rows["none-w16"]["cache_bytes_bf16"]["256"] == rows["none-w16"]["cache_bytes_bf16"]["512"]
+    assert result["teacher"]["cache_bytes_bf16"]["512"] == 2 * result["teacher"]["cache_bytes_bf16"]["256"]
+    assert result["serving"]["computed"] and (tmp_path / "w.md").read_text().startswith("# Window students")
     assert result["complete"] is True
     assert set(rows["top3-w16"]["suites"]) == {"records", "facts"}
 
@@ -52,8 +59,110 @@ def test_students_are_labelled_by_their_mixer_heads_window_and_state():
            "suites": {"records": 0.5, "facts": 0.75}}
     serving = {"budget_gib": 24, "rows": {}}
     text = markdown({"device": "cpu", "kv_items_per_size": 4, "heldout_tokens": 512, "pairs": [20], "serving": serving,
-                     "teacher": {"name": "teacher", **row}, "students": [{"name": "s", **labels, **row}]})
-    assert "| s | window_recurrent | 3 | 8 | 4 | 1.00 | 0.500 | 0.750 | 5.00 | - | - | 2 KiB | 4 KiB |" in text
+                     "teacher": {"name": "teacher", **row},
+                     "students": [{"name": "s", **labels, **row, "distilled_tokens": 4096}]})
+    assert "| s | window_recurrent | 3 | 8 | 4 | 4,096 | 1.00 | 0.500 | 0.750 | 5.00 | - | - | 2 KiB | 4 KiB |" in text
+    assert "| teacher | - | - | - | - | - | 1.00 |" in text
+
+
+def test_dm2_state_matches_the_window_cache_bytes():
+    """matching_state: the DiscreteMamba2 student's cache per sequence is the closest (over N) to the window's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from window import cache_bytes, kept_per_layer, matching_state
+
+    from radistill.hybrid.build import student_config
+    from test_hybrid import make_teacher
+
+    teacher = make_teacher(num_hidden_layers=2)
+    for heads, window in (([], 8), ([(0, 1)], 16), ([(0, 0), (1, 2)], 32)):
+        kept = kept_per_layer(teacher, heads)
+        target = cache_bytes(student_config(teacher, kept, "window", {"window": window}), 8192)
+        state = matching_state(teacher, heads, window)
+
+        def gap(n):
+            return abs(cache_bytes(student_config(teacher, kept, "discrete_mamba2", {"state_size": n}), 8192) - target)
+
+        assert all(gap(state) <= gap(n) for n in range(4, 4 * window + 5, 4) if n != state), (heads, window)
+        # the window's bytes do not grow past W tokens; neither does a DM2 student's: the match holds at any length
+        # beyond W, and a bigger window needs a bigger state
+        assert gap(state) < cache_bytes(student_config(teacher, kept, "window", {"window": window}), 8192) // 4
+    assert matching_state(teacher, [], 32) > matching_state(teacher, [], 8)
+
+
+def test_serving_rows_put_window_window_recurrent_and_ssm_students_side_by_side():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from window import SERVING_KEEP, serving_rows
+
+    serving = serving_rows()
+    rows = serving["rows"]
+    names = set(rows)
+    assert {"teacher", f"ssm K={SERVING_KEEP} N=8", f"window K={SERVING_KEEP} W=16",
+            f"window_recurrent K={SERVING_KEEP} W=16 N=8"} <= names
+    window, ssm = rows[f"window K={SERVING_KEEP} W=16"], rows[f"ssm K={SERVING_KEEP} N=8"]
+    recurrent = rows[f"window_recurrent K={SERVING_KEEP} W=16 N=8"]
+    # the same kept heads: the same KV per token; window_recurrent holds the window's ring and the SSM state
+    assert window["kv_bytes_per_token"] == ssm["kv_bytes_per_token"] == recurrent["kv_bytes_per_token"]
+    assert recurrent["state_bytes"] > max(window["state_bytes"], ssm["state_bytes"])
+    assert recurrent["weights_bytes"] > window["weights_bytes"] >= rows["teacher"]["weights_bytes"]
+    # four times the ring (less a small per-layer bookkeeping that does not grow with W)
+    wide = rows[f"window K={SERVING_KEEP} W=64"]["state_bytes"]
+    assert 3.99 * window["state_bytes"] < wide < 4 * window["state_bytes"]
+    assert all(r["max_context_b1"] > rows["teacher"]["max_context_b1"] for k, r in rows.items() if k != "teacher")
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(not SCAN.exists(), reason="the committed scan of teacher-19m is absent")
+def test_window_benchmark_distills_a_dm2_student_at_the_window_cache_bytes(tmp_path):
+    """The in-run distillation: a dm2 student whose state matches the W-window's bytes, trained, evaluated alike."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
+                           "--windows", "16", "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
+                           "--ppl-tokens", "512", "--distill", "dm2", "--distill-tokens", "1024", "--no-suites",
+                           "--results-dir", str(tmp_path), "--out", "w", "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "w.json").read_text())
+    window, dm2 = result["students"]
+    assert (window["name"], dm2["name"]) == ("top3-w16", "dm2-top3")
+    assert dm2["mixer"] == "discrete_mamba2" and dm2["global"] == 3 and dm2["matches_window"] == 16
+    assert dm2["kept_heads"] == window["kept_heads"]
+    assert dm2["distilled_tokens"] == 1024 and not dm2["truncated"]
+    # equal cache bytes per sequence, within one state step (4 values per head)
+    step = 10 * 8 * 4 * 48 * 2  # layers x heads x 4 x head_dim x bf16, an upper bound on one step's bytes
+    assert abs(dm2["cache_bytes_bf16"]["8192"] - window["cache_bytes_bf16"]["8192"]) <= step
+    assert "suites" not in dm2 and (tmp_path / "work" / "dm2-top3" / "config.json").exists()
+    assert "dm2-top3: state N =" in (tmp_path / "w.md").read_text()
+
+
+def test_window_benchmark_reads_a_gguf_teacher(tmp_path):
+    """A GGUF teacher (as SmolLM2's Q4_1 file on the GPU) loads through radistill's loader, is scanned here, and
+    gets no teacher-19m suites."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    pytest.importorskip("gguf")
+    from smollm2 import TOKENIZER_FOR_QUICK, quick_teacher
+
+    if not TOKENIZER_FOR_QUICK.exists():
+        pytest.skip("../shared fixtures are absent")
+    gguf = quick_teacher(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--teacher", str(gguf),
+                           "--windows", "8", "--globals", "1", "--controls", "8", "--pairs", "5", "--kv-samples", "2",
+                           "--ppl-tokens", "512", "--distill", "", "--measure", "--lengths", "64",
+                           "--results-dir", str(tmp_path), "--out", "g"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["teacher_name"] == "tiny-teacher" and (tmp_path / "g-scan" / "scan.json").exists()
+    assert [r["name"] for r in result["students"]] == ["top1-w8", "none-w8"]
+    assert all("suites" not in r for r in [result["teacher"], *result["students"]])
+    # 2 layers x 2 KV heads x K and V x 8 tokens x head_dim 16 x bf16: the control's ring (plus a few bytes of
+    # bookkeeping per layer), computed and measured alike
+    control = result["students"][1]
+    ring = 2 * 2 * 2 * 8 * 16 * 2
+    assert ring <= control["cache_bytes_bf16"]["64"] < ring + 2 * 64
+    assert control["cache_bytes_measured"] == control["cache_bytes_bf16"]
+    assert "tiny-teacher" in (tmp_path / "g.md").read_text().splitlines()[0]
 
 
 @pytest.mark.shared
@@ -70,8 +179,9 @@ def test_window_benchmark_adds_a_window_recurrent_student(tmp_path):
                             state_size=8, calibration_tokens=512, device="cpu", dtype="fp32")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
-                           "--windows", "16", "--globals", "3", "--pairs", "20", "--kv-samples", "4", "--ppl-tokens",
-                           "512", "--students", str(student), "--results-dir", str(tmp_path), "--out", "w"],
+                           "--windows", "16", "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
+                           "--ppl-tokens", "512", "--students", str(student), "--results-dir", str(tmp_path),
+                           "--out", "w"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "w.json").read_text())

@@ -101,7 +101,9 @@ class WindowAttention(RecurrentMixer):
         W, T = self.window, q.shape[2]
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
         # keys older than window-1 positions plus every padding position can never be in a window
-        reach = W - 1 + int((~valid).sum(1).max())
+        # (meta tensors, as memplan profiles a layer's shapes, hold no values: count no padding there, the profile
+        # passes no mask)
+        reach = W - 1 + (0 if valid.is_meta else int((~valid).sum(1).max()))
         index = torch.as_tensor(self.kv_groups, device=q.device)
         scale = self.head_dim**-0.5
         for start in range(0, T, self.block_size):
