@@ -226,7 +226,9 @@ def fidelity_rows(result: dict) -> dict:
                 "mixer": None if teacher else r.get("mixer"), "window": None if teacher else r.get("window"),
                 "state_size": None if teacher else r.get("state_size"),
                 "tokens": None if teacher else r.get("tokens"),
-                "recipe": "teacher" if teacher else r.get("recipe", ""),
+                "recipe": "teacher" if teacher else r.get("recipe", "") + (
+                    f" (training cut by --train-seconds at {r['tokens']:,} tokens)" if r.get("truncated") else ""),
+                "truncated": None if teacher else r.get("truncated"),
                 "kv": r["kv_retrieval"], "kv_gen": {}, "ppl": r["heldout_ppl"],
                 **({"fidelity": r["fidelity"]} if r.get("fidelity") else {}), "suites": {},
                 "train_seconds": r.get("train_seconds"), "date": r.get("date", result["date"])}
@@ -260,7 +262,7 @@ def markdown(result: dict) -> str:
         cells = [r["name"], "-" if mixer is None else mixer + (f" (W={r['window']})" if r.get("window") else ""),
                  str(r.get("state_size") or "-"),
                  str(len(r.get("kept_heads", []))) if "kept_heads" in r else "all",
-                 f"{r['tokens']:,}" if "tokens" in r else "-"]
+                 (f"{r['tokens']:,}" + (" (cut)" if r.get("truncated") else "")) if "tokens" in r else "-"]
         cells += [f"{r['kv_retrieval'][str(p)]:.2f}" for p in PAIRS] + [f"{r['heldout_ppl']:.2f}"]
         if fid:
             f = r.get("fidelity") or {}
@@ -319,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training seconds per student that size the budget when --budget-tokens is not given")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for this call: start a student only if it is predicted to finish in time")
+    parser.add_argument("--train-seconds", type=float, default=None, help="stop a student's training after this "
+                        "long (its row says truncated, with the tokens it got; evaluation still runs): a safety net "
+                        "for parallel processes whose speed was not measured")
     parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all; "
                         "'' = none: scan, teacher row and setup only)")
     parser.add_argument("--scan-only", action="store_true", help="prepare WORK for parallel student processes: "
@@ -391,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     students = [] if args.scan_only or args.students == "" else chosen_students(parser, students, args.students)
     names = [s["name"] for s in students]
 
+    plan_file = work / "plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    if plan is not None and plan["teacher"] != teacher_spec:
+        parser.error(f"{work} holds a run of teacher {plan['teacher']}, not {teacher_spec}: use another --work")
+    if plan is not None and args.budget_tokens is not None and \
+            plan["recipe"] != json.loads(json.dumps(recipe_of(int(args.budget_tokens)).to_dict())):
+        parser.error(f"{plan_file} holds another budget or recipe ({plan['budget_tokens']:,} tokens) than "
+                     f"--budget-tokens {int(args.budget_tokens):,} with these options: one budget per --work")
+
     with timings("build students"):
         for s in students:
             done = (work / s["name"] / "row.json").exists()  # finished in an earlier call (maybe on another machine)
@@ -401,14 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         teacher.to(torch.bfloat16)  # the teacher of distillation and evaluation, as testbed_recovery loads it
 
-    plan_file = work / "plan.json"
-    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
-    if plan is not None and plan["teacher"] != teacher_spec:
-        raise SystemExit(f"{work} holds a run of teacher {plan['teacher']}, not {teacher_spec}: use another --work")
-    if plan is not None and args.budget_tokens is not None and \
-            plan["recipe"] != json.loads(json.dumps(recipe_of(int(args.budget_tokens)).to_dict())):
-        raise SystemExit(f"{work}/plan.json holds another budget or recipe ({plan['budget_tokens']:,} tokens) than "
-                         f"--budget-tokens {int(args.budget_tokens):,} with these options: one budget per --work")
     with timings("setup (probe items, held-out text)"):
         recipe = recipe_of(int(plan["budget_tokens"]) if plan else 2048)
         evalset = EvalSet(
@@ -481,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         if (work / s["name"] / "row.json").exists():
             console.print(f"{s['name']}: done in an earlier call, skipped")
             continue
-        predicted = per_student or predicted_train  # None: a fixed budget's first student, nothing measured yet
+        # None: a fixed budget's first student without --train-seconds, nothing measured yet (it starts)
+        predicted = per_student or predicted_train or (args.train_seconds + 60 if args.train_seconds else None)
         if args.time_limit is not None and predicted is not None and timings.elapsed() + predicted > args.time_limit:
             console.print(f"[yellow]{s['name']}: {predicted:.0f} s predicted, {args.time_limit - timings.elapsed():.0f}"
                           " s left: stopping here; run the same command again to continue[/]")
@@ -490,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"distilling {s['name']} ...")
         model, _ = load_model(work / s["name"], dtype="fp32", device=device)
         tokens, truncated, stage_seconds = distill_student(
-            model, work / f"run-{s['name']}", teacher, tokenizer, recipe, device, None, timings, s["name"])
+            model, work / f"run-{s['name']}", teacher, tokenizer, recipe, device, args.train_seconds, timings,
+            s["name"])
         with timings(f"{s['name']}: eval"):
             row = {**s, "kept_heads": [f"{l}.{h}" for l, h in s["kept_heads"]], "tokens": tokens,
+                   "truncated": truncated,
                    "recipe": summary, "train_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
                    **evaluate(model, evalset, device, eval_batch)}
             if not args.no_fidelity:
