@@ -1,30 +1,46 @@
 """A real pretrained teacher end to end: SmolLM2-135M-Instruct (GGUF, Q4_1) scanned, cut down and distilled.
 
     python benchmarks/smollm2.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --data prose-train.txt.xz \\
-        --scan benchmarks/results/smollm2-scan-cpu.json --work /tmp/smollm2 --time-limit 450
+        --work /tmp/smollm2 --time-limit 450
     (run the same command again: finished students are skipped, the rest continue)
     python benchmarks/smollm2.py --quick --work /tmp/q        # CPU smoke run on a tiny random Llama saved as GGUF
+
+Several processes on one GPU, one --work (docs/distill.md, SmolLM2, has the session's commands):
+
+    python benchmarks/smollm2.py --teacher T.gguf --work W --scan-only     # scan, teacher row, fidelity samples
+    python benchmarks/smollm2.py --teacher T.gguf --work W --students top14-dm2-s8 --budget-tokens 3e6 \\
+        --no-teacher --train-seconds 330 &                                   # one per student, side by side
+    python benchmarks/smollm2.py --work W --collect --fidelity-out fidelity-smollm2.json   # no model loaded
 
 Every fidelity number before this came from teacher-19m, trained in-house. Here the teacher is SmolLM2-135M-Instruct
 (Llama architecture, 30 layers x 9 heads = 270 heads, 3 KV heads; the GGUF is dequantised by transformers on load):
 
 1. scan its heads with the KV-retrieval probe (or read ``--scan``: a scan made elsewhere, e.g. on a CPU);
-2. build four students (state size ``--state-size``, default 8): the scan's top 2% and top 5% of heads (5 and 14 of
-   270), no heads, and as many random heads as the top-5% student from the lower-ranked half;
+2. build, for each mixer of ``--mixers`` (default both: ``discrete_mamba2``, the paper's, and ``window_recurrent``
+   with a 16-token window, radistill's default), four students of state size ``--state-size`` (default 8): the
+   scan's top 2% and top 5% of heads (5 and 14 of 270), no heads, and as many random heads as the top-5% student
+   from the lower-ranked half; names say the mixer (``top14-dm2-s8``, ``top14-wr16-s8``);
 3. distill each with testbed_recovery.py's recipe (stage 2 on 20% of the tokens, stage 3 on 80%, recurrent parts
    trained) on general English prose (``--data``, the prose corpus), the same token budget for every student;
 4. evaluate the teacher and each student: KV retrieval at 5/10/20 pairs (log-likelihood over the dictionary's
    values; SmolLM2 splits digits, so values are two-token numbers, scored as the sum of their tokens' log-probs),
-   held-out prose perplexity, and -- when ``radistill.eval.fidelity`` exists -- label-free fidelity to the teacher.
+   held-out prose perplexity, and label-free fidelity to the teacher (``radistill.eval.fidelity``).
 
 Budget. ``--budget-tokens`` per student, or (default) the tokens that ``--student-seconds`` of training buy at the
 training rate measured here after warm-up. The budget is decided once and kept in ``WORK/plan.json``, so a second
-call trains the remaining students with the same budget. ``--time-limit`` (seconds for this call): a student is
-started only if its predicted time still fits, so a call stops cleanly and the next call resumes.
+call trains the remaining students with the same budget; a call with another ``--budget-tokens`` is refused. With
+``--budget-tokens`` nothing is measured, so parallel processes agree on the plan. ``--time-limit`` (seconds for this
+call): a student is started only if its predicted time still fits (predicted from the measured rate, else from
+``--train-seconds``, else from the last student of this call; the first student of an unmeasured call starts).
+``--train-seconds`` stops a student's training after that long and still evaluates it (its row says ``truncated``).
 
-Resumable: each student's row goes to ``WORK/<name>/row.json`` when it is done (its distilled weights beside it),
-the teacher's to ``WORK/teacher.json``; the results (``benchmarks/results/smollm2.{json,md}``; --quick:
-``smollm2-quick.json``) are rewritten after every row from what ``WORK`` holds, so a timeout keeps what was measured.
+Resumable and parallel: each student's row goes to ``WORK/<name>/row.json`` when it is done (its distilled weights
+beside it), the teacher's to ``WORK/teacher.json`` (by ``--scan-only`` or the first call without ``--no-teacher``;
+atomic writes, so a race leaves one whole file), what ``--collect`` needs besides to ``WORK/setup.json``; the results
+(``benchmarks/results/smollm2.{json,md}``; --quick: ``smollm2-quick.json``) are rewritten after every row from what
+``WORK`` holds, so a timeout keeps what was measured. Each row records mixer, window, state size, kept heads,
+tokens and a one-line recipe summary; ``--fidelity-out`` writes the rows in benchmarks/fidelity.py's format, for
+``fidelity.py --merge`` beside teacher-19m's.
 """
 
 from __future__ import annotations
@@ -347,8 +363,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     quick = args.quick or device == "cpu"
-    out = args.out or ROOT / "benchmarks" / "results" / ("smollm2-quick.json" if quick else "smollm2.json")
     work = args.work
+    if args.collect:  # quick or not as the run in WORK was, wherever this collects it
+        setup = work / "setup.json"
+        if not setup.exists():
+            parser.error(f"--collect: {work} has no setup.json (not a --work of this script, or not started yet)")
+        quick = json.loads(setup.read_text())["quick"]
+    out = args.out or ROOT / "benchmarks" / "results" / ("smollm2-quick.json" if quick else "smollm2.json")
     if args.collect:
         result = write_results(work, out, quick, args.fidelity_out)
         print(markdown(result))
