@@ -500,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     predicted_train = (plan["seconds_per_token"] * plan["budget_tokens"] + plan["trainer_overhead_s"] + 30
                        if plan.get("seconds_per_token") else None)
     console.print(f"budget: {plan['budget_tokens']:,} tokens per student"
-                  + (f" ({predicted_train:.0f} s predicted each)" if predicted_train else " (fixed; rate not measured)"))
+                  + (f" ({predicted_train:.0f} s predicted each)" if predicted_train
+                     else " (fixed; rate not measured)"))
     results()
 
     per_student = None  # measured in this call: the last student's wall seconds
