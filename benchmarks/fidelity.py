@@ -91,12 +91,14 @@ def describe(folder: Path | None, model) -> dict:
     kept = getattr(config, "kept_heads", None)
     if kept is None:
         total = config.num_hidden_layers * config.num_attention_heads
-        return {"kept_heads": total, "heads": "all", "state_size": None, "tokens": None, "recipe": "teacher"}
+        return {"kept_heads": total, "heads": "all", "mixer": None, "window": None, "state_size": None,
+                "tokens": None, "recipe": "teacher"}
     tokens, summary = recipe_summary(read_recipe(folder)) if folder is not None else (None, "")
+    settings = getattr(config, "mixer_settings", None) or {}
     return {"kept_heads": sum(len(h) for h in kept),
             "heads": ",".join(f"{layer}.{head}" for layer, heads in enumerate(kept) for head in heads),
-            "state_size": (getattr(config, "mixer_settings", None) or {}).get("state_size"),
-            "tokens": tokens, "recipe": summary}
+            "mixer": getattr(config, "mixer", None), "window": settings.get("window"),
+            "state_size": settings.get("state_size"), "tokens": tokens, "recipe": summary}
 
 
 def row_of(name: str, folder: Path | None, model, results) -> dict:
@@ -132,15 +134,31 @@ def quick_student(teacher_path: Path, out: Path) -> Path:
     return out
 
 
-def run(args) -> dict:
+def run(args, write=None) -> dict:
+    """Evaluate the teacher and ``args.students``; ``write(result)`` after each row (the partial result so far)."""
     device = resolve_device(args.device)
     suites = [Path(s) for s in args.suites] if args.suites is not None else sorted(SUITES.glob("*.jsonl"))
     config = settings(args.quick, suites, Path(args.text))
     teacher_path = Path(args.teacher)
     teacher, tokenizer = load_model(teacher_path, device=device, dtype=args.dtype)
     start = time.perf_counter()
+    import transformers
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else \
+        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    rows: list[dict] = []
+
+    def result() -> dict:
+        return {"teacher": str(teacher_path), "rows": rows, "settings": config.to_dict(),
+                "device": name, "dtype": str(teacher.dtype).removeprefix("torch."),
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "quick": args.quick, "wall_seconds": round(time.perf_counter() - start, 1)}
+
     console.rule(f"teacher {teacher_path}")
-    rows = [row_of("teacher", teacher_path, teacher, evaluate_model(teacher, tokenizer, config))]
+    rows.append(row_of("teacher", teacher_path, teacher, evaluate_model(teacher, tokenizer, config)))
+    if write is not None:
+        write(result())
     students = [Path(s) for s in args.students]
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick and not students:
@@ -152,38 +170,45 @@ def run(args) -> dict:
             rows.append(row_of(folder.name if folder.name not in ("stage2", "stage3") else
                                f"{folder.parent.name}/{folder.name}", folder, model, results))
             free(model)
-    import transformers
-
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else \
-        f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-    return {"teacher": str(teacher_path), "rows": rows, "settings": config.to_dict(),
-            "device": name, "dtype": str(teacher.dtype).removeprefix("torch."),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "quick": args.quick, "wall_seconds": round(time.perf_counter() - start, 1)}
+            if write is not None:
+                write(result())
+    return result()
 
 
 def merge_runs(runs: list[dict]) -> dict:
-    """One result from several runs of the same teacher; each row keeps the device, versions and date of its run.
-    The teacher's row is kept once (from the first run); a student named twice is refused."""
-    teachers = {r["teacher"] for r in runs}
-    if len(teachers) != 1:
-        raise RadistillError(f"--merge: the runs have different teachers ({', '.join(sorted(teachers))})")
+    """One result from several runs, of one teacher or of several (e.g. teacher-19m and SmolLM2): each row keeps
+    its teacher and the device, versions and date of its run. Each teacher's own row is kept once (from its first
+    run); a student named twice under one teacher is refused."""
     rows, seen = [], set()
     for result in runs:
         for row in result["rows"]:
-            row = {**row, **{k: row.get(k, result.get(k)) for k in ("device", "versions", "date", "quick")}}
-            if row["name"] == "teacher" and "teacher" in seen:
+            row = {**row, **{k: row.get(k, result.get(k)) for k in ("teacher", "device", "versions", "date", "quick")}}
+            key = (row["teacher"], row["name"])
+            if row["name"] == "teacher" and key in seen:
                 continue
-            if row["name"] in seen:
-                raise RadistillError(f"--merge: '{row['name']}' appears in two runs; rename or drop one")
-            seen.add(row["name"])
+            if key in seen:
+                raise RadistillError(f"--merge: '{row['name']}' of teacher {row['teacher']} appears in two runs; "
+                                     "rename or drop one")
+            seen.add(key)
             rows.append(row)
     first = runs[0]
-    return {"teacher": first["teacher"], "rows": rows, "settings": first["settings"],
+    teachers = list(dict.fromkeys(r["teacher"] for r in runs))
+    return {"teacher": " + ".join(teachers), "teachers": teachers, "rows": rows, "settings": first["settings"],
+            "settings_by_teacher": {t: next(r["settings"] for r in runs if r["teacher"] == t) for t in teachers},
             "device": ", ".join(dict.fromkeys(r["device"] for r in runs)),
             "versions": first["versions"], "date": max(r["date"] for r in runs),
             "quick": any(r.get("quick") for r in runs), "merged": len(runs)}
+
+
+def read_result(path: Path) -> dict:
+    """A result file of this script (or of ``smollm2.py --fidelity-out``) for --merge; a clear error otherwise."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RadistillError(f"--merge: cannot read {path}: {exc}") from exc
+    if not isinstance(result, dict) or not {"teacher", "rows", "settings"} <= set(result):
+        raise RadistillError(f"--merge: {path} is not a fidelity result (no teacher/rows/settings)")
+    return result
 
 
 def _pct(value) -> str:
@@ -191,14 +216,34 @@ def _pct(value) -> str:
 
 
 def render(result: dict) -> str:
-    rows = result["rows"]
+    """Markdown: one table per teacher (a merged result may hold several)."""
+    teachers = result.get("teachers") or [result["teacher"]]
+    lines = [f"# Fidelity: {result['teacher']}", ""]
+    for teacher in teachers:
+        rows = [r for r in result["rows"] if r.get("teacher", result["teacher"]) == teacher]
+        settings = (result.get("settings_by_teacher") or {}).get(teacher, result["settings"])
+        if len(teachers) > 1:
+            lines += [f"## {teacher}", ""]
+        lines += _table(result, rows, settings)
+    return "\n".join(lines)
+
+
+def _table(result: dict, rows: list[dict], settings: dict) -> list[str]:
     suites = list(dict.fromkeys(s for r in rows for s in r.get("suites", {})))
     pairs = list(dict.fromkeys(p for r in rows for p in r.get("kv", {})))
-    lines = [f"# Fidelity: {result['teacher']}", "",
-             f"{result['device']} · {result.get('dtype', '')} · torch {result['versions']['torch']}, transformers "
+    runs: dict[str, list[str]] = {}  # device and versions -> the dates of its rows
+    for r in rows:
+        versions = r.get("versions", result["versions"])
+        where = (f"{r.get('device', result['device'])} · torch {versions['torch']}, transformers "
+                 f"{versions['transformers']}" + (" · QUICK (smoke run)" if r.get("quick", result["quick"]) else ""))
+        runs.setdefault(where, []).append(str(r.get("date", result["date"])))
+    lines = [f"{result['device']} · {result.get('dtype', '')} · torch {result['versions']['torch']}, transformers "
              f"{result['versions']['transformers']} · {result['date']}" + (" · QUICK (smoke run)" if result["quick"]
-                                                                           else ""), ""]
-    header = ["model", "kept heads", "state", "tokens", *(f"KV@{p}" for p in pairs), "ppl", "KL held-out",
+                                                                           else ""), ""] if len(rows) <= 1 or \
+        "teachers" not in result else \
+        ["; ".join(f"{where} · {min(dates)}" + (f" to {max(dates)}" if max(dates) != min(dates) else "")
+                   for where, dates in runs.items()), ""]
+    header = ["model", "kept heads", "mixer", "state", "tokens", *(f"KV@{p}" for p in pairs), "ppl", "KL held-out",
               "top-1", "top-1 local", "top-1 long", "confident", "KL generated", "top-1 gen", "greedy (mean/median)",
               *suites]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -206,7 +251,10 @@ def render(result: dict) -> str:
         fid = r.get("fidelity") or {}
         held, gen = fid.get("heldout", {}), fid.get("generated", {})
         greedy = fid.get("greedy")
-        cells = [r["name"], str(r["kept_heads"]), str(r["state_size"] or "—"),
+        mixer = r.get("mixer")
+        cells = [r["name"], str(r["kept_heads"]),
+                 "—" if not mixer else mixer + (f" W={r['window']}" if r.get("window") else ""),
+                 str(r["state_size"] or "—"),
                  f"{r['tokens']:,}" if r.get("tokens") else "—",
                  *(_pct(r["kv"].get(p)) for p in pairs), f"{r['ppl']:.2f}" if r.get("ppl") else "—",
                  f"{held['all']['kl']:.3f}" if held else "—",
@@ -216,13 +264,15 @@ def render(result: dict) -> str:
                  f"{greedy['mean']:.1f} / {greedy['median']:.0f} of {greedy['of']}" if greedy else "—",
                  *(_pct(r.get("suites", {}).get(s)) for s in suites)]
         lines.append("| " + " | ".join(cells) + " |")
-    recipes = [f"- {r['name']}: {r['recipe']}" + (f" (heads {r['heads']})" if r["heads"] != "all" else "")
+    recipes = [f"- {r['name']}: {r['recipe']}" + (f" (heads {r['heads'] or 'none'})" if r["heads"] != "all" else "")
                for r in rows if r["name"] != "teacher"]
     lines += ["", "Accuracies and agreements in %; KL in nats per token (teacher || student). Local / long: the "
               "teacher's mean attention distance at the position < / >= "
-              f"{result['settings'].get('fidelity', {}).get('long_range', 16)} tokens (docs/eval.md).", "",
+              f"{(settings.get('fidelity') or {}).get('long_range', 16)} tokens (docs/eval.md)."
+              + (f" KV: {settings['kv']['method']}." if isinstance(settings.get("kv"), dict)
+                 and settings["kv"].get("method") else ""), "",
               *recipes, ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,20 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", help="merge these result files into --out instead of running")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    out = args.out or RESULTS / ("fidelity-quick.json" if args.quick else "fidelity.json")
+
+    def write(result: dict) -> str:
+        """The JSON and its table, rewritten as rows arrive (a run cut short keeps what it measured)."""
+        write_json_atomic(out, result)
+        table = render(result)
+        write_text_atomic(out.with_suffix(".md"), table)
+        return table
+
     try:
         if args.merge:
-            result = merge_runs([json.loads(Path(p).read_text()) for p in args.merge])
+            result = merge_runs([read_result(Path(p)) for p in args.merge])
         else:
             if args.quick:
                 args.device = "cpu" if args.device == "auto" else args.device
-            result = run(args)
+            result = run(args, write)
     except RadistillError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
-    out = args.out or RESULTS / ("fidelity-quick.json" if args.quick else "fidelity.json")
-    write_json_atomic(out, result)
-    table = render(result)
-    write_text_atomic(out.with_suffix(".md"), table)
+    table = write(result)
     console.print(table)
     console.print(f"results: {out} and {out.with_suffix('.md')}")
     return 0

@@ -1,30 +1,46 @@
 """A real pretrained teacher end to end: SmolLM2-135M-Instruct (GGUF, Q4_1) scanned, cut down and distilled.
 
     python benchmarks/smollm2.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --data prose-train.txt.xz \\
-        --scan benchmarks/results/smollm2-scan-cpu.json --work /tmp/smollm2 --time-limit 450
+        --work /tmp/smollm2 --time-limit 450
     (run the same command again: finished students are skipped, the rest continue)
     python benchmarks/smollm2.py --quick --work /tmp/q        # CPU smoke run on a tiny random Llama saved as GGUF
+
+Several processes on one GPU, one --work (docs/distill.md, SmolLM2, has the session's commands):
+
+    python benchmarks/smollm2.py --teacher T.gguf --work W --scan-only     # scan, teacher row, fidelity samples
+    python benchmarks/smollm2.py --teacher T.gguf --work W --students top14-dm2-s8 --budget-tokens 3e6 \\
+        --no-teacher --train-seconds 330 &                                   # one per student, side by side
+    python benchmarks/smollm2.py --work W --collect --fidelity-out fidelity-smollm2.json   # no model loaded
 
 Every fidelity number before this came from teacher-19m, trained in-house. Here the teacher is SmolLM2-135M-Instruct
 (Llama architecture, 30 layers x 9 heads = 270 heads, 3 KV heads; the GGUF is dequantised by transformers on load):
 
 1. scan its heads with the KV-retrieval probe (or read ``--scan``: a scan made elsewhere, e.g. on a CPU);
-2. build four students (state size ``--state-size``, default 8): the scan's top 2% and top 5% of heads (5 and 14 of
-   270), no heads, and as many random heads as the top-5% student from the lower-ranked half;
+2. build, for each mixer of ``--mixers`` (default both: ``discrete_mamba2``, the paper's, and ``window_recurrent``
+   with a 16-token window, radistill's default), four students of state size ``--state-size`` (default 8): the
+   scan's top 2% and top 5% of heads (5 and 14 of 270), no heads, and as many random heads as the top-5% student
+   from the lower-ranked half; names say the mixer (``top14-dm2-s8``, ``top14-wr16-s8``);
 3. distill each with testbed_recovery.py's recipe (stage 2 on 20% of the tokens, stage 3 on 80%, recurrent parts
    trained) on general English prose (``--data``, the prose corpus), the same token budget for every student;
 4. evaluate the teacher and each student: KV retrieval at 5/10/20 pairs (log-likelihood over the dictionary's
    values; SmolLM2 splits digits, so values are two-token numbers, scored as the sum of their tokens' log-probs),
-   held-out prose perplexity, and -- when ``radistill.eval.fidelity`` exists -- label-free fidelity to the teacher.
+   held-out prose perplexity, and label-free fidelity to the teacher (``radistill.eval.fidelity``).
 
 Budget. ``--budget-tokens`` per student, or (default) the tokens that ``--student-seconds`` of training buy at the
 training rate measured here after warm-up. The budget is decided once and kept in ``WORK/plan.json``, so a second
-call trains the remaining students with the same budget. ``--time-limit`` (seconds for this call): a student is
-started only if its predicted time still fits, so a call stops cleanly and the next call resumes.
+call trains the remaining students with the same budget; a call with another ``--budget-tokens`` is refused. With
+``--budget-tokens`` nothing is measured, so parallel processes agree on the plan. ``--time-limit`` (seconds for this
+call): a student is started only if its predicted time still fits (predicted from the measured rate, else from
+``--train-seconds``, else from the last student of this call; the first student of an unmeasured call starts).
+``--train-seconds`` stops a student's training after that long and still evaluates it (its row says ``truncated``).
 
-Resumable: each student's row goes to ``WORK/<name>/row.json`` when it is done (its distilled weights beside it),
-the teacher's to ``WORK/teacher.json``; the results (``benchmarks/results/smollm2.{json,md}``; --quick:
-``smollm2-quick.json``) are rewritten after every row from what ``WORK`` holds, so a timeout keeps what was measured.
+Resumable and parallel: each student's row goes to ``WORK/<name>/row.json`` when it is done (its distilled weights
+beside it), the teacher's to ``WORK/teacher.json`` (by ``--scan-only`` or the first call without ``--no-teacher``;
+atomic writes, so a race leaves one whole file), what ``--collect`` needs besides to ``WORK/setup.json``; the results
+(``benchmarks/results/smollm2.{json,md}``; --quick: ``smollm2-quick.json``) are rewritten after every row from what
+``WORK`` holds, so a timeout keeps what was measured. Each row records mixer, window, state size, kept heads,
+tokens and a one-line recipe summary; ``--fidelity-out`` writes the rows in benchmarks/fidelity.py's format, for
+``fidelity.py --merge`` beside teacher-19m's.
 """
 
 from __future__ import annotations
@@ -53,6 +69,9 @@ from testbed_recovery import (  # noqa: E402  (benchmarks/testbed_recovery.py: o
     recipe_for,
 )
 from distill import synchronizer  # noqa: E402  (benchmarks/distill.py)
+from environment import versions as library_versions  # noqa: E402  (benchmarks/environment.py)
+from fidelity import recipe_summary  # noqa: E402  (benchmarks/fidelity.py: the same one-line recipe summary)
+from fidelity_candidates import WINDOW  # noqa: E402  (the window_recurrent students' span, as fidelity_candidates')
 from radistill.distill.data import heldout_documents, heldout_sequences  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.models.access import load_model, model_layout  # noqa: E402
@@ -68,6 +87,9 @@ PAIRS = (5, 10, 20)
 KV_SEED = 1234  # evaluation items: not the scan's seed (0)
 SHARES = (0.02, 0.05)  # kept heads: top 2% and top 5% of the teacher's heads
 SCAN_PAIRS = 20
+# the student mixers: (short tag in the student's name, window); window_recurrent is built as fidelity_candidates.py's
+# window-rec variant (build_student's mixer/window options), the recurrence's state size is --state-size for both
+MIXERS = {"discrete_mamba2": ("dm2", None), "window_recurrent": ("wr", WINDOW)}
 
 
 @dataclass
@@ -83,15 +105,22 @@ def head_count(share: float, total: int) -> int:
     return max(1, int(share * total + 0.5))
 
 
-def student_specs(ranked: list[tuple[int, int]], state_size: int, seed: int) -> list[dict]:
-    """Top 2% and top 5% of the ranking, no heads, and a random control (as many as top 5%) from the lower half."""
+def student_specs(ranked: list[tuple[int, int]], state_size: int, seed: int,
+                  mixers: tuple[str, ...] = tuple(MIXERS)) -> list[dict]:
+    """For each mixer: top 2% and top 5% of the ranking, no heads, and a random control (as many as top 5%) from the
+    lower half (the same random heads for every mixer). Names say the mixer: ``top14-dm2-s8``, ``top14-wr16-s8``."""
     counts = sorted({head_count(s, len(ranked)) for s in SHARES})  # one student per count (tiny models: 1 and 1)
     lower_half = ranked[len(ranked) // 2 :]
-    specs = [{"name": f"top{k}-s{state_size}", "kept_heads": ranked[:k]} for k in counts]
-    specs += [{"name": f"none-s{state_size}", "kept_heads": []},
-              {"name": f"random-low{counts[-1]}-s{state_size}",
-               "kept_heads": sorted(random.Random(seed).sample(lower_half, min(counts[-1], len(lower_half))))}]
-    return [{**s, "state_size": state_size} for s in specs]
+    random_heads = sorted(random.Random(seed).sample(lower_half, min(counts[-1], len(lower_half))))
+    specs = []
+    for mixer in mixers:
+        tag, window = MIXERS[mixer]
+        label = f"{tag}{window or ''}-s{state_size}"
+        kinds = [(f"top{k}", ranked[:k]) for k in counts]
+        kinds += [("none", []), (f"random-low{counts[-1]}", random_heads)]
+        specs += [{"name": f"{kind}-{label}", "kept_heads": heads, "mixer": mixer, "window": window,
+                   "state_size": state_size} for kind, heads in kinds]
+    return specs
 
 
 def quick_teacher(work: Path) -> Path:
@@ -137,37 +166,36 @@ def ranked_heads(args, teacher_spec: str, device: str, work: Path, layout) -> tu
                    "metric": result.metric, "top": [f"{l}.{h}" for l, h in heads[:14]]}
 
 
-def fidelity_of(teacher, student, tokenizer, text_path: Path, quick: bool, batch: int, samples_file: Path) -> dict | None:
-    """Label-free fidelity of ``student`` to ``teacher`` on held-out prose, if this checkout has
-    ``radistill.eval.fidelity``; every student is scored on the same teacher samples (kept in ``samples_file``)."""
-    try:
-        from radistill.eval.fidelity import FidelityConfig, fidelity
-    except ImportError:
-        return None
-    config = (FidelityConfig(windows=4, window=64, samples=2, prompt=16, generate=32, greedy_prompts=2,
-                             greedy_tokens=16, text_tokens=4096) if quick else FidelityConfig())
+def fidelity_config(quick: bool):
+    from radistill.eval.fidelity import FidelityConfig
+
+    return (FidelityConfig(windows=4, window=64, samples=2, prompt=16, generate=32, greedy_prompts=2,
+                           greedy_tokens=16, text_tokens=4096) if quick else FidelityConfig())
+
+
+def fidelity_of(teacher, student, tokenizer, text_path: Path, quick: bool, batch: int, samples_file: Path) -> dict:
+    """Label-free fidelity of ``student`` to ``teacher`` on held-out prose (``radistill.eval.fidelity``), in
+    benchmarks/fidelity.py's row format (per text kind and split: KL, top-1, confident top-1; greedy agreement;
+    attention reach). Every student is scored on the same teacher samples, kept in ``samples_file`` (the first
+    call, or ``--scan-only``, writes them)."""
+    from radistill.eval.fidelity import fidelity
+
     stored = json.loads(samples_file.read_text()) if samples_file.exists() else None
-    result = fidelity(teacher, tokenizer, student, tokenizer, str(text_path), config, batch_size=batch,
-                      samples=stored)
+    result = fidelity(teacher, tokenizer, student, tokenizer, str(text_path), fidelity_config(quick),
+                      batch_size=batch, samples=stored)
     if stored is None:
         write_json_atomic(samples_file, result.samples)
-    summary = {}
-    for kind, splits in result.texts.items():
-        for split, stats in splits.items():
-            summary[f"{kind}_{split}_kl"] = stats.kl
-            summary[f"{kind}_{split}_top1"] = stats.top1
-            summary[f"{kind}_{split}_confident"] = stats.confident
-    greedy = list(result.greedy)
-    summary["greedy_agreement_mean"] = sum(greedy) / len(greedy) if greedy else None
-    return summary
+    details = result.to_dict()
+    out = {kind: {split: {k: stats[k] for k in ("kl", "top1", "confident", "positions", "confident_positions")}
+                  for split, stats in splits.items()} for kind, splits in details["texts"].items()}
+    out["greedy"] = {k: details["greedy"][k] for k in ("mean", "median", "of")}
+    out["reach"] = details["reach"]
+    return out
 
 
 def versions() -> dict:
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    out = library_versions()
     try:
-        import gguf  # noqa: F401
         from importlib.metadata import version
 
         out["gguf"] = version("gguf")
@@ -176,32 +204,93 @@ def versions() -> dict:
     return out
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def collect(work: Path, names: list[str]) -> tuple[dict | None, list[dict]]:
-    """The teacher's row and the finished students' rows that ``work`` holds, in ``names``' order."""
+    """The teacher's row and every finished student's row in ``work``: ``names``' order first, then any other
+    student folder with a row (written by a process given another ``--students`` subset or ``--mixers``)."""
     teacher = json.loads((work / "teacher.json").read_text()) if (work / "teacher.json").exists() else None
-    rows = [json.loads((work / n / "row.json").read_text()) for n in names if (work / n / "row.json").exists()]
-    return teacher, rows
+    found = sorted(p.parent.name for p in work.glob("*/row.json"))
+    order = [n for n in names if n in found] + [n for n in found if n not in names]
+    return teacher, [json.loads((work / n / "row.json").read_text()) for n in order]
+
+
+def results_of(work: Path, quick: bool) -> dict:
+    """smollm2.json's content from what ``work`` holds (``setup.json``, ``plan.json``, the rows): no model loaded."""
+    setup_file, plan_file = work / "setup.json", work / "plan.json"
+    if not setup_file.exists():
+        raise SystemExit(f"{work} has no setup.json: nothing of a run of benchmarks/smollm2.py to collect")
+    setup = json.loads(setup_file.read_text())
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    teacher_row, rows = collect(work, setup["students"])
+    done = {r["name"] for r in rows}
+    return {**setup, "date": now(), "budget_tokens": plan["budget_tokens"] if plan else None, "plan": plan,
+            "teacher": teacher_row, "students": rows, "pending": [n for n in setup["students"] if n not in done]}
+
+
+def fidelity_rows(result: dict) -> dict:
+    """The same rows in benchmarks/fidelity.py's format, for ``fidelity.py --merge`` beside other teachers' runs.
+    KV here is smollm2.py's log-likelihood choice over the dictionary's values (``kv_method`` says so)."""
+    def row(r: dict, teacher: bool) -> dict:
+        heads = r.get("kept_heads", [])
+        layout = result["teacher_layout"]
+        return {"name": r["name"], "path": None,
+                "kept_heads": layout["num_layers"] * layout["num_heads"] if teacher else len(heads),
+                "heads": "all" if teacher else ",".join(heads),
+                "mixer": None if teacher else r.get("mixer"), "window": None if teacher else r.get("window"),
+                "state_size": None if teacher else r.get("state_size"),
+                "tokens": None if teacher else r.get("tokens"),
+                "recipe": "teacher" if teacher else r.get("recipe", "") + (
+                    f" (training cut by --train-seconds at {r['tokens']:,} tokens)" if r.get("truncated") else ""),
+                "truncated": None if teacher else r.get("truncated"),
+                "kv": r["kv_retrieval"], "kv_gen": {}, "ppl": r["heldout_ppl"],
+                **({"fidelity": r["fidelity"]} if r.get("fidelity") else {}), "suites": {},
+                "train_seconds": r.get("train_seconds"), "date": r.get("date", result["date"])}
+
+    rows = ([row(result["teacher"], True)] if result.get("teacher") else []) + [row(r, False)
+                                                                                for r in result["students"]]
+    return {"teacher": f"SmolLM2-135M-Instruct ({Path(result['teacher_file']).name})", "rows": rows,
+            "settings": {"kv": {"pairs": result["kv_pairs"], "samples": result["kv_items_per_size"],
+                                "method": "benchmarks/smollm2.py (testbed_recovery.evaluate)"},
+                         "ppl_tokens": result["heldout_tokens"], "text": result["data"] + " (held-out documents)",
+                         "fidelity": result.get("fidelity_config") or {}},
+            "device": result["device"], "dtype": "bf16 (autocast)" if result["device"] != "cpu" else "float32",
+            "versions": result["versions"], "date": result["date"], "quick": result["quick"],
+            "kv_method": "log-likelihood choice over the dictionary's values (multi-token values: summed log-probs)"}
 
 
 def markdown(result: dict) -> str:
     rows = ([result["teacher"]] if result.get("teacher") else []) + result["students"]
     fid = any(r.get("fidelity") for r in rows)
-    head = ["model", "heads kept", "tokens"] + [f"KV@{p}" for p in PAIRS] + ["held-out ppl"]
+    head = ["model", "mixer", "state", "heads kept", "tokens"] + [f"KV@{p}" for p in PAIRS] + ["held-out ppl"]
     if fid:
-        head += ["KL held-out", "top-1 held-out", "top-1 long-range", "greedy agree"]
+        head += ["KL held-out", "top-1 held-out", "top-1 local", "top-1 long-range", "confident top-1",
+                 "greedy agree"]
+    budget = f"{result['budget_tokens']:,}" if result.get("budget_tokens") else "-"
     lines = [f"teacher {result['teacher_file']} ({result['teacher_layout']['num_layers']} layers x "
              f"{result['teacher_layout']['num_heads']} heads) on {result['device']}, {result['date']}; "
-             f"budget {result['budget_tokens']:,} tokens per student; versions {result['versions']}", "",
+             f"budget {budget} tokens per student; versions {result['versions']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], str(len(r.get("kept_heads", []))) if "kept_heads" in r else "all",
-                 f"{r['tokens']:,}" if "tokens" in r else "-"]
+        mixer = r.get("mixer")
+        cells = [r["name"], "-" if mixer is None else mixer + (f" (W={r['window']})" if r.get("window") else ""),
+                 str(r.get("state_size") or "-"),
+                 str(len(r.get("kept_heads", []))) if "kept_heads" in r else "all",
+                 (f"{r['tokens']:,}" + (" (cut)" if r.get("truncated") else "")) if "tokens" in r else "-"]
         cells += [f"{r['kv_retrieval'][str(p)]:.2f}" for p in PAIRS] + [f"{r['heldout_ppl']:.2f}"]
         if fid:
             f = r.get("fidelity") or {}
-            cells += [_num(f.get("heldout_all_kl"), ".3f"), _num(f.get("heldout_all_top1"), ".3f"),
-                      _num(f.get("heldout_long_top1"), ".3f"), _num(f.get("greedy_agreement_mean"), ".1f")]
+            held = f.get("heldout", {})
+            cells += [_num(held.get("all", {}).get("kl"), ".3f"),
+                      *(_num(held.get(s, {}).get("top1"), ".3f") for s in ("all", "local", "long")),
+                      _num(held.get("all", {}).get("confident"), ".3f"),
+                      _num((f.get("greedy") or {}).get("mean"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    recipes = [f"- {r['name']}: {r['recipe']}" for r in result["students"] if r.get("recipe")]
+    if recipes:
+        lines += ["", *recipes]
     if result.get("pending"):
         lines += ["", f"not yet run: {', '.join(result['pending'])} (run the same command again to continue)"]
     return "\n".join(lines)
@@ -209,6 +298,22 @@ def markdown(result: dict) -> str:
 
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def write_results(work: Path, out: Path, quick: bool, fidelity_out: Path | None = None, extra: dict | None = None
+                  ) -> dict:
+    """Rewrite ``out`` (and its .md, and ``fidelity_out`` in fidelity.py's format) from what ``work`` holds."""
+    result = {**results_of(work, quick), **(extra or {})}
+    write_json_atomic(out, result)
+    if not quick and result.get("plan"):
+        write_text_atomic(out.with_suffix(".md"), markdown(result) + "\n")
+    if fidelity_out is not None:
+        from fidelity import render
+
+        rows = fidelity_rows(result)
+        write_json_atomic(fidelity_out, rows)
+        write_text_atomic(fidelity_out.with_suffix(".md"), render(rows))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,13 +328,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run on a tiny random GGUF teacher")
     parser.add_argument("--state-size", type=int, default=8)
+    parser.add_argument("--mixers", default=",".join(MIXERS),
+                        help=f"mixers of the students' other heads, comma-separated (default: {', '.join(MIXERS)})")
     parser.add_argument("--budget-tokens", type=float, default=None, help="tokens per student (default: what "
-                        "--student-seconds of training buy at the measured rate; quick 2,048)")
+                        "--student-seconds of training buy at the measured rate; quick 2,048). Give it to every "
+                        "process of a parallel run: no measurement, one budget")
     parser.add_argument("--student-seconds", type=float, default=75.0,
                         help="training seconds per student that size the budget when --budget-tokens is not given")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds for this call: start a student only if it is predicted to finish in time")
-    parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all)")
+    parser.add_argument("--train-seconds", type=float, default=None, help="stop a student's training after this "
+                        "long (its row says truncated, with the tokens it got; evaluation still runs): a safety net "
+                        "for parallel processes whose speed was not measured")
+    parser.add_argument("--students", default=None, help="comma-separated subset of the students (default: all; "
+                        "'' = none: scan, teacher row and setup only)")
+    parser.add_argument("--scan-only", action="store_true", help="prepare WORK for parallel student processes: "
+                        "scan, the teacher's row, the fidelity samples and setup.json; no student")
+    parser.add_argument("--no-teacher", action="store_true", help="do not evaluate the teacher here (another "
+                        "process or --scan-only writes WORK/teacher.json)")
+    parser.add_argument("--collect", action="store_true", help="only rewrite --out (and .md) from what WORK holds; "
+                        "loads no model")
+    parser.add_argument("--fidelity-out", type=Path, default=None, help="also write the rows in "
+                        "benchmarks/fidelity.py's format here (+ .md), for fidelity.py --merge")
     parser.add_argument("--kv-items", type=int, default=None, help="KV items per dictionary size (100; quick 8)")
     parser.add_argument("--ppl-tokens", type=int, default=None, help="held-out tokens for perplexity "
                         "(65,536; quick 2,048)")
@@ -243,18 +363,32 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     quick = args.quick or device == "cpu"
+    work = args.work
+    if args.collect:  # quick or not as the run in WORK was, wherever this collects it
+        setup = work / "setup.json"
+        if not setup.exists():
+            parser.error(f"--collect: {work} has no setup.json (not a --work of this script, or not started yet)")
+        quick = json.loads(setup.read_text())["quick"]
+    out = args.out or ROOT / "benchmarks" / "results" / ("smollm2-quick.json" if quick else "smollm2.json")
+    if args.collect:
+        result = write_results(work, out, quick, args.fidelity_out)
+        print(markdown(result))
+        print(f"wrote {out}" + ("" if quick else f" and {out.with_suffix('.md')}")
+              + (f" and {args.fidelity_out}" if args.fidelity_out else ""))
+        return 0
+    mixers = tuple(m.strip() for m in args.mixers.split(",") if m.strip())
+    if not mixers or set(mixers) - set(MIXERS):
+        parser.error(f"--mixers {args.mixers!r}: choose from {', '.join(MIXERS)}")
     if device == "cpu":
         torch.set_num_threads(1)
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
-    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.teacher is None and not args.quick:
         parser.error("--teacher is required (the SmolLM2 GGUF file), except with --quick")
     if not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
     teacher_spec = args.teacher or str(quick_teacher(work))
-    out = args.out or ROOT / "benchmarks" / "results" / ("smollm2-quick.json" if quick else "smollm2.json")
     timings = Timings(synchronizer(device))
     kv_per_size = args.kv_items or (8 if quick else 100)
     ppl_tokens = args.ppl_tokens or (2048 if quick else 65536)
@@ -278,24 +412,30 @@ def main(argv: list[str] | None = None) -> int:
             teacher.to(device)  # fp32 on the GPU while the students are built (calibration in fp32)
     with timings("scan (or read --scan)"):
         ranked, scan_info = ranked_heads(args, teacher_spec, device, work, layout)
-    students = student_specs(ranked, args.state_size, args.seed)
-    students = chosen_students(parser, students, args.students)
+    every = student_specs(ranked, args.state_size, args.seed, tuple(MIXERS))
+    students = student_specs(ranked, args.state_size, args.seed, mixers)
+    students = [] if args.scan_only or args.students == "" else chosen_students(parser, students, args.students)
     names = [s["name"] for s in students]
+
+    plan_file = work / "plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    if plan is not None and plan["teacher"] != teacher_spec:
+        parser.error(f"{work} holds a run of teacher {plan['teacher']}, not {teacher_spec}: use another --work")
+    if plan is not None and args.budget_tokens is not None and \
+            plan["recipe"] != json.loads(json.dumps(recipe_of(int(args.budget_tokens)).to_dict())):
+        parser.error(f"{plan_file} holds another budget or recipe ({plan['budget_tokens']:,} tokens) than "
+                     f"--budget-tokens {int(args.budget_tokens):,} with these options: one budget per --work")
 
     with timings("build students"):
         for s in students:
             done = (work / s["name"] / "row.json").exists()  # finished in an earlier call (maybe on another machine)
             if not done and not (work / s["name"] / "config.json").exists():
-                build_student(teacher, work / s["name"], heads=s["kept_heads"], state_size=s["state_size"],
-                              tokenizer=tokenizer, calibration_data=args.data,
+                build_student(teacher, work / s["name"], heads=s["kept_heads"], mixer=s["mixer"], window=s["window"],
+                              state_size=s["state_size"], tokenizer=tokenizer, calibration_data=args.data,
                               calibration_tokens=2048 if quick else 16384, overwrite=True)
     if device == "cuda":
         teacher.to(torch.bfloat16)  # the teacher of distillation and evaluation, as testbed_recovery loads it
 
-    plan_file = work / "plan.json"
-    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
-    if plan is not None and plan["teacher"] != teacher_spec:
-        raise SystemExit(f"{work} holds a run of teacher {plan['teacher']}, not {teacher_spec}: use another --work")
     with timings("setup (probe items, held-out text)"):
         recipe = recipe_of(int(plan["budget_tokens"]) if plan else 2048)
         evalset = EvalSet(
@@ -308,62 +448,70 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(heldout_text, "\n\n".join(heldout_documents(recipe.data)))
     fidelity_samples = work / "fidelity-samples.json"
 
-    base = {"teacher_file": teacher_spec, "teacher_layout": layout.to_dict(), "scan": scan_info,
-            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "versions": versions(), "quick": quick, "kv_items_per_size": kv_per_size, "kv_pairs": list(PAIRS),
-            "heldout_tokens": int(evalset.heldout.numel()), "data": str(args.data), "state_size": args.state_size}
+    # what --collect needs besides the rows; every process writes the same (atomically), the last one stays
+    write_json_atomic(work / "setup.json", {
+        "teacher_file": teacher_spec, "teacher_layout": layout.to_dict(), "scan": scan_info,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "versions": versions(), "quick": quick, "kv_items_per_size": kv_per_size, "kv_pairs": list(PAIRS),
+        "heldout_tokens": int(evalset.heldout.numel()), "data": str(args.data), "state_size": args.state_size,
+        "fidelity_config": None if args.no_fidelity else fidelity_config(quick).to_dict(),
+        "students": [s["name"] for s in every]})
 
-    def write_results(plan: dict | None) -> None:
-        teacher_row, rows = collect(work, names)
-        done = {r["name"] for r in rows}
-        result = {**base, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "budget_tokens": plan["budget_tokens"] if plan else None, "plan": plan, "teacher": teacher_row,
-                  "students": rows, "pending": [n for n in names if n not in done],
-                  "timings_this_call": timings.to_dict()}
-        write_json_atomic(out, result)
-        if not quick and plan:
-            write_text_atomic(out.with_suffix(".md"), markdown(result) + "\n")
+    def results() -> dict:
+        return write_results(work, out, quick, args.fidelity_out, {"timings_this_call": timings.to_dict()})
 
-    if not (work / "teacher.json").exists():
+    if not (work / "teacher.json").exists() and not args.no_teacher:
         console.print("evaluating the teacher ...")
         with timings("eval: teacher"):
-            row = {"name": "teacher", **evaluate(teacher, evalset, device, eval_batch)}
-        write_json_atomic(work / "teacher.json", row)
-    write_results(plan)
-    console.print(f"teacher: {json.loads((work / 'teacher.json').read_text())}")
+            row = {"name": "teacher", **evaluate(teacher, evalset, device, eval_batch), "date": now()}
+        write_json_atomic(work / "teacher.json", row)  # atomic: a parallel process writing it too leaves one whole
+    if args.scan_only and not args.no_fidelity and not fidelity_samples.exists():
+        with timings("fidelity samples (the teacher against itself)"):
+            fidelity_of(teacher, teacher, tokenizer, heldout_text, quick, eval_batch // 4 or 1, fidelity_samples)
+    results()
+    if (work / "teacher.json").exists():
+        console.print(f"teacher: {json.loads((work / 'teacher.json').read_text())}")
+    if not students:
+        console.print(f"prepared {work} (scan, setup{'' if args.no_teacher else ', teacher row'}): no student here")
+        print("\n" + timings.table())
+        return 0
 
     if plan is None:
-        console.print(f"measuring the training rate after warm-up on {students[0]['name']} ...")
-        with timings("measure throughput"):
-            probe, _ = load_model(work / students[0]["name"], dtype="fp32", device=device)
-            rates, trainer_fixed = measure_costs(probe, teacher, tokenizer, recipe, device, work / "run-probe")
-            del probe
-        stage_tokens = {k: recipe.stage(k).tokens for k in rates}
-        seconds_per_token = sum(stage_tokens[k] / rates[k] for k in rates) / sum(stage_tokens.values())
-        if args.budget_tokens is not None:
-            budget = int(args.budget_tokens)
+        if args.budget_tokens is not None:  # a fixed budget: nothing to measure (parallel processes agree on it)
+            recipe = recipe_of(int(args.budget_tokens))
+            plan = {"seconds_per_token": None, "trainer_overhead_s": None}
         else:
-            budget = 2048 if quick else int(args.student_seconds / seconds_per_token)
-        recipe = recipe_of(budget)
+            console.print(f"measuring the training rate after warm-up on {students[0]['name']} ...")
+            with timings("measure throughput"):
+                probe, _ = load_model(work / students[0]["name"], dtype="fp32", device=device)
+                rates, trainer_fixed = measure_costs(probe, teacher, tokenizer, recipe, device, work / "run-probe")
+                del probe
+            stage_tokens = {k: recipe.stage(k).tokens for k in rates}
+            seconds_per_token = sum(stage_tokens[k] / rates[k] for k in rates) / sum(stage_tokens.values())
+            recipe = recipe_of(2048 if quick else int(args.student_seconds / seconds_per_token))
+            plan = {"seconds_per_token": seconds_per_token,
+                    "measured_tokens_per_s": {f"stage{k}": round(v, 1) for k, v in rates.items()},
+                    "trainer_overhead_s": round(trainer_fixed, 2)}
         budget = sum(recipe.stage(k).tokens for k in recipe.enabled_stages())  # whole steps
-        plan = {"teacher": teacher_spec, "budget_tokens": budget, "seconds_per_token": seconds_per_token,
-                "measured_tokens_per_s": {f"stage{k}": round(v, 1) for k, v in rates.items()},
-                "trainer_overhead_s": round(trainer_fixed, 2), "recipe": recipe.to_dict(),
-                "students": names}
-        write_json_atomic(plan_file, plan)
-    recipe = recipe_of(int(plan["budget_tokens"]))
-    console.print(f"budget: {plan['budget_tokens']:,} tokens per student "
-                  f"({plan['seconds_per_token'] * plan['budget_tokens']:.0f} s predicted training each)")
-    write_results(plan)
+        plan = {"teacher": teacher_spec, "budget_tokens": budget, **plan, "recipe": recipe.to_dict()}
+        write_json_atomic(plan_file, plan)  # parallel processes with one --budget-tokens write the same plan
+    recipe = merge(DistillRecipe(), plan["recipe"])  # the plan's recipe itself: every process trains the same
+    summary = recipe_summary(recipe.to_dict())[1]
+    predicted_train = (plan["seconds_per_token"] * plan["budget_tokens"] + plan["trainer_overhead_s"] + 30
+                       if plan.get("seconds_per_token") else None)
+    console.print(f"budget: {plan['budget_tokens']:,} tokens per student"
+                  + (f" ({predicted_train:.0f} s predicted each)" if predicted_train
+                     else " (fixed; rate not measured)"))
+    results()
 
     per_student = None  # measured in this call: the last student's wall seconds
     for s in students:
         if (work / s["name"] / "row.json").exists():
             console.print(f"{s['name']}: done in an earlier call, skipped")
             continue
-        predicted = per_student or (plan["seconds_per_token"] * plan["budget_tokens"] + plan["trainer_overhead_s"]
-                                    + 30)
-        if args.time_limit is not None and timings.elapsed() + predicted > args.time_limit:
+        # None: a fixed budget's first student without --train-seconds, nothing measured yet (it starts)
+        predicted = per_student or predicted_train or (args.train_seconds + 60 if args.train_seconds else None)
+        if args.time_limit is not None and predicted is not None and timings.elapsed() + predicted > args.time_limit:
             console.print(f"[yellow]{s['name']}: {predicted:.0f} s predicted, {args.time_limit - timings.elapsed():.0f}"
                           " s left: stopping here; run the same command again to continue[/]")
             break
@@ -371,26 +519,28 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"distilling {s['name']} ...")
         model, _ = load_model(work / s["name"], dtype="fp32", device=device)
         tokens, truncated, stage_seconds = distill_student(
-            model, work / f"run-{s['name']}", teacher, tokenizer, recipe, device, None, timings, s["name"])
+            model, work / f"run-{s['name']}", teacher, tokenizer, recipe, device, args.train_seconds, timings,
+            s["name"])
         with timings(f"{s['name']}: eval"):
             row = {**s, "kept_heads": [f"{l}.{h}" for l, h in s["kept_heads"]], "tokens": tokens,
-                   "train_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
+                   "truncated": truncated,
+                   "recipe": summary, "train_seconds": {f"stage{k}": round(v, 1) for k, v in stage_seconds.items()},
                    **evaluate(model, evalset, device, eval_batch)}
             if not args.no_fidelity:
                 model.eval()
                 row["fidelity"] = fidelity_of(teacher, model, tokenizer, heldout_text, quick, eval_batch // 4 or 1,
                                               fidelity_samples)
+        row["date"] = now()
         model.save_pretrained(work / s["name"] / "distilled")
         write_json_atomic(work / s["name"] / "row.json", row)
-        write_results(plan)
+        results()
         console.print(f"{s['name']}: KV {row['kv_retrieval']}  ppl {row['heldout_ppl']:.2f}  {tokens:,} tokens")
         per_student = time.perf_counter() - started
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    write_results(plan)
-    result = json.loads(out.read_text())
+    result = results()
     print(markdown(result))
     print("\n" + timings.table())
     print(f"wrote {out}" + ("" if quick else f" and {out.with_suffix('.md')}"))

@@ -145,37 +145,71 @@ def test_writer_refuses_to_overwrite(source):
 @pytest.mark.slow
 @pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "fixtures" / "teacher-19m").exists(),
                     reason="needs ../shared/fixtures (teacher-19m's tokenizer and the prose corpus)")
-def test_smollm2_benchmark_quick_runs_and_resumes(tmp_path):
-    """benchmarks/smollm2.py --quick on a tiny random GGUF teacher: one call distils one student and writes its row;
-    a second call with the same --work keeps the plan (budget) and that row, and adds the next student."""
+def test_smollm2_benchmark_quick_parallel_processes_share_one_work_dir(tmp_path):
+    """benchmarks/smollm2.py --quick on a tiny random GGUF teacher, as the GPU runs it: --scan-only prepares WORK
+    (scan, teacher row, fidelity samples), two processes with disjoint --students (a window_recurrent and a
+    discrete_mamba2 student) and one fixed --budget-tokens train side by side, --collect writes the results and
+    fidelity.py's rows from WORK; a repeated call skips the finished student; another budget is refused."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out, work = tmp_path / "smollm2.json", tmp_path / "work"
+    command = [sys.executable, str(BENCHMARKS / "smollm2.py"), "--quick", "--work", str(work), "--out", str(out),
+               "--kv-items", "4", "--ppl-tokens", "512"]
 
-    def call(students: str) -> dict:
-        done = subprocess.run([sys.executable, str(BENCHMARKS / "smollm2.py"), "--quick", "--work", str(work),
-                               "--out", str(out), "--students", students, "--budget-tokens", "1024",
-                               "--kv-items", "4", "--ppl-tokens", "512"],
-                              capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(out.read_text())
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(command + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
 
-    first = call("top1-s8")
-    assert first["teacher_layout"]["num_heads"] == 4 and first["budget_tokens"] == 1024
-    assert [s["name"] for s in first["students"]] == ["top1-s8"] and first["pending"] == []
-    (row,) = first["students"]
-    assert row["kept_heads"] == first["scan"]["top"][:1] and row["tokens"] == 1024
-    assert set(row["kv_retrieval"]) == {"5", "10", "20"} and row["heldout_ppl"] > 1
-    assert (work / "top1-s8" / "distilled" / "config.json").exists()
-    assert first["teacher"]["name"] == "teacher" and first["teacher_file"].endswith("tiny-teacher.gguf")
+    def finish(process: subprocess.Popen) -> str:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        return stdout + stderr
 
-    second = call("top1-s8,none-s8")
-    assert [s["name"] for s in second["students"]] == ["top1-s8", "none-s8"]
-    assert second["students"][0] == row  # the finished student was not trained again
-    assert second["plan"] == first["plan"] and second["students"][1]["kept_heads"] == []
+    finish(start("--scan-only"))
+    assert {"scan", "teacher.json", "fidelity-samples.json", "setup.json"} <= {p.name for p in work.iterdir()}
+    assert not (work / "plan.json").exists()  # no budget measured or fixed by the preparation
+    teacher_before = (work / "teacher.json").read_text()
+    parallel = [start("--students", name, "--budget-tokens", "1024", "--no-teacher")
+                for name in ("top1-wr16-s8", "none-dm2-s8")]
+    for process in parallel:
+        finish(process)
+    assert (work / "teacher.json").read_text() == teacher_before
+
+    finish(start("--collect", "--fidelity-out", str(tmp_path / "fidelity.json")))
+    result = json.loads(out.read_text())
+    assert result["budget_tokens"] == 1024 and result["plan"]["seconds_per_token"] is None
+    assert [s["name"] for s in result["students"]] == ["none-dm2-s8", "top1-wr16-s8"]  # the default order
+    assert result["pending"] == ["top1-dm2-s8", "random-low1-dm2-s8", "none-wr16-s8", "random-low1-wr16-s8"]
+    none, top = result["students"]
+    assert (top["mixer"], top["window"], top["state_size"]) == ("window_recurrent", 16, 8)
+    assert (none["mixer"], none["window"], none["kept_heads"]) == ("discrete_mamba2", None, [])
+    assert top["kept_heads"] == result["scan"]["top"][:1] and top["tokens"] == none["tokens"] == 1024
+    assert top["recipe"].startswith("stage 2: 512 tok") and set(top["kv_retrieval"]) == {"5", "10", "20"}
+    assert 0 < top["fidelity"]["heldout"]["all"]["top1"] <= 1 and top["fidelity"]["greedy"]["of"] == 16
+    assert json.loads((work / "top1-wr16-s8" / "config.json").read_text())["mixer"] == "window_recurrent"
+    assert (work / "top1-wr16-s8" / "distilled" / "config.json").exists()
+
+    rows = json.loads((tmp_path / "fidelity.json").read_text())
+    assert [r["name"] for r in rows["rows"]] == ["teacher", "none-dm2-s8", "top1-wr16-s8"]
+    assert rows["rows"][0]["kept_heads"] == 8 and rows["rows"][2]["heads"] == top["kept_heads"][0]
+    assert rows["rows"][2]["fidelity"] == top["fidelity"] and rows["rows"][2]["mixer"] == "window_recurrent"
+    sys.path.insert(0, str(BENCHMARKS))
+    from fidelity import merge_runs
+
+    other = {"teacher": "teacher-19m", "settings": {}, "device": "H200", "versions": {}, "date": "d",
+             "rows": [{"name": "teacher"}, {"name": "top1-wr16-s8"}]}  # the same student name, another teacher
+    merged = merge_runs([rows, other])
+    assert merged["teachers"] == [rows["teacher"], "teacher-19m"] and len(merged["rows"]) == 5
+
+    again = finish(start("--students", "top1-wr16-s8", "--budget-tokens", "1024", "--no-teacher"))
+    assert "top1-wr16-s8: done in an earlier call, skipped" in again
+    refused = start("--students", "top1-dm2-s8", "--budget-tokens", "2048", "--no-teacher")
+    _, stderr = refused.communicate(timeout=600)
+    assert refused.returncode != 0 and "one budget per --work" in stderr
+    assert not (work / "top1-dm2-s8" / "row.json").exists()
 
 
 def digit_splitting_tokenizer():
