@@ -136,7 +136,7 @@ def own_quality(student, tok, heldout, pairs, samples, device, bridge=None, memo
 def _settings(row: dict) -> str:
     """Steps x batch (and the planned steps of a cut row), lr, held-out items: what makes two rows comparable."""
     if row.get("steps") is None:
-        return "-"
+        return f"no training, {row['eval_samples']} items" if row.get("eval_samples") else "-"
     cut = f" (cut, of {row['planned_steps']})" if row.get("cut") else ""
     return f"{row['steps']}{cut} x {row['batch']}, lr {row['lr']:g}, {row['eval_samples']} items"
 
