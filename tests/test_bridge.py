@@ -166,6 +166,21 @@ def test_only_the_bridge_trains(every, student):
     bridge.detach()
 
 
+def test_stop_ends_training_early_and_counts_the_steps_taken(student):
+    """``stop`` is asked before every step; the history reports the steps taken, not the steps asked for."""
+    model = copy.deepcopy(student)
+    source = ChunkSource(ChunkAutoencoder(ChunkAEConfig(vocab_size=100, chunk=2, d_model=8, d_latent=D_AUG,
+                                                       hidden=16)))
+    bridge = make_bridge(model, d_aug=D_AUG, every=0)
+    asked = []
+    history = train_bridge(model, bridge, source, _items(), steps=5, batch=2, lr=1e-2,
+                           stop=lambda: asked.append(1) or len(asked) > 2)
+    assert history["steps"] == 2 and len(history["losses"]) == 2 and len(asked) == 3
+    assert train_bridge(model, bridge, source, _items(), steps=5, batch=2, stop=lambda: True)["steps"] == 0
+    assert train_bridge(model, bridge, source, _items(), steps=3, batch=2)["steps"] == 3
+    bridge.detach()
+
+
 def test_bridge_learns_to_read_the_outside_memory(student):
     """A few dozen steps on items whose answer is only in the memory move accuracy above the model alone."""
     model = copy.deepcopy(student)
