@@ -1,7 +1,7 @@
 """Bridges on a teacher-19m student: KV accuracy when the dictionary is given ONLY to an outside source.
 
-    python benchmarks/bridge.py --quick --out bridge-cpu            # CPU, small counts -> results/bridge-cpu.{json,md}
-    python benchmarks/bridge.py --device cuda --steps 800 --rows full-teacher,kept-teacher,gate-closed,none \
+    python benchmarks/bridge.py --quick --out bridge-cpu --overwrite  # CPU, small counts -> results/bridge-cpu.{json,md}
+    python benchmarks/bridge.py --device cuda --steps 800 --rows full-teacher,kept-teacher,gate-closed,none \\
         --time-limit 420 --merge                                    # GPU: adds these rows to results/bridge.{json,md}
 
 The student: teacher-19m with the scan's top 16 heads kept and every other head a discrete Mamba-2 mixer of state
