@@ -32,11 +32,11 @@ KL / top-1 agreement of the next-token distributions against the starting studen
 first and last losses.
 
     python benchmarks/lora_learning.py --scan benchmarks/results/window-cpu-scan/scan.json \
-        --first-lrs lora-restricted=3e-3,lora-all=1e-3,full=1e-3 --kv-steps 200 --time-limit 400  # one H200
+        --first-lrs facts:lora-restricted=3e-3,facts:full=1e-3 --kv-steps 200 --time-limit 400  # one H200
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
 
-Runs go in priority order: every (task, method) at its first learning rate (``--first-lrs``, else its kind's middle
-one), facts before the value-first task, then the rest of the sweep, so a run cut by ``--time-limit`` (checked
+Runs go in priority order: every (task, method) at its first learning rate (``--first-lrs``, per method or per
+task:method, else its kind's middle one), facts before the value-first task, then the rest of the sweep, so a run cut by ``--time-limit`` (checked
 before each run against the slowest run of its task so far) still compares the three methods. Results are written
 after every run. On CUDA the recurrent scan runs eagerly unless ``--compile`` (compiling it took 241 s of a 410 s
 shared-H200 run whose training runs took 14 s each).
@@ -353,23 +353,25 @@ def warm_up(base, tokenizer, data: dict, args, device: str) -> None:
 
 def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] | None = None,
              first: dict[str, float] | None = None) -> list[tuple[str, str, str | None, float]]:
-    """(task, method, targets, lr) in priority order: every (task, method) at its first lr (``first[method]``, else
-    its kind's middle lr; facts before reversed-kv), then the rest of the sweep, middle first, each lr once."""
+    """(task, method, targets, lr) in priority order: every (task, method) at its first lr (``first`` keyed
+    ``task:method`` or ``method``, else its kind's middle lr; facts before reversed-kv), then the rest of the sweep,
+    middle first, each lr once."""
+    first = first or {}
     picked = {}
-    for method, targets in METHODS:
-        kind = "full" if targets is None else "lora"
-        sweep = lrs[kind]
-        lead = (first or {}).get(method, sweep[min(1, len(sweep) - 1)])
-        rest = [sweep[i] for i in sorted(range(len(sweep)), key=lambda i: (i != 1, i)) if sweep[i] != lead]
-        picked[method] = [lead, *rest]
+    for task in tasks:
+        for method, targets in METHODS:
+            sweep = lrs["full" if targets is None else "lora"]
+            lead = first.get(f"{task}:{method}", first.get(method, sweep[min(1, len(sweep) - 1)]))
+            rest = [sweep[i] for i in sorted(range(len(sweep)), key=lambda i: (i != 1, i)) if sweep[i] != lead]
+            picked[task, method] = [lead, *rest]
     runs = []
     for rank in range(max(len(v) for v in picked.values())):
         for task in tasks:
             for method, targets in METHODS:
                 if methods is not None and method not in methods:
                     continue
-                if rank < len(picked[method]):
-                    runs.append((task, method, targets, picked[method][rank]))
+                if rank < len(picked[task, method]):
+                    runs.append((task, method, targets, picked[task, method][rank]))
     return runs
 
 
@@ -442,8 +444,9 @@ def parse_args(argv=None):
                    f"{', '.join(m for m, _ in METHODS)}")
     p.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates (the middle one runs first)")
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
-    p.add_argument("--first-lrs", default="", help="each method's first lr, e.g. lora-restricted=3e-3,full=1e-3 "
-                   "(the ones a CPU sweep chose); methods not named start at their kind's middle lr")
+    p.add_argument("--first-lrs", default="", help="first lr per method or per task:method, e.g. "
+                   "facts:lora-restricted=3e-3,full=1e-3 (what a CPU sweep chose); others start at their kind's "
+                   "middle lr")
     p.add_argument("--compile", action="store_true", help="on CUDA, compile the recurrent scan [off: at these "
                    "lengths the eager scan is fast; compiling took 241 s of a 410 s contended H200 run]")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
@@ -493,8 +496,10 @@ def parse_args(argv=None):
         args.first_lrs = {m.strip(): float(v) for m, v in pairs}
     except ValueError:
         p.error(f"--first-lrs {args.first_lrs!r}: method=lr pairs, e.g. lora-restricted=3e-3,full=1e-3")
-    if set(args.first_lrs) - {m for m, _ in METHODS} or any(v <= 0 for v in args.first_lrs.values()):
-        p.error(f"--first-lrs: methods from {', '.join(m for m, _ in METHODS)}, positive learning rates")
+    names = {m for m, _ in METHODS} | {f"{t}:{m}" for t in TASKS for m, _ in METHODS}
+    if set(args.first_lrs) - names or any(v <= 0 for v in args.first_lrs.values()):
+        p.error(f"--first-lrs: METHOD=lr or TASK:METHOD=lr with tasks {', '.join(TASKS)} and methods "
+                f"{', '.join(m for m, _ in METHODS)}, positive learning rates")
     return args
 
 

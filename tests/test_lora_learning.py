@@ -94,6 +94,9 @@ def test_chosen_first_lrs_run_first_and_every_lr_runs_once():
     # a first lr outside the sweep runs as well as the whole sweep
     plan = lora_learning.schedule(lrs, ["facts"], ["full"], first={"full": 5e-4})
     assert [lr for _, _, _, lr in plan] == [5e-4, 3e-4, 1e-4, 1e-3]
+    # per task: the facts' choice does not carry over to the value-first task, which starts at the middle lr
+    plan = lora_learning.schedule(lrs, ["facts", "reversed-kv"], ["full"], first={"facts:full": 1e-3})
+    assert [(t, lr) for t, _, _, lr in plan[:2]] == [("facts", 1e-3), ("reversed-kv", 3e-4)]
 
 
 @pytest.mark.slow
