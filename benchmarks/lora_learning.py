@@ -463,7 +463,7 @@ def parse_args(argv=None):
     p.add_argument("--ppl-seq", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run: a run that would end "
-                   "past it (judged by the slowest run so far) is skipped; rows are written as they finish")
+                   "past it (judged by the slowest run of its task so far) is skipped; rows are written as they finish")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
     p.add_argument("--work", type=Path, default=None, help="where the built student goes (default: a temp dir)")
