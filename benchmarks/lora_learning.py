@@ -36,9 +36,9 @@ first and last losses.
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
 
 Runs go in priority order: every (task, method) at its first learning rate (``--first-lrs``, per method or per
-task:method, else its kind's middle one), facts before the value-first task, then the rest of the sweep, so a run cut by ``--time-limit`` (checked
-before each run against the slowest run of its task so far) still compares the three methods. Results are written
-after every run. On CUDA the recurrent scan runs eagerly unless ``--compile`` (compiling it took 241 s of a 410 s
+task:method, else its kind's middle one), facts before the value-first task, then the rest of the sweep, so a run
+cut by ``--time-limit`` (checked before each run against the slowest run of its task so far) still compares the
+three methods. Results are written after every run. On CUDA the recurrent scan runs eagerly unless ``--compile`` (compiling it took 241 s of a 410 s
 shared-H200 run whose training runs took 14 s each).
 """
 
