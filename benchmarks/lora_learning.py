@@ -31,12 +31,15 @@ KL / top-1 agreement of the next-token distributions against the starting studen
 (:func:`radistill.eval.fidelity.compare_batch`) (forgetting); trainable parameters, steps, target tokens, seconds,
 first and last losses.
 
-    python benchmarks/lora_learning.py --time-limit 340   # one H200: ~5-6 min; lora_learning.{json,md}
+    python benchmarks/lora_learning.py --scan benchmarks/results/window-cpu-scan/scan.json \
+        --first-lrs facts:lora-restricted=3e-3,facts:full=1e-3 --kv-steps 200 --time-limit 400  # one H200
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
 
-Runs go in priority order: every (task, method) at its middle learning rate first, then the others, so a run cut
-by ``--time-limit`` (checked before each run against the slowest run so far) still compares the three methods.
-Results are written after every run.
+Runs go in priority order: every (task, method) at its first learning rate (``--first-lrs``, per method or per
+task:method, else its kind's middle one), facts before the value-first task, then the rest of the sweep, so a run
+cut by ``--time-limit`` (checked before each run against the slowest run of its task so far) still compares the
+three methods. Results are written after every run. On CUDA the recurrent scan runs eagerly unless ``--compile`` (compiling it took 241 s of a 410 s
+shared-H200 run whose training runs took 14 s each).
 """
 
 from __future__ import annotations
@@ -213,10 +216,10 @@ def build_default_student(args, device: str, work: Path) -> tuple[Path, dict]:
 
     ranked = scan_heads(args, device, work)
     heads = ranked[: args.keep]
-    teacher, tokenizer = load_model(TEACHER, dtype="fp32", device="cpu")
+    teacher, tokenizer = load_model(TEACHER, dtype="fp32", device=device)
     tokens = 2048 if args.quick else 16384
     path = build_student(teacher, work / "student", heads=heads, state_size=args.state_size, tokenizer=tokenizer,
-                         calibration_data=CORPUS, calibration_tokens=tokens, overwrite=True, device="cpu")
+                         calibration_data=CORPUS, calibration_tokens=tokens, overwrite=True, device=device)
     return path, {"source": "built here", "distilled": False, "kept_heads": [f"{l}.{h}" for l, h in heads],
                   "state_size": args.state_size, "calibration_tokens": tokens,
                   "scan": str(args.scan) if args.scan else "scanned here"}
@@ -348,18 +351,27 @@ def warm_up(base, tokenizer, data: dict, args, device: str) -> None:
             train(model, training_batches(tokenizer, setup, 0), cfg, device, autocast=device.startswith("cuda"))
 
 
-def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] | None = None
-             ) -> list[tuple[str, str, str | None, float]]:
-    """(task, method, targets, lr) in priority order: every (task, method) at its middle lr, then the rest."""
+def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] | None = None,
+             first: dict[str, float] | None = None) -> list[tuple[str, str, str | None, float]]:
+    """(task, method, targets, lr) in priority order: every (task, method) at its first lr (``first`` keyed
+    ``task:method`` or ``method``, else its kind's middle lr; facts before reversed-kv), then the rest of the sweep,
+    middle first, each lr once."""
+    first = first or {}
+    picked = {}
+    for task in tasks:
+        for method, targets in METHODS:
+            sweep = lrs["full" if targets is None else "lora"]
+            lead = first.get(f"{task}:{method}", first.get(method, sweep[min(1, len(sweep) - 1)]))
+            rest = [sweep[i] for i in sorted(range(len(sweep)), key=lambda i: (i != 1, i)) if sweep[i] != lead]
+            picked[task, method] = [lead, *rest]
     runs = []
-    for rank in sorted(range(max(len(v) for v in lrs.values())), key=lambda i: (i != 1, i)):
+    for rank in range(max(len(v) for v in picked.values())):
         for task in tasks:
             for method, targets in METHODS:
                 if methods is not None and method not in methods:
                     continue
-                kind = "full" if targets is None else "lora"
-                if rank < len(lrs[kind]):
-                    runs.append((task, method, targets, lrs[kind][rank]))
+                if rank < len(picked[task, method]):
+                    runs.append((task, method, targets, picked[task, method][rank]))
     return runs
 
 
@@ -432,6 +444,11 @@ def parse_args(argv=None):
                    f"{', '.join(m for m, _ in METHODS)}")
     p.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates (the middle one runs first)")
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
+    p.add_argument("--first-lrs", default="", help="first lr per method or per task:method, e.g. "
+                   "facts:lora-restricted=3e-3,full=1e-3 (what a CPU sweep chose); others start at their kind's "
+                   "middle lr")
+    p.add_argument("--compile", action="store_true", help="on CUDA, compile the recurrent scan [off: at these "
+                   "lengths the eager scan is fast; compiling took 241 s of a 410 s contended H200 run]")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (both tasks)")
     p.add_argument("--kv-steps", type=int, default=None, help="steps per run of task B (default: --steps)")
@@ -446,7 +463,7 @@ def parse_args(argv=None):
     p.add_argument("--ppl-seq", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run: a run that would end "
-                   "past it (judged by the slowest run so far) is skipped; rows are written as they finish")
+                   "past it (judged by the slowest run of its task so far) is skipped; rows are written as they finish")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
     p.add_argument("--work", type=Path, default=None, help="where the built student goes (default: a temp dir)")
@@ -474,6 +491,15 @@ def parse_args(argv=None):
         p.error("--lrs-lora / --lrs-full: comma-separated numbers, e.g. 1e-3,3e-3")
     if any(lr <= 0 for v in args.lrs.values() for lr in v) or not all(args.lrs.values()):
         p.error("learning rates must be positive numbers")
+    try:
+        pairs = (x.split("=") for x in args.first_lrs.split(",") if x.strip())
+        args.first_lrs = {m.strip(): float(v) for m, v in pairs}
+    except ValueError:
+        p.error(f"--first-lrs {args.first_lrs!r}: method=lr pairs, e.g. lora-restricted=3e-3,full=1e-3")
+    names = {m for m, _ in METHODS} | {f"{t}:{m}" for t in TASKS for m, _ in METHODS}
+    if set(args.first_lrs) - names or any(v <= 0 for v in args.first_lrs.values()):
+        p.error(f"--first-lrs: METHOD=lr or TASK:METHOD=lr with tasks {', '.join(TASKS)} and methods "
+                f"{', '.join(m for m, _ in METHODS)}, positive learning rates")
     return args
 
 
@@ -485,6 +511,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
+        if not args.compile:
+            torch.compiler.set_stance("force_eager")
     out = args.out or RESULTS / ("lora_learning-quick.json" if args.quick else "lora_learning.json")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -526,6 +554,7 @@ def main(argv=None) -> int:
             "settings": {"steps": args.steps, "kv_steps": args.kv_steps, "facts_batch": args.facts_batch,
                          "kv_batch": args.kv_batch,
                          "lora_rank": args.rank, "lora_alpha": 2.0 * args.rank, "lrs": args.lrs,
+                         "first_lrs": args.first_lrs, "compiled_scan": device == "cuda" and args.compile,
                          "optimizer": "adamw, constant lr, no weight decay", "seed": args.seed,
                          "kv_items": args.kv_items, "ppl_tokens": int(evaluator.windows.numel())},
             "before": before, "runs": [], "skipped": [], "wall_seconds": None,
@@ -534,16 +563,17 @@ def main(argv=None) -> int:
         if device == "cuda":  # nothing is compiled on the CPU
             warm_up(base, tokenizer, {t: data[t] for t in args.tasks}, args, device)
         result["warm_up_seconds"] = round(time.perf_counter() - warm_start, 1)
-        plan = schedule(args.lrs, args.tasks, args.methods)
-        slowest = 0.0
+        plan = schedule(args.lrs, args.tasks, args.methods, args.first_lrs)
+        slowest: dict[str, float] = {}  # per task: its lengths and steps differ
         for task, method, targets, lr in plan:
             elapsed = time.perf_counter() - started
-            if args.time_limit is not None and elapsed + slowest > args.time_limit:
+            expect = slowest.get(task, max(slowest.values(), default=0.0))
+            if args.time_limit is not None and elapsed + expect > args.time_limit:
                 result["skipped"].append({"task": task, "method": method, "lr": lr})
                 continue
             run_started = time.perf_counter()
             row = run_one(task, method, targets, lr, base, data, evaluator, args, device)
-            slowest = max(slowest, time.perf_counter() - run_started)
+            slowest[task] = max(slowest.get(task, 0.0), time.perf_counter() - run_started)
             result["runs"].append(row)
             result["wall_seconds"] = round(time.perf_counter() - started, 1)
             write(result, out)

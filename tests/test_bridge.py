@@ -166,6 +166,21 @@ def test_only_the_bridge_trains(every, student):
     bridge.detach()
 
 
+def test_stop_ends_training_early_and_counts_the_steps_taken(student):
+    """``stop`` is asked before every step; the history reports the steps taken, not the steps asked for."""
+    model = copy.deepcopy(student)
+    source = ChunkSource(ChunkAutoencoder(ChunkAEConfig(vocab_size=100, chunk=2, d_model=8, d_latent=D_AUG,
+                                                       hidden=16)))
+    bridge = make_bridge(model, d_aug=D_AUG, every=0)
+    asked = []
+    history = train_bridge(model, bridge, source, _items(), steps=5, batch=2, lr=1e-2,
+                           stop=lambda: asked.append(1) or len(asked) > 2)
+    assert history["steps"] == 2 and len(history["losses"]) == 2 and len(asked) == 3
+    assert train_bridge(model, bridge, source, _items(), steps=5, batch=2, stop=lambda: True)["steps"] == 0
+    assert train_bridge(model, bridge, source, _items(), steps=3, batch=2)["steps"] == 3
+    bridge.detach()
+
+
 def test_bridge_learns_to_read_the_outside_memory(student):
     """A few dozen steps on items whose answer is only in the memory move accuracy above the model alone."""
     model = copy.deepcopy(student)
@@ -280,14 +295,74 @@ def test_bridge_benchmark_quick_runs(tmp_path, teacher_19m_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "b.json").read_text())
     assert [(r["bridge"], r["source"]) for r in result["rows"]] == [
-        ("none", "-"), ("kept-head", "teacher@6"), ("kept-head", "chunk-ae:2"),
-        ("full-width every 2", "teacher@6"), ("full-width every 2", "chunk-ae:2")]
-    kept, full = result["rows"][1], result["rows"][3]
+        ("full-width every 2", "teacher@6"), ("kept-head", "teacher@6"), ("none", "-"), ("kept-head", "chunk-ae:2"),
+        ("full-width every 2", "chunk-ae:2")]
+    full, kept = result["rows"][0], result["rows"][1]
+    assert all(r["steps"] == 2 and r["batch"] == 16 and not r["cut"] for r in result["rows"] if r["bridge"] != "none")
     assert 0 < kept["trainable_parameters"] < full["trainable_parameters"]
     assert result["gate_closed_equal"] and result["student_own"] == result["student_gate_closed"]
     assert result["complete"] is True
     assert [a["K"] for a in result["chunk_ae"]] == [1, 2]
     assert (tmp_path / "b.md").read_text().startswith("# Bridges on a teacher-19m student")
+
+
+@pytest.mark.shared
+@pytest.mark.slow  # four small runs of the script, about 40 s on two cores
+def test_bridge_benchmark_merges_runs_refuses_to_overwrite_and_cuts_at_the_time_limit(tmp_path, teacher_19m_path):
+    """A second run adds its rows to the first's file (--merge), a run without --merge refuses the file, and a row
+    still training at the time limit stops and is recorded with the steps it took."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scan = root / "benchmarks" / "results" / "window-cpu-scan" / "scan.json"
+    if not scan.exists():
+        pytest.skip("the committed scan of teacher-19m is absent")
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "bridge.py"), "--quick", "--teacher",
+                               str(teacher_19m_path), "--scan", str(scan), "--steps", "3", "--train-samples", "8",
+                               "--eval-samples", "2", "--calibration-tokens", "2048", "--results-dir", str(tmp_path),
+                               "--out", "b", *extra], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    first = run("--rows", "none")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run("--rows", "none")
+    assert again.returncode == 2 and "exists: pass --merge" in again.stderr
+    merged = run("--rows", "kept-teacher", "--merge", "--time-limit", "1")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [r["row"] for r in result["rows"]] == ["none", "kept-teacher"]
+    assert len({r["run"] for r in result["rows"]}) == 2 and result["complete"] is True
+    cut = result["rows"][1]
+    assert cut["cut"] is True and cut["steps"] < cut["planned_steps"] == 3
+    assert "(cut, of 3)" in (tmp_path / "b.md").read_text()
+    assert "student_own" not in result  # no run asked for the gate-closed check
+    wrong = run("--rows", "none", "--merge", "--pairs", "2")
+    assert wrong.returncode == 2 and "would not line up" in wrong.stderr
+
+
+def test_bridge_benchmark_upgrades_a_file_of_one_run():
+    """Rows of a results file from before per-row settings take their file's steps, batch and lr."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bridge.py"
+    spec = importlib.util.spec_from_file_location("bridge_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = {"steps": 600, "batch": 64, "lr": 3e-3, "train_samples": 4096, "eval_samples": 256, "device": "GPU",
+           "rows": [{"bridge": "none", "source": "-", "trainable_parameters": 0, "training_tokens": 0,
+                     "accuracy": {"2": 0.5}},
+                    {"bridge": "kept-head", "source": "teacher@6", "trainable_parameters": 5, "training_tokens": 9,
+                     "accuracy": {"2": 0.6}}]}
+    rows = module.upgrade(old)["rows"]
+    assert rows[0]["steps"] is None and rows[0]["row"] == "none"
+    assert (rows[1]["steps"], rows[1]["batch"], rows[1]["lr"], rows[1]["eval_samples"]) == (600, 64, 3e-3, 256)
+    assert module._settings(rows[1]) == "600 x 64, lr 0.003, 256 items"
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,22 @@ def test_every_method_runs_at_its_middle_lr_first():
     assert {lr for _, m, _, lr in first if m != "full"} == {3e-3}
 
 
+def test_chosen_first_lrs_run_first_and_every_lr_runs_once():
+    lrs = {"lora": [1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]}
+    plan = lora_learning.schedule(lrs, ["facts", "reversed-kv"], first={"lora-restricted": 1e-2, "full": 1e-3})
+    assert len(plan) == 18 and len(set(plan)) == 18
+    assert [(t, m, lr) for t, m, _, lr in plan[:6]] == [
+        (t, m, lr) for t in ("facts", "reversed-kv")
+        for m, lr in (("lora-restricted", 1e-2), ("lora-all", 3e-3), ("full", 1e-3))]
+    assert [lr for t, m, _, lr in plan if t == "facts" and m == "lora-restricted"] == [1e-2, 3e-3, 1e-3]
+    # a first lr outside the sweep runs as well as the whole sweep
+    plan = lora_learning.schedule(lrs, ["facts"], ["full"], first={"full": 5e-4})
+    assert [lr for _, _, _, lr in plan] == [5e-4, 3e-4, 1e-4, 1e-3]
+    # per task: the facts' choice does not carry over to the value-first task, which starts at the middle lr
+    plan = lora_learning.schedule(lrs, ["facts", "reversed-kv"], ["full"], first={"facts:full": 1e-3})
+    assert [(t, lr) for t, _, _, lr in plan[:2]] == [("facts", 1e-3), ("reversed-kv", 3e-4)]
+
+
 @pytest.mark.slow
 def test_quick_run_writes_rows_with_learning_and_forgetting(tmp_path):
     out = tmp_path / "lora_learning.json"

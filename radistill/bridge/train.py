@@ -33,15 +33,19 @@ def _choice_logprobs(model, bridge, rows: list[list[int]], starts: list[int], me
 
 
 def train_bridge(model: nn.Module, bridge: Bridge, source, items: list[OutsideItem], *, steps: int, batch: int = 16,
-                 lr: float = 1e-3, seed: int = 0, pad_id: int = 0, log=None) -> dict:
-    """AdamW on the bridge only, cross-entropy of the target value's tokens. Returns losses and tokens seen."""
+                 lr: float = 1e-3, seed: int = 0, pad_id: int = 0, log=None, stop=None) -> dict:
+    """AdamW on the bridge only, cross-entropy of the target value's tokens. Returns losses, tokens seen and the
+    steps taken: ``stop()`` (checked before each step) ends training early, e.g. at a time limit."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
     bridge.requires_grad_(True)
     optimizer = torch.optim.AdamW(bridge.parameters(), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     losses, tokens = [], 0
+    done = 0
     for step in range(steps):
+        if stop is not None and stop():
+            break
         chosen = [items[rng.randrange(len(items))] for _ in range(batch)]
         memory, memory_mask = _memory(source, chosen, pad_id, device)
         rows = [it.prompt_ids + it.choice_ids[it.target] for it in chosen]
@@ -51,10 +55,11 @@ def train_bridge(model: nn.Module, bridge: Bridge, source, items: list[OutsideIt
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        done = step + 1
         tokens += sum(len(r) for r in rows) + int(memory_mask.sum())
         if log is not None and (step + 1) % max(1, steps // 10) == 0:
             log(f"step {step + 1}/{steps}: loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    return {"losses": losses, "tokens": tokens, "steps": steps, "batch": batch, "lr": lr}
+    return {"losses": losses, "tokens": tokens, "steps": done, "batch": batch, "lr": lr}
 
 
 @torch.no_grad()
