@@ -79,7 +79,9 @@ class Trainer:
     """Runs the recipe's enabled stages on ``student`` (trained in place) against the frozen ``teacher``.
 
     ``device``: where both models live; ``export_files``: files copied into every ``RUN/stageN/`` beside the HF
-    checkpoint (e.g. the student's ``selection.json``); ``step_hook``: called with (stage, step) after every step.
+    checkpoint (e.g. the student's ``selection.json``); ``step_hook``: called with (stage, step) after every step
+    (and its checkpoint); an exception it raises stops the run there, the student and teacher put back as after a
+    stage (a time limit's way to stop).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, recipe: DistillRecipe, run_dir: Path,
@@ -169,10 +171,10 @@ class Trainer:
             # a step hook that raises (a time limit), the NaN guard or any other error stops the stage inside a block,
             # where stages 1/2 hold all but the block's layers in CPU memory and the teacher may be streamed: the
             # student is then left as a finished stage leaves it (whole, in fp32, on its device, in eval mode)
-            self.placement.release(cfg)
+            self.placement.release()
             self.student.requires_grad_(True).eval()
             raise
-        self.placement.release(cfg)
+        self.placement.release()
         if cfg.recalibrate:  # stage 1 only (the recipe checks)
             self._recalibrate()
         export_stage(self.run_dir, stage, self.student, self.tokenizer, self.export_files)
