@@ -169,3 +169,19 @@ def test_benchmarks_out_of_time_student_is_whole_on_the_device(corpus, tokenizer
     assert made and truncated and tokens == 16 * 2 * 2 and stage_seconds == {}
     assert {fake_device(t) for t in (*student.parameters(), *student.buffers())} == {FAKE}
     assert not student.training
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_stage2_stopped_inside_a_block_leaves_the_student_on_the_gpu(corpus, tokenizer, tmp_path):
+    """The fake device's test on a real one: the student and teacher given on the GPU, stage 2 stopped in block 0."""
+    teacher, student = three_layer_pair()
+    teacher.cuda()
+    student.cuda()
+    trainer = Trainer(student, teacher, tokenizer, stage2_in_blocks(corpus), tmp_path / "run", "cuda",
+                      step_hook=stop_at((2, 5)))
+    with pytest.raises(Interrupt):
+        trainer.run()
+    assert {t.device.type for t in (*student.parameters(), *student.buffers())} == {"cuda"}
+    assert {t.device.type for t in teacher.parameters()} == {"cuda"}
+    ids = torch.randint(2, 100, (1, 8), device="cuda")
+    assert torch.isfinite(student(ids).logits).all()
