@@ -6,7 +6,8 @@ CPU memory in fp32. With ``teacher_offload`` (stages 1/2) the teacher's weights 
 module's moved to the device only for its forward (:func:`stream_teacher`). Stage 3 holds the whole student; with
 LoRA under bf16 autocast its frozen base weights are held in bf16; ``activation_checkpointing`` recomputes each
 student layer in its backward. After each stage (:meth:`Placement.release`) the student is back, whole and in fp32,
-on the device it was given on, and the teacher a plain module where it was given.
+on the device it was given on, and the teacher a plain module where it was given; the trainer releases a stage that
+stops with an error (a time limit's step hook, the NaN guard) just the same.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Placement:
         self.teacher_home = next(teacher.parameters()).device
         self._lowered: list[nn.Parameter] = []  # parameters place_student() holds in bf16 for the current stage
         self._unstream: Callable[[], None] | None = None  # undoes stream_teacher() for the current stage
+        # whether place_student() turned activation checkpointing on: a stage stopped before its first block (or
+        # resumed past its last) has nothing to turn off (transformers 4 fails removing an input hook it never made)
+        self._checkpointing = False
 
     def place_student(self, stage: int, cfg: StageConfig, block: list[int], autocast: bool) -> None:
         """Put on the device what ``block`` of ``stage`` runs; the rest of the student waits in CPU memory.
@@ -60,6 +64,7 @@ class Placement:
             self.student.to(self.device)
         if cfg.activation_checkpointing:
             set_activation_checkpointing(self.student, True)
+            self._checkpointing = True
 
     def place_teacher(self, cfg: StageConfig) -> None:
         """The teacher where the stage runs it: on the device, or with ``teacher_offload`` in CPU memory with its
@@ -71,12 +76,13 @@ class Placement:
         else:
             self.teacher.to(self.device)
 
-    def release(self, cfg: StageConfig) -> None:
+    def release(self) -> None:
         """Undo :meth:`place_student` and :meth:`place_teacher`: the student whole, in fp32, on the device it came on
         (exports merge adapters in fp32, and the next stage starts from the same state whatever this one held where);
         the teacher a plain module again, where it was given."""
-        if cfg.activation_checkpointing:
+        if self._checkpointing:
             set_activation_checkpointing(self.student, False)
+            self._checkpointing = False
         for p in self._lowered:
             p.data = p.data.float()
         self._lowered = []

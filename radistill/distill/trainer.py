@@ -79,7 +79,9 @@ class Trainer:
     """Runs the recipe's enabled stages on ``student`` (trained in place) against the frozen ``teacher``.
 
     ``device``: where both models live; ``export_files``: files copied into every ``RUN/stageN/`` beside the HF
-    checkpoint (e.g. the student's ``selection.json``); ``step_hook``: called with (stage, step) after every step.
+    checkpoint (e.g. the student's ``selection.json``); ``step_hook``: called with (stage, step) after every step
+    (and its checkpoint); an exception it raises stops the run there, the student and teacher put back as after a
+    stage (a time limit's way to stop).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, tokenizer, recipe: DistillRecipe, run_dir: Path,
@@ -163,6 +165,27 @@ class Trainer:
             set_rng_state(ckpt.load_rank(position.checkpoint, rank())["rng"])
         if is_main_process() and step < plan.total:
             console.print(plan.describe(cfg))
+        try:
+            meter = self._train_blocks(stage, cfg, plan, position, step, tokens)
+        except BaseException:
+            # a step hook that raises (a time limit), the NaN guard or any other error stops the stage inside a block,
+            # where stages 1/2 hold all but the block's layers in CPU memory and the teacher may be streamed: the
+            # student is then left as a finished stage leaves it (whole, in fp32, on its device, in eval mode)
+            self.placement.release()
+            self.student.requires_grad_(True).eval()
+            raise
+        self.placement.release()
+        if cfg.recalibrate:  # stage 1 only (the recipe checks)
+            self._recalibrate()
+        export_stage(self.run_dir, stage, self.student, self.tokenizer, self.export_files)
+        self.student.requires_grad_(True).eval()
+        return StageResult(stage, plan.total, meter.tokens, meter.loss, meter.elapsed())
+
+    def _train_blocks(self, stage: int, cfg: StageConfig, plan: StagePlan, position: Position | None, step: int,
+                      tokens: int) -> StageMeter:
+        """The steps of ``stage`` from ``step`` (``tokens`` trained before it) on, block after block, with the teacher
+        placed; returns the stage's meter. The student is left placed for the last block (:meth:`Placement.release`
+        puts it back)."""
         self.placement.place_teacher(cfg)
         stored = None  # stage 3's precomputed teacher logits (teacher_logits: topk)
         if cfg.teacher_logits == "topk" and step < plan.total:
@@ -185,12 +208,7 @@ class Trainer:
                         self.step_hook(stage, step)
                 # the block's last step was checkpointed, which gathered its layers onto every rank
                 del objective, optimizer  # the block's optimizer state goes before the next block's is made
-        self.placement.release(cfg)
-        if cfg.recalibrate:  # stage 1 only (the recipe checks)
-            self._recalibrate()
-        export_stage(self.run_dir, stage, self.student, self.tokenizer, self.export_files)
-        self.student.requires_grad_(True).eval()
-        return StageResult(stage, plan.total, meter.tokens, meter.loss, meter.elapsed())
+        return meter
 
     def _start_block(self, plan: StagePlan, cfg: StageConfig, block: list[int],
                      position: Position | None) -> tuple[Objective, torch.optim.Optimizer, PackedStream]:
