@@ -597,8 +597,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             # prompt, and the first step refused padding that a token would follow), so the recurrent heads need no
             # padding column. Its masking would be a no-op that costs kernels every token: the conv state's top-k
             # and sort (~15% of a compiled 1B-shaped decode step on the H200 at batch 16, 8k context), masked
-            # fills, the window ring's read-back. Decided from the call, not the mask: no host read. The prefill,
-            # chunked prefill and an assistant model's multi-token calls keep their padding columns.
+            # fills, the window ring's read-back. Decided from the call, not the mask: no host read. The prefill
+            # (each chunk of a chunked one too) keeps its padding columns.
             masks["padding"] = None
         elif masks["padding"] is not None:
             # A copy with standard strides: the slice's row stride is the growing 2D mask's length, which changes
