@@ -195,22 +195,27 @@ class WindowAttention(RecurrentMixer):
         then reads every filled slot: the last W real tokens, its own included, the same keys the blockwise path
         gives it (in ring order rather than token order, which a softmax does not see)."""
         B, G, _, P = k.shape
-        real = torch.ones(B, dtype=torch.bool, device=q.device) if attention_mask is None \
-            else attention_mask[:, -1].bool()
         slot = (state["next"] % self.window)[:, None]  # [B, 1]
         at = slot[:, None, :, None].expand(B, G, 1, P)
-        for name, new in (("k", k), ("v", v)):
-            old = state[name].gather(2, at)
-            state[name].scatter_(2, at, torch.where(real[:, None, None, None], new.to(old.dtype), old))
-        filled = state["valid"].gather(1, slot)
-        state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
-        state["next"].add_(real.long())
+        real = None if attention_mask is None else attention_mask[:, -1].bool()
+        if real is None:  # every token real (a decode step): no read-back of the slots a padding token would keep
+            for name, new in (("k", k), ("v", v)):
+                state[name].scatter_(2, at, new.to(state[name].dtype))
+            state["valid"].scatter_(1, slot, 1.0)
+            state["next"].add_(1)
+        else:
+            for name, new in (("k", k), ("v", v)):
+                old = state[name].gather(2, at)
+                state[name].scatter_(2, at, torch.where(real[:, None, None, None], new.to(old.dtype), old))
+            filled = state["valid"].gather(1, slot)
+            state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
+            state["next"].add_(real.long())
         keys, values = self._per_head(state["k"]), self._per_head(state["v"])  # [B, H, W, P]
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, W]
         scores = scores.masked_fill(~state["valid"].bool()[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # nothing real yet: zeros
         y = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [B, 1, H, P]
-        return y * real[:, None, None, None].to(y.dtype)
+        return y if real is None else y * real[:, None, None, None].to(y.dtype)
 
     def mixing_matrix(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None,
