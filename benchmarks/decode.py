@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from radistill.hybrid.build import convert, student_config  # noqa: E402
+from radistill.hybrid.graph_decode import capture_graph  # noqa: E402
 from radistill.hybrid.memory import cache_nbytes, memory_rows  # noqa: E402
 from radistill.hybrid.modeling import CACHE_FIELD, output_cache  # noqa: E402
 from radistill.models.presets import shape_config, tiny_config  # noqa: E402
@@ -221,15 +222,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def capture(self, warmup: int = 3) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        self.graph = capture_graph(self.step, warmup)
 
     def run(self) -> None:
         self.graph.replay() if self.graph is not None else self.step()

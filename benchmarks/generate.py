@@ -584,9 +584,9 @@ def run(args) -> dict:
             model = models[name]
             ids = prompt(model, batch, context, device)
             profiles["cases"].setdefault(name, {})[f"decode step {context}x{batch}"] = attempt(
-                f"profile decode {name}", lambda: profile_decode(model, ids, compile_config, cache_lengths[context],
-                                                                 device), profiles["errors"])
-            del ids
+                f"profile decode {name}", lambda ids=ids: profile_decode(
+                    model, ids, compile_config, cache_lengths[context], device), profiles["errors"])
+            del ids  # the batch-16 prompt is not needed by the prefill profile
             profiles["cases"][name][f"prefill {prefill_lengths[0]}x1"] = attempt(
                 f"profile prefill {name}", lambda: profile_prefill(model, prompt(model, 1, prefill_lengths[0], device),
                                                                    device), profiles["errors"])

@@ -415,7 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     every = student_specs(ranked, args.state_size, args.seed, tuple(MIXERS))
     students = student_specs(ranked, args.state_size, args.seed, mixers)
     students = [] if args.scan_only or args.students == "" else chosen_students(parser, students, args.students)
-    names = [s["name"] for s in students]
 
     plan_file = work / "plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.exists() else None

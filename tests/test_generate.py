@@ -27,6 +27,20 @@ def eager_compile_config() -> CompileConfig:
     return config
 
 
+def assert_compiled_static_generate_equals_growing(student) -> None:
+    """generate() with the static cache, its decode step compiled whole by dynamo (fullgraph, eager backend), gives
+    the eager growing cache's greedy tokens on a left-padded batch, and the step did go through dynamo."""
+    from torch._dynamo.utils import counters
+
+    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
+    growing = student.generate(input_ids=ids, attention_mask=mask, **GREEDY)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
+                                compile_config=eager_compile_config(), **GREEDY)
+    assert torch.equal(growing, compiled) and counters["stats"]["unique_graphs"] >= 1
+
+
 @pytest.fixture(scope="module")
 def student():
     return make_student(make_teacher(), MIXED)

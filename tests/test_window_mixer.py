@@ -302,17 +302,9 @@ def test_window_decode_step_traces_as_one_graph():
 
 
 def test_window_student_compiled_static_generate_matches_the_growing_cache():
-    from test_generate import GREEDY, eager_compile_config
-    from torch._dynamo.utils import counters
+    from test_generate import assert_compiled_static_generate_equals_growing
 
-    student = mixed_student(make_teacher())
-    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
-    growing = student.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
-                                compile_config=eager_compile_config(), **GREEDY)
-    assert torch.equal(growing, compiled) and counters["stats"]["unique_graphs"] >= 1
+    assert_compiled_static_generate_equals_growing(mixed_student(make_teacher()))
 
 
 @pytest.mark.parametrize("kv_groups", [[0, 0, 1, 1], [0, 1, 1, 2], [0, 1, 2, 3], [0, 1, 0, 1]])

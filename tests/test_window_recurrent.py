@@ -329,14 +329,6 @@ def test_compiled_static_generate_matches_the_eager_growing_cache():
     """The default mixer through generate(): the static HybridCache with the decode step under torch.compile
     (fullgraph) gives the eager growing cache's greedy tokens, left padding included, with an open gate (so both
     parts contribute)."""
-    from test_generate import GREEDY, eager_compile_config
-    from torch._dynamo.utils import counters
+    from test_generate import assert_compiled_static_generate_equals_growing
 
-    student = opened(build(make_teacher()))
-    ids, mask, _ = left_padded(batch=2, length=10, pads=(0, 4))
-    growing = student.generate(input_ids=ids, attention_mask=mask, **GREEDY)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = student.generate(input_ids=ids, attention_mask=mask, cache_implementation="static",
-                                compile_config=eager_compile_config(), **GREEDY)
-    assert torch.equal(growing, compiled) and counters["stats"]["unique_graphs"] >= 1
+    assert_compiled_static_generate_equals_growing(opened(build(make_teacher())))

@@ -298,7 +298,7 @@ def verify(path: Path) -> dict:
     fallback = (
         f"delete {path} and --resume again to continue from the newest intact older checkpoint "
         f"({', '.join(reversed(older))}), or start a fresh run" if older else
-        f"no older checkpoint exists: start a fresh run (a new --out)"
+        "no older checkpoint exists: start a fresh run (a new --out)"
     )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist: {fallback}")

@@ -71,6 +71,22 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
             "eos_token_ids": eos, "pad_token_id": pad}
 
 
+def capture_graph(step, warmup: int) -> torch.cuda.CUDAGraph:
+    """Run ``step()`` ``warmup`` times on a side stream (as CUDA graph capture wants: lazily made handles and buffers
+    exist before it), then record one more call as a CUDA graph and return it (recording runs nothing). ``step`` must
+    read and write only tensors whose addresses stay the same: the graph replays on them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class GreedyLoop:
     """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``slot`` (the
     cache slot being written, 0-d), ``mask`` [B, max_length] (1 = a real token in that slot), ``done`` [B],
@@ -114,17 +130,8 @@ class GreedyLoop:
         self.count.add_(1)
 
     def warm_up_and_capture(self, steps: int) -> None:
-        """Run ``steps`` real steps on a side stream (as CUDA graph capture wants: lazily made handles and buffers
-        exist before it), then record ``step`` as a CUDA graph (recording runs nothing; ``run`` replays it)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(steps):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        """``steps`` real steps, then ``step`` recorded as a CUDA graph that ``run`` replays."""
+        self.graph = capture_graph(self.step, steps)
 
     def run(self) -> None:
         self.graph.replay() if self.graph is not None else self.step()
