@@ -68,7 +68,7 @@ from radistill.eval.choice import choice_accuracy  # noqa: E402
 from radistill.eval.fidelity import FidelityConfig, compare_batch  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.eval.suites import JOBS  # noqa: E402
-from radistill.finetune.data import document_batches, marked_batches  # noqa: E402
+from radistill.finetune.data import document_batches, marked_batches, text_batches, with_replay  # noqa: E402
 from radistill.finetune.lora import LoraSpec, add_lora, merge_lora  # noqa: E402
 from radistill.finetune.train import FinetuneConfig, train  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
@@ -313,14 +313,22 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
     torch.manual_seed(args.seed)  # the adapters' initialisation: every run reproducible, every method the same draw
     model, summary = prepare(base, targets, args.rank)
     setup = data[task]
-    cfg = FinetuneConfig(lora=None, steps=setup["steps"], lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
-                         loss_chunk=2048, seed=args.seed)
     batches = training_batches(evaluator.tokenizer, setup, args.seed)
-    every = max(1, setup["steps"] // 6)
+    steps = setup["steps"]
+    if args.replay_share:
+        # prose steps between the task's (finetune.data.with_replay), the evaluations' held-out documents left out;
+        # more steps in all, so that the task gets about as many as without replay
+        replay = text_batches(evaluator.tokenizer, str(CORPUS), args.replay_batch, args.replay_seq, args.seed + 1,
+                              heldout_docs=DataConfig().heldout_docs)
+        batches = with_replay(batches, replay, args.replay_share, args.seed)
+        steps = round(steps / (1.0 - args.replay_share))
+    cfg = FinetuneConfig(lora=None, steps=steps, lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
+                         loss_chunk=2048, seed=args.seed)
+    every = max(1, steps // 6)
 
     def progress(step: int, loss: float) -> None:
         if step % every == 0:
-            print(f"  {task} {method} lr {lr:g}: step {step}/{setup['steps']} loss {loss:.3f}", flush=True)
+            print(f"  {task} {method} lr {lr:g}: step {step}/{steps} loss {loss:.3f}", flush=True)
 
     result = train(model, batches, cfg, device, autocast=device.startswith("cuda"), on_step=progress)
     plain = merge_lora(model) if targets is not None else model
@@ -334,6 +342,7 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
         "trainable_params": result.trainable_params,
         "adapted_modules": None if summary is None else summary.module_count,
         "steps": result.steps, "batch": setup["batch"], "target_tokens": result.tokens,
+        "replay_share": args.replay_share, "replay_batch": f"{args.replay_batch} x {args.replay_seq}",
         "train_seconds": round(result.seconds, 2), "eval_seconds": round(time.perf_counter() - started, 2),
         "loss_first": result.losses[0], "loss_last": sum(tail) / len(tail),
         "after": scores, **forgetting,
@@ -403,8 +412,9 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         seen = f"{start['facts-seen']:.3f} → {r['after']['facts-seen']:.3f}" if r["task"] == "facts" else "–"
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {r['steps']} × {r['batch']} "
-            f"| {r['target_tokens']:,} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
+            f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {r['steps']} × {r['batch']}"
+            + (f", {r['replay_share']:.0%} of steps prose ({r['replay_batch']})" if r.get("replay_share") else "")
+            + f" | {r['target_tokens']:,} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
             f"{start[r['task']]:.3f} → **{r['after'][r['task']]:.3f}** | {seen} | {r['kv@10']:.3f} | "
             f"{r['kv@40']:.3f} | {r['heldout_ppl']:.2f} | {r[f'heldout_ppl_first{SHORT}']:.2f} | "
             f"{r['kl_vs_start']:.4f} | {r['top1_vs_start']:.3f} |")
@@ -464,6 +474,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run: a run that would end "
                    "past it (judged by the slowest run of its task so far) is skipped; rows are written as they finish")
+    p.add_argument("--replay-share", type=float, default=0.0, help="fraction of steps on held-in prose between the "
+                   "task's (rehearsal against forgetting; the steps grow so the task keeps its count) [0: none]")
+    p.add_argument("--replay-batch", type=int, default=16, help="prose windows per replay step")
+    p.add_argument("--replay-seq", type=int, default=64, help="tokens per replay window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
     p.add_argument("--work", type=Path, default=None, help="where the built student goes (default: a temp dir)")

@@ -262,3 +262,54 @@ def test_optimizer_takes_groups_and_8bit_needs_a_library():
     if eight_bit_optimizer() is None:
         with pytest.raises(RadistillError, match="torchao or bitsandbytes"):
             make_optimizer([p], 1e-3, 0.0, "adamw8bit")
+
+
+def test_replay_interleaves_whole_steps_at_its_share_and_refuses_a_bad_share():
+    from radistill.finetune.data import with_replay
+
+    def endless(tag):
+        while True:
+            yield {"tag": tag}
+
+    drawn = [b["tag"] for _, b in zip(range(4000), with_replay(endless("task"), endless("text"), 0.25, seed=3))]
+    assert abs(drawn.count("text") / len(drawn) - 0.25) < 0.03
+    again = [b["tag"] for _, b in zip(range(4000), with_replay(endless("task"), endless("text"), 0.25, seed=3))]
+    assert drawn == again  # one fixed draw per seed: a run is reproducible
+    with pytest.raises(RadistillError, match="replay share"):
+        next(with_replay(endless("task"), endless("text"), 1.0))
+    with pytest.raises(RadistillError, match="replay-share"):
+        FinetuneConfig(replay="text.txt", replay_share=0.0)
+
+
+def test_cli_finetune_with_replay_trains_on_both_and_keeps_the_held_out_documents_out(student, tokenizer, tmp_path,
+                                                                                     monkeypatch):
+    from radistill.cli import app
+    from radistill.finetune import run
+
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in PAIRS))
+    text = tmp_path / "prose.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"document {i} says {'ab' * (i % 7 + 3)}." for i in range(400)))
+    seen = []
+    real = run.text_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("heldout_docs"))
+        for batch in real(*args, **kwargs):
+            seen.append("text step")
+            yield batch
+
+    monkeypatch.setattr(run, "text_batches", spy)
+    out = tmp_path / "ft"
+    args = ["finetune", str(tmp_path / "student"), "--data", str(data), "--out", str(out), "--steps", "12",
+            "--micro-batch", "3", "--seq-len", "32", "--lora-rank", str(RANK), "--device", "cpu",
+            "--replay", str(text), "--replay-share", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["config"]["replay"] == str(text) and record["config"]["replay_share"] == 0.5
+    assert seen[0] == 200 and 2 <= seen.count("text step") <= 10  # the evaluations' held-out rule; about half
+    bad = CliRunner().invoke(app, args[:-1] + ["1.5", "--overwrite"])
+    assert bad.exit_code != 0 and "replay-share" in str(bad.exception)  # a RadistillError: exit 2 from the CLI

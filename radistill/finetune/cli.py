@@ -36,6 +36,9 @@ def register(app: typer.Typer) -> None:
         checkpointing: bool = typer.Option(False, "--checkpointing/--no-checkpointing",
                                            help="activation checkpointing of the decoder layers"),
         seed: int = typer.Option(0, "--seed"),
+        replay: Optional[str] = typer.Option(None, "--replay", help="general text (as --data takes it) whose steps go "
+                                             "between the task's, against forgetting; e.g. the distillation data"),
+        replay_share: float = typer.Option(0.5, "--replay-share", help="with --replay: the fraction of steps on it"),
         merge: bool = typer.Option(False, "--merge", help="also write OUT/merged: adapters folded into the weights"),
         adapter: Optional[Path] = typer.Option(None, "--adapter", help="merge this saved adapter (no training) "
                                                                         "into STUDENT, written to OUT"),
@@ -64,7 +67,7 @@ def register(app: typer.Typer) -> None:
             raise RadistillError("say what to train on: --data FILE (or --adapter DIR to merge a saved adapter)")
         cfg = FinetuneConfig(lora=LoraSpec(targets=targets, rank=rank, alpha=alpha, dropout=dropout), steps=steps,
                              lr=lr, batch_size=micro_batch, seq_len=seq_len, optimizer=optimizer,
-                             checkpointing=checkpointing, seed=seed)
+                             checkpointing=checkpointing, seed=seed, replay=replay, replay_share=replay_share)
         result = finetune_student(student, data, out, cfg, device=device, merge=merge, overwrite=overwrite)
         console.print(f"{result.steps} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
                       f"{result.tokens_per_s:,.0f} target tokens/s; adapter in {out}"

@@ -4,7 +4,8 @@
 text, read and packed by :class:`radistill.distill.data.PackedStream` (``.txt``, ``.txt.xz``, ``.jsonl`` with a
 ``text`` field, ``.parquet``, HF dataset ids). From Python, :func:`document_batches` trains on short documents held
 in memory (one per row, loss on every token), e.g. statements a benchmark generates, and :func:`marked_batches` on
-documents whose loss falls on marked pieces only (several answers in one document).
+documents whose loss falls on marked pieces only (several answers in one document). :func:`with_replay` puts steps
+of general text between a task's steps (``--replay TEXT --replay-share S``), against forgetting.
 """
 
 from __future__ import annotations
@@ -157,16 +158,34 @@ def document_batches(tokenizer, texts: list[str], batch_size: int, max_length: i
     return pair_batches(tokenizer, [Pair("", text) for text in texts], batch_size, max_length, seed)
 
 
-def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
+def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0, heldout_docs: int = 0
                  ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless packed text batches (every token is a target; documents are separated by EOS)."""
+    """Endless packed text batches (every token is a target; documents are separated by EOS). ``heldout_docs``:
+    documents left out as radistill's evaluations hold them out (``DataConfig``'s rule; 0: train on all)."""
     from radistill.distill.data import PackedStream
     from radistill.distill.recipe import DataConfig
 
-    stream = PackedStream(DataConfig(source=source, heldout_docs=0), tokenizer, seq_len, seed=seed)
+    stream = PackedStream(DataConfig(source=source, heldout_docs=heldout_docs), tokenizer, seq_len, seed=seed)
     while True:
         ids = stream.next_batch(batch_size)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def with_replay(task: Iterator[dict[str, torch.Tensor]], replay: Iterator[dict[str, torch.Tensor]], share: float,
+                seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Each step's batch from ``replay`` with probability ``share`` (one fixed draw per ``seed``), else from ``task``.
+
+    Rehearsal: a narrow task (a few hundred statements, one list format) trained alone pulls the whole model toward
+    it and the rest is forgotten -- on teacher-19m's student every learning run without it raised held-out
+    perplexity from ~37 to 100-3,500 (benchmarks/results/lora_learning-cpu-*.md). Steps of general text between the
+    task's steps keep the model's language modelling in the loss. Whole steps rather than mixed rows: the two
+    streams have different lengths and loss masks, and each batch keeps its own."""
+    if not 0.0 <= share < 1.0:
+        raise RadistillError(f"the replay share must be in [0, 1) (got {share}): it is the fraction of steps on "
+                             "general text, the rest train the task")
+    draw = random.Random(seed)
+    while True:
+        yield next(replay) if draw.random() < share else next(task)
 
 
 def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -177,4 +196,4 @@ def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
 
 
 __all__ = ["IGNORE", "Pair", "batches", "collate", "document_batches", "encode_marked", "encode_pair", "is_pairs_file",
-           "load_pairs", "marked_batches", "pair_batches", "text_batches"]
+           "load_pairs", "marked_batches", "pair_batches", "text_batches", "with_replay"]

@@ -43,10 +43,15 @@ class FinetuneConfig:
     loss_chunk: int = 1024  # positions whose logits exist at once
     seed: int = 0
     log_every: int = 10
+    replay: str | None = None  # general text whose steps go between the task's (finetune.data.with_replay)
+    replay_share: float = 0.5  # with ``replay``: the fraction of steps on it
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoraSpec.from_dict(self.lora)
+        if self.replay is not None and not 0.0 < self.replay_share < 1.0:
+            raise RadistillError(f"finetune: --replay-share must be between 0 and 1 (got {self.replay_share}): the "
+                                 "fraction of steps on the replay text")
         for name in ("steps", "batch_size", "seq_len", "loss_chunk", "log_every"):
             if getattr(self, name) < 1:
                 raise RadistillError(f"finetune: {name} must be at least 1 (got {getattr(self, name)})")
