@@ -80,7 +80,9 @@ SHARED = ROOT.parent / "shared" / "fixtures"
 TEACHER = SHARED / "teacher-19m"
 CORPUS = SHARED / "corpus" / "prose-train.txt.xz"
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = (("lora-restricted", "recurrent,kept-heads"), ("lora-all", "all"), ("full", None))
+METHODS = (("lora-restricted", "recurrent,kept-heads"), ("lora-all", "all"), ("full", None),
+           ("lora-recurrent", "recurrent"))  # the last: the kept (retrieval) heads frozen; not run by default
+DEFAULT_METHODS = ("lora-restricted", "lora-all", "full")
 TASKS = ("facts", "reversed-kv")
 SHORT = 32  # prose perplexity is also reported over each window's first SHORT predictions
 
@@ -364,8 +366,9 @@ def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] |
              first: dict[str, float] | None = None) -> list[tuple[str, str, str | None, float]]:
     """(task, method, targets, lr) in priority order: every (task, method) at its first lr (``first`` keyed
     ``task:method`` or ``method``, else its kind's middle lr; facts before reversed-kv), then the rest of the sweep,
-    middle first, each lr once."""
+    middle first, each lr once. ``methods`` None: the three compared by default."""
     first = first or {}
+    methods = DEFAULT_METHODS if methods is None else methods
     picked = {}
     for task in tasks:
         for method, targets in METHODS:
@@ -377,7 +380,7 @@ def schedule(lrs: dict[str, list[float]], tasks: list[str], methods: list[str] |
     for rank in range(max(len(v) for v in picked.values())):
         for task in tasks:
             for method, targets in METHODS:
-                if methods is not None and method not in methods:
+                if method not in methods:
                     continue
                 if rank < len(picked[task, method]):
                     runs.append((task, method, targets, picked[task, method][rank]))
@@ -450,7 +453,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=16)
     p.add_argument("--state-size", type=int, default=8)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)}")
-    p.add_argument("--methods", default=",".join(m for m, _ in METHODS), help="comma-separated subset of "
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset of "
                    f"{', '.join(m for m, _ in METHODS)}")
     p.add_argument("--lrs-lora", default="3e-4,1e-3,3e-3", help="LoRA learning rates (the middle one runs first)")
     p.add_argument("--lrs-full", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates")
