@@ -88,9 +88,10 @@ def capture_graph(step, warmup: int) -> torch.cuda.CUDAGraph:
 
 
 class GreedyLoop:
-    """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``slot`` (the
-    cache slot being written, 0-d), ``mask`` [B, max_length] (1 = a real token in that slot), ``done`` [B],
-    ``out`` [B, new] (the generated tokens) and ``count`` (how many are written, 0-d), all updated in place."""
+    """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``mask``
+    [B, max_length] (1 = a real token in that slot), ``done`` [B], ``out`` [B, new] (the generated tokens) and
+    ``count`` (how many are written, 0-d; the cache slot a step writes is ``count + prompt - 1``), all updated in
+    place."""
 
     def __init__(self, model, cache: HybridCache, first: torch.Tensor, prompt_mask: torch.Tensor,
                  positions: torch.Tensor, new: int, eos: list[int], pad: int):
@@ -100,22 +101,23 @@ class GreedyLoop:
         self.mask = torch.zeros(batch, cache.max_length, dtype=torch.bool, device=device)
         self.mask[:, :prompt] = prompt_mask.bool()
         self.slots = torch.arange(cache.max_length, device=device)
-        self.slot = torch.tensor(prompt, device=device)
+        self.before_first_slot = prompt - 1  # the slot of generated token n (n = count) is n + prompt - 1
         self.position = positions[:, -1:] + 1
         self.eos = torch.tensor(eos or [-1], device=device)
         self.pad = torch.tensor(pad, device=device)
         self.out = torch.full((batch, new), pad, dtype=torch.long, device=device)
         self.out[:, 0] = first
         self.count = torch.tensor(1, device=device)
-        self.done = torch.isin(first, self.eos) if eos else torch.zeros(batch, dtype=torch.bool, device=device)
+        self.done = torch.isin(first, self.eos)  # with no eos the sentinel -1 matches nothing
         self.token = first[:, None].clone()
         self.sdpa = model.config._attn_implementation == "sdpa"
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
     def step(self) -> None:
-        self.mask.index_fill_(1, self.slot.view(1), True)  # the token fed now is real (finished rows feed the pad)
-        visible = (self.mask & (self.slots <= self.slot))[:, None, None, :]  # [B, 1, 1, max_length]
+        slot = self.count + self.before_first_slot
+        self.mask.index_fill_(1, slot.view(1), True)  # the token fed now is real (finished rows feed the pad)
+        visible = (self.mask & (self.slots <= slot))[:, None, None, :]  # [B, 1, 1, max_length]
         attention = visible if self.sdpa else torch.zeros(visible.shape, dtype=self.model.dtype,
                                                           device=visible.device).masked_fill(~visible, float("-inf"))
         # a prepared mask dict: kept heads get the 4D mask; the new token is never padding for the recurrent heads
@@ -126,7 +128,6 @@ class GreedyLoop:
         self.done |= (token[:, None] == self.eos).any(-1)
         self.token.copy_(token[:, None])
         self.position.add_(1)
-        self.slot.add_(1)
         self.count.add_(1)
 
     def warm_up_and_capture(self, steps: int) -> None:
