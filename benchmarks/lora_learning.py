@@ -68,7 +68,7 @@ from radistill.eval.choice import choice_accuracy  # noqa: E402
 from radistill.eval.fidelity import FidelityConfig, compare_batch  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.eval.suites import JOBS  # noqa: E402
-from radistill.finetune.data import document_batches, marked_batches, text_batches, with_replay  # noqa: E402
+from radistill.finetune.data import document_batches, marked_batches, replay_batches, with_replay  # noqa: E402
 from radistill.finetune.lora import LoraSpec, add_lora, merge_lora  # noqa: E402
 from radistill.finetune.train import FinetuneConfig, train  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
@@ -320,8 +320,7 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
     if args.replay_share:
         # prose steps between the task's (finetune.data.with_replay), the evaluations' held-out documents left out;
         # more steps in all, so that the task gets about as many as without replay
-        replay = text_batches(evaluator.tokenizer, str(CORPUS), args.replay_batch, args.replay_seq, args.seed + 1,
-                              heldout_docs=DataConfig().heldout_docs)
+        replay = replay_batches(evaluator.tokenizer, str(CORPUS), args.replay_batch, args.replay_seq, args.seed + 1)
         batches = with_replay(batches, replay, args.replay_share, args.seed)
         steps = round(steps / (1.0 - args.replay_share))
     cfg = FinetuneConfig(lora=None, steps=steps, lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],

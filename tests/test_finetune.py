@@ -284,7 +284,7 @@ def test_replay_interleaves_whole_steps_at_its_share_and_refuses_a_bad_share():
 def test_cli_finetune_with_replay_trains_on_both_and_keeps_the_held_out_documents_out(student, tokenizer, tmp_path,
                                                                                      monkeypatch):
     from radistill.cli import app
-    from radistill.finetune import run
+    from radistill.finetune import data as finetune_data
 
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
@@ -293,7 +293,7 @@ def test_cli_finetune_with_replay_trains_on_both_and_keeps_the_held_out_document
     text = tmp_path / "prose.txt"
     text.write_text("\n<|endoftext|>\n".join(f"document {i} says {'ab' * (i % 7 + 3)}." for i in range(400)))
     seen = []
-    real = run.text_batches
+    real = finetune_data.text_batches
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("heldout_docs"))
@@ -301,7 +301,7 @@ def test_cli_finetune_with_replay_trains_on_both_and_keeps_the_held_out_document
             seen.append("text step")
             yield batch
 
-    monkeypatch.setattr(run, "text_batches", spy)
+    monkeypatch.setattr(finetune_data, "text_batches", spy)
     out = tmp_path / "ft"
     args = ["finetune", str(tmp_path / "student"), "--data", str(data), "--out", str(out), "--steps", "12",
             "--micro-batch", "3", "--seq-len", "32", "--lora-rank", str(RANK), "--device", "cpu",

@@ -171,6 +171,15 @@ def text_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: in
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def replay_batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """Packed text for :func:`with_replay`, without the documents radistill's evaluations hold out
+    (``DataConfig``'s rule), so that perplexity measured on the same text stays clean."""
+    from radistill.distill.recipe import DataConfig
+
+    return text_batches(tokenizer, source, batch_size, seq_len, seed, heldout_docs=DataConfig().heldout_docs)
+
+
 def with_replay(task: Iterator[dict[str, torch.Tensor]], replay: Iterator[dict[str, torch.Tensor]], share: float,
                 seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Each step's batch from ``replay`` with probability ``share`` (one fixed draw per ``seed``), else from ``task``.
@@ -196,4 +205,5 @@ def batches(tokenizer, source: str, batch_size: int, seq_len: int, seed: int = 0
 
 
 __all__ = ["IGNORE", "Pair", "batches", "collate", "document_batches", "encode_marked", "encode_pair", "is_pairs_file",
-           "load_pairs", "marked_batches", "pair_batches", "text_batches", "with_replay"]
+           "load_pairs", "marked_batches", "pair_batches", "replay_batches", "text_batches",
+           "with_replay"]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from radistill.distill.recipe import DataConfig
-from radistill.finetune.data import batches, text_batches, with_replay
+from radistill.finetune.data import batches, replay_batches, with_replay
 from radistill.finetune.lora import add_lora, load_adapter, merge_lora
 from radistill.finetune.train import FinetuneConfig, FinetuneResult, train
 from radistill.models.access import load_model, resolve_device
@@ -86,9 +85,7 @@ def finetune_student(student_dir: str | os.PathLike, data: str, out: str | os.Pa
     torch.manual_seed(cfg.seed)
     stream = batches(tokenizer, data, cfg.batch_size, cfg.seq_len, cfg.seed)
     if cfg.replay is not None:
-        # documents held out as radistill's evaluations hold them out: perplexity on the same text stays clean
-        replay = text_batches(tokenizer, cfg.replay, cfg.batch_size, cfg.seq_len, cfg.seed + 1,
-                              heldout_docs=DataConfig().heldout_docs)
+        replay = replay_batches(tokenizer, cfg.replay, cfg.batch_size, cfg.seq_len, cfg.seed + 1)
         stream = with_replay(stream, replay, cfg.replay_share, cfg.seed)
     result = train(model, stream, cfg, device, autocast=cuda)
     record["result"] = result.to_dict()
