@@ -77,6 +77,19 @@ def chunked_logits(model, ids, mask, positions, chunks):
     return torch.cat(steps, 1), cache
 
 
+def assert_pieces_equal_the_full_forward(student, chunks) -> None:
+    """A left-padded batch of 14 tokens fed in ``chunks`` through one cache gives the full forward's logits at every
+    real position, and the cache has counted all 14."""
+    from radistill.hybrid import HybridCache
+
+    ids, mask, positions = left_padded(length=14)
+    with torch.no_grad():
+        full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    chunked, cache = chunked_logits(student, ids, mask, positions, chunks)
+    assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
+    assert (chunked - full)[mask.bool()].abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     ("model_type", "overrides"),
     [("llama", {}), ("llama", {"tie_word_embeddings": True, "attention_bias": True, "num_key_value_heads": 4}),
@@ -270,6 +283,18 @@ def test_past_key_values_alias_is_accepted():
         via_alias = student(input_ids=ids[:, 5:], past_key_values=output_cache(first), use_cache=True).logits
         full = student(input_ids=ids).logits
     assert (via_alias[:, -1] - full[:, -1]).abs().max() <= 1e-4
+
+
+def state_bytes_match_the_accounting(student, lengths=(20, 60)) -> dict[int, dict[str, int]]:
+    """The cache of a float32 prefill of each length, measured, against radistill.memory's rows: KV, the mixers'
+    states (every part but conv) and conv equal. Returns the measured bytes by length."""
+    sizes = {n: measure_cache_bytes(student, n, batch_size=2) for n in lengths}
+    for length, measured in sizes.items():
+        conv = sum(v for k, v in measured.items() if k == "conv" or k.endswith(".conv"))
+        state = measured["total"] - measured["kv"] - conv
+        (row,) = student_rows(student.config, [length], nbytes=4)
+        assert measured["kv"] == row.kv_bytes and state == row.ssm_bytes and conv == row.conv_bytes
+    return sizes
 
 
 def test_cache_bytes_match_the_memory_accounting():

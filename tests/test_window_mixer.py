@@ -9,11 +9,11 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import radistill  # noqa: F401  (Auto-class registration)
 from radistill.hybrid import HybridCache, HybridConfig, HybridForCausalLM
 from radistill.hybrid.build import convert, student_config
-from radistill.hybrid.memory import measure_cache_bytes, student_rows
 from radistill.hybrid.mixers import MixerBank, WindowAttention
 from radistill.models.presets import random_model, tiny_config
 from radistill.utils.errors import RadistillError
-from test_hybrid import chunked_logits, left_padded, make_teacher
+from test_hybrid import (assert_pieces_equal_the_full_forward, left_padded, make_teacher,
+                         state_bytes_match_the_accounting)
 
 MAMBA = {"state_size": 8, "chunk_size": 4}
 
@@ -79,12 +79,7 @@ def test_mixed_groups_layout():
 @pytest.mark.parametrize("chunks", [[9, 1, 1, 1, 1, 1], [4, 3, 7], [2, 1, 1, 1, 1, 3, 1, 2, 1, 1]])
 def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
     student = mixed_student(make_teacher())
-    ids, mask, positions = left_padded(length=14)
-    with torch.no_grad():
-        full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    chunked, cache = chunked_logits(student, ids, mask, positions, chunks)
-    assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
-    assert (chunked - full)[mask.bool()].abs().max() <= 1e-4
+    assert_pieces_equal_the_full_forward(student, chunks)
 
 
 def test_generate_matches_the_uncached_greedy_continuation():
@@ -100,12 +95,7 @@ def test_generate_matches_the_uncached_greedy_continuation():
 
 def test_cache_state_is_constant_and_matches_the_memory_accounting():
     student = mixed_student(make_teacher())
-    sizes = {n: measure_cache_bytes(student, n, batch_size=2) for n in (20, 60)}
-    for length, measured in sizes.items():
-        conv = sum(v for k, v in measured.items() if k == "conv" or k.endswith(".conv"))
-        state = measured["total"] - measured["kv"] - conv
-        (row,) = student_rows(student.config, [length], nbytes=4)
-        assert measured["kv"] == row.kv_bytes and state == row.ssm_bytes and conv == row.conv_bytes
+    sizes = state_bytes_match_the_accounting(student)
     assert sizes[20]["kv"] < sizes[60]["kv"]  # the one kept head's KV grows ...
     assert sizes[20]["total"] - sizes[20]["kv"] == sizes[60]["total"] - sizes[60]["kv"]  # ... the window's does not
 

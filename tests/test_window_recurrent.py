@@ -8,14 +8,15 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import radistill  # noqa: F401  (Auto-class registration)
-from radistill.hybrid import HybridCache, HybridForCausalLM, output_cache
+from radistill.hybrid import HybridForCausalLM, output_cache
 from radistill.hybrid.build import convert, student_config
 from radistill.hybrid.calibrate import calibrate
-from radistill.hybrid.memory import measure_cache_bytes, memory_rows, student_rows
+from radistill.hybrid.memory import memory_rows
 from radistill.hybrid.mixers import DiscreteMamba2, MixerBank, WindowAttention, WindowRecurrent, get_mixer
 from radistill.models.presets import tiny_config
 from radistill.utils.errors import RadistillError
-from test_hybrid import chunked_logits, left_padded, make_teacher
+from test_hybrid import (assert_pieces_equal_the_full_forward, left_padded, make_teacher,
+                         state_bytes_match_the_accounting)
 
 SETTINGS = {"window": 3, "state_size": 8, "chunk_size": 4}
 KEPT = [[0], [], [2], []]  # tiny presets: 4 query heads in 2 KV groups, head_dim 16, 4 layers here
@@ -140,12 +141,7 @@ def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
     teacher = make_teacher()
     student = opened(build(teacher))
     calibrate(student, teacher, text())
-    ids, mask, positions = left_padded(length=14)
-    with torch.no_grad():
-        full = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    chunked, cache = chunked_logits(student, ids, mask, positions, chunks)
-    assert isinstance(cache, HybridCache) and cache.get_seq_length() == 14
-    assert (chunked - full)[mask.bool()].abs().max() <= 1e-4
+    assert_pieces_equal_the_full_forward(student, chunks)
 
 
 def test_packed_documents_restart_both_parts():
@@ -224,12 +220,7 @@ def test_mixing_matrix_is_the_window_plus_the_gated_recurrence():
 
 def test_cache_bytes_are_both_parts_and_match_the_accounting():
     student = build(make_teacher())
-    sizes = {n: measure_cache_bytes(student, n, batch_size=2) for n in (20, 60)}
-    for length, measured in sizes.items():
-        conv = sum(v for k, v in measured.items() if k == "conv" or k.endswith(".conv"))
-        state = measured["total"] - measured["kv"] - conv
-        (row,) = student_rows(student.config, [length], nbytes=4)
-        assert measured["kv"] == row.kv_bytes and state == row.ssm_bytes and conv == row.conv_bytes
+    sizes = state_bytes_match_the_accounting(student)
     assert sizes[20]["total"] - sizes[20]["kv"] == sizes[60]["total"] - sizes[60]["kv"]
     # one layer's 3 heads reading 2 KV heads: the window's rings + the recurrence's per-head states
     parts = WindowRecurrent.state_bytes(3, 16, 2, window=3, kv_heads=2, state_size=8)
