@@ -13,8 +13,9 @@ tokens in a ring of ``window`` slots: a one-token decode step writes its token o
 at the row's ring position ``next % window``, a device tensor), then reads the whole ring with the empty slots
 masked. That step has fixed shapes and no host reads, so a static-cache decode step compiles as one graph and a
 CUDA graph can capture it (tests/test_window_mixer.py). Any other call (a prefill, a chunk of several tokens,
-packed documents) unrolls the ring into token order and takes the blockwise path, then lays the ring out again
-from slot 0.
+packed documents) unrolls the ring into token order and takes the banded path (all queries in chunks against their
+own band of keys, two batched matmuls), then lays the ring out again from slot 0. The blockwise path (blocks of
+``block_size`` queries in a Python loop) is the reference, and serves inputs with padding between real tokens.
 
 Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W window, L = past + T.
 """
@@ -123,6 +124,64 @@ class WindowAttention(RecurrentMixer):
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
 
+    def _blockwise(self, q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, past: int,
+                   documents: Tensor | None) -> Tensor:
+        """The reference path, any padding: queries in blocks of ``block_size`` over every key a window could reach
+        (:meth:`_blocks`). q [B, H, T, P]; keys/values [B, G, L, P]; valid [B, L] -> y [B, H, T, P]."""
+        index = torch.as_tensor(self.kv_groups, device=q.device)
+        out = []
+        for start, end, lo, probs in self._blocks(q, keys, valid, past, documents):
+            out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
+        return torch.cat(out, dim=2)
+
+    def _banded(self, q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, past: int,
+                documents: Tensor | None, budget: int = 1 << 28) -> Tensor:
+        """The window as a band, all queries at once: queries in chunks of C = max(W, 16), each chunk against the
+        S = C + W - 1 keys from W - 1 before its first query to its last (one gather), two batched matmuls over the
+        chunks: O(T * S) work and memory where the blockwise path launches ~15 kernels per block of queries (at 32k
+        tokens, 128 blocks per layer: a host-bound prefill). Chunks go in groups whose fp32 scores stay under
+        ``budget`` bytes. Same numbers as :meth:`_blockwise` (fp32 scores, the same masks) when padding only
+        precedes each row's real tokens: then the last W real tokens up to t lie within t - W + 1 .. t.
+        q [B, H, T, P]; keys/values [B, G, L, P], L = past + T; valid [B, L]; documents [B, L] or None
+        -> y [B, H, T, P]."""
+        W = self.window
+        B, H, T, P = q.shape
+        L = keys.shape[2]
+        C = max(W, 16)
+        S = C + W - 1
+        n = -(-T // C)
+        device = q.device
+        index = torch.as_tensor(self.kv_groups, device=device)
+        count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
+        group = max(1, min(n, budget // max(1, B * H * C * S * 4)))
+        out = []
+        for first in range(0, n, group):
+            chunks = min(group, n - first)
+            # combined indices: chunk i's queries past + i*C + (0..C-1), its keys from past + i*C - (W - 1)
+            base = past + (first + torch.arange(chunks, device=device)) * C  # [n']
+            query_index = base[:, None] + torch.arange(C, device=device)  # [n', C]
+            key_index = base[:, None] - (W - 1) + torch.arange(S, device=device)  # [n', S]
+            key_ok = (key_index >= 0) & (key_index < L)
+            key_at, query_at = key_index.clamp(0, L - 1), query_index.clamp(max=L - 1)
+            k = keys.index_select(1, index)[:, :, key_at]  # [B, H, n', S, P]
+            v = values.index_select(1, index)[:, :, key_at]
+            lo, hi = first * C, min(T, (first + chunks) * C)
+            qc = q[:, :, lo:hi]
+            if hi - lo < chunks * C:  # the last chunk's missing queries: zeros, cut off below
+                qc = torch.nn.functional.pad(qc, (0, 0, 0, chunks * C - (hi - lo)))
+            qc = qc.reshape(B, H, chunks, C, P)
+            scores = torch.matmul(qc.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, n', C, S]
+            allowed = (key_index[:, None, :] <= query_index[:, :, None]) & key_ok[:, None, :]  # [n', C, S]
+            allowed = allowed[None] & valid[:, key_at][:, :, None, :]  # [B, n', C, S]
+            allowed = allowed & (count[:, query_at][..., None] - count[:, key_at][:, :, None, :] < W)
+            if documents is not None:  # a query sees only keys of its own document
+                allowed = allowed & (documents[:, query_at][..., None] == documents[:, key_at][:, :, None, :])
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
+            y = torch.matmul(probs.to(v.dtype), v)  # [B, H, n', C, P]
+            out.append(y.reshape(B, H, chunks * C, P)[:, :, : hi - lo])
+        return torch.cat(out, dim=2)
+
     def _per_head(self, kv: Tensor) -> Tensor:
         """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
         if self._runs is None:
@@ -164,12 +223,13 @@ class WindowAttention(RecurrentMixer):
             return self._step(q, k, v, attention_mask, state), state
         keys, values, valid, past = self._combined(k, v, attention_mask, state)
         documents = self._documents(reset, past)
-        index = torch.as_tensor(self.kv_groups, device=q.device)
-        out = []
-        for start, end, lo, probs in self._blocks(q, keys, valid, past, documents):
-            out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
-        y = torch.cat(out, dim=2).transpose(1, 2)  # [B, T, H, P]
-        y = y * valid[:, past:, None, None].to(y.dtype)  # padded positions: 0
+        # padding only before each row's real tokens (always so for generate's left padding and the ring, whose
+        # empty slots come first): the banded path; inner padding stretches a window over more positions than the
+        # band holds, so it takes the blockwise path. No mask and no state: nothing to check, no host read.
+        plain = (attention_mask is None and state is None) or valid.is_meta
+        banded = plain or bool((valid[:, 1:] >= valid[:, :-1]).all())
+        y = (self._banded if banded else self._blockwise)(q, keys, values, valid, past, documents)
+        y = y.transpose(1, 2) * valid[:, past:, None, None].to(y.dtype)  # [B, T, H, P]; padded positions: 0
         if state is not None:  # keep the last W real tokens in slots 0.., in token order; the ring goes on from there
             if documents is not None:  # of the last document only: the next tokens continue it
                 valid = valid & (documents == documents[:, -1:])
