@@ -295,7 +295,11 @@ def measure_costs(student, teacher, tokenizer, recipe: DistillRecipe, device: st
 
 def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillRecipe, device: str,
                     deadline_seconds: float | None, timings: Timings, name: str) -> tuple[int, bool, dict]:
-    """Train ``student`` in place (stage 2 then 3). Returns (tokens, truncated, {stage: seconds})."""
+    """Train ``student`` in place (stage 2 then 3). Returns (tokens, truncated, {stage: seconds}).
+
+    A ``run_dir`` that an earlier process left (killed, or stopped by its deadline before evaluating) is continued
+    from its newest checkpoint (the Trainer's resume), not refused: a benchmark run again picks up its students.
+    ``tokens`` counts the whole stage, the earlier process's steps included."""
     steps_done: dict[int, int] = {}
     stage_clock: dict[int, float] = {}
     deadline = None if deadline_seconds is None else time.perf_counter() + deadline_seconds
@@ -311,7 +315,8 @@ def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillR
     stage_seconds: dict[int, float] = {}
     with timings(f"{name}: train"):
         try:
-            for result in Trainer(student, teacher, tokenizer, recipe, run_dir, device, step_hook=hook).run():
+            resume = (Path(run_dir) / "recipe.json").exists()
+            for result in Trainer(student, teacher, tokenizer, recipe, run_dir, device, step_hook=hook).run(resume):
                 stage_seconds[result.stage] = result.seconds
         except OutOfTime:
             truncated = True

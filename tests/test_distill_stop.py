@@ -185,3 +185,39 @@ def test_on_cuda_a_stage2_stopped_inside_a_block_leaves_the_student_on_the_gpu(c
     assert {t.device.type for t in teacher.parameters()} == {"cuda"}
     ids = torch.randint(2, 100, (1, 8), device="cuda")
     assert torch.isfinite(student(ids).logits).all()
+
+
+def test_benchmarks_student_run_left_by_an_earlier_process_is_continued(corpus, tokenizer, tmp_path, monkeypatch):
+    """A student process killed mid-training leaves its run folder (recipe.json, checkpoints); the benchmark run
+    again continues it from the newest checkpoint instead of refusing the folder, and counts the whole stage."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import testbed_recovery
+
+    class KilledAtStep7(Trainer):  # the first process dies at step 7 of 20 (its last checkpoint: step 6)
+        def __init__(self, *args, step_hook=None, **kwargs):
+            kill = stop_at((2, 7))
+            super().__init__(*args, step_hook=lambda stage, step: (step_hook(stage, step), kill(stage, step)),
+                             **kwargs)
+
+    recipe = merge(stage2_in_blocks(corpus), {"stages": {2: {"checkpoint_every": 3}}})
+    teacher, student = three_layer_pair()
+    monkeypatch.setattr(testbed_recovery, "Trainer", KilledAtStep7)
+    with pytest.raises(Interrupt):
+        testbed_recovery.distill_student(student, tmp_path / "run", teacher, tokenizer, recipe, "cpu", None,
+                                         testbed_recovery.Timings(lambda: None), "student")
+    assert (tmp_path / "run" / "recipe.json").exists() and not (tmp_path / "run" / "stage2").exists()
+    seen = []
+
+    class Watched(Trainer):
+        def __init__(self, *args, step_hook=None, **kwargs):
+            super().__init__(*args, step_hook=lambda stage, step: (seen.append(step), step_hook(stage, step)),
+                             **kwargs)
+
+    monkeypatch.setattr(testbed_recovery, "Trainer", Watched)
+    teacher, student = three_layer_pair()
+    tokens, truncated, _ = testbed_recovery.distill_student(
+        student, tmp_path / "run", teacher, tokenizer, recipe, "cpu", None, testbed_recovery.Timings(lambda: None),
+        "student")
+    assert seen[0] == 7 and seen[-1] == 20  # on from the checkpoint at step 6
+    assert not truncated and tokens == 16 * 4 * 20
+    assert (tmp_path / "run" / "stage2").is_dir()
