@@ -17,7 +17,7 @@ Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanl
    (``RADISTILL_SSD_TORCH_BELOW``, radistill/ops/ssd) instead of fla's kernels: does that cut the host-bound short
    prefill?
 3. decode at 32k (batch 1, 16), prefill 32k batch 1 and 8k batch 16, the long generation (32k prompt + 256 new
-   tokens at batch 1: time to first token and tokens/s), greedy agreement of the default hybrid's static compiled
+   tokens at batch 1: time to first token and tokens/s; the hybrids also through their graph loop), greedy agreement of the default hybrid's static compiled
    cache vs the eager growing cache (bf16: a rare near-tie may flip, so the fraction is reported, not asserted);
    Each hybrid's decode cells are measured twice: through transformers' loop (as above) and through the hybrid's
    own generate() default on CUDA, the captured greedy loop (radistill/hybrid/graph_decode.py; "graph loop" rows;
@@ -46,6 +46,7 @@ Rows are written (JSON and markdown) as they are measured, so a timeout keeps wh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -221,11 +222,17 @@ def decode_cell(model, ids, new_tokens, compile_config, cache_length) -> dict:
             "step_input_layouts": len(inputs.layouts)}
 
 
-def graph_decode_cell(model, ids, new_tokens, force: bool = False) -> dict:
+def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int = 3) -> dict:
     """A decode cell through the hybrid's own greedy loop: ``generate(cache_implementation="static")`` as a user
     calls it on CUDA, whose decode step replays as a CUDA graph (radistill/hybrid/graph_decode.py). Each call
-    captures its graph anew; that cost is inside the timed call, as a user pays it. ``force``: the loop on CPU too
-    (no graph there; the quick run's check of this path)."""
+    captures its graph anew, as a user's call does. ``force``: the loop on CPU too (no graph there; the quick run's
+    check of this path).
+
+    Tokens/s = batch x (new - short) / (time(new) - time(short)), ``short`` = new / 4 tokens: both calls prefill and
+    capture alike, so the difference is ``new - short`` replayed steps. (Against a 1-token call, which captures
+    nothing and allocates a cache of another length, the difference also held the capture and an allocation: the
+    first H200 run read 100% of the bandwidth bound at 8k batch 1.) Every length runs once untimed first (its
+    cache's allocation), then the median of ``repeat`` calls each; ``first_token_s``: a 1-token call (prefill)."""
     from radistill.hybrid.graph_decode import decode_plan
 
     batch = ids.shape[0]
@@ -243,10 +250,14 @@ def graph_decode_cell(model, ids, new_tokens, force: bool = False) -> dict:
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
 
-    timed(new_tokens)  # warm-up (first-use kernels, cuBLAS handles)
-    first, total = timed(1), timed(new_tokens)
-    return {"tokens_per_s": batch * (new_tokens - 1) / max(total - first, 1e-9), "generate_s": total,
-            "first_token_s": first, "loop": "radistill graph loop"}
+    short = max(2, new_tokens // 4)
+    lengths = (1, short, new_tokens)
+    for n in lengths:  # warm-up: first-use kernels, cuBLAS handles, each length's cache allocation
+        timed(n)
+    first, at_short, total = (statistics.median(timed(n) for _ in range(repeat)) for n in lengths)
+    return {"tokens_per_s": batch * (new_tokens - short) / max(total - at_short, 1e-9), "generate_s": total,
+            "first_token_s": first, "short_tokens": short, "short_generate_s": at_short, "repeat": repeat,
+            "loop": "radistill graph loop"}
 
 
 class LastStep:
@@ -429,6 +440,7 @@ def run(args) -> dict:
         "quick": quick,
         "models": names,
         "graph_loop_models": graph_names,
+        "graph_loop_only": args.graph_loop_only,
         "setting": "generate(cache_implementation='static') for all, transformers' default compile of the decode "
                    "step" + (" (quick: eager backend, fullgraph)" if quick else " (inductor, reduce-overhead)")
                    + (", dynamic=True" if args.dynamic and not quick else ""),
@@ -444,12 +456,18 @@ def run(args) -> dict:
         "prefill_torch_scan_host_s": {n: {} for n in hybrids},
         "decode": {n: {} for n in names + graph_names},
         "ceiling": {n: {} for n in hybrids + graph_names},  # teacher bytes / hybrid bytes per decode cell
-        "long": {n: {} for n in names},
+        "long": {n: {} for n in names + graph_names},
         "agreement": {},
         "done": [],
         "skipped": [],
         "errors": [],
     }
+    if args.teacher_rows_from is not None:  # an earlier run's teacher rows, said so in the result
+        earlier = json.loads(args.teacher_rows_from.read_text())
+        result["decode"][teacher] = earlier["decode"].get(earlier["models"][0], {})
+        result["long"][teacher] = earlier["long"].get(earlier["models"][0], {})
+        result["teacher_rows_from"] = {"file": str(args.teacher_rows_from), "device": earlier.get("device"),
+                                       "versions": earlier.get("versions")}
     profile_out = args.out.with_name(args.out.stem + "-profile.json")
     profiles = {"device": result["device"], "versions": result["versions"], "models": names, "cases": {},
                 "errors": []}
@@ -478,34 +496,40 @@ def run(args) -> dict:
     cache_lengths = {n: n + max(new_tokens, steps if n == length else 0) + 8 for n in contexts}
     contexts = sorted(contexts)
 
+    def cache_bytes_of(name: str, context: int) -> int | None:
+        """Measured cache bytes per sequence of ``name`` at ``context`` (a real prefill), once per pair."""
+        if context not in result["cache_bytes_per_sequence"][name]:
+            model = models[name]
+            result["cache_bytes_per_sequence"][name][context] = attempt(
+                f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
+            row = attempt(f"config bytes {name} {context}", lambda: config_bytes(model, context, result["dtype"]))
+            result["config_bytes_per_sequence"][name][context] = row
+        return result["cache_bytes_per_sequence"][name][context]
+
+    def add_bound(cell: dict, name: str, context: int, batch: int) -> None:
+        per_sequence = cache_bytes_of(name, context)
+        if per_sequence:
+            cell["bytes_per_step"] = step_bytes(models[name], per_sequence, batch)
+            cell["bound_tokens_per_s"] = batch * H200_BANDWIDTH / cell["bytes_per_step"]
+            if cell.get("tokens_per_s"):
+                cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
+
     def decode(context: int, batch: int, name: str) -> None:
         key, model = f"{context}x{batch}", models[base[name]]
         if name in graph_names:
             cell = attempt(f"decode {name} {key}", lambda: graph_decode_cell(
                 model, prompt(model, batch, context, device), new_tokens, force=quick)) or {}
-            for field in ("bytes_per_step", "bound_tokens_per_s"):  # same model, same bytes
-                if field in (result["decode"][base[name]].get(key) or {}):
-                    cell[field] = result["decode"][base[name]][key][field]
-            if cell.get("tokens_per_s") and cell.get("bound_tokens_per_s"):
-                cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
+            add_bound(cell, base[name], context, batch)  # same model, same bytes as its transformers-loop row
             result["decode"][name][key] = cell
             print(f"decode {name} {key}: {cell}", flush=True)
-            if base[name] in result["ceiling"] and key in result["ceiling"][base[name]]:
-                result["ceiling"][name][key] = result["ceiling"][base[name]][key]
+            t = {}
+            add_bound(t, teacher, context, batch)  # the teacher's bytes (measured here too with --graph-loop-only)
+            if t.get("bytes_per_step") and cell.get("bytes_per_step"):
+                result["ceiling"][name][key] = t["bytes_per_step"] / cell["bytes_per_step"]
             return
-        if context not in result["cache_bytes_per_sequence"][name]:
-            result["cache_bytes_per_sequence"][name][context] = attempt(
-                f"cache bytes {name} {context}", lambda: sequence_cache_bytes(model, context, device))
-            row = attempt(f"config bytes {name} {context}", lambda: config_bytes(model, context, result["dtype"]))
-            result["config_bytes_per_sequence"][name][context] = row
-        per_sequence = result["cache_bytes_per_sequence"][name][context]
         cell = attempt(f"decode {name} {key}", lambda: decode_cell(
             model, prompt(model, batch, context, device), new_tokens, compile_config, cache_lengths[context])) or {}
-        if per_sequence:
-            cell["bytes_per_step"] = step_bytes(model, per_sequence, batch)
-            cell["bound_tokens_per_s"] = batch * H200_BANDWIDTH / cell["bytes_per_step"]
-            if cell.get("tokens_per_s"):
-                cell["percent_of_bound"] = 100 * cell["tokens_per_s"] / cell["bound_tokens_per_s"]
+        add_bound(cell, name, context, batch)
         result["decode"][name][key] = cell
         print(f"decode {name} {key}: {cell}", flush=True)
         for hybrid in hybrids:  # the ceiling of every cell both sides of which have their bytes
@@ -544,9 +568,17 @@ def run(args) -> dict:
                 "end_to_end_tokens_per_s": steps / total,
                 "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
 
+    def long_graph(model):
+        """The long generation through the hybrid's own greedy loop (what generate() does on CUDA by default)."""
+        cell = graph_decode_cell(model, prompt(model, 1, length, device, seed=1), steps, force=quick)
+        return {"prompt": length, "new_tokens": steps, "ttft_s": cell["first_token_s"], "total_s": cell["generate_s"],
+                "end_to_end_tokens_per_s": steps / cell["generate_s"], "decode_tokens_per_s": cell["tokens_per_s"]}
+
     def long_all() -> None:
-        for name in names:
-            result["long"][name] = attempt(f"long {name}", lambda: long_run(models[name]))
+        for name in (graph_names if args.graph_loop_only else names + graph_names):
+            run_one = (lambda: long_graph(models[base[name]])) if name in graph_names else \
+                (lambda: long_run(models[name]))
+            result["long"][name] = attempt(f"long {name}", run_one)
             print(f"long {name}: {result['long'][name]}", flush=True)
             save()
 
@@ -595,12 +627,15 @@ def run(args) -> dict:
     # (what, kind, run): a part's kind names the finished parts whose longest time estimates it (a model's decode
     # cells each compile their own shapes, so one model's cell is the best guess for its next)
     first, rest = contexts[:1], contexts[1:]
+    decoded = graph_names if args.graph_loop_only else names + graph_names
+    if args.graph_loop_only:  # the graph-loop rows alone (no compile): prefill, agreement and the teacher's rows off
+        skip |= {"prefill", "agreement"}
     work = [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
-            for c in first for b in batches for n in names + graph_names]
+            for c in first for b in batches for n in decoded]
     if "prefill" not in skip:
         work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[:2]]
     work += [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
-             for c in rest for b in batches for n in names + graph_names]
+             for c in rest for b in batches for n in decoded]
     if "prefill" not in skip:
         work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[2:]]
         work.append((f"prefill {prefill_b16[0]}x{prefill_b16[1]}", "prefill", lambda: prefill(*prefill_b16)))
@@ -622,6 +657,11 @@ def table(result: dict) -> str:
     v = result["versions"]
     lines = [f"# generate() benchmark: {result['device']} ({result['dtype']}), torch {v['torch']}, transformers "
              f"{v['transformers']}, fla {v['fla']}", "", f"Setting: {result['setting']}.", ""]
+    if result.get("graph_loop_only"):
+        earlier = result.get("teacher_rows_from")
+        lines += ["Graph-loop rows only (--graph-loop-only)" + (
+            f"; the teacher's rows are copied from {earlier['file']} ({earlier['device']}, {earlier['versions']}), "
+            "an earlier run: its ratios compare across runs." if earlier else "."), ""]
     lines += ["| prefill (ms) | " + " | ".join(names) + " | " + " | ".join(f"{h} / teacher" for h in hybrids) + " |",
               "|---|" + "---|" * (2 * len(names) - 1)]
     for cell in result["prefill_s"][teacher]:
@@ -662,9 +702,10 @@ def table(result: dict) -> str:
                       "(generate(cache_implementation='static'), greedy): one decode step captured as a CUDA graph per "
                       "call and replayed per token, one host read per 16 tokens (radistill/hybrid/graph_decode.py); "
                       "the other rows go through transformers' loop (generate(..., graph_decode=False) for a user)."]
-    if any(result["long"].get(n) for n in names):
+    long_names = names + result.get("graph_loop_models", [])
+    if any(result["long"].get(n) for n in long_names):
         lines += ["", "| long generation | TTFT (s) | end-to-end tok/s | decode tok/s |", "|---|---|---|---|"]
-        for name in names:
+        for name in long_names:
             c = result["long"].get(name) or {}
             label = f"{name}: {c.get('prompt', '?')} + {c.get('new_tokens', '?')}"
             lines.append(f"| {label} | {fmt(c.get('ttft_s'), 3)} | {fmt(c.get('end_to_end_tokens_per_s'))} | "
@@ -736,6 +777,12 @@ def main() -> None:
                         help="parts to leave out, comma-separated: prefill, long, agreement")
     parser.add_argument("--no-graph-loop", dest="graph_loop", action="store_false",
                         help="skip the hybrids' rows through their own captured greedy loop (CUDA only)")
+    parser.add_argument("--graph-loop-only", action="store_true",
+                        help="only the hybrids' graph-loop rows (decode cells and the long generation; nothing "
+                             "compiles), e.g. to re-measure them; the teacher's rows come from another run")
+    parser.add_argument("--teacher-rows-from", type=Path, default=None,
+                        help="with --graph-loop-only: copy the teacher's decode and long rows from this earlier "
+                             "generate.json (recorded as such), for the ratio columns")
     parser.add_argument("--profile", action="store_true",
                         help="last: kernel profiles of one decode step and one short prefill per model "
                              "-> <out>-profile.{json,md}")
