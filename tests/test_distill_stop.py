@@ -8,7 +8,6 @@ models start on the fake device, and the placement is told that is their device 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
