@@ -255,7 +255,9 @@ def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int =
     for n in lengths:  # warm-up: first-use kernels, cuBLAS handles, each length's cache allocation
         timed(n)
     first, at_short, total = (statistics.median(timed(n) for _ in range(repeat)) for n in lengths)
-    return {"tokens_per_s": batch * (new_tokens - short) / max(total - at_short, 1e-9), "generate_s": total,
+    # a prefill whose run-to-run spread exceeds the decode's time leaves no difference to read: not measured
+    rate = batch * (new_tokens - short) / (total - at_short) if total > at_short else None
+    return {"tokens_per_s": rate, "generate_s": total,
             "first_token_s": first, "short_tokens": short, "short_generate_s": at_short, "repeat": repeat,
             "loop": "radistill graph loop"}
 
@@ -662,8 +664,10 @@ def table(result: dict) -> str:
         lines += ["Graph-loop rows only (--graph-loop-only)" + (
             f"; the teacher's rows are copied from {earlier['file']} ({earlier['device']}, {earlier['versions']}), "
             "an earlier run: its ratios compare across runs." if earlier else "."), ""]
-    lines += ["| prefill (ms) | " + " | ".join(names) + " | " + " | ".join(f"{h} / teacher" for h in hybrids) + " |",
-              "|---|" + "---|" * (2 * len(names) - 1)]
+    shown = [n for n in names if n == teacher or result["decode"][n]]  # --graph-loop-only: no empty model rows
+    if result["prefill_s"][teacher]:
+        lines += ["| prefill (ms) | " + " | ".join(names) + " | " + " | ".join(f"{h} / teacher" for h in hybrids)
+                  + " |", "|---|" + "---|" * (2 * len(names) - 1)]
     for cell in result["prefill_s"][teacher]:
         t = result["prefill_s"][teacher].get(cell)
         hs = [result["prefill_s"][h].get(cell) for h in hybrids]
@@ -683,7 +687,7 @@ def table(result: dict) -> str:
                   "vs teacher | ceiling |", "|---|---|---|---|---|---|---|---|"]
     for cell in result["decode"][teacher]:
         t = (result["decode"][teacher].get(cell) or {}).get("tokens_per_s")
-        for name in names + result.get("graph_loop_models", []):
+        for name in shown + result.get("graph_loop_models", []):
             c = result["decode"][name].get(cell) or {}
             ratio = "" if name == teacher or not (t and c.get("tokens_per_s")) else f"{c['tokens_per_s'] / t:.2f}x"
             ceiling = result["ceiling"].get(name, {}).get(cell)
@@ -702,7 +706,7 @@ def table(result: dict) -> str:
                       "(generate(cache_implementation='static'), greedy): one decode step captured as a CUDA graph per "
                       "call and replayed per token, one host read per 16 tokens (radistill/hybrid/graph_decode.py); "
                       "the other rows go through transformers' loop (generate(..., graph_decode=False) for a user)."]
-    long_names = names + result.get("graph_loop_models", [])
+    long_names = [n for n in names if result["long"].get(n)] + result.get("graph_loop_models", [])
     if any(result["long"].get(n) for n in long_names):
         lines += ["", "| long generation | TTFT (s) | end-to-end tok/s | decode tok/s |", "|---|---|---|---|"]
         for name in long_names:
