@@ -222,11 +222,12 @@ def decode_cell(model, ids, new_tokens, compile_config, cache_length) -> dict:
             "step_input_layouts": len(inputs.layouts)}
 
 
-def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int = 3) -> dict:
+def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int = 3, compiled: bool = False) -> dict:
     """A decode cell through the hybrid's own greedy loop: ``generate(cache_implementation="static")`` as a user
     calls it on CUDA, whose decode step replays as a CUDA graph (radistill/hybrid/graph_decode.py). Each call
     captures its graph anew, as a user's call does. ``force``: the loop on CPU too (no graph there; the quick run's
-    check of this path).
+    check of this path). ``compiled``: ``graph_decode="compiled"``, the step's forward compiled before the capture
+    (its compilation falls in the untimed warm-up calls).
 
     Tokens/s = batch x (new - short) / (time(new) - time(short)), ``short`` = new / 4 tokens: both calls prefill and
     capture alike, so the difference is ``new - short`` replayed steps. (Against a 1-token call, which captures
@@ -239,13 +240,14 @@ def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int =
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0,
                   cache_implementation="static")
-    if decode_plan(model, ids, {**kwargs, "max_new_tokens": new_tokens}, True if force else None) is None:
+    mode = "compiled" if compiled else True if force else None
+    if decode_plan(model, ids, {**kwargs, "max_new_tokens": new_tokens}, mode) is None:
         raise RuntimeError("this call would not take the graph loop (CPU, or a setting it leaves to transformers)")
 
     def timed(n: int) -> float:
         sync(str(ids.device))
         start = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=n, graph_decode=True if force else None, **kwargs)
+        out = model.generate(input_ids=ids, max_new_tokens=n, graph_decode=mode, **kwargs)
         sync(str(ids.device))
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
@@ -420,6 +422,14 @@ def run(args) -> dict:
     # go through transformers' loop: min_new_tokens and compile_config keep them there)
     graph_names = [f"{h} graph loop" for h in hybrids] if args.graph_loop else []
     base = {**{n: n for n in names}, **{g: h for g, h in zip(graph_names, hybrids)}}
+    if args.graph_loop and args.compiled_loop:  # the loop once more with its step's forward compiled
+        compiled_names = [f"{h} graph loop compiled" for h in hybrids]
+        graph_names += compiled_names
+        base.update(zip(compiled_names, hybrids))
+        if quick:  # no C++ compiler for inductor's CPU code here: trace with a compiler-free backend
+            from radistill.hybrid import graph_decode as loop_module
+
+            loop_module.STEP_BACKEND = "aot_eager"
     if quick:
         # CPU has no CUDA graphs and no C++ toolchain here: the eager backend still traces the whole step
         compile_config = CompileConfig(backend="eager", fullgraph=True, mode=None)
@@ -520,7 +530,8 @@ def run(args) -> dict:
         key, model = f"{context}x{batch}", models[base[name]]
         if name in graph_names:
             cell = attempt(f"decode {name} {key}", lambda: graph_decode_cell(
-                model, prompt(model, batch, context, device), new_tokens, force=quick)) or {}
+                model, prompt(model, batch, context, device), new_tokens, force=quick,
+                compiled=name.endswith(" compiled"))) or {}
             add_bound(cell, base[name], context, batch)  # same model, same bytes as its transformers-loop row
             result["decode"][name][key] = cell
             print(f"decode {name} {key}: {cell}", flush=True)
@@ -570,15 +581,17 @@ def run(args) -> dict:
                 "end_to_end_tokens_per_s": steps / total,
                 "decode_tokens_per_s": (steps - 1) / max(total - first, 1e-9)}
 
-    def long_graph(model):
+    def long_graph(model, compiled: bool = False):
         """The long generation through the hybrid's own greedy loop (what generate() does on CUDA by default)."""
-        cell = graph_decode_cell(model, prompt(model, 1, length, device, seed=1), steps, force=quick)
+        cell = graph_decode_cell(model, prompt(model, 1, length, device, seed=1), steps, force=quick,
+                                 compiled=compiled)
         return {"prompt": length, "new_tokens": steps, "ttft_s": cell["first_token_s"], "total_s": cell["generate_s"],
                 "end_to_end_tokens_per_s": steps / cell["generate_s"], "decode_tokens_per_s": cell["tokens_per_s"]}
 
     def long_all() -> None:
         for name in (graph_names if args.graph_loop_only else names + graph_names):
-            run_one = (lambda: long_graph(models[base[name]])) if name in graph_names else \
+            looped = name in graph_names
+            run_one = (lambda: long_graph(models[base[name]], name.endswith(" compiled"))) if looped else \
                 (lambda: long_run(models[name]))
             result["long"][name] = attempt(f"long {name}", run_one)
             print(f"long {name}: {result['long'][name]}", flush=True)
@@ -781,6 +794,9 @@ def main() -> None:
                         help="parts to leave out, comma-separated: prefill, long, agreement")
     parser.add_argument("--no-graph-loop", dest="graph_loop", action="store_false",
                         help="skip the hybrids' rows through their own captured greedy loop (CUDA only)")
+    parser.add_argument("--compiled-loop", action="store_true",
+                        help="also each hybrid's graph loop with its step's forward compiled by inductor "
+                             "(generate(graph_decode='compiled'); each cell's shapes compile once, untimed)")
     parser.add_argument("--graph-loop-only", action="store_true",
                         help="only the hybrids' graph-loop rows (decode cells and the long generation; nothing "
                              "compiles), e.g. to re-measure them; the teacher's rows come from another run")

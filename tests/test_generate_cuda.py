@@ -59,3 +59,22 @@ def test_graph_decode_loop_on_cuda_equals_transformers_loop(mixer):
             assert torch.equal(ref, got), (mixer, stop)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
+def test_graph_decode_loop_with_the_compiled_step_on_cuda_equals_transformers_loop(mixer):
+    """graph_decode="compiled": inductor compiles the step's forward, then the loop captures and replays it."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        student = student_with(mixer).to("cuda")
+        ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+        ids, mask = ids.cuda(), mask.cuda()
+        settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static",
+                        eos_token_id=None)
+        ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, **settings)
+        for _ in range(2):  # the second call replays a new capture of the already compiled step
+            got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", **settings)
+            assert torch.equal(ref, got), mixer
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32

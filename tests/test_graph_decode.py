@@ -68,3 +68,23 @@ def test_padding_between_tokens_is_refused(student):
     mask = torch.tensor([[1, 1, 0, 1, 1, 1]])
     with pytest.raises(RadistillError, match="padding between real tokens"):
         student.generate(input_ids=ids, attention_mask=mask, graph_decode=True, max_new_tokens=3, **STATIC)
+
+
+def test_the_compiled_step_gives_the_same_tokens(student, monkeypatch):
+    """graph_decode="compiled": the step's forward compiled (fullgraph, static shapes) before the loop runs it; here
+    with a backend that needs no C++ compiler (the GPU runs inductor). Compiled once per model, kept outside its
+    modules (the state dict is unchanged)."""
+    from radistill.hybrid import graph_decode
+
+    monkeypatch.setattr(graph_decode, "STEP_BACKEND", "aot_eager")
+    student.__dict__.pop("_radistill_compiled_steps", None)
+    keys = set(student.state_dict())
+    ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+    ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, max_new_tokens=8, **STATIC)
+    for _ in range(2):  # the second call reuses the compiled forward
+        got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", max_new_tokens=8,
+                               **STATIC)
+        assert torch.equal(ref, got)
+    assert list(student._radistill_compiled_steps) == ["aot_eager"] and set(student.state_dict()) == keys
+    with pytest.raises(RadistillError, match="graph_decode must be"):
+        student.generate(input_ids=ids, graph_decode="fast", max_new_tokens=2, **STATIC)

@@ -36,13 +36,17 @@ NEUTRAL_FIELDS = ARGUMENTS | {"transformers_version", "_from_model_config", "dec
 # ... of which these must be off: the loop returns the tokens only
 OUTPUTS = ("output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate")
 WARMUP_STEPS = 2  # eager steps before the capture: they initialise lazily made buffers (and are real steps)
+# graph_decode="compiled": the model's forward in the captured step compiled by this backend first (fullgraph, static
+# shapes), so the graph replays fused kernels instead of eager ones; tests use a backend that needs no compiler
+STEP_BACKEND = "inductor"
 
 
 def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: bool | None) -> dict | None:
     """The loop's arguments for this generate() call, or None when transformers' generate() must run it.
 
     ``requested``: the call's ``graph_decode`` (None: on CUDA when the call asks for the static cache; True: also on
-    CPU, where the loop runs without a graph; False: never)."""
+    CPU, where the loop runs without a graph; "compiled": as True, with the model's forward compiled by
+    ``STEP_BACKEND`` before the capture; False: never)."""
     if requested is False or model.training or set(kwargs) - ARGUMENTS:
         return None
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
@@ -68,7 +72,16 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask"), "max_new_tokens": new,
-            "eos_token_ids": eos, "pad_token_id": pad}
+            "eos_token_ids": eos, "pad_token_id": pad, "compile_step": requested == "compiled"}
+
+
+def compiled_forward(model):
+    """``model`` compiled once per model for the loop's decode step (kept beside it, not as a submodule: a compiled
+    wrapper registered as a child would enter its state dict); the first steps of each new shape compile."""
+    cache = model.__dict__.setdefault("_radistill_compiled_steps", {})
+    if STEP_BACKEND not in cache:
+        cache[STEP_BACKEND] = torch.compile(model, backend=STEP_BACKEND, fullgraph=True, dynamic=False)
+    return cache[STEP_BACKEND]
 
 
 def capture_graph(step, warmup: int) -> torch.cuda.CUDAGraph:
@@ -94,10 +107,11 @@ class GreedyLoop:
     place."""
 
     def __init__(self, model, cache: HybridCache, first: torch.Tensor, prompt_mask: torch.Tensor,
-                 positions: torch.Tensor, new: int, eos: list[int], pad: int):
+                 positions: torch.Tensor, new: int, eos: list[int], pad: int, forward=None):
         batch, prompt = prompt_mask.shape
         device = first.device
         self.model, self.cache = model, cache
+        self.forward = model if forward is None else forward  # the model, or its compiled forward
         self.mask = torch.zeros(batch, cache.max_length, dtype=torch.bool, device=device)
         self.mask[:, :prompt] = prompt_mask.bool()
         self.slots = torch.arange(cache.max_length, device=device)
@@ -121,8 +135,8 @@ class GreedyLoop:
         attention = visible if self.sdpa else torch.zeros(visible.shape, dtype=self.model.dtype,
                                                           device=visible.device).masked_fill(~visible, float("-inf"))
         # a prepared mask dict: kept heads get the 4D mask; the new token is never padding for the recurrent heads
-        logits = self.model(input_ids=self.token, position_ids=self.position, use_cache=True, logits_to_keep=1,
-                            attention_mask={"attention": attention, "padding": None}, cache=self.cache).logits
+        logits = self.forward(input_ids=self.token, position_ids=self.position, use_cache=True, logits_to_keep=1,
+                              attention_mask={"attention": attention, "padding": None}, cache=self.cache).logits
         token = torch.where(self.done, self.pad, logits[:, -1].argmax(-1))
         self.out.index_copy_(1, self.count.view(1), token[:, None])
         self.done |= (token[:, None] == self.eos).any(-1)
@@ -140,9 +154,11 @@ class GreedyLoop:
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-                    eos_token_ids: list[int], pad_token_id: int, check_every: int = 16) -> torch.Tensor:
+                    eos_token_ids: list[int], pad_token_id: int, check_every: int = 16,
+                    compile_step: bool = False) -> torch.Tensor:
     """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` greedy tokens, as
-    transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA."""
+    transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA. ``compile_step``:
+    the step's forward compiled (``STEP_BACKEND``) before the capture; the prefill stays eager."""
     from radistill.hybrid.modeling import refuse_inner_padding
 
     batch, prompt = input_ids.shape
@@ -153,7 +169,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits
     loop = GreedyLoop(model, cache, logits[:, -1].argmax(-1), mask, positions, max_new_tokens, eos_token_ids,
-                      pad_token_id)
+                      pad_token_id, forward=compiled_forward(model) if compile_step else None)
     steps = max_new_tokens - 1
     taken = 0
     if input_ids.is_cuda and steps > WARMUP_STEPS:
