@@ -37,9 +37,11 @@ def test_compiled_static_generate_on_cuda_equals_the_eager_growing_cache(mixer):
     assert torch.equal(static, again), mixer  # the captured graph replays, not only its first run
 
 
+@pytest.mark.parametrize("loop", [None, "compiled"])
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
-def test_graph_decode_loop_on_cuda_equals_transformers_loop(mixer):
-    """generate(cache_implementation="static") on CUDA runs the captured greedy loop (graph_decode.py) by default."""
+def test_graph_decode_loop_on_cuda_equals_transformers_loop(mixer, loop):
+    """generate(cache_implementation="static") on CUDA runs the captured greedy loop (graph_decode.py) by default;
+    graph_decode="compiled": inductor compiles the step's forward first, then the loop captures and replays it."""
     from radistill.hybrid.graph_decode import decode_plan
 
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -52,29 +54,12 @@ def test_graph_decode_loop_on_cuda_equals_transformers_loop(mixer):
         free = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, eos_token_id=None, **settings)
         eos = sorted({int(free[0, 13]), int(free[1, 20])})  # two rows finish early, one may not
         for stop in (None, eos):
-            assert decode_plan(student, ids, {"attention_mask": mask, "eos_token_id": stop, **settings}, None)
+            assert decode_plan(student, ids, {"attention_mask": mask, "eos_token_id": stop, **settings}, loop)
             ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, eos_token_id=stop,
                                    **settings)
-            got = student.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop, **settings)
+            got = student.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop, graph_decode=loop,
+                                   **settings)
             assert torch.equal(ref, got), (mixer, stop)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
-
-@pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
-def test_graph_decode_loop_with_the_compiled_step_on_cuda_equals_transformers_loop(mixer):
-    """graph_decode="compiled": inductor compiles the step's forward, then the loop captures and replays it."""
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        student = student_with(mixer).to("cuda")
-        ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
-        ids, mask = ids.cuda(), mask.cuda()
-        settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, cache_implementation="static",
-                        eos_token_id=None)
-        ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, **settings)
-        for _ in range(2):  # the second call replays a new capture of the already compiled step
-            got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", **settings)
-            assert torch.equal(ref, got), mixer
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
