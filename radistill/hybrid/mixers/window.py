@@ -139,9 +139,10 @@ class WindowAttention(RecurrentMixer):
         """The window as a band, all queries at once: queries in chunks of C = max(W, 16), each chunk against the
         S = C + W - 1 keys from W - 1 before its first query to its last (one gather), two batched matmuls over the
         chunks: O(T * S) work and memory where the blockwise path launches ~15 kernels per block of queries (at 32k
-        tokens, 128 blocks per layer: a host-bound prefill). Chunks go in groups whose fp32 scores stay under
-        ``budget`` bytes. Same numbers as :meth:`_blockwise` (fp32 scores, the same masks) when padding only
-        precedes each row's real tokens: then the last W real tokens up to t lie within t - W + 1 .. t.
+        tokens, 128 blocks per layer: a host-bound prefill). Chunks go in groups that hold at most ``budget`` bytes
+        at once (scores, gathered keys and values). Same numbers as :meth:`_blockwise` (fp32 scores, the same
+        masks) when padding only precedes each row's real tokens: then the last W real tokens up to t lie within
+        t - W + 1 .. t.
         q [B, H, T, P]; keys/values [B, G, L, P], L = past + T; valid [B, L]; documents [B, L] or None
         -> y [B, H, T, P]."""
         W = self.window
@@ -153,7 +154,10 @@ class WindowAttention(RecurrentMixer):
         device = q.device
         index = torch.as_tensor(self.kv_groups, device=device)
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
-        group = max(1, min(n, budget // max(1, B * H * C * S * 4)))
+        # bytes one chunk holds at once: fp32 scores and probabilities, its gathered keys (and their fp32 copy) and
+        # values, per query head
+        per_chunk = B * H * (2 * C * S * 4 + S * P * (4 + 2 * keys.element_size()))
+        group = max(1, min(n, budget // per_chunk))
         out = []
         for first in range(0, n, group):
             chunks = min(group, n - first)
@@ -163,8 +167,8 @@ class WindowAttention(RecurrentMixer):
             key_index = base[:, None] - (W - 1) + torch.arange(S, device=device)  # [n', S]
             key_ok = (key_index >= 0) & (key_index < L)
             key_at, query_at = key_index.clamp(0, L - 1), query_index.clamp(max=L - 1)
-            k = keys.index_select(1, index)[:, :, key_at]  # [B, H, n', S, P]
-            v = values.index_select(1, index)[:, :, key_at]
+            k = keys[:, :, key_at].index_select(1, index)  # [B, G, n', S, P] -> [B, H, n', S, P]
+            v = values[:, :, key_at].index_select(1, index)
             lo, hi = first * C, min(T, (first + chunks) * C)
             qc = q[:, :, lo:hi]
             if hi - lo < chunks * C:  # the last chunk's missing queries: zeros, cut off below
