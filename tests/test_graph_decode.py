@@ -85,6 +85,12 @@ def test_the_compiled_step_gives_the_same_tokens(student, monkeypatch):
         got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", max_new_tokens=8,
                                **STATIC)
         assert torch.equal(ref, got)
+    # a prompt one token shorter lands in the same cache-length bucket (the compiled shapes), and still agrees
+    ref = student.generate(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], graph_decode=False, max_new_tokens=8,
+                           **STATIC)
+    got = student.generate(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], graph_decode="compiled",
+                           max_new_tokens=8, **STATIC)
+    assert torch.equal(ref, got)
     assert list(student._radistill_compiled_steps) == ["aot_eager"] and set(student.state_dict()) == keys
     with pytest.raises(RadistillError, match="graph_decode must be"):
         student.generate(input_ids=ids, graph_decode="fast", max_new_tokens=2, **STATIC)

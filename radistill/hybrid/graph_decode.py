@@ -39,6 +39,7 @@ WARMUP_STEPS = 2  # eager steps before the capture: they initialise lazily made 
 # graph_decode="compiled": the model's forward in the captured step compiled by this backend first (fullgraph, static
 # shapes), so the graph replays fused kernels instead of eager ones; tests use a backend that needs no compiler
 STEP_BACKEND = "inductor"
+LENGTH_BUCKET = 256  # with the compiled step: cache lengths rounded up to a multiple of this
 
 
 def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: bool | None) -> dict | None:
@@ -165,7 +166,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     refuse_inner_padding(torch.cat([mask, mask.new_ones(batch, 1)], -1))  # generated tokens follow the prompt
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # transformers' rule for left padding
-    cache = HybridCache(model.config, max_length=prompt + max_new_tokens)
+    length = prompt + max_new_tokens
+    if compile_step:  # the compiled step's shapes include the cache's length: buckets of 256, so that prompts of
+        length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET  # other lengths reuse one compilation (slots masked)
+    cache = HybridCache(model.config, max_length=length)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits
     loop = GreedyLoop(model, cache, logits[:, -1].argmax(-1), mask, positions, max_new_tokens, eos_token_ids,
