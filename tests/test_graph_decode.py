@@ -4,6 +4,10 @@ transformers' generate(). On CPU the same loop runs without a CUDA graph (tests/
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 from test_hybrid import MIXED, left_padded, make_student, make_teacher
@@ -94,3 +98,21 @@ def test_the_compiled_step_gives_the_same_tokens(student, monkeypatch):
     assert list(student._radistill_compiled_steps) == ["aot_eager"] and set(student.state_dict()) == keys
     with pytest.raises(RadistillError, match="graph_decode must be"):
         student.generate(input_ids=ids, graph_decode="fast", max_new_tokens=2, **STATIC)
+
+
+CPP_TOOLCHAIN = bool(shutil.which("c++") or shutil.which("g++")) and \
+    (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+@pytest.mark.skipif(not CPP_TOOLCHAIN, reason="inductor's CPU code needs a C++ compiler and Python's headers")
+def test_the_inductor_compiled_step_gives_the_same_tokens(student):
+    """The loop's real backend, inductor, lowers the step (on CPU its C++ code; on CUDA its Triton kernels, tested in
+    tests/test_generate_cuda.py) and gives the same tokens."""
+    from radistill.hybrid import graph_decode
+
+    assert graph_decode.STEP_BACKEND == "inductor"
+    student.__dict__.pop("_radistill_compiled_steps", None)
+    ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+    ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, max_new_tokens=12, **STATIC)
+    got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", max_new_tokens=12, **STATIC)
+    assert torch.equal(ref, got)
