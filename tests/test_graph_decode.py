@@ -104,12 +104,23 @@ CPP_TOOLCHAIN = bool(shutil.which("c++") or shutil.which("g++")) and \
     (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
+def inductor_compiles_on_cpu() -> bool:
+    """Whether this machine's toolchain builds inductor's CPU code at all (a two-operator function)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, backend="inductor")(torch.ones(3))
+        return True
+    except Exception:  # noqa: BLE001 (a toolchain problem of the machine, not of the code under test)
+        return False
+
+
 @pytest.mark.skipif(not CPP_TOOLCHAIN, reason="inductor's CPU code needs a C++ compiler and Python's headers")
 def test_the_inductor_compiled_step_gives_the_same_tokens(student):
     """The loop's real backend, inductor, lowers the step (on CPU its C++ code; on CUDA its Triton kernels, tested in
     tests/test_generate_cuda.py) and gives the same tokens."""
     from radistill.hybrid import graph_decode
 
+    if not inductor_compiles_on_cpu():
+        pytest.skip("inductor cannot build CPU code on this machine (toolchain)")
     assert graph_decode.STEP_BACKEND == "inductor"
     student.__dict__.pop("_radistill_compiled_steps", None)
     ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
