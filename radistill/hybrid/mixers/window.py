@@ -112,17 +112,24 @@ class WindowAttention(RecurrentMixer):
             lo = max(0, past + start - reach)
             k = keys[:, :, lo : past + end].index_select(1, index)  # [B, H, Lb, P]
             scores = torch.matmul(q[:, :, start:end].float(), k.float().transpose(-1, -2)) * scale
-            query_pos = torch.arange(past + start, past + end, device=q.device)
-            key_pos = torch.arange(lo, past + end, device=q.device)
-            c_q, c_k = count[:, past + start : past + end, None], count[:, None, lo : past + end]
-            allowed = (key_pos[None, None, :] <= query_pos[None, :, None]) & valid[:, None, lo : past + end]
-            allowed = allowed & (c_q - c_k < W)  # [B, Tb, Lb]
-            if documents is not None:  # a query sees only keys of its own document
-                same = documents[:, past + start : past + end, None] == documents[:, None, lo : past + end]
-                allowed = allowed & same
+            queries = torch.arange(past + start, past + end, device=q.device)
+            allowed = self._window_mask(valid, count, documents, queries,
+                                        torch.arange(lo, past + end, device=q.device))  # [B, Tb, Lb]
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
+
+    def _window_mask(self, valid: Tensor, count: Tensor, documents: Tensor | None, query_at: Tensor,
+                     key_at: Tensor) -> Tensor:
+        """Which keys each query sees -- the window rule, for both paths: a key at or before the query, a real token,
+        among the query's last W real tokens, in the query's document. valid [B, L] bool, count [B, L] (real tokens
+        up to each position), documents [B, L] or None; query_at [..., Q] and key_at [..., K] combined indices in
+        0..L-1 -> [B, ..., Q, K] bool."""
+        allowed = (key_at[..., None, :] <= query_at[..., :, None]) & valid[:, key_at][..., None, :]
+        allowed = allowed & (count[:, query_at][..., :, None] - count[:, key_at][..., None, :] < self.window)
+        if documents is not None:  # a query sees only keys of its own document
+            allowed = allowed & (documents[:, query_at][..., :, None] == documents[:, key_at][..., None, :])
+        return allowed
 
     def _blockwise(self, q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, past: int,
                    documents: Tensor | None) -> Tensor:
@@ -175,11 +182,9 @@ class WindowAttention(RecurrentMixer):
                 qc = torch.nn.functional.pad(qc, (0, 0, 0, chunks * C - (hi - lo)))
             qc = qc.reshape(B, H, chunks, C, P)
             scores = torch.matmul(qc.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, n', C, S]
-            allowed = (key_index[:, None, :] <= query_index[:, :, None]) & key_ok[:, None, :]  # [n', C, S]
-            allowed = allowed[None] & valid[:, key_at][:, :, None, :]  # [B, n', C, S]
-            allowed = allowed & (count[:, query_at][..., None] - count[:, key_at][:, :, None, :] < W)
-            if documents is not None:  # a query sees only keys of its own document
-                allowed = allowed & (documents[:, query_at][..., None] == documents[:, key_at][:, :, None, :])
+            # key_ok: the band's positions before the first token or after the last are not keys (their clamped
+            # indices would repeat a real one)
+            allowed = self._window_mask(valid, count, documents, query_at, key_at) & key_ok[:, None, :]  # [B, n', C, S]
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             y = torch.matmul(probs.to(v.dtype), v)  # [B, H, n', C, P]
