@@ -17,8 +17,9 @@ Measured, in this order (the most asked-for first; ``--time-limit`` stops cleanl
    (``RADISTILL_SSD_TORCH_BELOW``, radistill/ops/ssd) instead of fla's kernels: does that cut the host-bound short
    prefill?
 3. decode at 32k (batch 1, 16), prefill 32k batch 1 and 8k batch 16, the long generation (32k prompt + 256 new
-   tokens at batch 1: time to first token and tokens/s; the hybrids also through their graph loop), greedy agreement of the default hybrid's static compiled
-   cache vs the eager growing cache (bf16: a rare near-tie may flip, so the fraction is reported, not asserted);
+   tokens at batch 1: time to first token and tokens/s; the hybrids also through their graph loop), greedy
+   agreement of the default hybrid's static compiled cache vs the eager growing cache (bf16: a rare near-tie may
+   flip, so the fraction is reported, not asserted);
    Each hybrid's decode cells are measured twice: through transformers' loop (as above) and through the hybrid's
    own generate() default on CUDA, the captured greedy loop (radistill/hybrid/graph_decode.py; "graph loop" rows;
    ``--no-graph-loop`` leaves them out);

@@ -9,14 +9,14 @@ ring state, as generate's prefill calls it) of each length, twice: through the b
 chunks against their band of keys, two batched matmuls) and through the blockwise reference (blocks of 256 queries
 in a Python loop, which any input with padding between real tokens still takes). Per path: the median wall time of
 3 calls after a warm-up (synchronised on CUDA) of the whole forward and of the attention alone, the aten operators
-one forward launches (torch.profiler), and the largest difference between the two outputs. Writes benchmarks/results/window_prefill[-DEVICE].{json,md}.
+one forward launches (torch.profiler), and the largest difference between the two outputs. Writes
+benchmarks/results/window_prefill.{json,md} (CUDA) or window_prefill-cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -27,14 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from environment import versions  # noqa: E402  (benchmarks/environment.py)
+from decode import sync  # noqa: E402  (benchmarks/decode.py)
+from environment import device_label, versions  # noqa: E402  (benchmarks/environment.py)
 from radistill.hybrid.mixers import WindowAttention  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def operators(fn) -> int:
@@ -113,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                "max_abs_difference": float((banded.float() - block.float()).abs().max())}
         rows.append(row)
         print(row, flush=True)
-    result = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    result = {"device": device_label(args.device),
               "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
               "shape": {"hidden": hidden_size, "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
                         "window": args.window, "block_size": mixer.block_size, "batch": 1},
-              "versions": versions(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-              "rows": rows}
+              "versions": versions(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "rows": rows}
     out = args.out or ROOT / "benchmarks" / "results" / ("window_prefill.json" if cuda else "window_prefill-cpu.json")
-    lines = [f"# Window mixer prefill, banded vs blockwise: {result['device']} ({result['dtype']}, "
-             f"{result['threads']} threads), {result['date']}", "",
+    lines = [f"# Window mixer prefill, banded vs blockwise: {result['device']}, {result['dtype']}, {result['date']}",
+             "",
              f"One layer, hidden {hidden_size}, {heads} heads x {dim} over {kv_heads} KV heads, W = {args.window}, "
              f"batch 1, blockwise blocks of {mixer.block_size}; median of 3 after a warm-up.", "",
              "| tokens | forward ms: banded | blockwise | speedup | attention alone ms: banded | blockwise | speedup "

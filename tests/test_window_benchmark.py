@@ -14,18 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SCAN = ROOT / "benchmarks" / "results" / "window-cpu-scan" / "scan.json"
 
 
+def run_window(tmp_path: Path, *extra: str) -> dict:
+    """benchmarks/window.py --quick on the committed scan with one 16-token window, results in ``tmp_path``/w.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
+                           "--windows", "16", *extra, "--results-dir", str(tmp_path), "--out", "w"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "w.json").read_text())
+
+
 @pytest.mark.shared
 @pytest.mark.slow
 @pytest.mark.skipif(not SCAN.exists(), reason="the committed scan of teacher-19m is absent")
 def test_window_benchmark_runs_and_windows_keep_retrieval(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
-                           "--windows", "16", "--pairs", "20", "--kv-samples", "4", "--ppl-tokens", "512",
-                           "--distill", "", "--measure", "--lengths", "256,512",
-                           "--results-dir", str(tmp_path), "--out", "w"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "w.json").read_text())
+    result = run_window(tmp_path, "--pairs", "20", "--kv-samples", "4", "--ppl-tokens", "512", "--distill", "",
+                        "--measure", "--lengths", "256,512")
     rows = {r["name"]: r for r in result["students"]}
     assert set(rows) == {"top3-w16", "top8-w16", "none-w16"}
     # a window (and the teacher) holds only K/V in the model's dtype: the bf16 prefill's cache tensors have the
@@ -115,14 +119,9 @@ def test_serving_rows_put_window_window_recurrent_and_ssm_students_side_by_side(
 @pytest.mark.skipif(not SCAN.exists(), reason="the committed scan of teacher-19m is absent")
 def test_window_benchmark_distills_a_dm2_student_at_the_window_cache_bytes(tmp_path):
     """The in-run distillation: a dm2 student whose state matches the W-window's bytes, trained, evaluated alike."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
-                           "--windows", "16", "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
-                           "--ppl-tokens", "512", "--distill", "dm2", "--distill-tokens", "1024", "--no-suites",
-                           "--results-dir", str(tmp_path), "--out", "w", "--work", str(tmp_path / "work")],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "w.json").read_text())
+    result = run_window(tmp_path, "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
+                        "--ppl-tokens", "512", "--distill", "dm2", "--distill-tokens", "1024", "--no-suites",
+                        "--work", str(tmp_path / "work"))
     window, dm2 = result["students"]
     assert (window["name"], dm2["name"]) == ("top3-w16", "dm2-top3")
     assert dm2["mixer"] == "discrete_mamba2" and dm2["global"] == 3 and dm2["matches_window"] == 16
@@ -177,14 +176,8 @@ def test_window_benchmark_adds_a_window_recurrent_student(tmp_path):
     heads = [(h.layer, h.head) for h in load_scan(SCAN).heads[:3]]
     student = build_student(teacher, tmp_path / "wr", heads=heads, mixer="window_recurrent", window=16,
                             state_size=8, calibration_tokens=512, device="cpu", dtype="fp32")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window.py"), "--quick", "--scan", str(SCAN),
-                           "--windows", "16", "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
-                           "--ppl-tokens", "512", "--students", str(student), "--results-dir", str(tmp_path),
-                           "--out", "w"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "w.json").read_text())
+    result = run_window(tmp_path, "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
+                        "--ppl-tokens", "512", "--students", str(student))
     window, built = result["students"]
     assert window["name"] == "top3-w16" and window["mixer"] == "window"
     assert (built["mixer"], built["global"], built["window"], built["state"]) == ("window_recurrent", 3, 16, 8)
