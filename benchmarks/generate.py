@@ -65,7 +65,7 @@ from decode import PAPER_HEADS, QUICK_HEADS, _fla_version, describe, make_models
 from transformers.generation import CompileConfig  # noqa: E402
 
 from radistill.hybrid.build import convert, student_config  # noqa: E402
-from radistill.hybrid.memory import cache_nbytes, memory_rows, takes_window  # noqa: E402
+from radistill.hybrid.memory import cache_nbytes, memory_rows, takes_window, with_build_defaults  # noqa: E402
 from radistill.hybrid.mixers import find_mixer  # noqa: E402
 from radistill.hybrid.modeling import output_cache  # noqa: E402
 from radistill.ops.ssd import TORCH_BELOW_ENV  # noqa: E402
@@ -158,21 +158,23 @@ class StepInputs:
         del self.model.get_compiled_call  # the instance attribute: the class method shows through again
 
 
-def model_label(mixer: str, heads: int, state_size: int, window: int) -> str:
-    return f"hybrid {mixer} K={heads} N={state_size}" + (f" W={window}" if takes_window(mixer) else "")
+def model_label(mixer: str, heads: int, state_size: int, window: int, sink: int = 0) -> str:
+    return (f"hybrid {mixer} K={heads} N={state_size}" + (f" W={window}" if takes_window(mixer) else "")
+            + (f" S={sink}" if sink else ""))
 
 
 def make_generate_models(quick: bool, device: str, dtype: torch.dtype, mixers: list[str], state_size: int,
                          window: int) -> dict[str, torch.nn.Module]:
     """The teacher (decode.py's random Llama-3.2-1B shape) and one hybrid per mixer, built by radistill's build path
-    with the same kept heads."""
+    with the same kept heads (and the build's defaults: window heads get its attention sinks, ``S`` in the label)."""
     (teacher,) = make_models(quick, device, dtype, []).values()
     heads = QUICK_HEADS if quick else PAPER_HEADS
     kept = [sorted(h for l, h in heads if l == layer) for layer in range(teacher.config.num_hidden_layers)]
     models = {"teacher": teacher}
     for mixer in mixers:
-        settings = {"state_size": state_size} | ({"window": window} if takes_window(mixer) else {})
-        models[model_label(mixer, len(heads), state_size, window)] = convert(
+        settings = with_build_defaults(mixer, {"state_size": state_size}
+                                       | ({"window": window} if takes_window(mixer) else {}))
+        models[model_label(mixer, len(heads), state_size, window, settings.get("sink", 0))] = convert(
             teacher, student_config(teacher, kept, mixer, settings)).eval()
     return models
 

@@ -72,6 +72,7 @@ from distill import synchronizer  # noqa: E402  (benchmarks/distill.py)
 from environment import versions as library_versions  # noqa: E402  (benchmarks/environment.py)
 from fidelity import recipe_summary  # noqa: E402  (benchmarks/fidelity.py: the same one-line recipe summary)
 from fidelity_candidates import WINDOW  # noqa: E402  (the window_recurrent students' span, as fidelity_candidates')
+from radistill.hybrid.mixers.window import DEFAULT_SINK  # noqa: E402
 from radistill.distill.data import heldout_documents, heldout_sequences  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.models.access import load_model, model_layout  # noqa: E402
@@ -118,8 +119,10 @@ def student_specs(ranked: list[tuple[int, int]], state_size: int, seed: int,
         label = f"{tag}{window or ''}-s{state_size}"
         kinds = [(f"top{k}", ranked[:k]) for k in counts]
         kinds += [("none", []), (f"random-low{counts[-1]}", random_heads)]
+        # window heads get the build's attention sinks (DEFAULT_SINK): without them SmolLM2's windowed heads read
+        # prose at perplexity ~700 before any training (benchmarks/results/window-smollm2-sinks-cpu.md)
         specs += [{"name": f"{kind}-{label}", "kept_heads": heads, "mixer": mixer, "window": window,
-                   "state_size": state_size} for kind, heads in kinds]
+                   "sink": DEFAULT_SINK if window else None, "state_size": state_size} for kind, heads in kinds]
     return specs
 
 
@@ -240,6 +243,7 @@ def fidelity_rows(result: dict) -> dict:
                 "kept_heads": layout["num_layers"] * layout["num_heads"] if teacher else len(heads),
                 "heads": "all" if teacher else ",".join(heads),
                 "mixer": None if teacher else r.get("mixer"), "window": None if teacher else r.get("window"),
+                "sink": None if teacher else r.get("sink"),
                 "state_size": None if teacher else r.get("state_size"),
                 "tokens": None if teacher else r.get("tokens"),
                 "recipe": "teacher" if teacher else r.get("recipe", "") + (
@@ -275,7 +279,9 @@ def markdown(result: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mixer = r.get("mixer")
-        cells = [r["name"], "-" if mixer is None else mixer + (f" (W={r['window']})" if r.get("window") else ""),
+        sink = f", sink {r['sink']}" if r.get("sink") else ""
+        window = f" (W={r['window']}{sink})" if r.get("window") else ""
+        cells = [r["name"], "-" if mixer is None else mixer + window,
                  str(r.get("state_size") or "-"),
                  str(len(r.get("kept_heads", []))) if "kept_heads" in r else "all",
                  (f"{r['tokens']:,}" + (" (cut)" if r.get("truncated") else "")) if "tokens" in r else "-"]
@@ -430,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             done = (work / s["name"] / "row.json").exists()  # finished in an earlier call (maybe on another machine)
             if not done and not (work / s["name"] / "config.json").exists():
                 build_student(teacher, work / s["name"], heads=s["kept_heads"], mixer=s["mixer"], window=s["window"],
-                              state_size=s["state_size"], tokenizer=tokenizer, calibration_data=args.data,
-                              calibration_tokens=2048 if quick else 16384, overwrite=True)
+                              sink=s.get("sink"), state_size=s["state_size"], tokenizer=tokenizer,
+                              calibration_data=args.data, calibration_tokens=2048 if quick else 16384, overwrite=True)
     if device == "cuda":
         teacher.to(torch.bfloat16)  # the teacher of distillation and evaluation, as testbed_recovery loads it
 

@@ -10,7 +10,8 @@ suites, fidelity, held-out perplexity and cache bytes (computed and measured).
 Training-free students (no training, no calibration: ``radistill build --keep G --mixer window --window W``): the
 scan's top G heads stay full attention, every other head keeps its teacher Q/K/V/RoPE and sees only the last W
 tokens; G in {3, 8} for every W in {8, 16, 32, 64}, and the no-global control (G = 0) at W = 16 (``--globals``,
-``--windows``, ``--controls``).
+``--windows``, ``--controls``), each with no attention sinks and with ``--sinks`` S (every query also sees its
+document's first S tokens, as StreamingLLM keeps them).
 
 Distilled students (``--distill``, default both; distilled here with benchmarks/testbed_recovery.py's recipe and
 ``distill_student``, ``--distill-tokens`` each, ``--train-seconds`` caps each one's training), with the top
@@ -19,7 +20,8 @@ Distilled students (``--distill``, default both; distilled here with benchmarks/
   dm2               the paper's student: every other head a DiscreteMamba2 head whose state N is chosen so that its
                     cache per sequence equals (is closest to) the W-token window student's with the same kept heads,
                     W = ``--match-window`` (16). A W-token window holds K and V of W tokens per KV head
-                    (2 W head_dim values), a DiscreteMamba2 head N x head_dim per query head plus its conv state:
+                    (2 W head_dim values; with the build's sinks W + 4), a DiscreteMamba2 head N x head_dim per query
+                    head plus its conv state:
                     ``matching_state`` works N out from radistill.hybrid.memory's arithmetic (teacher-19m, 8 query
                     heads on 4 KV heads: N = W minus the conv state's share).
   window_recurrent  the default student (``radistill build``'s mixer): the teacher head over its last 16 tokens plus
@@ -64,7 +66,10 @@ from distill import synchronizer  # noqa: E402
 from radistill.distill.data import heldout_sequences  # noqa: E402
 from radistill.eval.kv import KVEvalConfig, kv_retrieval  # noqa: E402
 from radistill.hybrid.build import build_student, convert, select_heads, student_config  # noqa: E402
-from radistill.hybrid.memory import measure_cache_bytes, student_rows, teacher_rows  # noqa: E402
+from radistill.hybrid.memory import (  # noqa: E402
+    measure_cache_bytes, student_rows, teacher_rows, with_build_defaults,
+)
+from radistill.hybrid.mixers.window import DEFAULT_SINK  # noqa: E402
 from radistill.models.access import load_model, model_layout  # noqa: E402
 from radistill.scan.result import load_scan  # noqa: E402
 from radistill.scan.run import probe_items, scan_model  # noqa: E402
@@ -93,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-samples", type=int, help="KV items per dictionary size [quick 24, else 128]")
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens for perplexity [quick 1024, else 65536]")
     p.add_argument("--windows", help=f"window sizes [quick 16,64, else {','.join(map(str, WINDOWS))}]")
+    p.add_argument("--sinks", default=str(DEFAULT_SINK), help="attention sinks of the training-free students: each "
+                   f"query also sees its document's first S tokens; one row per S [{DEFAULT_SINK}, the build's]")
     p.add_argument("--globals", default=",".join(map(str, GLOBAL)),
                    help="kept (global) head counts of the training-free students; '' for none [%(default)s]")
     p.add_argument("--controls", default=",".join(map(str, CONTROL_WINDOWS)),
@@ -140,9 +147,11 @@ def kept_per_layer(teacher, heads: list[tuple[int, int]]) -> list[list[int]]:
     return select_heads(teacher, heads=heads).kept_per_layer(layers) if heads else [[] for _ in range(layers)]
 
 
-def window_student(teacher, heads: list[tuple[int, int]], window: int):
-    """The training-free student: ``heads`` full attention, every other head a window of ``window`` tokens."""
-    config = student_config(teacher, kept_per_layer(teacher, heads), "window", {"window": window})
+def window_student(teacher, heads: list[tuple[int, int]], window: int, sink: int = 0):
+    """The training-free student: ``heads`` full attention, every other head a window of ``window`` tokens (and the
+    first ``sink`` tokens)."""
+    config = student_config(teacher, kept_per_layer(teacher, heads), "window",
+                            {"window": window, **({"sink": sink} if sink else {})})
     return convert(teacher, config).eval()
 
 
@@ -156,7 +165,8 @@ def matching_state(teacher, heads: list[tuple[int, int]], window: int, length: i
     """The DiscreteMamba2 state size N (a multiple of 4) whose student's cache per sequence of ``length`` tokens is
     closest to the ``window``-token window student's with the same kept ``heads`` (the smaller N on a tie)."""
     kept = kept_per_layer(teacher, heads)
-    target = cache_bytes(student_config(teacher, kept, "window", {"window": window}), length)
+    target = cache_bytes(student_config(teacher, kept, "window", with_build_defaults("window", {"window": window})),
+                         length)
     return min(range(4, 4 * window + 5, 4), key=lambda n: (abs(cache_bytes(student_config(
         teacher, kept, "discrete_mamba2", {"state_size": n}), length) - target), n))
 
@@ -169,7 +179,8 @@ def student_labels(model) -> dict:
     names = {name for i in range(config.num_hidden_layers) for name, _, _ in config.mixer_groups(i)}
     settings = config.mixer_settings or {}
     return {"mixer": "+".join(sorted(names)) or config.mixer, "global": config.num_kept_heads,
-            "window": settings.get("window", "-"), "state": settings.get("state_size", "-")}
+            "window": settings.get("window", "-"), "sink": settings.get("sink", "-") if "window" in settings else "-",
+            "state": settings.get("state_size", "-")}
 
 
 def _relative(path: str) -> str:
@@ -265,7 +276,8 @@ def serving_rows() -> dict:
     from radistill.memplan.shapes import hypothetical_kept_heads
 
     for mixer, settings, label in students:
-        hybrid = student_config(teacher, hypothetical_kept_heads(config, SERVING_KEEP), mixer, settings)
+        hybrid = student_config(teacher, hypothetical_kept_heads(config, SERVING_KEEP), mixer,
+                                with_build_defaults(mixer, settings))
         limits = serving_limits(Shapes(hybrid), "student", plan.budget, "bf16", SERVING_CONTEXT)
         rows[f"{mixer} K={SERVING_KEEP} {label}"] = limits.to_dict()
     return {"budget_gib": SERVING_BUDGET_GIB, "budget_bytes": plan.budget, "computed": True, "rows": rows}
@@ -294,15 +306,15 @@ def markdown(result: dict) -> str:
              + (" and measured after a bf16 prefill" if measured else "") + "."
              + (f" Distilled rows: {result['distill_tokens']:,} tokens each (the `tokens` column: what was trained)."
                 if result.get("distill_tokens") else ""), "",
-             "| model | mixer | global | W | N | tokens | " + " | ".join(f"KV@{p}" for p in pairs) +
+             "| model | mixer | global | W | sink | N | tokens | " + " | ".join(f"KV@{p}" for p in pairs) +
              " | records | facts | ppl | KL | confident top-1 | " + " | ".join(cache_heads) + " |",
-             "|---|---|---|---|---|---|" + "---|" * (len(pairs) + 5 + len(cache_heads))]
+             "|---|---|---|---|---|---|---|" + "---|" * (len(pairs) + 5 + len(cache_heads))]
     for row in [result["teacher"], *result["students"]]:
         kv = " | ".join(f"{row['kv_retrieval'][str(p)]:.2f}" for p in pairs)
         cache = [_kib(row["cache_bytes_bf16"].get(str(n))) for n in lengths]
         if measured:
             cache += [_kib(row.get("cache_bytes_measured", {}).get(str(n))) for n in lengths]
-        labels = " | ".join(str(row.get(k, "-")) for k in ("mixer", "global", "window", "state"))
+        labels = " | ".join(str(row.get(k, "-")) for k in ("mixer", "global", "window", "sink", "state"))
         tokens = f"{row['distilled_tokens']:,}" if "distilled_tokens" in row else "-"
         suites = " | ".join(_cell((row.get("suites") or {}).get(k)) for k in ("records", "facts"))
         held = (row.get("fidelity") or {}).get("texts", {}).get("heldout", {}).get("all", {})
@@ -344,7 +356,7 @@ def main(argv=None) -> int:
     args.ppl_tokens = args.ppl_tokens or (1024 if args.quick else 65536)
     args.windows = _ints(args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS))))
     args.pairs = tuple(_ints(args.pairs or ("10,40" if args.quick else ",".join(map(str, PAIRS)))))
-    args.globals, args.controls = _ints(args.globals), _ints(args.controls)
+    args.globals, args.controls, args.sinks = _ints(args.globals), _ints(args.controls), _ints(args.sinks)
     args.lengths = _ints(args.lengths) if args.lengths else list(LENGTHS)
     args.measure = (not args.quick) if args.measure is None else args.measure
     if args.distill is None:
@@ -366,6 +378,8 @@ def main(argv=None) -> int:
     heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, args.ppl_tokens // 512))
     specs = distilled_specs(teacher, ranked, args)  # before any work: a bad --distill stops here
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
+    kv = " ".join(f"{p}:{v:.2f}" for p, v in teacher_row["kv_retrieval"].items())
+    print(f"{'teacher':>24}  KV {kv}  ppl {teacher_row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
     rows, serving = [], serving_rows()
 
     def save(done: bool) -> dict:
@@ -390,13 +404,15 @@ def main(argv=None) -> int:
         kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
         print(f"{row['name']:>24}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
 
-    for window in args.windows:
-        for top in [*args.globals, *([0] if window in args.controls and 0 not in args.globals else [])]:
-            student = window_student(teacher.cpu(), ranked[:top], window)
-            add({"name": f"top{top}-w{window}" if top else f"none-w{window}", "mixer": "window", "global": top,
-                 "window": window, "kept_heads": [list(h) for h in ranked[:top]],
-                 **evaluate(student, tok, heldout, args, device)}, student)
-            del student
+    for sink in args.sinks:
+        for window in args.windows:
+            for top in [*args.globals, *([0] if window in args.controls and 0 not in args.globals else [])]:
+                student = window_student(teacher.cpu(), ranked[:top], window, sink)
+                name = (f"top{top}" if top else "none") + f"-w{window}" + (f"-s{sink}" if sink else "")
+                add({"name": name, "mixer": "window", "global": top, "window": window, "sink": sink,
+                     "kept_heads": [list(h) for h in ranked[:top]], **evaluate(student, tok, heldout, args, device)},
+                    student)
+                del student
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="window-distill-"))
     for spec in specs:
         student, trained = distill_one(spec, teacher, tok, args, device, work)

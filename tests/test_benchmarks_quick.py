@@ -196,7 +196,7 @@ def test_generate_benchmark_time_limit_stops_between_parts_and_keeps_what_ran(tm
     result = run_quick("generate.py", tmp_path / "generate.json", "--time-limit", "0.001", "--mixers",
                        "window_recurrent")
     assert result["done"] == [] and result["skipped"][:2] == ["decode 48x1 teacher",
-                                                             "decode 48x1 hybrid window_recurrent K=4 N=8 W=16"]
+                                                             "decode 48x1 hybrid window_recurrent K=4 N=8 W=16 S=4"]
     assert result["skipped"][-1] == "agreement"
     assert "Not run (--time-limit" in (tmp_path / "generate.md").read_text()
 

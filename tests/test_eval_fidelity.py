@@ -74,6 +74,14 @@ def test_damaged_student_is_lower_and_the_split_adds_up(teacher, damaged, self_r
     # and stored samples are scored again exactly
     again = fidelity(model, tokenizer, damaged, tokenizer, str(HELDOUT), SMALL, batch_size=3, samples=result.samples)
     assert again.texts["generated"]["all"].kl_sum == pytest.approx(result.texts["generated"]["all"].kl_sum, rel=1e-5)
+    # ... the greedy prompts too (drawn after the sample prompts, whether or not those were generated), and stored
+    # greedy continuations: the same agreement without generating
+    assert again.greedy_continuations == result.greedy_continuations and again.greedy == result.greedy
+    stored = fidelity(model, tokenizer, damaged, tokenizer, str(HELDOUT), SMALL, batch_size=3, samples=result.samples,
+                      greedy_continuations=result.greedy_continuations)
+    assert stored.greedy == result.greedy and stored.greedy_continuations == result.greedy_continuations
+    with pytest.raises(RadistillError, match="greedy continuations"):
+        fidelity(model, tokenizer, damaged, tokenizer, str(HELDOUT), SMALL, greedy_continuations=[[1, 2]])
 
 
 @needs_teacher

@@ -31,20 +31,20 @@ def test_window_benchmark_runs_and_windows_keep_retrieval(tmp_path):
     result = run_window(tmp_path, "--pairs", "20", "--kv-samples", "4", "--ppl-tokens", "512", "--distill", "",
                         "--measure", "--lengths", "256,512")
     rows = {r["name"]: r for r in result["students"]}
-    assert set(rows) == {"top3-w16", "top8-w16", "none-w16"}
+    assert set(rows) == {"top3-w16-s4", "top8-w16-s4", "none-w16-s4"}
     # a window (and the teacher) holds only K/V in the model's dtype: the bf16 prefill's cache tensors have the
     # computed bytes exactly, and the no-global control's stop growing once its 16-token rings are full
     for row in [result["teacher"], *rows.values()]:
         assert row["cache_bytes_measured"] == row["cache_bytes_bf16"], row["name"]
-    assert rows["none-w16"]["cache_bytes_measured"]["256"] == rows["none-w16"]["cache_bytes_measured"]["512"]
-    assert rows["top3-w16"]["cache_bytes_measured_kinds"]["512"].get("ssm", 0) == 0
+    assert rows["none-w16-s4"]["cache_bytes_measured"]["256"] == rows["none-w16-s4"]["cache_bytes_measured"]["512"]
+    assert rows["top3-w16-s4"]["cache_bytes_measured_kinds"]["512"].get("ssm", 0) == 0
     # the scan's top heads carry retrieval; without them a 16-token window cannot reach a 20-pair dictionary
-    assert rows["top3-w16"]["kv_retrieval"]["20"] > rows["none-w16"]["kv_retrieval"]["20"]
-    assert rows["none-w16"]["cache_bytes_bf16"]["256"] == rows["none-w16"]["cache_bytes_bf16"]["512"]
+    assert rows["top3-w16-s4"]["kv_retrieval"]["20"] > rows["none-w16-s4"]["kv_retrieval"]["20"]
+    assert rows["none-w16-s4"]["cache_bytes_bf16"]["256"] == rows["none-w16-s4"]["cache_bytes_bf16"]["512"]
     assert result["teacher"]["cache_bytes_bf16"]["512"] == 2 * result["teacher"]["cache_bytes_bf16"]["256"]
     assert result["serving"]["computed"] and (tmp_path / "w.md").read_text().startswith("# Window students")
     assert result["complete"] is True
-    assert set(rows["top3-w16"]["suites"]) == {"records", "facts"}
+    assert set(rows["top3-w16-s4"]["suites"]) == {"records", "facts"}
 
 
 def test_students_are_labelled_by_their_mixer_heads_window_and_state():
@@ -58,15 +58,16 @@ def test_students_are_labelled_by_their_mixer_heads_window_and_state():
     student = convert(teacher, student_config(teacher, [[0], [1, 2]], "window_recurrent",
                                               {"window": 8, "state_size": 4}))
     labels = student_labels(student)
-    assert labels == {"mixer": "window_recurrent", "global": 3, "window": 8, "state": 4}
+    assert labels == {"mixer": "window_recurrent", "global": 3, "window": 8, "sink": 0, "state": 4}
     row = {"kv_retrieval": {"20": 1.0}, "heldout_ppl": 5.0, "cache_bytes_bf16": {"2048": 2048, "8192": 4096},
            "suites": {"records": 0.5, "facts": 0.75}}
     serving = {"budget_gib": 24, "rows": {}}
     text = markdown({"device": "cpu", "kv_items_per_size": 4, "heldout_tokens": 512, "pairs": [20], "serving": serving,
                      "teacher": {"name": "teacher", **row},
                      "students": [{"name": "s", **labels, **row, "distilled_tokens": 4096}]})
-    assert "| s | window_recurrent | 3 | 8 | 4 | 4,096 | 1.00 | 0.500 | 0.750 | 5.00 | - | - | 2 KiB | 4 KiB |" in text
-    assert "| teacher | - | - | - | - | - | 1.00 |" in text
+    assert ("| s | window_recurrent | 3 | 8 | 0 | 4 | 4,096 | 1.00 | 0.500 | 0.750 | 5.00 | - | - | 2 KiB | 4 KiB |"
+            in text)
+    assert "| teacher | - | - | - | - | - | - | 1.00 |" in text
 
 
 def test_dm2_state_matches_the_window_cache_bytes():
@@ -75,12 +76,15 @@ def test_dm2_state_matches_the_window_cache_bytes():
     from window import cache_bytes, kept_per_layer, matching_state
 
     from radistill.hybrid.build import student_config
+    from radistill.hybrid.memory import with_build_defaults
     from test_hybrid import make_teacher
 
     teacher = make_teacher(num_hidden_layers=2)
     for heads, window in (([], 8), ([(0, 1)], 16), ([(0, 0), (1, 2)], 32)):
         kept = kept_per_layer(teacher, heads)
-        target = cache_bytes(student_config(teacher, kept, "window", {"window": window}), 8192)
+        # the window student as the build makes it (with its default sinks)
+        window_config = student_config(teacher, kept, "window", with_build_defaults("window", {"window": window}))
+        target = cache_bytes(window_config, 8192)
         state = matching_state(teacher, heads, window)
 
         def gap(n):
@@ -89,7 +93,7 @@ def test_dm2_state_matches_the_window_cache_bytes():
         assert all(gap(state) <= gap(n) for n in range(4, 4 * window + 5, 4) if n != state), (heads, window)
         # the window's bytes do not grow past W tokens; neither does a DM2 student's: the match holds at any length
         # beyond W, and a bigger window needs a bigger state
-        assert gap(state) < cache_bytes(student_config(teacher, kept, "window", {"window": window}), 8192) // 4
+        assert gap(state) < cache_bytes(window_config, 8192) // 4
     assert matching_state(teacher, [], 32) > matching_state(teacher, [], 8)
 
 
@@ -108,9 +112,9 @@ def test_serving_rows_put_window_window_recurrent_and_ssm_students_side_by_side(
     assert window["kv_bytes_per_token"] == ssm["kv_bytes_per_token"] == recurrent["kv_bytes_per_token"]
     assert recurrent["state_bytes"] > max(window["state_bytes"], ssm["state_bytes"])
     assert recurrent["weights_bytes"] > window["weights_bytes"] >= rows["teacher"]["weights_bytes"]
-    # four times the ring (less a small per-layer bookkeeping that does not grow with W)
+    # the ring of 64 + 4 sink tokens against 16 + 4 (less a small per-layer bookkeeping that does not grow with W)
     wide = rows[f"window K={SERVING_KEEP} W=64"]["state_bytes"]
-    assert 3.99 * window["state_bytes"] < wide < 4 * window["state_bytes"]
+    assert 0.99 * 68 / 20 * window["state_bytes"] < wide < 68 / 20 * window["state_bytes"]
     assert all(r["max_context_b1"] > rows["teacher"]["max_context_b1"] for k, r in rows.items() if k != "teacher")
 
 
@@ -123,7 +127,7 @@ def test_window_benchmark_distills_a_dm2_student_at_the_window_cache_bytes(tmp_p
                         "--ppl-tokens", "512", "--distill", "dm2", "--distill-tokens", "1024", "--no-suites",
                         "--work", str(tmp_path / "work"))
     window, dm2 = result["students"]
-    assert (window["name"], dm2["name"]) == ("top3-w16", "dm2-top3")
+    assert (window["name"], dm2["name"]) == ("top3-w16-s4", "dm2-top3")
     assert dm2["mixer"] == "discrete_mamba2" and dm2["global"] == 3 and dm2["matches_window"] == 16
     assert dm2["kept_heads"] == window["kept_heads"]
     assert dm2["distilled_tokens"] == 1024 and not dm2["truncated"]
@@ -153,12 +157,12 @@ def test_window_benchmark_reads_a_gguf_teacher(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["teacher_name"] == "tiny-teacher" and (tmp_path / "g-scan" / "scan.json").exists()
-    assert [r["name"] for r in result["students"]] == ["top1-w8", "none-w8"]
+    assert [r["name"] for r in result["students"]] == ["top1-w8-s4", "none-w8-s4"]
     assert all("suites" not in r for r in [result["teacher"], *result["students"]])
-    # 2 layers x 2 KV heads x K and V x 8 tokens x head_dim 16 x bf16: the control's ring (plus a few bytes of
-    # bookkeeping per layer), computed and measured alike
+    # 2 layers x 2 KV heads x K and V x (8 + 4 sink) tokens x head_dim 16 x bf16: the control's ring and sinks (plus
+    # a few bytes of bookkeeping per layer), computed and measured alike
     control = result["students"][1]
-    ring = 2 * 2 * 2 * 8 * 16 * 2
+    ring = 2 * 2 * 2 * (8 + 4) * 16 * 2
     assert ring <= control["cache_bytes_bf16"]["64"] < ring + 2 * 64
     assert control["cache_bytes_measured"] == control["cache_bytes_bf16"]
     assert "tiny-teacher" in (tmp_path / "g.md").read_text().splitlines()[0]
@@ -179,7 +183,7 @@ def test_window_benchmark_adds_a_window_recurrent_student(tmp_path):
     result = run_window(tmp_path, "--globals", "3", "--controls", "", "--pairs", "20", "--kv-samples", "4",
                         "--ppl-tokens", "512", "--students", str(student))
     window, built = result["students"]
-    assert window["name"] == "top3-w16" and window["mixer"] == "window"
+    assert window["name"] == "top3-w16-s4" and window["mixer"] == "window"
     assert (built["mixer"], built["global"], built["window"], built["state"]) == ("window_recurrent", 3, 16, 8)
     # as built (gate 0) it is the window student: the same retrieval and perplexity, more cache (its SSM state)
     assert built["kv_retrieval"] == window["kv_retrieval"]

@@ -247,8 +247,9 @@ def test_memory_plans_a_window_student_with_gqa_shared_rings():
 
     rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window", window=16)
     (planned,) = [r for r in rows if r.model.startswith("student")]  # no "paper accounting" row for a window
-    # 32 layers x (4 KV heads x K and V of 16 tokens x 128 dims in bf16 + each layer's 16-slot mask and ring position)
-    assert planned.ssm_bytes == 32 * (4 * 2 * 16 * 128 * 2 + 16 * 2 + 8) and planned.conv_bytes == 0
+    # 32 layers x (4 KV heads x K and V of 16 + 4 tokens (window + the build's default sinks) x 128 dims in bf16 +
+    # each layer's 16-slot mask, ring position and document count)
+    assert planned.ssm_bytes == 32 * (4 * 2 * (16 + 4) * 128 * 2 + 16 * 2 + 8 + 8) and planned.conv_bytes == 0
     assert planned.kv_bytes == 13 * 2 * 128 * 2 * 2048
     with pytest.raises(RadistillError, match="--mixer window"):
         memory_rows("nanbeige4.1-3b", [2048], keep=13, window=16)

@@ -228,8 +228,9 @@ def test_cache_bytes_are_both_parts_and_match_the_accounting():
                      **DiscreteMamba2.state_bytes(3, 16, 2, state_size=8)}
     rows = memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window_recurrent", window=16, state_size=8)
     (planned,) = [r for r in rows if r.model.startswith("student")]
-    # 627 recurrent heads over 32 layers (>= 4 per layer): each layer's 4 KV rings + every head's SSM state
-    ring = 4 * 2 * 16 * 128 * 2 + 16 * 2 + 8  # + the ring position (int64)
+    # 627 recurrent heads over 32 layers (>= 4 per layer): each layer's 4 KV rings (with the build's 4 default
+    # sinks) + every head's SSM state
+    ring = 4 * 2 * (16 + 4) * 128 * 2 + 16 * 2 + 8 + 8  # + the ring position and the document count (int64)
     assert planned.ssm_bytes == 32 * ring + 627 * 8 * 128 * 2 and planned.conv_bytes == 627 * (128 + 16) * 3 * 2
 
 

@@ -373,11 +373,13 @@ def greedy_agreement(student, sequences: torch.Tensor, prompt: int) -> list[int]
 
 def fidelity(teacher, teacher_tokenizer, student, student_tokenizer, text: str | None,
              config: FidelityConfig = FidelityConfig(), batch_size: int = 8,
-             samples: list[list[int]] | None = None) -> FidelityResult:
+             samples: list[list[int]] | None = None,
+             greedy_continuations: list[list[int]] | None = None) -> FidelityResult:
     """Compare ``student`` with ``teacher`` on ``text`` and on the teacher's own samples (see the module docstring).
 
-    ``samples``: teacher samples from an earlier result (``FidelityResult.samples``) to score again instead of
-    sampling anew (e.g. to compare students on exactly the same generated text).
+    ``samples`` / ``greedy_continuations``: the teacher's samples and greedy continuations from an earlier result
+    (``FidelityResult.samples`` / ``.greedy_continuations``) to score again instead of generating anew: several
+    students compared on exactly the same generated text, without the teacher's generation each time.
     """
     check_same_tokenizer(teacher_tokenizer, student_tokenizer)
     if text is None:
@@ -404,13 +406,15 @@ def fidelity(teacher, teacher_tokenizer, student, student_tokenizer, text: str |
                                   "long_share": float((values >= config.long_range).float().mean())}
 
     score("heldout", windows, 0)
+    # the prompts are drawn whether or not stored samples replace the generation, so that the greedy prompts after
+    # them are the same either way
+    prompts = random_windows(ids, config.samples, config.prompt, rng) if config.samples else None
 
     if samples is not None:
         generated = torch.tensor(samples, dtype=torch.long)
         if generated.dim() != 2 or generated.shape[1] <= config.prompt:
             raise RadistillError("fidelity: stored samples must be equal-length rows longer than the prompt")
     elif config.samples:
-        prompts = random_windows(ids, config.samples, config.prompt, rng)
         generated = torch.cat([teacher_samples(teacher, teacher_tokenizer, prompts[i : i + batch_size],
                                                config.generate, config, greedy=False)
                                for i in range(0, len(prompts), batch_size)])
@@ -420,11 +424,19 @@ def fidelity(teacher, teacher_tokenizer, student, student_tokenizer, text: str |
     if len(generated):
         score("generated", generated, config.prompt - 1)  # the state at prompt - 1 predicts the first sampled token
 
-    if config.greedy_prompts:
+    if greedy_continuations is not None:
+        continuations = torch.tensor(greedy_continuations, dtype=torch.long)
+        if continuations.dim() != 2 or continuations.shape[1] <= config.prompt:
+            raise RadistillError("fidelity: stored greedy continuations must be equal-length rows longer than the "
+                                 "prompt")
+    elif config.greedy_prompts:
         prompts = random_windows(ids, config.greedy_prompts, config.prompt, rng)
         continuations = torch.cat([teacher_samples(teacher, teacher_tokenizer, prompts[i : i + batch_size],
                                                    config.greedy_tokens, config, greedy=True)
                                    for i in range(0, len(prompts), batch_size)])
+    else:
+        continuations = torch.empty(0, config.prompt + config.greedy_tokens, dtype=torch.long)
+    if len(continuations):
         result.greedy_continuations = continuations.tolist()
         for i in range(0, len(continuations), batch_size):
             result.greedy += greedy_agreement(student, continuations[i : i + batch_size], config.prompt)

@@ -25,7 +25,7 @@ from torch import nn
 
 from radistill.hybrid.card import write_model_card
 from radistill.hybrid.configuration import HybridConfig
-from radistill.hybrid.memory import attention_windows, takes_window
+from radistill.hybrid.memory import attention_windows, takes_setting, takes_window, with_build_defaults
 from radistill.hybrid.modeling import HybridForCausalLM, mixer_class
 from radistill.hybrid.calibrate import DEFAULT_TOKENS, calibrate, calibration_batches
 from radistill.models.access import (
@@ -421,6 +421,7 @@ def build_student(
     state_size: int | None = None,
     mixer_settings: dict | None = None,
     window: int | None = None,
+    sink: int | None = None,
     window_heads: int = 0,
     kept_mixer: str | None = None,
     kept_mixer_settings: dict | None = None,
@@ -446,8 +447,9 @@ def build_student(
 
     Mixers: ``mixer`` serves every head not kept; ``window_heads`` M > 0 gives the scan's next M heads (ranks
     K+1..K+M) to sliding-window heads of ``window`` tokens (the ``window`` mixer) instead; ``window`` is also the
-    setting of a ``mixer`` that has a window (``window``, ``window_recurrent``). ``kept_mixer``: a registered mixer
-    in place of the kept heads' softmax attention.
+    setting of a ``mixer`` that has a window (``window``, ``window_recurrent``), and ``sink`` (attention sinks: every
+    window head also sees its document's first ``sink`` tokens; default ``DEFAULT_SINK``, 4) theirs.
+    ``kept_mixer``: a registered mixer in place of the kept heads' softmax attention.
     ``private_kv``: each kept query head gets its own copy of its GQA group's K/V projection (the paper's choice).
     """
     # before loading anything: a refusal after the work would waste it
@@ -473,6 +475,14 @@ def build_student(
     elif window is not None and not window_heads:
         raise RadistillError("--window sets the window mixer's span: pass --mixer window or --window-heads M (or "
                              "--mixer window_recurrent)")
+    if sink is not None and sink < 0:
+        raise RadistillError(f"--sink {sink}: the number of first tokens every window head sees is >= 0")
+    if sink is not None and takes_setting(mixer, "sink"):
+        settings["sink"] = sink
+    elif sink is not None and not window_heads:
+        raise RadistillError(f"--sink is a setting of window heads; the {mixer} mixer has none: pass --mixer window "
+                             "or window_recurrent, or --window-heads M")
+    settings = with_build_defaults(mixer, settings)
 
     selection = select_heads(model, scan=scan, keep=keep, heads=heads)
     layout = model_layout(model)
@@ -480,7 +490,8 @@ def build_student(
     if window_heads:
         windowed = next_heads(selection, window_heads)
         per_layer = [sorted(h for l, h in windowed if l == layer) for layer in range(layout.num_layers)]
-        head_mixers = [{"mixer": "window", "settings": {} if window is None else {"window": window},
+        window_settings = {k: v for k, v in (("window", window), ("sink", sink)) if v is not None}
+        head_mixers = [{"mixer": "window", "settings": with_build_defaults("window", window_settings),
                         "heads": per_layer}]
     config = student_config(model, selection.kept_per_layer(layout.num_layers), mixer, settings,
                             head_mixers=head_mixers, kept_mixer=kept_mixer, kept_mixer_settings=kept_mixer_settings,

@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
                                   "(sliding-window softmax only) or a registered one"),
         window: Optional[int] = typer.Option(None, "--window", help="tokens a window head sees (--mixer window, "
                                              "window_recurrent or --window-heads) [16]"),
+        sink: Optional[int] = typer.Option(None, "--sink", help="attention sinks: every window head also sees its "
+                                           "document's first S tokens (pretrained models need them) [4]"),
         window_heads: int = typer.Option(0, "--window-heads", help="also give the scan's next M heads after the "
                                          "kept ones to sliding-window heads (the rest stay --mixer)"),
         kept_mixer: Optional[str] = typer.Option(None, "--kept-mixer", help="a registered mixer in place of the "
@@ -77,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
         with console.status("building the student"):
             path = build_student(teacher, out, scan=scan, keep=keep, heads=heads, mixer=mixer, window=window,
-                                 window_heads=window_heads, kept_mixer=kept_mixer,
+                                 sink=sink, window_heads=window_heads, kept_mixer=kept_mixer,
                                  state_size=state_size, calibration_data=calibration_data,
                                  half_lives=half_lives, device=device,
                                  dtype=dtype, overwrite=overwrite, private_kv=private_kv,

@@ -98,11 +98,26 @@ def _state_bytes(mixer: str, num_heads: int, head_dim: int, nbytes: int, setting
     return {"ssm": sum(v for k, v in sizes.items() if k != "conv"), "conv": sizes.get("conv", 0)}
 
 
-def takes_window(mixer: str) -> bool:
-    """Whether the mixer called ``mixer`` has a ``window`` setting (what ``--window`` sets)."""
+def takes_setting(mixer: str, name: str) -> bool:
+    """Whether the mixer called ``mixer`` has a setting ``name`` (e.g. ``window``, what ``--window`` sets)."""
     from radistill.hybrid.modeling import mixer_class
 
-    return "window" in inspect.signature(mixer_class(mixer)).parameters
+    return name in inspect.signature(mixer_class(mixer)).parameters
+
+
+def with_build_defaults(mixer: str, settings: dict) -> dict:
+    """``settings`` with what ``radistill build`` adds for a new student of ``mixer``: attention sinks
+    (``DEFAULT_SINK``) for a mixer with window heads, unless ``settings`` say otherwise."""
+    from radistill.hybrid.mixers.window import DEFAULT_SINK
+
+    if takes_setting(mixer, "sink") and "sink" not in settings:
+        return {**settings, "sink": DEFAULT_SINK}
+    return dict(settings)
+
+
+def takes_window(mixer: str) -> bool:
+    """Whether the mixer called ``mixer`` has a ``window`` setting (what ``--window`` sets)."""
+    return takes_setting(mixer, "window")
 
 
 def attention_windows(config) -> list[int | None]:
@@ -270,6 +285,7 @@ def memory_rows(
                     raise RadistillError("--window is the window mixer's span: pass --mixer window (or "
                                          "window_recurrent) with it")
                 settings["window"] = window
+            settings = with_build_defaults(mixer, settings)
             # the paper's accounting (an SSM state on every head) describes its SSM student only
             for paper in (False, True) if mixer == DEFAULT_MIXER else (False,):
                 rows += planned_student_rows(layout, lengths, nbytes, keep, mixer, settings, paper, one_window(windows))
@@ -335,6 +351,8 @@ __all__ = [
     "one_window",
     "planned_student_rows",
     "student_rows",
+    "takes_setting",
     "takes_window",
+    "with_build_defaults",
     "teacher_rows",
 ]

@@ -17,7 +17,17 @@ packed documents) unrolls the ring into token order and takes the banded path (a
 own band of keys, two batched matmuls), then lays the ring out again from slot 0. The blockwise path (blocks of
 ``block_size`` queries in a Python loop) is the reference, and serves inputs with padding between real tokens.
 
-Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W window, L = past + T.
+Attention sinks (``sink`` S > 0, StreamingLLM's and DuoAttention's streaming heads): a query also sees the first S
+real tokens of its document, however far back. Pretrained models park much of their attention on the first tokens;
+a window that drops them renormalises that mass onto its W tokens and breaks the model: SmolLM2-135M with every
+head windowed at 16 tokens reads held-out prose at perplexity 596, at 58 with S = 4 (teacher 22; docs/hybrid.md).
+The state then also holds those S tokens' K/V ("sink_k", "sink_v") and the document's real-token count ("seen"). A
+sink token still inside the window counts once: the window rule takes it, the sink rule only keys outside the
+window. In a prefill with a state the keys are laid out [sink slots, ring, new tokens] in token order, the sink
+slots the ring still holds marked empty and moved first, so the window rule and real-token counts read as without a
+state (``_combined``).
+
+Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W window, S sink, L = past + T.
 """
 
 from __future__ import annotations
@@ -30,11 +40,17 @@ from radistill.hybrid.mixers.base import RecurrentMixer
 from radistill.utils.errors import RadistillError
 
 
+# the sinks `radistill build` gives new window heads (StreamingLLM's choice). The class default stays 0 so that a
+# student saved before sinks existed (its config has no "sink") loads as it was built.
+DEFAULT_SINK = 4
+
+
 class WindowAttention(RecurrentMixer):
     """num_heads softmax heads over a sliding window of ``window`` tokens (module docstring).
 
-    settings: window (tokens a query sees, itself included), bias / qk_norm / rms_norm_eps (the teacher's, filled
-    in by the build), block_size (queries per block of the blockwise forward; memory O(block * (block + window))).
+    settings: window (tokens a query sees, itself included), sink (the first tokens of each document every query also
+    sees; 0: none), bias / qk_norm / rms_norm_eps (the teacher's, filled in by the build), block_size (queries per
+    block of the blockwise forward; memory O(block * (block + window)), O(block * L) with sinks).
     """
 
     needs_positions = True
@@ -44,18 +60,20 @@ class WindowAttention(RecurrentMixer):
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, bias: bool = False,
-        qk_norm: bool = False, rms_norm_eps: float = 1e-6, block_size: int = 256, kv_groups: list[int] | None = None,
+        qk_norm: bool = False, rms_norm_eps: float = 1e-6, block_size: int = 256, sink: int = 0,
+        kv_groups: list[int] | None = None,
     ):
         super().__init__(hidden_size, num_heads, head_dim, window=window, bias=bias, qk_norm=qk_norm,
-                         rms_norm_eps=rms_norm_eps, block_size=block_size)
-        if window < 1 or block_size < 1:
-            raise RadistillError(f"the window mixer needs window >= 1 and block_size >= 1, got {window}, {block_size}")
+                         rms_norm_eps=rms_norm_eps, block_size=block_size, sink=sink)
+        if window < 1 or block_size < 1 or sink < 0:
+            raise RadistillError("the window mixer needs window >= 1, block_size >= 1 and sink >= 0, got "
+                                 f"{window}, {block_size}, {sink}")
         kv_groups = list(range(num_heads)) if kv_groups is None else [int(g) for g in kv_groups]
         distinct = list(dict.fromkeys(kv_groups))
         if len(kv_groups) != num_heads or distinct != list(range(len(distinct))):
             raise RadistillError(f"kv_groups {kv_groups} must give each of the {num_heads} heads its KV head, "
                                  "numbered 0, 1, ... in order of first appearance")
-        self.window, self.block_size, self.kv_groups = window, block_size, kv_groups
+        self.window, self.block_size, self.sink, self.kv_groups = window, block_size, int(sink), kv_groups
         self.num_kv_heads = len(distinct)
         # (KV head, query heads reading it) in head order when each KV head's query heads are adjacent (always so
         # in a built student: heads ascend, and so do their KV heads): the decode step then widens K/V per head by
@@ -101,10 +119,13 @@ class WindowAttention(RecurrentMixer):
         documents [B, L] int (packed documents: each position's document number) or None."""
         W, T = self.window, q.shape[2]
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
-        # keys older than window-1 positions plus every padding position can never be in a window
-        # (meta tensors, as memplan profiles a layer's shapes, hold no values: count no padding there, the profile
-        # passes no mask)
+        rank = self._ranks(valid, count, documents)
+        # keys older than window-1 positions plus every padding position can never be in a window (sinks can be
+        # anywhere before: then every key). Meta tensors, as memplan profiles a layer's shapes, hold no values:
+        # count no padding there, the profile passes no mask.
         reach = W - 1 + (0 if valid.is_meta else int((~valid).sum(1).max()))
+        if self.sink:
+            reach = keys.shape[2]
         index = torch.as_tensor(self.kv_groups, device=q.device)
         scale = self.head_dim**-0.5
         for start in range(0, T, self.block_size):
@@ -113,23 +134,56 @@ class WindowAttention(RecurrentMixer):
             k = keys[:, :, lo : past + end].index_select(1, index)  # [B, H, Lb, P]
             scores = torch.matmul(q[:, :, start:end].float(), k.float().transpose(-1, -2)) * scale
             queries = torch.arange(past + start, past + end, device=q.device)
-            allowed = self._window_mask(valid, count, documents, queries,
-                                        torch.arange(lo, past + end, device=q.device))  # [B, Tb, Lb]
+            allowed = self._window_mask(valid, count, documents, queries, torch.arange(lo, past + end, device=q.device),
+                                        rank)  # [B, Tb, Lb]
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             yield start, end, lo, probs
 
     def _window_mask(self, valid: Tensor, count: Tensor, documents: Tensor | None, query_at: Tensor,
-                     key_at: Tensor) -> Tensor:
-        """Which keys each query sees -- the window rule, for both paths: a key at or before the query, a real token,
-        among the query's last W real tokens, in the query's document. valid [B, L] bool, count [B, L] (real tokens
-        up to each position), documents [B, L] or None; query_at [..., Q] and key_at [..., K] combined indices in
-        0..L-1 -> [B, ..., Q, K] bool."""
-        allowed = (key_at[..., None, :] <= query_at[..., :, None]) & valid[:, key_at][..., None, :]
-        allowed = allowed & (count[:, query_at][..., :, None] - count[:, key_at][..., None, :] < self.window)
-        if documents is not None:  # a query sees only keys of its own document
-            allowed = allowed & (documents[:, query_at][..., :, None] == documents[:, key_at][..., None, :])
+                     key_at: Tensor, rank: Tensor | None = None, part: str = "all") -> Tensor:
+        """:meth:`_rule` for queries sharing their keys: valid [B, L] bool, count [B, L] (real tokens up to each
+        position), documents [B, L] or None, rank [B, L] (:meth:`_ranks`); query_at [..., Q] and key_at [..., K]
+        combined indices in 0..L-1 -> [B, ..., Q, K] bool."""
+        def of_query(values):
+            return None if values is None else values[:, query_at][..., :, None]
+
+        def of_key(values):
+            return None if values is None else values[:, key_at][..., None, :]
+
+        return self._rule(query_at[..., :, None], key_at[..., None, :], of_query(count), of_key(count),
+                          of_key(valid), of_key(rank), of_query(documents), of_key(documents), part)
+
+    def _rule(self, q_at: Tensor, k_at: Tensor, q_count: Tensor, k_count: Tensor, k_valid: Tensor,
+              k_rank: Tensor | None, q_doc: Tensor | None, k_doc: Tensor | None, part: str = "all") -> Tensor:
+        """The window rule, one place for every path (broadcastable tensors of positions, real-token counts, key
+        validity, key ranks, documents): a key at or before the query, a real token, in the query's document, and
+        among the query's last W real tokens or one of its document's first ``sink`` real tokens. ``part``: "all"
+        (either), "window" (the last W only), "sink" (sinks outside the window only: what the banded path adds to
+        its band, so that no key counts twice)."""
+        allowed = (k_at <= q_at) & k_valid
+        near = q_count - k_count < self.window
+        if part == "window" or not self.sink:
+            allowed = allowed & near
+        else:
+            first = k_rank <= self.sink
+            allowed = allowed & ((near | first) if part == "all" else (first & ~near))
+        if q_doc is not None:  # a query sees only keys of its own document
+            allowed = allowed & (q_doc == k_doc)
         return allowed
+
+    def _ranks(self, valid: Tensor, count: Tensor, documents: Tensor | None) -> Tensor | None:
+        """[B, L]: each position's real tokens within its document, itself included (the sink rule's "first S");
+        None without sinks (nothing reads it)."""
+        if not self.sink:
+            return None
+        if documents is None:
+            return count
+        starts = torch.ones_like(valid)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        # real tokens before each document's start, carried forward over the document (counts never decrease)
+        before = torch.where(starts, count - valid.long(), torch.zeros_like(count)).cummax(1).values
+        return count - before
 
     def _blockwise(self, q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, past: int,
                    documents: Tensor | None) -> Tensor:
@@ -161,9 +215,11 @@ class WindowAttention(RecurrentMixer):
         device = q.device
         index = torch.as_tensor(self.kv_groups, device=device)
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
+        rank = self._ranks(valid, count, documents)
         # bytes one chunk holds at once: fp32 scores and probabilities, its gathered keys (and their fp32 copy) and
-        # values, per query head
-        per_chunk = B * H * (2 * C * S * 4 + S * P * (4 + 2 * keys.element_size()))
+        # values, per query head; with sinks also each query's own sink keys and values
+        per_chunk = B * H * ((2 * C * S * 4 + S * P * (4 + 2 * keys.element_size()))
+                             + self.sink * C * (2 * 4 + P * (4 + 2 * keys.element_size())))
         group = max(1, min(n, budget // per_chunk))
         out = []
         for first in range(0, n, group):
@@ -184,12 +240,48 @@ class WindowAttention(RecurrentMixer):
             scores = torch.matmul(qc.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, n', C, S]
             # key_ok: the band's positions before the first token or after the last are not keys (their clamped
             # indices would repeat a real one)
-            allowed = self._window_mask(valid, count, documents, query_at, key_at) & key_ok[:, None, :]  # [B, n', C, S]
-            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            allowed = self._window_mask(valid, count, documents, query_at, key_at, rank, part="window")
+            scores = scores.masked_fill(~(allowed & key_ok[:, None, :])[:, None], float("-inf"))
+            if self.sink:  # one softmax over the band and each query's sinks outside it
+                sink_scores, sink_values = self._sink_keys(qc, keys, values, valid, count, rank, documents, query_at)
+                scores = torch.cat([scores, sink_scores], dim=-1)
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
+            if self.sink:
+                probs, sink_probs = probs.split([S, self.sink], dim=-1)
             y = torch.matmul(probs.to(v.dtype), v)  # [B, H, n', C, P]
+            if self.sink:
+                y = y + torch.matmul(sink_probs.to(v.dtype).unsqueeze(-2), sink_values).squeeze(-2)
             out.append(y.reshape(B, H, chunks * C, P)[:, :, : hi - lo])
         return torch.cat(out, dim=2)
+
+    def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor, rank: Tensor,
+                   documents: Tensor | None, query_at: Tensor) -> tuple[Tensor, Tensor]:
+        """The banded path's sink part: each query against its document's first ``sink`` real tokens that are not
+        in its window. With no padding between real tokens (the banded path's condition) those lie at the query's
+        position - rank + 1 and after. qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values
+        [B, G, L, P]; valid/count/rank/documents [B, L] -> (scores [B, H, n', C, sink], -inf where the rule says no;
+        values [B, H, n', C, sink, P])."""
+        B, G, L, P = keys.shape
+        index = torch.as_tensor(self.kv_groups, device=keys.device)
+        first = query_at - rank[:, query_at] + 1  # [B, n', C]: the first real position of each query's document
+        at = (first[..., None] + torch.arange(self.sink, device=keys.device)).clamp(0, L - 1)  # [B, n', C, sink]
+        flat = at.reshape(B, -1)
+
+        def take(x: Tensor) -> Tensor:  # [B, G, L, P] -> [B, H, n', C, sink, P]
+            picked = x.gather(2, flat[:, None, :, None].expand(B, G, flat.shape[1], P))
+            return picked.view(B, G, *at.shape[1:], P).index_select(1, index)
+
+        def of_key(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.gather(1, flat).view(at.shape)
+
+        def of_query(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[:, query_at][..., None]
+
+        allowed = self._rule(query_at[..., None], at, of_query(count), of_key(count), of_key(valid), of_key(rank),
+                             of_query(documents), of_key(documents), part="sink")  # [B, n', C, sink]
+        k = take(keys)
+        scores = torch.matmul(qc.float().unsqueeze(-2), k.float().transpose(-1, -2)).squeeze(-2) * self.head_dim**-0.5
+        return scores.masked_fill(~allowed[:, None], float("-inf")), take(values)
 
     def _per_head(self, kv: Tensor) -> Tensor:
         """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
@@ -208,9 +300,22 @@ class WindowAttention(RecurrentMixer):
         # the ring in token order: from the oldest slot (next % W; when not full, the empty slots come first)
         order = (state["next"][:, None] + torch.arange(self.window, device=k.device)) % self.window  # [B, W]
         gather = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-        keys = torch.cat([state["k"].gather(2, gather).to(k.dtype), k], dim=2)
-        values = torch.cat([state["v"].gather(2, gather).to(v.dtype), v], dim=2)
-        return keys, values, torch.cat([state["valid"].gather(1, order).bool(), real], dim=1), self.window
+        keys = [state["k"].gather(2, gather).to(k.dtype), k]
+        values = [state["v"].gather(2, gather).to(v.dtype), v]
+        valid = [state["valid"].gather(1, order).bool(), real]
+        if not self.sink:
+            return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=1), self.window
+        # before the ring, the sink slots not also in it (slot j holds the document's token j; the ring holds its
+        # last min(seen, W) tokens): slots j < seen - W, put last so that padding still only precedes real tokens and
+        # the first real keys are the document's first tokens
+        S = self.sink
+        held = (state["seen"] - self.window).clamp(0, S)  # [B]
+        order = (held[:, None] + torch.arange(S, device=k.device)) % S  # [B, S]: empty or duplicated slots first
+        gather = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        keys.insert(0, state["sink_k"].gather(2, gather).to(k.dtype))
+        values.insert(0, state["sink_v"].gather(2, gather).to(v.dtype))
+        valid.insert(0, torch.arange(S, device=k.device) >= (S - held)[:, None])
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=1), S + self.window
 
     @staticmethod
     def _documents(reset: Tensor | None, past: int) -> Tensor | None:
@@ -254,7 +359,26 @@ class WindowAttention(RecurrentMixer):
             state["v"].copy_(values.gather(2, gather))
             state["valid"].copy_(torch.arange(self.window, device=valid.device) < count[:, None])
             state["next"].copy_(count)
+            if self.sink:
+                self._keep_sinks(keys, values, valid, documents, past, state)
         return y, state
+
+    def _keep_sinks(self, keys: Tensor, values: Tensor, valid: Tensor, documents: Tensor | None, past: int,
+                    state: dict[str, Tensor]) -> None:
+        """After a multi-token call: the last document's first ``sink`` real tokens into the sink slots (in the
+        combined keys they are its first real ones, :meth:`_combined`) and its real-token count into "seen". keys/
+        values [B, G, L, P]; valid [B, L] already restricted to the last document."""
+        length = valid.shape[1]
+        position = torch.arange(length, device=valid.device)
+        first = valid & (valid.long().cumsum(1) <= self.sink)
+        keep = torch.where(first, position, position + length).argsort(dim=1)[:, : self.sink]  # [B, sink]
+        gather = keep[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+        state["sink_k"].copy_(keys.gather(2, gather))
+        state["sink_v"].copy_(values.gather(2, gather))
+        new_real = valid[:, past:].sum(1)  # the last document's new real tokens
+        # still the state's document (no reset among the new tokens): its count goes on
+        continued = torch.ones_like(new_real, dtype=torch.bool) if documents is None else documents[:, -1] == 0
+        state["seen"].copy_(torch.where(continued, state["seen"] + new_real, new_real))
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         """One token per row: q [B, H, 1, P], k/v [B, G, 1, P] -> y [B, 1, H, P]; the ring advanced in place.
@@ -267,6 +391,14 @@ class WindowAttention(RecurrentMixer):
         slot = (state["next"] % self.window)[:, None]  # [B, 1]
         at = slot[:, None, :, None].expand(B, G, 1, P)
         real = None if attention_mask is None else attention_mask[:, -1].bool()
+        if self.sink:  # the document's token number seen goes into sink slot seen while seen < sink
+            seen = state["seen"]
+            write = seen < self.sink if real is None else (seen < self.sink) & real
+            sink_at = seen.clamp(max=self.sink - 1)[:, None, None, None].expand(B, G, 1, P)
+            for name, new in (("sink_k", k), ("sink_v", v)):
+                old = state[name].gather(2, sink_at)
+                state[name].scatter_(2, sink_at, torch.where(write[:, None, None, None], new.to(old.dtype), old))
+            seen.add_(1 if real is None else real.long())
         if real is None:  # every token real (a decode step): no read-back of the slots a padding token would keep
             for name, new in (("k", k), ("v", v)):
                 state[name].scatter_(2, at, new.to(state[name].dtype))
@@ -280,8 +412,14 @@ class WindowAttention(RecurrentMixer):
             state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
             state["next"].add_(real.long())
         keys, values = self._per_head(state["k"]), self._per_head(state["v"])  # [B, H, W, P]
-        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, W]
-        scores = scores.masked_fill(~state["valid"].bool()[:, None, None, :], float("-inf"))
+        filled = state["valid"].bool()
+        if self.sink:  # the sink slots the ring no longer holds (j < seen - W), before the ring: [B, H, S + W, P]
+            keys = torch.cat([self._per_head(state["sink_k"]), keys], dim=2)
+            values = torch.cat([self._per_head(state["sink_v"]), values], dim=2)
+            held = torch.arange(self.sink, device=k.device) < (state["seen"] - self.window)[:, None]
+            filled = torch.cat([held, filled], dim=1)
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, S + W]
+        scores = scores.masked_fill(~filled[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # nothing real yet: zeros
         y = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [B, 1, H, P]
         return y if real is None else y * real[:, None, None, None].to(y.dtype)
@@ -302,20 +440,29 @@ class WindowAttention(RecurrentMixer):
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         """{"k", "v": [B, G, W, P] the last W real tokens' keys (RoPE applied) and values in a ring of W slots,
-        "valid": [B, W] which slots are filled, "next": [B] int64 the ring position of the next write (mod W)}."""
+        "valid": [B, W] which slots are filled, "next": [B] int64 the ring position of the next write (mod W)}; with
+        sinks also "sink_k", "sink_v": [B, G, S, P] the document's first S tokens' and "seen": [B] int64 its real
+        tokens so far."""
         shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype),
-                "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype),
-                "next": torch.zeros(batch_size, device=device, dtype=torch.long)}
+        state = {"k": torch.zeros(shape, device=device, dtype=dtype),
+                 "v": torch.zeros(shape, device=device, dtype=dtype),
+                 "valid": torch.zeros(batch_size, self.window, device=device, dtype=dtype),
+                 "next": torch.zeros(batch_size, device=device, dtype=torch.long)}
+        if self.sink:
+            sinks = (batch_size, self.num_kv_heads, self.sink, self.head_dim)
+            state.update({"sink_k": torch.zeros(sinks, device=device, dtype=dtype),
+                          "sink_v": torch.zeros(sinks, device=device, dtype=dtype),
+                          "seen": torch.zeros(batch_size, device=device, dtype=torch.long)})
+        return state
 
     @staticmethod
-    def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, kv_heads: int | None = None,
-                    **_: object) -> dict[str, int]:
-        """K and V of ``window`` tokens per KV head (``kv_heads``, default one per head), the slots' mask and the
-        ring position (one int64)."""
+    def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, sink: int = 0,
+                    kv_heads: int | None = None, **_: object) -> dict[str, int]:
+        """K and V of ``window`` + ``sink`` tokens per KV head (``kv_heads``, default one per head), the slots' mask,
+        the ring position and with sinks the document's count (one int64 each)."""
         kv = num_heads if kv_heads is None else kv_heads
-        return {"window": 2 * kv * window * head_dim * dtype_bytes + window * dtype_bytes + 8}
+        return {"window": 2 * kv * (window + sink) * head_dim * dtype_bytes + window * dtype_bytes + 8
+                + (8 if sink else 0)}
 
     @classmethod
     def from_attention(
@@ -355,4 +502,4 @@ class WindowAttention(RecurrentMixer):
         return mixer
 
 
-__all__ = ["WindowAttention"]
+__all__ = ["DEFAULT_SINK", "WindowAttention"]

@@ -50,14 +50,14 @@ from radistill.hybrid.mixers.window import WindowAttention
 from radistill.hybrid.normalizer import StaticNormalizer
 from radistill.utils.errors import RadistillError
 
-WINDOW_SETTINGS = ("window", "bias", "qk_norm", "rms_norm_eps", "block_size")
+WINDOW_SETTINGS = ("window", "sink", "bias", "qk_norm", "rms_norm_eps", "block_size")
 RECURRENCE_SETTINGS = ("state_size", "conv_width", "chunk_size", "backend", "min_half_life", "max_half_life")
 
 
 class WindowRecurrent(RecurrentMixer):
     """num_heads heads, each a sliding-window softmax head plus a gated DiscreteMamba2 head (module docstring).
 
-    settings: the window's (window, bias, qk_norm, rms_norm_eps, block_size) and the recurrence's (state_size,
+    settings: the window's (window, sink, bias, qk_norm, rms_norm_eps, block_size) and the recurrence's (state_size,
     conv_width, chunk_size, backend, min_half_life, max_half_life), with their defaults (window 16, state_size 64);
     gate_scale (the gate is gate_scale times its parameter: module docstring).
     """
@@ -69,12 +69,12 @@ class WindowRecurrent(RecurrentMixer):
     calibrate_normalizer = False  # the layer's normaliser stays the identity: the start is the window head exactly
 
     def __init__(
-        self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, bias: bool = False,
+        self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, sink: int = 0, bias: bool = False,
         qk_norm: bool = False, rms_norm_eps: float = 1e-6, block_size: int = 256, state_size: int = 64,
         conv_width: int = 4, chunk_size: int = 64, backend: str = "auto", min_half_life: float = 1.0,
         max_half_life: float = 16.0, gate_scale: float = 16.0, kv_groups: list[int] | None = None,
     ):
-        window_settings = dict(window=window, bias=bias, qk_norm=qk_norm, rms_norm_eps=rms_norm_eps,
+        window_settings = dict(window=window, sink=sink, bias=bias, qk_norm=qk_norm, rms_norm_eps=rms_norm_eps,
                                block_size=block_size)
         recurrence_settings = dict(state_size=state_size, conv_width=conv_width, chunk_size=chunk_size,
                                    backend=backend, min_half_life=min_half_life, max_half_life=max_half_life)
@@ -167,17 +167,20 @@ class WindowRecurrent(RecurrentMixer):
         return window + self.gates()[:, None, None].to(window.dtype) * recurrence.to(window.dtype)
 
     def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
-        """{"window.k", "window.v": [B, G, W, P], "window.valid": [B, W], "window.next": [B],
+        """{"window.k", "window.v": [B, G, W, P], "window.valid": [B, W], "window.next": [B] (with sinks also
+        "window.sink_k", "window.sink_v", "window.seen"),
         "recurrence.conv": [B, H (P + 2N), conv_width - 1], "recurrence.ssm": [B, H, N, P] (float32 for 16-bit
         dtypes)}."""
         return {**{f"window.{k}": v for k, v in self.window.empty_state(batch_size, device, dtype).items()},
                 **{f"recurrence.{k}": v for k, v in self.recurrence.empty_state(batch_size, device, dtype).items()}}
 
     @staticmethod
-    def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, kv_heads: int | None = None,
-                    state_size: int = 64, conv_width: int = 4, **_: object) -> dict[str, int]:
-        """The window's ring (per KV head) plus the recurrence's SSM and conv states (per head)."""
-        return {**WindowAttention.state_bytes(num_heads, head_dim, dtype_bytes, window=window, kv_heads=kv_heads),
+    def state_bytes(num_heads: int, head_dim: int, dtype_bytes: int, window: int = 16, sink: int = 0,
+                    kv_heads: int | None = None, state_size: int = 64, conv_width: int = 4,
+                    **_: object) -> dict[str, int]:
+        """The window's ring and sinks (per KV head) plus the recurrence's SSM and conv states (per head)."""
+        return {**WindowAttention.state_bytes(num_heads, head_dim, dtype_bytes, window=window, sink=sink,
+                                              kv_heads=kv_heads),
                 **DiscreteMamba2.state_bytes(num_heads, head_dim, dtype_bytes, state_size=state_size,
                                              conv_width=conv_width)}
 
