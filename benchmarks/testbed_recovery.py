@@ -54,7 +54,7 @@ from distill import synchronizer, time_steps  # noqa: E402  (benchmarks/distill.
 from radistill.distill.data import PackedStream, heldout_sequences  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
 from radistill.distill.trainer import Trainer  # noqa: E402
-from radistill.models.access import load_model  # noqa: E402
+from radistill.models.access import load_model, weights_fingerprint  # noqa: E402
 from radistill.probes.items import EncodedItem, encode_items  # noqa: E402
 from radistill.probes.kv import KVProbeConfig, kv_items  # noqa: E402
 from radistill.probes.scoring import choice_logprobs, summarize  # noqa: E402
@@ -254,6 +254,11 @@ def suite_scores(model, tokenizer, batch: int, quick: bool) -> dict:
     return scores
 
 
+# the teacher's generated texts per (teacher, settings): every student of a run is scored on the same texts, and
+# the teacher generates them once (on a CPU, generating took most of each SmolLM2 student's fidelity time)
+_TEACHER_TEXTS: dict[tuple, tuple[list, list]] = {}
+
+
 def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int = 8) -> dict:
     """``radistill.eval.fidelity`` of the student against the teacher on the prose corpus and the teacher's own
     samples, without the token ids it also returns (reproducible from its seed, too large for a table's JSON)."""
@@ -261,7 +266,12 @@ def fidelity_scores(teacher, tokenizer, student, quick: bool, batch: int = 8) ->
 
     config = FidelityConfig(windows=4, window=64, samples=2, generate=32, greedy_prompts=2, greedy_tokens=16,
                             text_tokens=8192) if quick else FidelityConfig()
-    out = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config, batch_size=batch).to_dict()
+    key = (id(teacher), weights_fingerprint(teacher), quick)
+    samples, greedy = _TEACHER_TEXTS.get(key, (None, None))
+    result = fidelity(teacher, tokenizer, student, tokenizer, str(CORPUS), config, batch_size=batch,
+                      samples=samples, greedy_continuations=greedy)
+    _TEACHER_TEXTS[key] = (result.samples or None, result.greedy_continuations or None)
+    out = result.to_dict()
     out.pop("samples", None)
     out.pop("greedy_continuations", None)
     return out
