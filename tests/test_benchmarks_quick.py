@@ -237,3 +237,15 @@ def test_host_overhead_benchmark_quick_counts_every_operator_once(tmp_path):
     assert teacher["prefill_ops"]["scan"] == 0 and hybrid["prefill_ops"]["scan_calls"] == 4  # one per layer
     assert hybrid["prefill_ops"]["layer_with_kept_heads"] > hybrid["prefill_ops"]["layer_recurrent_only"]
     assert (tmp_path / "host.md").read_text().count("| aten ops per prefill forward |") == 1
+
+
+@pytest.mark.skipif(not (BENCHMARKS.parents[1] / "shared" / "fixtures" / "teacher-19m").exists(),
+                    reason="needs ../shared/fixtures (teacher-19m and the prose corpus)")
+def test_calibration_tokens_benchmark_compares_each_build_with_the_largest(tmp_path):
+    result = run_quick("calibration_tokens.py", tmp_path / "calibration_tokens.json")
+    small, reference = result["rows"]
+    assert (small["tokens"], reference["tokens"], result["reference_tokens"]) == (256, 512, 512)
+    assert "half_life_median_rel" not in reference and small["half_life_max_rel"] >= small["half_life_median_rel"]
+    assert small["half_life_max_rel"] > 0  # other text, other distances: a comparison that sees nothing is broken
+    assert all(r["build_s"] > 0 and r["built_ppl"] > 1 for r in result["rows"])
+    assert "| 512 |" in (tmp_path / "calibration_tokens.md").read_text()
