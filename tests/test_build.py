@@ -57,6 +57,21 @@ def teacher():
     return model.eval()
 
 
+def saved_teacher_and_cli(tmp_path):
+    """A tiny random Llama teacher and its byte tokenizer saved in ``tmp_path/teacher``, its scan.json
+    (:func:`write_scan`), and a typer app with the hybrid commands: -> (app, teacher, scan path)."""
+    from radistill.hybrid.cli import register
+
+    torch.manual_seed(0)
+    teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    scan = write_scan(tmp_path / "scan.json", teacher)
+    app = typer.Typer()
+    register(app)
+    return app, teacher, scan
+
+
 def write_scan(path, model, **changes) -> str:
     """A scan.json as `radistill scan` writes it: every head, ranked by a made-up score."""
     layout = model_layout(model)

@@ -77,6 +77,17 @@ def chunked_logits(model, ids, mask, positions, chunks):
     return torch.cat(steps, 1), cache
 
 
+def assert_generate_is_the_uncached_greedy_continuation(student, prompt: int, new_tokens: int) -> None:
+    """``generate`` (its cache) writes the tokens that full forwards over the growing text pick greedily."""
+    ids = torch.randint(1, 256, (1, prompt))
+    with torch.no_grad():
+        generated = student.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+        tokens = ids
+        for _ in range(new_tokens):
+            tokens = torch.cat([tokens, student(input_ids=tokens).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, tokens)
+
+
 def assert_pieces_equal_the_full_forward(student, chunks) -> None:
     """A left-padded batch of 14 tokens fed in ``chunks`` through one cache gives the full forward's logits at every
     real position, and the cache has counted all 14."""

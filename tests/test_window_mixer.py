@@ -10,10 +10,10 @@ import radistill  # noqa: F401  (Auto-class registration)
 from radistill.hybrid import HybridCache, HybridConfig, HybridForCausalLM
 from radistill.hybrid.build import convert, student_config
 from radistill.hybrid.mixers import MixerBank, WindowAttention
-from radistill.models.presets import random_model, tiny_config
+from radistill.models.presets import tiny_config
 from radistill.utils.errors import RadistillError
-from test_hybrid import (assert_pieces_equal_the_full_forward, left_padded, make_teacher,
-                         state_bytes_match_the_accounting)
+from test_hybrid import (assert_generate_is_the_uncached_greedy_continuation, assert_pieces_equal_the_full_forward,
+                         left_padded, make_teacher, state_bytes_match_the_accounting)
 
 MAMBA = {"state_size": 8, "chunk_size": 4}
 
@@ -83,14 +83,7 @@ def test_decode_and_chunked_prefill_equal_the_full_forward(chunks):
 
 
 def test_generate_matches_the_uncached_greedy_continuation():
-    student = mixed_student(make_teacher())
-    ids = torch.randint(1, 256, (1, 6))
-    with torch.no_grad():
-        generated = student.generate(ids, max_new_tokens=8, do_sample=False)
-        tokens = ids
-        for _ in range(8):
-            tokens = torch.cat([tokens, student(input_ids=tokens).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(generated, tokens)
+    assert_generate_is_the_uncached_greedy_continuation(mixed_student(make_teacher()), 6, 8)
 
 
 def test_cache_state_is_constant_and_matches_the_memory_accounting():
@@ -182,20 +175,12 @@ def test_a_window_student_calibrates_without_touching_window_heads():
 def test_cli_build_with_window_heads(tmp_path):
     import json
 
-    import typer
     from typer.testing import CliRunner
 
     from radistill.hybrid.build import load_selection
-    from radistill.hybrid.cli import register
-    from test_build import VOCAB, byte_tokenizer, write_scan
+    from test_build import saved_teacher_and_cli
 
-    torch.manual_seed(0)
-    teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    scan = write_scan(tmp_path / "scan.json", teacher)  # ranks (2, 1), (0, 3), (0, 0), (1, 2), ...
-    app = typer.Typer()
-    register(app)
+    app, teacher, scan = saved_teacher_and_cli(tmp_path)  # the scan ranks (2, 1), (0, 3), (0, 0), (1, 2), ...
     common = ["--scan", scan, "--keep", "2", "--device", "cpu", "--dtype", "fp32"]
     result = CliRunner().invoke(app, ["build", str(tmp_path / "teacher"), *common, "--window-heads", "2",
                                       "--mixer", "discrete_mamba2", "--window", "8", "--state-size", "4",
@@ -260,9 +245,15 @@ def test_window_decode_step_traces_as_one_graph():
     (tests/test_generate.py): no host read (.item()), no data-dependent shape, the ring written in place at a
     device-side position; steps past the window's length (the ring wraps), left padding in one row, each equal to
     the eager step, and the last to the full forward."""
+    assert_decode_step_is_one_graph(mixed_student(make_teacher()), prefill=7)
+
+
+def assert_decode_step_is_one_graph(student, prefill: int) -> None:
+    """Decode steps 12 - ``prefill`` of a left-padded batch of two through ``torch.compile(fullgraph=True)`` after an
+    eager prefill: each equal to the eager step, the last to the full forward, and no graph holds a host read or a
+    shape decided by data."""
     import copy
 
-    student = mixed_student(make_teacher())
     ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :2] = 0
@@ -275,9 +266,9 @@ def test_window_decode_step_traces_as_one_graph():
     step = torch.compile(student, backend=recording, fullgraph=True)
     with torch.no_grad():
         cache = HybridCache(student.config, max_length=16)
-        student(input_ids=ids[:, :7], attention_mask=mask[:, :7], cache=cache, use_cache=True)
+        student(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], cache=cache, use_cache=True)
         reference = copy.deepcopy(cache)
-        for t in range(7, 12):
+        for t in range(prefill, 12):
             want = student(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=reference,
                            use_cache=True).logits
             got = step(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache,

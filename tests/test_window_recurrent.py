@@ -253,20 +253,11 @@ def test_calibration_fits_each_bank_group_on_its_own_heads():
 def test_cli_build_and_memory(tmp_path):
     import json
 
-    import typer
     from typer.testing import CliRunner
 
-    from radistill.hybrid.cli import register
-    from radistill.models.presets import random_model
-    from test_build import VOCAB, byte_tokenizer, write_scan
+    from test_build import saved_teacher_and_cli
 
-    torch.manual_seed(0)
-    teacher, tokenizer = random_model(tiny_config("llama", vocab_size=VOCAB)), byte_tokenizer()
-    teacher.save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    scan = write_scan(tmp_path / "scan.json", teacher)
-    app = typer.Typer()
-    register(app)
+    app, teacher, scan = saved_teacher_and_cli(tmp_path)
     common = ["build", str(tmp_path / "teacher"), "--scan", scan, "--keep", "2", "--device", "cpu", "--dtype", "fp32",
               "--window", "4"]
     for mixer in ("window_recurrent", "window"):
