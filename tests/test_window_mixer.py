@@ -238,6 +238,12 @@ def test_memory_plans_a_window_student_with_gqa_shared_rings():
     assert planned.kv_bytes == 13 * 2 * 128 * 2 * 2048
     with pytest.raises(RadistillError, match="--mixer window"):
         memory_rows("nanbeige4.1-3b", [2048], keep=13, window=16)
+    # --sink 0: a plain window, 4 tokens' K/V and the document count fewer per KV head and layer
+    (plain,) = [r for r in memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="window", window=16, sink=0)
+                if r.model.startswith("student")]
+    assert planned.ssm_bytes - plain.ssm_bytes == 32 * (4 * 2 * 4 * 128 * 2 + 8)
+    with pytest.raises(RadistillError, match="--sink"):
+        memory_rows("nanbeige4.1-3b", [2048], keep=13, mixer="discrete_mamba2", sink=2)
 
 
 def test_window_decode_step_traces_as_one_graph():

@@ -112,13 +112,15 @@ def register(app: typer.Typer) -> None:
                                   "makes them (window_recurrent; discrete_mamba2 for the paper's, window, ...)"),
         window: Optional[int] = typer.Option(None, "--window", help="with --mixer window or window_recurrent: its "
                                              "span in tokens [16]"),
+        sink: Optional[int] = typer.Option(None, "--sink", help="with --mixer window or window_recurrent: the first "
+                                           "tokens its heads also keep [4, as build]"),
         as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
     ) -> None:
         """Cache bytes per sequence (KV, SSM state, conv state) from the config alone: student vs teacher."""
         from radistill.hybrid.memory import memory_rows
 
         rows = memory_rows(model, _lengths(lengths), dtype=dtype, keep=keep, state_size=state_size,
-                           baselines=baseline, mixer=mixer, window=window)
+                           baselines=baseline, mixer=mixer, window=window, sink=sink)
         if as_json:
             typer.echo(json.dumps({"rows": [r.to_dict() for r in rows]}, indent=2))
         else:

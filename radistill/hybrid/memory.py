@@ -252,9 +252,11 @@ def memory_rows(
     mixer: str = DEFAULT_MIXER,
     baselines: list[str] | None = None,
     window: int | None = None,
+    sink: int | None = None,
 ) -> list[MemoryRow]:
     """All rows of ``radistill memory``: the teacher, the student (built, or planned with ``keep``), baselines.
-    ``mixer``/``window``: the planned student's other heads (``window``: sliding-window heads of that many tokens).
+    ``mixer``/``window``/``sink``: the planned student's other heads (``window``: sliding-window heads of that many
+    tokens; ``sink``: and the first tokens they also keep, the build's default when None).
 
     ``model_or_config``: a path/id/shape name, or an HF config object.
     """
@@ -285,6 +287,11 @@ def memory_rows(
                     raise RadistillError("--window is the window mixer's span: pass --mixer window (or "
                                          "window_recurrent) with it")
                 settings["window"] = window
+            if sink is not None:
+                if not takes_setting(mixer, "sink"):
+                    raise RadistillError("--sink is a setting of window heads: pass --mixer window (or "
+                                         "window_recurrent) with it")
+                settings["sink"] = sink
             settings = with_build_defaults(mixer, settings)
             # the paper's accounting (an SSM state on every head) describes its SSM student only
             for paper in (False, True) if mixer == DEFAULT_MIXER else (False,):
