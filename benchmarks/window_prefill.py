@@ -4,7 +4,8 @@
     python benchmarks/window_prefill.py --device cuda        # bf16, lengths 2048, 8192, 32768
 
 One :class:`~radistill.hybrid.mixers.WindowAttention` layer with the Llama-3.2-1B attention shape (hidden 2048,
-32 query heads of 64 over 8 KV heads, every head windowed, W = 16) runs a batch-1 prefill (``forward`` with a fresh
+32 query heads of 64 over 8 KV heads, every head windowed, W = 16, with the build's 4 attention sinks unless
+``--sink``) runs a batch-1 prefill (``forward`` with a fresh
 ring state, as generate's prefill calls it) of each length, twice: through the banded path (the default: queries in
 chunks against their band of keys, two batched matmuls) and through the blockwise reference (blocks of 256 queries
 in a Python loop, which any input with padding between real tokens still takes). Per path: the median wall time of
@@ -30,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from decode import sync  # noqa: E402  (benchmarks/decode.py)
 from environment import device_label, versions  # noqa: E402  (benchmarks/environment.py)
 from radistill.hybrid.mixers import WindowAttention  # noqa: E402
+from radistill.hybrid.mixers.window import DEFAULT_SINK  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="prefill lengths [CPU 2048,8192; CUDA 2048,8192,32768]")
     parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--sink", type=int, default=DEFAULT_SINK, help=f"attention sinks [{DEFAULT_SINK}, the build's]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     heads, kv_heads, dim, hidden_size = 32, 8, 64, 2048
-    mixer = WindowAttention(hidden_size, heads, dim, window=args.window,
+    mixer = WindowAttention(hidden_size, heads, dim, window=args.window, sink=args.sink,
                             kv_groups=[h // (heads // kv_heads) for h in range(heads)]).to(args.device, dtype).eval()
     rows = []
     for length in lengths:
@@ -112,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": device_label(args.device),
               "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
               "shape": {"hidden": hidden_size, "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
-                        "window": args.window, "block_size": mixer.block_size, "batch": 1},
+                        "window": args.window, "sink": args.sink, "block_size": mixer.block_size, "batch": 1},
               "versions": versions(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "rows": rows}
     out = args.out or ROOT / "benchmarks" / "results" / ("window_prefill.json" if cuda else "window_prefill-cpu.json")
     lines = [f"# Window mixer prefill, banded vs blockwise: {result['device']}, {result['dtype']}, {result['date']}",
              "",
              f"One layer, hidden {hidden_size}, {heads} heads x {dim} over {kv_heads} KV heads, W = {args.window}, "
+             f"{args.sink} sinks (the blockwise path then reads every earlier key), "
              f"batch 1, blockwise blocks of {mixer.block_size}; median of 3 after a warm-up.", "",
              "| tokens | forward ms: banded | blockwise | speedup | attention alone ms: banded | blockwise | speedup "
              "| aten ops per forward: banded | blockwise | max abs diff |",

@@ -217,9 +217,11 @@ class WindowAttention(RecurrentMixer):
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
         rank = self._ranks(valid, count, documents)
         # bytes one chunk holds at once: fp32 scores and probabilities, its gathered keys (and their fp32 copy) and
-        # values, per query head; with sinks also each query's own sink keys and values
-        per_chunk = B * H * ((2 * C * S * 4 + S * P * (4 + 2 * keys.element_size()))
-                             + self.sink * C * (2 * 4 + P * (4 + 2 * keys.element_size())))
+        # values, per query head; with sinks also their scores and, with packed documents, each query's own sink
+        # keys and values (without, a row's queries share theirs)
+        per_query_sinks = self.sink * P * (4 + 2 * keys.element_size()) if documents is not None else 0
+        per_chunk = B * H * (2 * C * S * 4 + S * P * (4 + 2 * keys.element_size())
+                             + C * (self.sink * 2 * 4 + per_query_sinks))
         group = max(1, min(n, budget // per_chunk))
         out = []
         for first in range(0, n, group):
@@ -257,17 +259,22 @@ class WindowAttention(RecurrentMixer):
     def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor, rank: Tensor,
                    documents: Tensor | None, query_at: Tensor) -> tuple[Tensor, Tensor]:
         """The banded path's sink part: each query against its document's first ``sink`` real tokens that are not
-        in its window. With no padding between real tokens (the banded path's condition) those lie at the query's
-        position - rank + 1 and after. qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values
-        [B, G, L, P]; valid/count/rank/documents [B, L] -> (scores [B, H, n', C, sink], -inf where the rule says no;
-        values [B, H, n', C, sink, P])."""
+        in its window. With no padding between real tokens (the banded path's condition) those lie at the first real
+        position of the query's document and after: one set per row when there are no packed documents (the first
+        real position is the number of padding positions), one per query otherwise (its position - rank + 1).
+        qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values [B, G, L, P];
+        valid/count/rank/documents [B, L] -> (scores [B, H, n', C, sink], -inf where the rule says no; values
+        [B, H, n', C or 1, sink, P])."""
         B, G, L, P = keys.shape
         index = torch.as_tensor(self.kv_groups, device=keys.device)
-        first = query_at - rank[:, query_at] + 1  # [B, n', C]: the first real position of each query's document
-        at = (first[..., None] + torch.arange(self.sink, device=keys.device)).clamp(0, L - 1)  # [B, n', C, sink]
+        if documents is None:  # [B, 1, 1]: every query of a row shares its sinks
+            first = (~valid).sum(1)[:, None, None]
+        else:  # [B, n', C]: the first real position of each query's document
+            first = query_at - rank[:, query_at] + 1
+        at = (first[..., None] + torch.arange(self.sink, device=keys.device)).clamp(0, L - 1)  # [B, *, *, sink]
         flat = at.reshape(B, -1)
 
-        def take(x: Tensor) -> Tensor:  # [B, G, L, P] -> [B, H, n', C, sink, P]
+        def take(x: Tensor) -> Tensor:  # [B, G, L, P] -> [B, H, *, *, sink, P]
             picked = x.gather(2, flat[:, None, :, None].expand(B, G, flat.shape[1], P))
             return picked.view(B, G, *at.shape[1:], P).index_select(1, index)
 
@@ -279,7 +286,7 @@ class WindowAttention(RecurrentMixer):
 
         allowed = self._rule(query_at[..., None], at, of_query(count), of_key(count), of_key(valid), of_key(rank),
                              of_query(documents), of_key(documents), part="sink")  # [B, n', C, sink]
-        k = take(keys)
+        k = take(keys)  # broadcast over the queries of a row when they share their sinks
         scores = torch.matmul(qc.float().unsqueeze(-2), k.float().transpose(-1, -2)).squeeze(-2) * self.head_dim**-0.5
         return scores.masked_fill(~allowed[:, None], float("-inf")), take(values)
 
