@@ -3,7 +3,6 @@ the local/long-range split adds up, the attention reach is the documented statis
 
 import copy
 import json
-import random
 from pathlib import Path
 
 import pytest
