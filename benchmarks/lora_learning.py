@@ -73,7 +73,7 @@ from radistill.finetune.lora import LoraSpec, add_lora, merge_lora  # noqa: E402
 from radistill.finetune.train import FinetuneConfig, train  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
 from radistill.probes.items import ProbeItem  # noqa: E402
-from radistill.probes.kv import spacing, value_prefix, value_range, words  # noqa: E402
+from radistill.probes.kv import KVProbeConfig, kv_items, spacing, value_prefix, value_range, words  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fixtures"
@@ -208,6 +208,13 @@ def reversed_kv_task(tokenizer, pairs: int, train_docs: int, heldout: int, seed:
     return documents, items
 
 
+def key_first_lists(tokenizer, count: int, pairs: int, seed: int) -> list:
+    """The KV probe's own lookups (key first, the order the student already reads) as training documents, the loss on
+    the answer: what ``--replay-kv`` rehearses beside a new format. Seeded apart from the evaluation's items."""
+    items = kv_items(tokenizer, KVProbeConfig(pairs=pairs, samples=count, seed=seed))
+    return [[(item.prompt, False), (item.choices[item.answer], True)] for item in items]
+
+
 # ---- the student -------------------------------------------------------------------------------------------------
 def build_default_student(args, device: str, work: Path) -> tuple[Path, dict]:
     """The scan's top ``--keep`` heads at state ``--state-size``, calibrated on prose, not distilled (as
@@ -321,6 +328,10 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
         # prose steps between the task's (finetune.data.with_replay), the evaluations' held-out documents left out;
         # more steps in all, so that the task gets about as many as without replay
         replay = replay_batches(evaluator.tokenizer, str(CORPUS), args.replay_batch, args.replay_seq, args.seed + 1)
+        if args.replay_kv:  # that share of the replay steps on key-first lookups instead of prose
+            lists = key_first_lists(evaluator.tokenizer, 2000, 10, args.seed + 7)
+            replay = with_replay(replay, marked_batches(evaluator.tokenizer, lists, args.replay_batch, 256,
+                                                        seed=args.seed + 3), args.replay_kv, args.seed + 5)
         batches = with_replay(batches, replay, args.replay_share, args.seed)
         steps = round(steps / (1.0 - args.replay_share))
     cfg = FinetuneConfig(lora=None, steps=steps, lr=lr, batch_size=setup["batch"], seq_len=setup["seq_len"],
@@ -344,6 +355,7 @@ def run_one(task: str, method: str, targets: str | None, lr: float, base, data: 
         "adapted_modules": None if summary is None else summary.module_count,
         "steps": result.steps, "batch": setup["batch"], "target_tokens": result.tokens,
         "replay_share": args.replay_share, "replay_batch": f"{args.replay_batch} x {args.replay_seq}",
+        "replay_kv": args.replay_kv,
         "train_seconds": round(result.seconds, 2), "eval_seconds": round(time.perf_counter() - started, 2),
         "loss_first": result.losses[0], "loss_last": sum(tail) / len(tail),
         "after": scores, **forgetting,
@@ -415,7 +427,9 @@ def markdown(result: dict) -> str:
         seen = f"{start['facts-seen']:.3f} → {r['after']['facts-seen']:.3f}" if r["task"] == "facts" else "–"
         lines.append(
             f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['trainable_params']:,} | {r['steps']} × {r['batch']}"
-            + (f", {r['replay_share']:.0%} of steps prose ({r['replay_batch']})" if r.get("replay_share") else "")
+            + (f", {r['replay_share']:.0%} of steps replay ({r['replay_batch']} prose"
+               + (f"; {r['replay_kv']:.0%} of them key-first KV lists" if r.get("replay_kv") else "") + ")"
+               if r.get("replay_share") else "")
             + f" | {r['target_tokens']:,} | {r['train_seconds']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
             f"{start[r['task']]:.3f} → **{r['after'][r['task']]:.3f}** | {seen} | {r['kv@10']:.3f} | "
             f"{r['kv@40']:.3f} | {r['heldout_ppl']:.2f} | {r[f'heldout_ppl_first{SHORT}']:.2f} | "
@@ -478,6 +492,9 @@ def parse_args(argv=None):
                    "past it (judged by the slowest run of its task so far) is skipped; rows are written as they finish")
     p.add_argument("--replay-share", type=float, default=0.0, help="fraction of steps on held-in prose between the "
                    "task's (rehearsal against forgetting; the steps grow so the task keeps its count) [0: none]")
+    p.add_argument("--replay-kv", type=float, default=0.0, help="with --replay-share: this fraction of the replay steps "
+                   "on key-first KV lookups of 10 pairs (the order the student reads, rehearsed beside a new one; "
+                   "items seeded apart from the evaluation's) instead of prose [0]")
     p.add_argument("--replay-batch", type=int, default=16, help="prose windows per replay step")
     p.add_argument("--replay-seq", type=int, default=64, help="tokens per replay window")
     p.add_argument("--seed", type=int, default=0)

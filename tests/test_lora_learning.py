@@ -118,3 +118,16 @@ def test_quick_run_writes_rows_with_learning_and_forgetting(tmp_path):
     params = {r["method"]: r["trainable_params"] for r in result["runs"]}
     assert params["lora-restricted"] < params["lora-all"] < params["full"]
     assert (tmp_path / "lora_learning.md").read_text().count("\n| facts |") == 3
+
+
+def test_key_first_replay_lists_are_the_probe_order_scored_on_the_answer(tokenizer):
+    """--replay-kv rehearses the KV probe's own format (key first), the loss on the answer only, on items that are
+    not the evaluation's (another seed)."""
+    from radistill.probes.kv import KVProbeConfig, kv_items
+
+    lists = lora_learning.key_first_lists(tokenizer, 6, 10, seed=7)
+    evaluation = kv_items(tokenizer, KVProbeConfig(pairs=10, samples=6, seed=1234))
+    assert len(lists) == 6 and all(len(d) == 2 and not d[0][1] and d[1][1] for d in lists)
+    assert {d[0][0] for d in lists}.isdisjoint(item.prompt for item in evaluation)
+    item = kv_items(tokenizer, KVProbeConfig(pairs=10, samples=6, seed=7))[0]
+    assert lists[0] == [(item.prompt, False), (item.choices[item.answer], True)]
