@@ -19,8 +19,9 @@ own band of keys, two batched matmuls), then lays the ring out again from slot 0
 
 Attention sinks (``sink`` S > 0, StreamingLLM's and DuoAttention's streaming heads): a query also sees the first S
 real tokens of its document, however far back. Pretrained models park much of their attention on the first tokens;
-a window that drops them renormalises that mass onto its W tokens and breaks the model: SmolLM2-135M with every
-head windowed at 16 tokens reads held-out prose at perplexity 596, at 58 with S = 4 (teacher 22; docs/hybrid.md).
+a window that drops them renormalises that mass onto its W tokens and breaks the model: SmolLM2-135M with its top 14
+heads kept and every other head windowed at 16 tokens reads held-out prose at perplexity 1,479, at 42.9 with S = 4
+(teacher 15.4; benchmarks/results/window-smollm2-sinks-cpu.md, docs/hybrid.md).
 The state then also holds those S tokens' K/V ("sink_k", "sink_v") and the document's real-token count ("seen"). A
 sink token still inside the window counts once: the window rule takes it, the sink rule only keys outside the
 window. In a prefill with a state the keys are laid out [sink slots, ring, new tokens] in token order, the sink
@@ -123,9 +124,10 @@ class WindowAttention(RecurrentMixer):
         # keys older than window-1 positions plus every padding position can never be in a window (sinks can be
         # anywhere before: then every key). Meta tensors, as memplan profiles a layer's shapes, hold no values:
         # count no padding there, the profile passes no mask.
-        reach = W - 1 + (0 if valid.is_meta else int((~valid).sum(1).max()))
         if self.sink:
             reach = keys.shape[2]
+        else:
+            reach = W - 1 + (0 if valid.is_meta else int((~valid).sum(1).max()))
         index = torch.as_tensor(self.kv_groups, device=q.device)
         scale = self.head_dim**-0.5
         for start in range(0, T, self.block_size):
@@ -245,7 +247,8 @@ class WindowAttention(RecurrentMixer):
             allowed = self._window_mask(valid, count, documents, query_at, key_at, rank, part="window")
             scores = scores.masked_fill(~(allowed & key_ok[:, None, :])[:, None], float("-inf"))
             if self.sink:  # one softmax over the band and each query's sinks outside it
-                sink_scores, sink_values = self._sink_keys(qc, keys, values, valid, count, rank, documents, query_at)
+                sink_scores, sink_values = self._sink_keys(qc, keys, values, valid, count, rank, documents, query_at,
+                                                           index)
                 scores = torch.cat([scores, sink_scores], dim=-1)
             probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no real key yet: zeros
             if self.sink:
@@ -257,16 +260,15 @@ class WindowAttention(RecurrentMixer):
         return torch.cat(out, dim=2)
 
     def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor, rank: Tensor,
-                   documents: Tensor | None, query_at: Tensor) -> tuple[Tensor, Tensor]:
+                   documents: Tensor | None, query_at: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """The banded path's sink part: each query against its document's first ``sink`` real tokens that are not
         in its window. With no padding between real tokens (the banded path's condition) those lie at the first real
         position of the query's document and after: one set per row when there are no packed documents (the first
         real position is the number of padding positions), one per query otherwise (its position - rank + 1).
         qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values [B, G, L, P];
-        valid/count/rank/documents [B, L] -> (scores [B, H, n', C, sink], -inf where the rule says no; values
-        [B, H, n', C or 1, sink, P])."""
+        valid/count/rank/documents [B, L]; index [H] each query head's KV head -> (scores [B, H, n', C, sink], -inf
+        where the rule says no; values [B, H, n', C or 1, sink, P])."""
         B, G, L, P = keys.shape
-        index = torch.as_tensor(self.kv_groups, device=keys.device)
         if documents is None:  # [B, 1, 1]: every query of a row shares its sinks
             first = (~valid).sum(1)[:, None, None]
         else:  # [B, n', C]: the first real position of each query's document
@@ -354,16 +356,10 @@ class WindowAttention(RecurrentMixer):
         if state is not None:  # keep the last W real tokens in slots 0.., in token order; the ring goes on from there
             if documents is not None:  # of the last document only: the next tokens continue it
                 valid = valid & (documents == documents[:, -1:])
-            length = valid.shape[1]
-            position = torch.arange(length, device=valid.device)
             later = valid.flip(1).long().cumsum(1).flip(1)  # [B, L]: real tokens at or after each position
             kept = valid & (later <= self.window)
-            # kept positions first, in token order, then the rest (whose slots stay empty)
-            keep = torch.where(kept, position, position + length).argsort(dim=1)[:, : self.window]  # [B, W]
             count = kept.sum(1)  # [B] <= W
-            gather = keep[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
-            state["k"].copy_(keys.gather(2, gather))
-            state["v"].copy_(values.gather(2, gather))
+            self._store(keys, values, kept, state, "k", "v")
             state["valid"].copy_(torch.arange(self.window, device=valid.device) < count[:, None])
             state["next"].copy_(count)
             if self.sink:
@@ -375,17 +371,33 @@ class WindowAttention(RecurrentMixer):
         """After a multi-token call: the last document's first ``sink`` real tokens into the sink slots (in the
         combined keys they are its first real ones, :meth:`_combined`) and its real-token count into "seen". keys/
         values [B, G, L, P]; valid [B, L] already restricted to the last document."""
-        length = valid.shape[1]
-        position = torch.arange(length, device=valid.device)
-        first = valid & (valid.long().cumsum(1) <= self.sink)
-        keep = torch.where(first, position, position + length).argsort(dim=1)[:, : self.sink]  # [B, sink]
-        gather = keep[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
-        state["sink_k"].copy_(keys.gather(2, gather))
-        state["sink_v"].copy_(values.gather(2, gather))
+        self._store(keys, values, valid & (valid.long().cumsum(1) <= self.sink), state, "sink_k", "sink_v")
         new_real = valid[:, past:].sum(1)  # the last document's new real tokens
         # still the state's document (no reset among the new tokens): its count goes on
         continued = torch.ones_like(new_real, dtype=torch.bool) if documents is None else documents[:, -1] == 0
         state["seen"].copy_(torch.where(continued, state["seen"] + new_real, new_real))
+
+    def _store(self, keys: Tensor, values: Tensor, chosen: Tensor, state: dict[str, Tensor], k_name: str,
+               v_name: str) -> None:
+        """Copy the K/V at the ``chosen`` positions ([B, L] bool, at most as many per row as the slots), in token
+        order, into the slots of ``state[k_name]`` / ``state[v_name]`` ([B, G, n, P]) from slot 0; the slots after
+        them get other positions' K/V, which the caller marks empty. keys/values [B, G, L, P]."""
+        slots, length = state[k_name].shape[2], chosen.shape[1]
+        position = torch.arange(length, device=chosen.device)
+        # chosen positions first, in token order, then the rest
+        order = torch.where(chosen, position, position + length).argsort(dim=1)[:, :slots]  # [B, n]
+        gather = order[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+        state[k_name].copy_(keys.gather(2, gather))
+        state[v_name].copy_(values.gather(2, gather))
+
+    @staticmethod
+    def _write_where(state: dict[str, Tensor], new: tuple[tuple[str, Tensor], ...], at: Tensor, write: Tensor) -> None:
+        """For each (name, tensor [B, G, 1, P]) of ``new``: into ``state[name]`` at slot ``at`` ([B, G, 1, P] indices),
+        in rows where ``write`` [B] holds; other rows write the slot's own content back (fixed shapes, no host
+        read: a CUDA graph can capture it)."""
+        for name, tensor in new:
+            old = state[name].gather(2, at)
+            state[name].scatter_(2, at, torch.where(write[:, None, None, None], tensor.to(old.dtype), old))
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         """One token per row: q [B, H, 1, P], k/v [B, G, 1, P] -> y [B, 1, H, P]; the ring advanced in place.
@@ -402,9 +414,7 @@ class WindowAttention(RecurrentMixer):
             seen = state["seen"]
             write = seen < self.sink if real is None else (seen < self.sink) & real
             sink_at = seen.clamp(max=self.sink - 1)[:, None, None, None].expand(B, G, 1, P)
-            for name, new in (("sink_k", k), ("sink_v", v)):
-                old = state[name].gather(2, sink_at)
-                state[name].scatter_(2, sink_at, torch.where(write[:, None, None, None], new.to(old.dtype), old))
+            self._write_where(state, (("sink_k", k), ("sink_v", v)), sink_at, write)
             seen.add_(1 if real is None else real.long())
         if real is None:  # every token real (a decode step): no read-back of the slots a padding token would keep
             for name, new in (("k", k), ("v", v)):
@@ -412,9 +422,7 @@ class WindowAttention(RecurrentMixer):
             state["valid"].scatter_(1, slot, 1.0)
             state["next"].add_(1)
         else:
-            for name, new in (("k", k), ("v", v)):
-                old = state[name].gather(2, at)
-                state[name].scatter_(2, at, torch.where(real[:, None, None, None], new.to(old.dtype), old))
+            self._write_where(state, (("k", k), ("v", v)), at, real)
             filled = state["valid"].gather(1, slot)
             state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
             state["next"].add_(real.long())
