@@ -120,7 +120,8 @@ def student_specs(ranked: list[tuple[int, int]], state_size: int, seed: int,
         kinds = [(f"top{k}", ranked[:k]) for k in counts]
         kinds += [("none", []), (f"random-low{counts[-1]}", random_heads)]
         # window heads get the build's attention sinks (DEFAULT_SINK): without them SmolLM2's windowed heads read
-        # prose at perplexity ~700 before any training (benchmarks/results/window-smollm2-sinks-cpu.md)
+        # prose at perplexity 741-1,479 before any training, 43-58 with them (benchmarks/results/
+        # window-smollm2-sinks-cpu.md)
         specs += [{"name": f"{kind}-{label}", "kept_heads": heads, "mixer": mixer, "window": window,
                    "sink": DEFAULT_SINK if window else None, "state_size": state_size} for kind, heads in kinds]
     return specs

@@ -350,6 +350,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def progress(row: dict, start: float) -> None:
+    """One line per evaluated model as the run goes: its KV by pairs and perplexity."""
+    kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
+    print(f"{row['name']:>24}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.kv_samples = args.kv_samples or (24 if args.quick else 128)
@@ -378,8 +384,7 @@ def main(argv=None) -> int:
     heldout = heldout_sequences(recipe_for(1 << 20, True, 0).data, tok, 512, max(1, args.ppl_tokens // 512))
     specs = distilled_specs(teacher, ranked, args)  # before any work: a bad --distill stops here
     teacher_row = {"name": "teacher", **evaluate(teacher, tok, heldout, args, device)}
-    kv = " ".join(f"{p}:{v:.2f}" for p, v in teacher_row["kv_retrieval"].items())
-    print(f"{'teacher':>24}  KV {kv}  ppl {teacher_row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+    progress(teacher_row, start)
     rows, serving = [], serving_rows()
 
     def save(done: bool) -> dict:
@@ -401,8 +406,7 @@ def main(argv=None) -> int:
             row["fidelity"] = fidelity_scores(teacher.to(device), tok, student, args.quick)
         rows.append(row)
         save(False)
-        kv = " ".join(f"{p}:{v:.2f}" for p, v in row["kv_retrieval"].items())
-        print(f"{row['name']:>24}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+        progress(row, start)
 
     for sink in args.sinks:
         for window in args.windows:
