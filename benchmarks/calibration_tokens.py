@@ -1,7 +1,8 @@
 """How many calibration tokens a build needs: build time against how far the calibrated start moves.
 
     python benchmarks/calibration_tokens.py                       # teacher-19m, CPU -> results/calibration_tokens.*
-    python benchmarks/calibration_tokens.py --tokens 2048,8192 --quick
+    python benchmarks/calibration_tokens.py --tokens 2048,8192    # other counts (the largest is the reference)
+    python benchmarks/calibration_tokens.py --quick               # smoke run: 256 and 512 tokens
 
 For each token count, ``build_student`` of the teacher (the scan's top ``--keep`` heads, DiscreteMamba2 state 8,
 calibrated on the prose corpus) in this process, timed; then, against the build on the most tokens: the recurrent
