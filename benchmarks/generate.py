@@ -425,10 +425,12 @@ def run(args) -> dict:
     # go through transformers' loop: min_new_tokens and compile_config keep them there)
     graph_names = [f"{h} graph loop" for h in hybrids] if args.graph_loop else []
     base = {**{n: n for n in names}, **{g: h for g, h in zip(graph_names, hybrids)}}
+    compiled_names = []
     if args.graph_loop and args.compiled_loop:  # the loop once more with its step's forward compiled
-        compiled_names = [f"{h} graph loop compiled" for h in hybrids]
+        chosen = [h for h, m in zip(hybrids, args.mixers) if args.compiled_loop == "all" or m in args.compiled_loop]
+        compiled_names = [f"{h} graph loop compiled" for h in chosen]
         graph_names += compiled_names
-        base.update(zip(compiled_names, hybrids))
+        base.update(zip(compiled_names, chosen))
         if quick:  # no C++ compiler for inductor's CPU code here: trace with a compiler-free backend
             from radistill.hybrid import graph_decode as loop_module
 
@@ -593,8 +595,8 @@ def run(args) -> dict:
         return {"prompt": length, "new_tokens": steps, "ttft_s": cell["first_token_s"], "total_s": cell["generate_s"],
                 "end_to_end_tokens_per_s": steps / cell["generate_s"], "decode_tokens_per_s": cell["tokens_per_s"]}
 
-    def long_all() -> None:
-        for name in (graph_names if args.graph_loop_only else names + graph_names):
+    def long_all(decoded: list[str]) -> None:
+        for name in decoded:
             looped = name in graph_names
             run_one = (lambda: long_graph(models[base[name]], name.endswith(" compiled"))) if looped else \
                 (lambda: long_run(models[name]))
@@ -646,8 +648,13 @@ def run(args) -> dict:
 
     # (what, kind, run): a part's kind names the finished parts whose longest time estimates it (a model's decode
     # cells each compile their own shapes, so one model's cell is the best guess for its next)
+    # The compiled loop's cells come after the long generation: each compiles its own shapes (tens of seconds), and
+    # the rows the issue's table needs (teacher, each hybrid's default loop, prefill, long) go first under a limit.
     first, rest = contexts[:1], contexts[1:]
-    decoded = graph_names if args.graph_loop_only else names + graph_names
+    looped = [g for g in graph_names if g not in compiled_names]
+    decoded = looped if args.graph_loop_only else [teacher] + looped
+    if "hf-loop" not in skip and not args.graph_loop_only:  # the hybrids through transformers' loop as well
+        decoded[1:1] = hybrids
     if args.graph_loop_only:  # the graph-loop rows alone (no compile): prefill, agreement and the teacher's rows off
         skip |= {"prefill", "agreement"}
     work = [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
@@ -660,7 +667,9 @@ def run(args) -> dict:
         work += [(f"prefill {n}x1", "prefill", lambda n=n: prefill(n)) for n in prefill_lengths[2:]]
         work.append((f"prefill {prefill_b16[0]}x{prefill_b16[1]}", "prefill", lambda: prefill(*prefill_b16)))
     if "long" not in skip:
-        work.append(("long", "long", long_all))
+        work.append(("long", "long", lambda: long_all(decoded)))
+    work += [(f"decode {c}x{b} {n}", f"decode {n}", lambda c=c, b=b, n=n: decode(c, b, n))
+             for c in contexts for b in batches for n in compiled_names]
     if "agreement" not in skip:
         work.append(("agreement", "agreement", agreement_all))
     if args.profile:
@@ -796,12 +805,15 @@ def main() -> None:
     parser.add_argument("--dynamic", action="store_true",
                         help="CompileConfig(dynamic=True) for all models (fewer compiles if time is short)")
     parser.add_argument("--skip", type=lambda v: [x for x in v.split(",") if x], default=None,
-                        help="parts to leave out, comma-separated: prefill, long, agreement")
+                        help="parts to leave out, comma-separated: prefill, long, agreement, hf-loop (the "
+                             "hybrids' rows through transformers' loop; their graph-loop rows stay)")
     parser.add_argument("--no-graph-loop", dest="graph_loop", action="store_false",
                         help="skip the hybrids' rows through their own captured greedy loop (CUDA only)")
-    parser.add_argument("--compiled-loop", action="store_true",
-                        help="also each hybrid's graph loop with its step's forward compiled by inductor "
-                             "(generate(graph_decode='compiled'); each cell's shapes compile once, untimed)")
+    parser.add_argument("--compiled-loop", nargs="?", const="all", default=None,
+                        type=lambda v: v if v == "all" else [x for x in v.split(",") if x],
+                        help="also the graph loop with its step's forward compiled by inductor "
+                             "(generate(graph_decode='compiled'); each cell's shapes compile once, untimed), for "
+                             "every hybrid or for the comma-separated mixers given; these cells run after 'long'")
     parser.add_argument("--graph-loop-only", action="store_true",
                         help="only the hybrids' graph-loop rows (decode cells and the long generation; nothing "
                              "compiles), e.g. to re-measure them; the teacher's rows come from another run")
@@ -819,9 +831,9 @@ def main() -> None:
                         help="with --profile and --time-limit: seconds kept free for the profile at the end [60]")
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/generate.json]")
     args = parser.parse_args()
-    unknown = set(args.skip or []) - {"prefill", "long", "agreement"}
+    unknown = set(args.skip or []) - {"prefill", "long", "agreement", "hf-loop"}
     if unknown:
-        parser.error(f"--skip takes prefill, long, agreement; got {', '.join(sorted(unknown))}")
+        parser.error(f"--skip takes prefill, long, agreement, hf-loop; got {', '.join(sorted(unknown))}")
     missing = [m for m in args.mixers if find_mixer(m) is None]
     if missing or not args.mixers:
         parser.error(f"--mixers needs registered mixer names; unknown: {', '.join(missing) or '(none given)'}")

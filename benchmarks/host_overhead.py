@@ -175,6 +175,29 @@ def device_launches(model, ids: torch.Tensor) -> int | None:
     return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+@torch.no_grad()
+def prefill_host_profile(model, ids: torch.Tensor, top: int = 25) -> list[dict]:
+    """Where the host's time goes in one (warm) prefill forward: Python's cProfile, the ``top`` functions by their
+    own time. On CUDA the forward returns before the device finishes, so this is the launch side alone: the
+    kernel launches, the Python around them, and any call that waits for the device (a ``.item()``, a
+    ``nonzero``) shows up as its own time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    profiler.disable()
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
+        where = path if path == "~" else f"{'/'.join(Path(path).parts[-2:])}:{line}"
+        rows.append({"function": f"{where} {name}", "calls": calls, "own_ms": 1e3 * own, "cumulative_ms": 1e3 * cumulative})
+    return sorted(rows, key=lambda r: -r["own_ms"])[:top]
+
+
 class StepRecorder:
     """Wraps the decode forward generate() calls (``model.__call__`` eager, ``get_compiled_call`` compiled) to
     record when each call starts and returns, and to switch an OpCounter's label between inside and outside."""
@@ -330,6 +353,12 @@ def table(result: dict) -> str:
         lines.append(f"{key:32s} {hybrid.get('outside_by_name', {}).get(key, 0):6.1f} | "
                      f"{teacher.get('outside_by_name', {}).get(key, 0):6.1f}")
     lines += ["```", ""]
+    for name, model in result["models"].items():  # cProfile of one warm prefill forward per model
+        rows = model.get("prefill_host_profile") or []
+        if rows:
+            lines += [f"{name}: prefill host time by function (cProfile, own ms, top {len(rows)}):", "", "```",
+                      *(f"{r['own_ms']:8.2f} {r['cumulative_ms']:8.2f} {r['calls']:6d}  {r['function']}" for r in rows),
+                      "```", ""]
     return "\n".join(lines)
 
 
@@ -369,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["prefill_ops"] = prefill_ops(model, ids)
         row.update(prefill_times(model, ids, args.device, repeat))
         row["prefill_device_launches"] = device_launches(model, ids)
+        row["prefill_host_profile"] = prefill_host_profile(model, ids)
         decode_ids = prompt(model, decode_prompt, args.device)
         row.update(decode_ops(model, decode_ids, new_tokens))
         row.update(decode_host(model, decode_ids, new_tokens, args.device))

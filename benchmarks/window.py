@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -122,6 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--fidelity", action="store_true", help="radistill.eval.fidelity of every student")
     p.add_argument("--out", default="window", help="results stem under benchmarks/results/ [window]")
     p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="write --out from these runs' results instead of running "
+                   "(runs of one teacher side by side, e.g. the training-free rows and the distilled rows on one GPU): "
+                   "the first run's teacher row and settings, every run's student rows")
     return p.parse_args(argv)
 
 
@@ -356,8 +360,32 @@ def progress(row: dict, start: float) -> None:
     print(f"{row['name']:>24}  KV {kv}  ppl {row['heldout_ppl']:.2f}  ({time.time() - start:.0f} s)", flush=True)
 
 
+def merge_runs(paths: list[Path]) -> dict:
+    """One result from several runs of the same teacher and settings: the first run's teacher row and settings, the
+    student rows of all, in order; ``runs`` records each file's device, duration and completeness."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for path, run in zip(paths[1:], runs[1:]):
+        for key in ("teacher_name", "pairs", "lengths", "kv_items_per_size", "heldout_tokens"):
+            if run.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} has {key} {run.get(key)!r}, {paths[0]} {first.get(key)!r}")
+    merged = {**first, "students": [row for run in runs for row in run["students"]],
+              "distill_tokens": next((r["distill_tokens"] for r in runs if r.get("distill_tokens")), None),
+              "complete": all(r.get("complete") for r in runs),
+              "runs": [{"file": _relative(str(p)), "seconds": r.get("seconds"), "complete": r.get("complete"),
+                        "device": r.get("device")} for p, r in zip(paths, runs)]}
+    return merged
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        out = Path(args.results_dir) / args.out
+        result = merge_runs([Path(p) for p in args.merge])
+        write_json_atomic(out.with_suffix(".json"), result)
+        write_text_atomic(out.with_suffix(".md"), markdown(result))
+        print(markdown(result))
+        return 0
     args.kv_samples = args.kv_samples or (24 if args.quick else 128)
     args.ppl_tokens = args.ppl_tokens or (1024 if args.quick else 65536)
     args.windows = _ints(args.windows or ("16,64" if args.quick else ",".join(map(str, WINDOWS))))

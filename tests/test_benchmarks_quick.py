@@ -154,8 +154,12 @@ def test_generate_benchmark_profile_of_a_decode_step_and_a_prefill_per_model(tmp
     """--profile: per model, the compiled and the eager decode step (with generate's own inputs) and a prefill,
     each with its top ops and counts -> generate-profile.{json,md} (CPU: aten ops stand in for kernels)."""
     result = run_quick("generate.py", tmp_path / "generate.json", "--profile", "--mixers", "window_recurrent",
-                       "--skip", "prefill,long,agreement")
+                       "--skip", "prefill,long,agreement,hf-loop")
     assert result["errors"] == [] and result["done"][-1].startswith("profile")
+    # hf-loop: the hybrid's decode rows through transformers' loop are left out, its graph-loop rows stay
+    teacher, hybrid = result["models"]
+    assert result["decode"][hybrid] == {} and result["decode"][teacher]
+    assert set(result["decode"][f"{hybrid} graph loop"]) == set(result["decode"][teacher])
     profile = json.loads((tmp_path / "generate-profile.json").read_text())
     assert profile["errors"] == [] and set(profile["cases"]) == set(result["models"])
     for cases in profile["cases"].values():

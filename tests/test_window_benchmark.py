@@ -189,3 +189,25 @@ def test_window_benchmark_adds_a_window_recurrent_student(tmp_path):
     assert built["kv_retrieval"] == window["kv_retrieval"]
     assert built["heldout_ppl"] == pytest.approx(window["heldout_ppl"], rel=1e-5)
     assert built["cache_bytes_bf16"]["2048"] > window["cache_bytes_bf16"]["2048"]
+
+
+def test_merge_puts_runs_side_by_side_and_refuses_other_settings(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from window import merge_runs
+
+    def run(name: str, students: list[str], **extra) -> Path:
+        result = {"teacher_name": "teacher-19m", "teacher": {"name": "teacher"}, "pairs": [5, 10], "lengths": [2048],
+                  "kv_items_per_size": 128, "heldout_tokens": 65536, "distill_tokens": None, "complete": True,
+                  "seconds": 12.0, "device": "H200", "students": [{"name": s} for s in students], **extra}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(result))
+        return path
+
+    free = run("free", ["top3-w16-s4", "none-w16-s4"])
+    distilled = run("distilled", ["dm2-top3"], distill_tokens=2097152, complete=False)
+    merged = merge_runs([free, distilled])
+    assert [r["name"] for r in merged["students"]] == ["top3-w16-s4", "none-w16-s4", "dm2-top3"]
+    assert merged["distill_tokens"] == 2097152 and merged["complete"] is False
+    assert [r["complete"] for r in merged["runs"]] == [True, False]
+    with pytest.raises(SystemExit, match="pairs"):
+        merge_runs([free, run("other", ["x"], pairs=[5, 40])])

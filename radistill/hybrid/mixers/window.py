@@ -82,6 +82,7 @@ class WindowAttention(RecurrentMixer):
         runs = [(g, kv_groups.count(g)) for g in distinct]
         adjacent = [g for g, n in runs for _ in range(n)] == kv_groups
         self._runs = runs if adjacent else None
+        self._group_indices: dict[torch.device, Tensor] = {}  # _group_index's, per device
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
@@ -128,7 +129,7 @@ class WindowAttention(RecurrentMixer):
             reach = keys.shape[2]
         else:
             reach = W - 1 + (0 if valid.is_meta else int((~valid).sum(1).max()))
-        index = torch.as_tensor(self.kv_groups, device=q.device)
+        index = self._group_index(q.device)
         scale = self.head_dim**-0.5
         for start in range(0, T, self.block_size):
             end = min(T, start + self.block_size)
@@ -191,7 +192,7 @@ class WindowAttention(RecurrentMixer):
                    documents: Tensor | None) -> Tensor:
         """The reference path, any padding: queries in blocks of ``block_size`` over every key a window could reach
         (:meth:`_blocks`). q [B, H, T, P]; keys/values [B, G, L, P]; valid [B, L] -> y [B, H, T, P]."""
-        index = torch.as_tensor(self.kv_groups, device=q.device)
+        index = self._group_index(q.device)
         out = []
         for start, end, lo, probs in self._blocks(q, keys, valid, past, documents):
             out.append(torch.matmul(probs.to(values.dtype), values[:, :, lo : past + end].index_select(1, index)))
@@ -215,7 +216,7 @@ class WindowAttention(RecurrentMixer):
         S = C + W - 1
         n = -(-T // C)
         device = q.device
-        index = torch.as_tensor(self.kv_groups, device=device)
+        index = self._group_index(device)
         count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
         rank = self._ranks(valid, count, documents)
         # bytes one chunk holds at once: fp32 scores and probabilities, its gathered keys (and their fp32 copy) and
@@ -225,6 +226,12 @@ class WindowAttention(RecurrentMixer):
         per_chunk = B * H * (2 * C * S * 4 + S * P * (4 + 2 * keys.element_size())
                              + C * (self.sink * 2 * 4 + per_query_sinks))
         group = max(1, min(n, budget // per_chunk))
+        # Without packed documents, between a real key and a later query every position is real (padding only
+        # precedes real tokens on this path), so "among the query's last W real tokens" is "at most W - 1 positions
+        # back": in the chunk layout query c sees band keys c .. c + W - 1, the same [C, S] pattern in every chunk.
+        # The mask is then that band and which keys are real: a few operators instead of the rule's ~25 per group.
+        offset = torch.arange(S, device=device)[None, :] - torch.arange(C, device=device)[:, None]  # [C, S]
+        band = (offset >= 0) & (offset < W)
         out = []
         for first in range(0, n, group):
             chunks = min(group, n - first)
@@ -244,8 +251,13 @@ class WindowAttention(RecurrentMixer):
             scores = torch.matmul(qc.float(), k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, n', C, S]
             # key_ok: the band's positions before the first token or after the last are not keys (their clamped
             # indices would repeat a real one)
-            allowed = self._window_mask(valid, count, documents, query_at, key_at, rank, part="window")
-            scores = scores.masked_fill(~(allowed & key_ok[:, None, :])[:, None], float("-inf"))
+            if documents is None:  # [B, n', C, S]: the fixed band on real keys (band's docstring)
+                real_key = valid.gather(1, key_at.reshape(1, -1).expand(B, -1)).view(B, chunks, S) & key_ok
+                allowed = band & real_key[:, :, None, :]
+            else:  # packed documents: the window rule itself (a document start cuts the band)
+                allowed = self._window_mask(valid, count, documents, query_at, key_at, rank, part="window")
+                allowed = allowed & key_ok[:, None, :]
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
             if self.sink:  # one softmax over the band and each query's sinks outside it
                 sink_scores, sink_values = self._sink_keys(qc, keys, values, valid, count, rank, documents, query_at,
                                                            index)
@@ -286,16 +298,30 @@ class WindowAttention(RecurrentMixer):
         def of_query(x: Tensor | None) -> Tensor | None:
             return None if x is None else x[:, query_at][..., None]
 
-        allowed = self._rule(query_at[..., None], at, of_query(count), of_key(count), of_key(valid), of_key(rank),
-                             of_query(documents), of_key(documents), part="sink")  # [B, n', C, sink]
+        if documents is None:  # the rule without documents (see _banded): a real sink key W or more positions back
+            unclamped = first[..., None] + torch.arange(self.sink, device=keys.device)  # [B, 1, 1, sink]
+            allowed = of_key(valid) & (unclamped < L) & (query_at[..., None] - unclamped >= self.window)
+        else:
+            allowed = self._rule(query_at[..., None], at, of_query(count), of_key(count), of_key(valid),
+                                 of_key(rank), of_query(documents), of_key(documents), part="sink")  # [B, n', C, sink]
         k = take(keys)  # broadcast over the queries of a row when they share their sinks
         scores = torch.matmul(qc.float().unsqueeze(-2), k.float().transpose(-1, -2)).squeeze(-2) * self.head_dim**-0.5
         return scores.masked_fill(~allowed[:, None], float("-inf")), take(values)
 
+    def _group_index(self, device: torch.device) -> Tensor:
+        """[H] each query head's KV head, on ``device``, made once per device: building it from the list on every
+        call is a host-to-device copy, which on CUDA waits for the device (the host could no longer run ahead of
+        the kernels it launched: in a prefill, once per layer)."""
+        device = torch.device(device)
+        cached = self._group_indices.get(device)
+        if cached is None:
+            cached = self._group_indices[device] = torch.as_tensor(self.kv_groups, device=device)
+        return cached
+
     def _per_head(self, kv: Tensor) -> Tensor:
         """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
         if self._runs is None:
-            return kv.index_select(1, torch.as_tensor(self.kv_groups, device=kv.device))
+            return kv.index_select(1, self._group_index(kv.device))
         if len(self._runs) == self.num_heads:  # one query head per KV head
             return kv
         return torch.cat([kv[:, g : g + 1].expand(-1, n, *kv.shape[2:]) for g, n in self._runs], dim=1)
@@ -348,8 +374,9 @@ class WindowAttention(RecurrentMixer):
         documents = self._documents(reset, past)
         # padding only before each row's real tokens (always so for generate's left padding and the ring, whose
         # empty slots come first): the banded path; inner padding stretches a window over more positions than the
-        # band holds, so it takes the blockwise path. No mask and no state: nothing to check, no host read.
-        plain = (attention_mask is None and state is None) or valid.is_meta
+        # band holds, so it takes the blockwise path. No mask: every new token is real and _combined puts the state's
+        # empty slots first, so there is nothing to check and no host read (which on CUDA would wait for the device).
+        plain = attention_mask is None or valid.is_meta
         banded = plain or bool((valid[:, 1:] >= valid[:, :-1]).all())
         y = (self._banded if banded else self._blockwise)(q, keys, values, valid, past, documents)
         y = y.transpose(1, 2) * valid[:, past:, None, None].to(y.dtype)  # [B, T, H, P]; padded positions: 0
