@@ -331,6 +331,9 @@ def distill_student(student, run_dir: Path, teacher, tokenizer, recipe: DistillR
         except OutOfTime:
             truncated = True
     tokens = sum(step * _tokens_per_step(recipe, stage) for stage, step in steps_done.items())
+    # a continued run: the stages before the first one trained here were finished by the earlier process
+    first = min(steps_done, default=None)
+    tokens += sum(recipe.stage(stage).tokens for stage in recipe.enabled_stages() if first is not None and stage < first)
     return tokens, truncated, stage_seconds
 
 

@@ -220,3 +220,31 @@ def test_benchmarks_student_run_left_by_an_earlier_process_is_continued(corpus, 
     assert seen[0] == 7 and seen[-1] == 20  # on from the checkpoint at step 6
     assert not truncated and tokens == 16 * 4 * 20
     assert (tmp_path / "run" / "stage2").is_dir()
+
+
+def test_benchmarks_continued_student_counts_the_stages_the_earlier_process_finished(corpus, tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """Killed in stage 3 after stage 2 finished: the continued run trains only the rest of stage 3, and its token
+    count still holds stage 2 (a SmolLM2 run reported stage 3's tokens alone, a third of what the students saw)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import testbed_recovery
+
+    class KilledInStage3(Trainer):
+        def __init__(self, *args, step_hook=None, **kwargs):
+            kill = stop_at((3, 3))
+            super().__init__(*args, step_hook=lambda stage, step: (step_hook(stage, step), kill(stage, step)),
+                             **kwargs)
+
+    recipe = tiny_recipe(corpus, stages=(2, 3))  # 6 steps of 64 tokens per stage, a checkpoint every 2
+    teacher, student = three_layer_pair()
+    monkeypatch.setattr(testbed_recovery, "Trainer", KilledInStage3)
+    with pytest.raises(Interrupt):
+        testbed_recovery.distill_student(student, tmp_path / "run", teacher, tokenizer, recipe, "cpu", None,
+                                         testbed_recovery.Timings(lambda: None), "student")
+    monkeypatch.setattr(testbed_recovery, "Trainer", Trainer)
+    teacher, student = three_layer_pair()
+    tokens, truncated, stage_seconds = testbed_recovery.distill_student(
+        student, tmp_path / "run", teacher, tokenizer, recipe, "cpu", None, testbed_recovery.Timings(lambda: None),
+        "student")
+    assert set(stage_seconds) == {3} and not truncated  # only stage 3 trained in this call
+    assert tokens == recipe.stage(2).tokens + recipe.stage(3).tokens == 2 * 6 * 64

@@ -41,6 +41,16 @@ def test_generated_once_resumable_and_reused(tmp_path):
         TeacherTexts(root, recipe.data)
     assert generate_texts(teacher, tok, recipe.data, root, seed=0) == 2
     assert [t.tolist() for t in TeacherTexts(root, recipe.data).texts] == whole
+    # a run of a smaller budget asks for fewer texts: the finished larger set serves it (its first texts); a run
+    # that asks for more than were made is refused, as any other change of settings
+    fewer = merge(recipe, {"data": {"teacher_documents": 4}}).data
+    assert generate_texts(teacher, tok, fewer, root, seed=0) == 0
+    assert [t.tolist() for t in TeacherTexts(root, fewer).texts] == whole[:4]
+    more = merge(recipe, {"data": {"teacher_documents": 8}}).data
+    with pytest.raises(TeacherTextError, match="other settings"):
+        generate_texts(teacher, tok, more, root, seed=0)
+    with pytest.raises(TeacherTextError, match="other data settings"):
+        TeacherTexts(root, more)
     # other settings or a damaged shard are refused
     other = merge(recipe, {"data": {"teacher_temperature": 0.5}}).data
     with pytest.raises(TeacherTextError, match="other settings"):

@@ -17,7 +17,9 @@ Layout (``data.teacher_dir``, by default ``RUN/teacher_text/``; another run may 
 One shard per ``generate`` call, written whole (``atomic_path``) before the index lists it, and each call seeded from
 (seed, shard number): an interrupted generation continues after the last shard listed and ends with the files an
 uninterrupted one writes (on the same device and versions: sampling is not bitwise portable). The reader refuses an
-index made for other settings or a shard whose checksum or shape disagrees with it.
+index made for other settings or a shard whose checksum or shape disagrees with it; a finished set made for more
+documents with every other setting the same serves a run that needs fewer (its first texts: a smaller budget asks
+for fewer: ``radistill.distill.recipe.with_recommended``).
 """
 
 from __future__ import annotations
@@ -72,9 +74,18 @@ def _load_index(root: Path, settings: dict | None) -> dict | None:
         raise TeacherTextError(f"{path} has format {index.get('format')}, this radistill writes {FORMAT}: move it away")
     if settings is not None and index["settings"] != settings:
         changed = sorted(k for k in settings if index["settings"].get(k) != settings.get(k))
-        raise TeacherTextError(f"{root} holds teacher text generated with other settings ({', '.join(changed)}): "
-                               "point data.teacher_dir elsewhere, or move that directory away")
+        if changed != ["teacher_documents"] or not _serves(index, settings["teacher_documents"]):
+            raise TeacherTextError(f"{root} holds teacher text generated with other settings ({', '.join(changed)}): "
+                                   "point data.teacher_dir elsewhere, or move that directory away")
     return index
+
+
+def _serves(index: dict, wanted: int) -> bool:
+    """Whether texts made for more documents serve a run that needs ``wanted``: finished, and at least as many.
+    Its first ``wanted`` texts are then the run's (a run of a smaller budget asks for fewer texts; otherwise every
+    setting matches), rather than generating a second set."""
+    made_for = index["settings"]["teacher_documents"]
+    return made_for >= wanted and index["documents"] >= min(made_for, wanted)
 
 
 def _prompts(tokenizer, data: DataConfig, skip: int):
@@ -100,8 +111,8 @@ def generate_texts(teacher: nn.Module, tokenizer, data: DataConfig, root: str | 
     root = Path(root)
     settings = text_settings(teacher, tokenizer, data, seed)
     index = _load_index(root, settings) or {"format": FORMAT, "settings": settings, "documents": 0, "shards": []}
-    total, done = data.teacher_documents, index["documents"]
-    if done >= total:
+    total, done = index["settings"]["teacher_documents"], index["documents"]  # a larger set made earlier: its own
+    if done >= min(total, data.teacher_documents):
         return 0
     console.print(f"generating {total - done:,} teacher texts ({data.teacher_new_tokens} tokens after "
                   f"{data.teacher_prompt_tokens}-token prompts) into {root}")
@@ -159,9 +170,9 @@ class TeacherTexts:
         if index is None:
             raise TeacherTextError(f"{root} holds no generated teacher text ({INDEX} is missing): the trainer makes it "
                                    "before training when data.teacher_share > 0")
-        wanted = {k: getattr(data, k) for k in GENERATION_FIELDS}
-        if {k: index["settings"].get(k) for k in GENERATION_FIELDS} != wanted or index["settings"]["source"] != \
-                data.source:
+        wanted = {k: getattr(data, k) for k in GENERATION_FIELDS if k != "teacher_documents"}
+        if {k: index["settings"].get(k) for k in wanted} != wanted or index["settings"]["source"] != data.source \
+                or index["settings"]["teacher_documents"] < data.teacher_documents:
             raise TeacherTextError(f"{root} holds teacher text generated with other data settings: point "
                                    "data.teacher_dir elsewhere, or move that directory away")
         if index["documents"] < data.teacher_documents:
