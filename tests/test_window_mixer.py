@@ -313,3 +313,22 @@ def test_window_decode_step_widens_kv_per_head_like_the_index(kv_groups):
                                                                           sin[:, t : t + 1].double()))[0]
                  for t in range(7)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)  # scores are fp32 on both paths
+
+
+@pytest.mark.parametrize("kv_groups, grouped", [([0, 0, 1, 1], True), ([0, 1, 2, 3], True), ([0, 0, 0, 1], False),
+                                                ([0, 1, 0, 1], False)])
+@pytest.mark.parametrize("sink", [0, 2])
+def test_decode_steps_equal_the_full_forward_grouped_or_widened(kv_groups, grouped, sink):
+    """The decode step reads K/V once per KV head when every KV head serves as many adjacent query heads (the query
+    heads grouped as a view), and widens K/V per query head otherwise; both give the full forward's outputs."""
+    torch.manual_seed(0)
+    mixer = WindowAttention(32, 4, 8, window=3, sink=sink, kv_groups=kv_groups).double()
+    assert bool(mixer._group_size) == grouped
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    u = torch.randn(2, 9, 32, dtype=torch.float64)
+    pe = tuple(t.double() for t in rope(u, torch.arange(9)[None]))
+    full, _ = mixer(u, position_embeddings=pe)
+    state = mixer.empty_state(2, "cpu", torch.float64)
+    steps = [mixer(u[:, t : t + 1], state=state, position_embeddings=tuple(x[:, t : t + 1] for x in pe))[0]
+             for t in range(9)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-12)

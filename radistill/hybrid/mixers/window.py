@@ -82,6 +82,8 @@ class WindowAttention(RecurrentMixer):
         runs = [(g, kv_groups.count(g)) for g in distinct]
         adjacent = [g for g, n in runs for _ in range(n)] == kv_groups
         self._runs = runs if adjacent else None
+        # the decode step's grouped form: query heads per KV head when every KV head has as many, adjacent (0: none)
+        self._group_size = runs[0][1] if adjacent and len({n for _, n in runs}) == 1 else 0
         self._group_indices: dict[torch.device, Tensor] = {}  # _group_index's, per device
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * head_dim, bias=bias)
@@ -432,7 +434,9 @@ class WindowAttention(RecurrentMixer):
         The row's token goes into slot ``next % W`` (the oldest, or the first empty one), by ``scatter_`` at that
         device-side index; a padding token writes the slot's own content back and leaves ``next`` alone. The query
         then reads every filled slot: the last W real tokens, its own included, the same keys the blockwise path
-        gives it (in ring order rather than token order, which a softmax does not see)."""
+        gives it (in ring order rather than token order, which a softmax does not see). When every KV head serves as
+        many adjacent query heads (every layer without kept heads in a built student) the queries are viewed as
+        [B, G, n, P] against the ring's [B, G, S + W, P], so no per-head copy of K/V is made each token."""
         B, G, _, P = k.shape
         slot = (state["next"] % self.window)[:, None]  # [B, 1]
         at = slot[:, None, :, None].expand(B, G, 1, P)
@@ -453,17 +457,21 @@ class WindowAttention(RecurrentMixer):
             filled = state["valid"].gather(1, slot)
             state["valid"].scatter_(1, slot, torch.where(real[:, None], torch.ones_like(filled), filled))
             state["next"].add_(real.long())
-        keys, values = self._per_head(state["k"]), self._per_head(state["v"])  # [B, H, W, P]
-        filled = state["valid"].bool()
-        if self.sink:  # the sink slots the ring no longer holds (j < seen - W), before the ring: [B, H, S + W, P]
-            keys = torch.cat([self._per_head(state["sink_k"]), keys], dim=2)
-            values = torch.cat([self._per_head(state["sink_v"]), values], dim=2)
+        keys, values, filled = state["k"], state["v"], state["valid"].bool()  # [B, G, W, P], [B, W]
+        if self.sink:  # the sink slots the ring no longer holds (j < seen - W), before the ring: [B, G, S + W, P]
+            keys = torch.cat([state["sink_k"], keys], dim=2)
+            values = torch.cat([state["sink_v"], values], dim=2)
             held = torch.arange(self.sink, device=k.device) < (state["seen"] - self.window)[:, None]
             filled = torch.cat([held, filled], dim=1)
-        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, 1, S + W]
+        H = self.num_heads
+        if self._group_size:  # each KV head's query heads adjacent and equally many: read K/V once per KV head
+            q = q.reshape(B, G, self._group_size, P)  # [B, G, n, P]: heads are grouped by KV head (a view)
+        else:  # K/V widened to one per query head
+            keys, values = self._per_head(keys), self._per_head(values)  # [B, H, S + W, P]
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5  # [B, G|H, n|1, S+W]
         scores = scores.masked_fill(~filled[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # nothing real yet: zeros
-        y = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [B, 1, H, P]
+        y = torch.matmul(probs.to(values.dtype), values).reshape(B, H, 1, P).transpose(1, 2)  # [B, 1, H, P]
         return y if real is None else y * real[:, None, None, None].to(y.dtype)
 
     def mixing_matrix(
