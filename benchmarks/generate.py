@@ -837,6 +837,9 @@ def main() -> None:
     missing = [m for m in args.mixers if find_mixer(m) is None]
     if missing or not args.mixers:
         parser.error(f"--mixers needs registered mixer names; unknown: {', '.join(missing) or '(none given)'}")
+    if isinstance(args.compiled_loop, list) and (set(args.compiled_loop) - set(args.mixers) or not args.compiled_loop):
+        parser.error(f"--compiled-loop takes mixers of --mixers ({','.join(args.mixers)}); got "
+                     f"{','.join(args.compiled_loop) or '(none)'}")
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error("--time-limit must be > 0 seconds")
     if args.profile_reserve < 0:
