@@ -91,6 +91,7 @@ SCAN_PAIRS = 20
 # the student mixers: (short tag in the student's name, window); window_recurrent is built as fidelity_candidates.py's
 # window-rec variant (build_student's mixer/window options), the recurrence's state size is --state-size for both
 MIXERS = {"discrete_mamba2": ("dm2", None), "window_recurrent": ("wr", WINDOW)}
+CHECKPOINT_EVERY = 50  # optimizer steps between a student's checkpoints (50 x 8,192 tokens at --batch-size 16)
 
 
 @dataclass
@@ -403,8 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     args.scan_samples = args.scan_samples or (4 if quick else 64)
 
     def recipe_of(tokens: int) -> DistillRecipe:
+        # a checkpoint every CHECKPOINT_EVERY steps (testbed_recovery's recipe writes them only at stage ends): these
+        # students share a GPU inside time-limited calls, and one cut mid-stage continues from there, not from the
+        # stage's start (on the H200, 2026-12-05, six students cut at stage-3 steps 60-260 of 293 restarted at 0)
         recipe = merge(recipe_for(tokens, quick, args.seed, args.lr_stage2, args.lr_stage3),
-                       {"data": {"source": str(args.data)}})
+                       {"data": {"source": str(args.data)},
+                        "stages": {k: {"checkpoint_every": CHECKPOINT_EVERY} for k in (2, 3)}})
         if args.batch_size:
             recipe = merge(recipe, {"stages": {k: {"batch_size": args.batch_size} for k in (2, 3)}})
             recipe = recipe_for_batch(recipe, tokens)
