@@ -149,7 +149,7 @@ def run(args, write=None) -> dict:
     rows: list[dict] = []
 
     def result() -> dict:
-        return {"teacher": str(teacher_path), "rows": rows, "settings": config.to_dict(),
+        return {"teacher": _label(teacher_path), "rows": rows, "settings": config.to_dict(),
                 "device": name, "dtype": str(teacher.dtype).removeprefix("torch."),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -213,6 +213,13 @@ def read_result(path: Path) -> dict:
 
 def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _label(path: Path) -> str:
+    """The teacher as results name it: relative to the repository when inside it (the same name on every machine,
+    so runs of one teacher merge), else as given (an HF id, a file elsewhere)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if path.exists() and resolved.is_relative_to(ROOT) else str(path)
 
 
 def render(result: dict) -> str:
