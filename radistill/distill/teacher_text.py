@@ -111,8 +111,8 @@ def generate_texts(teacher: nn.Module, tokenizer, data: DataConfig, root: str | 
     root = Path(root)
     settings = text_settings(teacher, tokenizer, data, seed)
     index = _load_index(root, settings) or {"format": FORMAT, "settings": settings, "documents": 0, "shards": []}
-    total, done = index["settings"]["teacher_documents"], index["documents"]  # a larger set made earlier: its own
-    if done >= min(total, data.teacher_documents):
+    total, done = data.teacher_documents, index["documents"]  # a larger finished set (_serves) has done >= total
+    if done >= total:
         return 0
     console.print(f"generating {total - done:,} teacher texts ({data.teacher_new_tokens} tokens after "
                   f"{data.teacher_prompt_tokens}-token prompts) into {root}")

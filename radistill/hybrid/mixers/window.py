@@ -219,8 +219,10 @@ class WindowAttention(RecurrentMixer):
         n = -(-T // C)
         device = q.device
         index = self._group_index(device)
-        count = valid.long().cumsum(1)  # [B, L]: real tokens up to and including each position
-        rank = self._ranks(valid, count, documents)
+        # real tokens up to and including each position [B, L], and ranks: only the window rule of packed documents
+        # reads them (without documents the band and the sinks are fixed patterns on the real keys, below)
+        count = None if documents is None else valid.long().cumsum(1)
+        rank = None if documents is None else self._ranks(valid, count, documents)
         # bytes one chunk holds at once: fp32 scores and probabilities, its gathered keys (and their fp32 copy) and
         # values, per query head; with sinks also their scores and, with packed documents, each query's own sink
         # keys and values (without, a row's queries share theirs)
@@ -273,15 +275,16 @@ class WindowAttention(RecurrentMixer):
             out.append(y.reshape(B, H, chunks * C, P)[:, :, : hi - lo])
         return torch.cat(out, dim=2)
 
-    def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor, rank: Tensor,
-                   documents: Tensor | None, query_at: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor | None,
+                   rank: Tensor | None, documents: Tensor | None, query_at: Tensor,
+                   index: Tensor) -> tuple[Tensor, Tensor]:
         """The banded path's sink part: each query against its document's first ``sink`` real tokens that are not
         in its window. With no padding between real tokens (the banded path's condition) those lie at the first real
         position of the query's document and after: one set per row when there are no packed documents (the first
         real position is the number of padding positions), one per query otherwise (its position - rank + 1).
-        qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values [B, G, L, P];
-        valid/count/rank/documents [B, L]; index [H] each query head's KV head -> (scores [B, H, n', C, sink], -inf
-        where the rule says no; values [B, H, n', C or 1, sink, P])."""
+        qc [B, H, n', C, P] queries at combined indices query_at [n', C]; keys/values [B, G, L, P]; valid [B, L];
+        count/rank/documents [B, L] (None without documents); index [H] each query head's KV head -> (scores
+        [B, H, n', C, sink], -inf where the rule says no; values [B, H, n', C or 1, sink, P])."""
         B, G, L, P = keys.shape
         if documents is None:  # [B, 1, 1]: every query of a row shares its sinks
             first = (~valid).sum(1)[:, None, None]
@@ -324,8 +327,6 @@ class WindowAttention(RecurrentMixer):
         """[B, G, ...] per KV head -> [B, H, ...] per query head (``kv_groups``)."""
         if self._runs is None:
             return kv.index_select(1, self._group_index(kv.device))
-        if len(self._runs) == self.num_heads:  # one query head per KV head
-            return kv
         return torch.cat([kv[:, g : g + 1].expand(-1, n, *kv.shape[2:]) for g, n in self._runs], dim=1)
 
     def _combined(self, k, v, attention_mask, state):
