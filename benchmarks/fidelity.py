@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from radistill.eval.fidelity import FidelityConfig  # noqa: E402
+from radistill.eval.fidelity import FidelityConfig, table_summary  # noqa: E402
 from radistill.eval.kv import KVEvalConfig  # noqa: E402
 from radistill.eval.runner import EvalConfig, evaluate_model  # noqa: E402
 from radistill.models.access import load_model, resolve_device  # noqa: E402
@@ -108,13 +108,7 @@ def row_of(name: str, folder: Path | None, model, results) -> dict:
     row["kv_gen"] = {str(p): tasks[f"kv_ret_gen@{p}"].value for p in PAIRS if f"kv_ret_gen@{p}" in tasks}
     row["ppl"] = tasks["ppl"].value if "ppl" in tasks else None
     if "fidelity" in tasks:
-        details = tasks["fidelity"].details
-        row["fidelity"] = {
-            kind: {split: {k: stats[k] for k in ("kl", "top1", "confident", "positions", "confident_positions")}
-                   for split, stats in splits.items()}
-            for kind, splits in details["texts"].items()}
-        row["fidelity"]["greedy"] = {k: details["greedy"][k] for k in ("mean", "median", "of")}
-        row["fidelity"]["reach"] = details["reach"]
+        row["fidelity"] = table_summary(tasks["fidelity"].details)
     row["suites"] = {t.name: t.value for t in results if t.metric == "acc" and not t.name.startswith("kv_ret")}
     return row
 
@@ -235,18 +229,21 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _versions(versions: dict) -> str:
+    """"torch X, transformers Y" with what a run recorded (older results hold torch only)."""
+    return ", ".join(f"{name} {versions[name]}" for name in ("torch", "transformers") if versions.get(name))
+
+
 def _table(result: dict, rows: list[dict], settings: dict) -> list[str]:
     suites = list(dict.fromkeys(s for r in rows for s in r.get("suites", {})))
     pairs = list(dict.fromkeys(p for r in rows for p in r.get("kv", {})))
     runs: dict[str, list[str]] = {}  # device and versions -> the dates of its rows
     for r in rows:
-        versions = r.get("versions", result["versions"])
-        where = (f"{r.get('device', result['device'])} · torch {versions['torch']}, transformers "
-                 f"{versions['transformers']}" + (" · QUICK (smoke run)" if r.get("quick", result["quick"]) else ""))
+        where = (f"{r.get('device', result['device'])} · {_versions(r.get('versions', result['versions']))}"
+                 + (" · QUICK (smoke run)" if r.get("quick", result["quick"]) else ""))
         runs.setdefault(where, []).append(str(r.get("date", result["date"])))
-    lines = [f"{result['device']} · {result.get('dtype', '')} · torch {result['versions']['torch']}, transformers "
-             f"{result['versions']['transformers']} · {result['date']}" + (" · QUICK (smoke run)" if result["quick"]
-                                                                           else ""), ""] if len(rows) <= 1 or \
+    lines = [f"{result['device']} · {result.get('dtype', '')} · {_versions(result['versions'])} · {result['date']}"
+             + (" · QUICK (smoke run)" if result["quick"] else ""), ""] if len(rows) <= 1 or \
         "teachers" not in result else \
         ["; ".join(f"{where} · {min(dates)}" + (f" to {max(dates)}" if max(dates) != min(dates) else "")
                    for where, dates in runs.items()), ""]
@@ -259,7 +256,7 @@ def _table(result: dict, rows: list[dict], settings: dict) -> list[str]:
         held, gen = fid.get("heldout", {}), fid.get("generated", {})
         greedy = fid.get("greedy")
         mixer = r.get("mixer")
-        cells = [r["name"], str(r["kept_heads"]),
+        cells = [r["name"], "all" if r["kept_heads"] is None else str(r["kept_heads"]),
                  "—" if not mixer else mixer + (f" W={r['window']}" if r.get("window") else ""),
                  str(r["state_size"] or "—"),
                  f"{r['tokens']:,}" if r.get("tokens") else "—",

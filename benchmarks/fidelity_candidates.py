@@ -4,6 +4,8 @@
     python benchmarks/fidelity_candidates.py --variants baseline,bos   # some of them (rows join the existing file)
     python benchmarks/fidelity_candidates.py --quick                   # CPU smoke run (tiny budget, few items)
     python benchmarks/fidelity_candidates.py --merge a.json b.json --out all.json   # rows of separate runs
+    python benchmarks/fidelity_candidates.py --merge all.json --out all.json --fidelity-out fc-fidelity.json
+                                                    # ... and the rows in fidelity.py's format, for its --merge
 
 On ``../shared/fixtures/teacher-19m`` with the prose corpus, the scan's top ``--top`` heads (16) at state ``--state``
 (8) are distilled with benchmarks/testbed_recovery.py's recipe and machinery (stage 2 on 20% of the tokens, then
@@ -71,6 +73,7 @@ from testbed_recovery import (  # noqa: E402
 )
 from distill import synchronizer  # noqa: E402
 from radistill.distill.recipe import DistillRecipe, merge  # noqa: E402
+from radistill.eval.fidelity import table_summary  # noqa: E402
 from radistill.models.access import load_model  # noqa: E402
 from radistill.utils.console import console  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="join the rows of these result files (same setup; a later file's row of a variant wins)")
+    parser.add_argument("--fidelity-out", type=Path, default=None,
+                        help="also write the rows in benchmarks/fidelity.py's format (and .md), for its --merge")
     args = parser.parse_args(argv)
     if args.merge:
         if args.out is None:
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             merged["rows"] = [r for r in merged["rows"] if r["variant"] not in names] + run["rows"]
         write_json_atomic(args.out, merged)
         write_text_atomic(args.out.with_suffix(".md"), markdown(merged) + "\n")
+        write_fidelity_rows(merged, args.fidelity_out)
         print(markdown(merged))
         return 0
 
@@ -253,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out.with_suffix(".md"), markdown(result) + "\n")
         console.print(f"{name}: KV {row['kv_retrieval']} ppl {row['heldout_ppl']:.2f}")
         del model
+    write_fidelity_rows(result, args.fidelity_out)
     print(markdown(result))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def write_fidelity_rows(result: dict, path: Path | None) -> None:
+    if path is not None:
+        from fidelity import render
+
+        rows = fidelity_rows(result)
+        write_json_atomic(path, rows)
+        write_text_atomic(path.with_suffix(".md"), render(rows))
 
 
 def _fidelity_cells(fid: dict | None) -> list[str]:
@@ -270,6 +286,43 @@ def _fidelity_cells(fid: dict | None) -> list[str]:
     return [cell("texts", "heldout", "all", "kl"), cell("texts", "heldout", "all", "top1"),
             cell("texts", "heldout", "all", "confident"), cell("texts", "generated", "all", "kl"),
             cell("greedy", "mean", digits=1)]
+
+
+def fidelity_rows(result: dict) -> dict:
+    """The rows in benchmarks/fidelity.py's format, for ``fidelity.py --merge`` beside other teachers' runs. KV here
+    is testbed_recovery's evaluation (log-likelihood choice over the dictionary's values; ``kv_method`` says so)."""
+    heads = [f"{layer}.{head}" for layer, head in result["kept_heads"]]
+    teacher = result.get("teacher_eval") or {}
+
+    def row(r: dict) -> dict:
+        build = r.get("build") or {}
+        mixer = build.get("mixer", "discrete_mamba2")
+        changes = json.dumps(r.get("recipe_changes") or {}, sort_keys=True)
+        recipe = ("testbed recipe (stage 2 on 20% of the tokens, then stage 3, seq 512, cosine, the recurrent heads "
+                  f"trained) with variant {r['variant']}'s changes: {changes}"
+                  if r.get("distilled", bool(r.get("tokens"))) else "built, not distilled")
+        return {"name": r["variant"], "path": None, "kept_heads": len(heads), "heads": ",".join(heads),
+                "mixer": mixer, "window": build.get("window"), "sink": build.get("sink", 0) if build.get("window")
+                else None, "state_size": None if mixer == "window" else result["state"], "tokens": r["tokens"],
+                "recipe": recipe + (" (training cut by --train-seconds)" if r.get("truncated") else ""),
+                "truncated": r.get("truncated"), "kv": r["kv_retrieval"], "kv_gen": {}, "ppl": r["heldout_ppl"],
+                **({"fidelity": table_summary(r["fidelity"])} if r.get("fidelity") else {}),
+                "suites": r.get("suites", {}), "train_seconds": r.get("train_seconds"), "date": r.get("date")}
+
+    teacher_row = {"name": "teacher", "path": result["teacher"], "kept_heads": None, "heads": "all", "mixer": None,
+                   "window": None, "sink": None, "state_size": None, "tokens": None, "recipe": "teacher",
+                   "kv": teacher.get("kv_retrieval", {}), "kv_gen": {}, "ppl": teacher.get("heldout_ppl"),
+                   "suites": teacher.get("suites", {})}
+    dates = [r["date"] for r in result["rows"] if r.get("date")]
+    return {"teacher": result["teacher"], "rows": ([teacher_row] if teacher else []) + [row(r) for r in result["rows"]],
+            "settings": {"kv": {"pairs": [5, 10, 20, 40], "samples": result["kv_items_per_size"],
+                                "method": "benchmarks/fidelity_candidates.py (testbed_recovery.evaluate)"},
+                         "ppl_tokens": result["heldout_tokens"], "text": "the prose corpus (held-out documents)",
+                         "fidelity": next((r["fidelity"]["config"] for r in result["rows"] if r.get("fidelity")), {})},
+            "device": result["device"], "dtype": "bf16 (autocast)" if result["device"] != "cpu" else "float32",
+            "versions": {"torch": result.get("torch")}, "date": max(dates) if dates else None,
+            "quick": result.get("quick", False),
+            "kv_method": "log-likelihood choice over the dictionary's values"}
 
 
 def markdown(result: dict) -> str:

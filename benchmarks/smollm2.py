@@ -183,19 +183,14 @@ def fidelity_of(teacher, student, tokenizer, text_path: Path, quick: bool, batch
     benchmarks/fidelity.py's row format (per text kind and split: KL, top-1, confident top-1; greedy agreement;
     attention reach). Every student is scored on the same teacher samples, kept in ``samples_file`` (the first
     call, or ``--scan-only``, writes them)."""
-    from radistill.eval.fidelity import fidelity
+    from radistill.eval.fidelity import fidelity, table_summary
 
     stored = json.loads(samples_file.read_text()) if samples_file.exists() else None
     result = fidelity(teacher, tokenizer, student, tokenizer, str(text_path), fidelity_config(quick),
                       batch_size=batch, samples=stored)
     if stored is None:
         write_json_atomic(samples_file, result.samples)
-    details = result.to_dict()
-    out = {kind: {split: {k: stats[k] for k in ("kl", "top1", "confident", "positions", "confident_positions")}
-                  for split, stats in splits.items()} for kind, splits in details["texts"].items()}
-    out["greedy"] = {k: details["greedy"][k] for k in ("mean", "median", "of")}
-    out["reach"] = details["reach"]
-    return out
+    return table_summary(result.to_dict())
 
 
 def versions() -> dict:

@@ -64,6 +64,50 @@ def test_merge_joins_rows_of_one_setup(tmp_path):
         main(["--merge", str(paths[0]), str(paths[2]), "--out", str(tmp_path / "bad.json")])
 
 
+def test_rows_in_fidelity_format_merge_beside_another_teacher(tmp_path):
+    """--fidelity-out writes the variants as benchmarks/fidelity.py rows: its --merge joins them with another
+    teacher's (SmolLM2's) into one file, each variant with its mixer, tokens, KV, suites and fidelity summary."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from fidelity import main as fidelity_main
+    from fidelity_candidates import main
+
+    kv = {"5": 1.0, "10": 1.0, "20": 0.5, "40": 0.25}
+    split = {"kl": 0.2, "top1": 0.8, "confident": 0.99, "positions": 10, "confident_positions": 3, "kl_sum": 2.0,
+             "top1_hits": 8, "confident_hits": 3}
+    details = {"config": {"long_range": 16}, "texts": {kind: {s: dict(split) for s in ("all", "local", "long")}
+                                                       for kind in ("heldout", "generated")},
+               "greedy": {"tokens": [3, 5], "mean": 4.0, "median": 4.0, "of": 64}, "reach": {}}
+    run = {"teacher": "t19", "budget_tokens": 100, "top": 2, "state": 8, "quick": False, "device": "gpu",
+           "torch": "2.x", "kv_items_per_size": 2, "heldout_tokens": 10, "kept_heads": [[0, 1], [3, 2]],
+           "teacher_eval": {"kv_retrieval": kv, "heldout_ppl": 5.0, "suites": {"records": 0.99}},
+           "rows": [{"variant": "baseline", "tokens": 100, "kv_retrieval": kv, "heldout_ppl": 7.0,
+                     "train_seconds": 1.0, "recipe_changes": {}, "build": {}, "suites": {"records": 0.7},
+                     "fidelity": details, "date": "2026-12-04T16:00:00+00:00"},
+                    {"variant": "window-only-free", "tokens": 0, "kv_retrieval": kv, "heldout_ppl": 8.0,
+                     "train_seconds": 0.0, "recipe_changes": {}, "build": {"mixer": "window", "window": 16},
+                     "distilled": False, "suites": {"records": 0.98}, "date": "2026-12-04T17:00:00+00:00"}]}
+    (tmp_path / "fc.json").write_text(json.dumps(run))
+    assert main(["--merge", str(tmp_path / "fc.json"), "--out", str(tmp_path / "all.json"),
+                 "--fidelity-out", str(tmp_path / "fc-fid.json")]) == 0
+    rows = json.loads((tmp_path / "fc-fid.json").read_text())
+    assert [r["name"] for r in rows["rows"]] == ["teacher", "baseline", "window-only-free"]
+    base, window = rows["rows"][1], rows["rows"][2]
+    assert base["heads"] == "0.1,3.2" and base["mixer"] == "discrete_mamba2" and base["state_size"] == 8
+    assert base["fidelity"]["heldout"]["all"]["top1"] == 0.8 and "kl_sum" not in base["fidelity"]["heldout"]["all"]
+    assert base["fidelity"]["greedy"] == {"mean": 4.0, "median": 4.0, "of": 64} and "testbed recipe" in base["recipe"]
+    assert window["mixer"] == "window" and window["state_size"] is None and window["recipe"] == "built, not distilled"
+    other = {"teacher": "smol", "settings": {}, "device": "gpu", "versions": {"torch": "2.x"}, "date": "d",
+             "quick": False, "rows": [{"name": "teacher", "kept_heads": 270, "heads": "all", "mixer": None,
+                                       "state_size": None, "tokens": None, "recipe": "teacher", "kv": kv, "ppl": 16.0}]}
+    (tmp_path / "smol.json").write_text(json.dumps(other))
+    assert fidelity_main(["--merge", str(tmp_path / "fc-fid.json"), str(tmp_path / "smol.json"),
+                          "--out", str(tmp_path / "fidelity.json")]) == 0
+    merged = json.loads((tmp_path / "fidelity.json").read_text())
+    assert merged["teachers"] == ["t19", "smol"] and len(merged["rows"]) == 4
+    text = (tmp_path / "fidelity.md").read_text()
+    assert "## t19" in text and "## smol" in text and "| window-only-free | 2 | window W=16 |" in text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "teacher-19m").exists(), reason="needs ../shared/fixtures (teacher-19m, corpus)")
 def test_window_variants_build_the_mixers_and_training_opens_the_gates(tmp_path):

@@ -195,6 +195,18 @@ class FidelityResult:
         return results
 
 
+def table_summary(details: dict) -> dict:
+    """What a results table keeps of ``FidelityResult.to_dict()``: per text kind and split the KL, top-1 and
+    confident top-1 with their position counts, the greedy agreement's mean / median / of, and the attention reach
+    (not the token ids, which a table does not need and which its seed reproduces)."""
+    out = {kind: {split: {k: stats[k] for k in ("kl", "top1", "confident", "positions", "confident_positions")}
+                  for split, stats in splits.items()}
+           for kind, splits in details["texts"].items()}
+    out["greedy"] = {k: details["greedy"][k] for k in ("mean", "median", "of")}
+    out["reach"] = details.get("reach", {})
+    return out
+
+
 # --- checks and text -------------------------------------------------------------------------------------------
 
 
