@@ -34,6 +34,8 @@ first and last losses.
     python benchmarks/lora_learning.py --scan benchmarks/results/window-cpu-scan/scan.json \
         --first-lrs facts:lora-restricted=3e-3,facts:full=1e-3 --kv-steps 200 --time-limit 400  # one H200
     python benchmarks/lora_learning.py --quick --out /tmp/q.json   # CPU smoke run (tiny everything, 1 lr each)
+    python benchmarks/lora_learning.py --merge a.json b.json --out benchmarks/results/lora_learning.json
+                                                                   # runs of one student, each with its settings
 
 Runs go in priority order: every (task, method) at its first learning rate (``--first-lrs``, per method or per
 task:method, else its kind's middle one), facts before the value-first task, then the rest of the sweep, so a run
@@ -455,7 +457,50 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, out: Path) -> None:
     write_json_atomic(out, result)
-    write_text_atomic(out.with_suffix(".md"), markdown(result) + "\n")
+    write_text_atomic(out.with_suffix(".md"), (merged_markdown(result) if "parts" in result else markdown(result))
+                      + "\n")
+
+
+def merge_results(results: list[dict], names: list[str]) -> dict:
+    """Runs of one student from several result files (each with its own settings, e.g. steps or replay per task)
+    as one result: ``parts`` holds each file's result whole (its starting-student scores, its runs), so a run is
+    compared with the start measured under its own settings. Refuses files of different students or task sets."""
+    first, tasks = results[0], {}
+    for name, r in zip(names, results):
+        if r["student"].get("source") != first["student"].get("source"):
+            raise SystemExit(f"--merge: {name} is a run of another student than {names[0]}; merge runs of one student")
+        for task in dict.fromkeys(run["task"] for run in r["runs"]):  # the tasks it ran must be the same tasks
+            if tasks.setdefault(task, r["tasks"][task]) != r["tasks"][task]:
+                raise SystemExit(f"--merge: {name}'s task {task} is not the one of the files before it (other "
+                                 "items or documents); merge runs of one task set")
+    return {"date": max(r["date"] for r in results), "device": ", ".join(dict.fromkeys(r["device"] for r in results)),
+            "student": first["student"], "tasks": tasks, "merged": names,
+            "parts": [{**r, "file": name} for r, name in zip(results, names)]}
+
+
+def merged_markdown(merged: dict) -> str:
+    """One summary row per run (learning: held-out accuracy; forgetting: KV, prose ppl and agreement against the
+    start its own file measured), then every file's table."""
+    lines = [f"# LoRA learning vs forgetting: {len(merged['parts'])} runs of one student ({merged['date']}, "
+             f"{merged['device']})", "",
+             f"Student: {merged['student']['source']}, "
+             f"{'distilled' if merged['student']['distilled'] else 'NOT distilled'}. Each row against the starting "
+             "student as measured in its own run (held-out prose and KV items differ between runs: see each part).",
+             "", "| task | method | lr | steps, replay | held-out acc before → after | KV@10 | KV@40 | prose ppl "
+             "start → after | top-1 vs start | part |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for index, part in enumerate(merged["parts"], 1):
+        start = part["before"]["student"]
+        for r in part["runs"]:
+            replay = ("" if not r.get("replay_share") else f", {r['replay_share']:.0%} replay"
+                      + (f" ({r['replay_kv']:.0%} of it key-first KV)" if r.get("replay_kv") else " (prose)"))
+            lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['steps']} × {r['batch']}{replay} | "
+                         f"{start[r['task']]:.3f} → **{r['after'][r['task']]:.3f}** | "
+                         f"{start['kv@10']:.2f} → {r['kv@10']:.2f} | {start['kv@40']:.2f} → {r['kv@40']:.2f} | "
+                         f"{start['heldout_ppl']:.2f} → {r['heldout_ppl']:.2f} | {r['top1_vs_start']:.3f} | {index} |")
+    for index, part in enumerate(merged["parts"], 1):
+        body = markdown(part).replace("# LoRA learning vs forgetting", f"## Part {index}: {part['file']}", 1)
+        lines += ["", body]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -502,6 +547,8 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None, help="where the built student goes (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny tasks, 3 steps, one lr per method")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--merge", nargs="+", default=None, help="join these result files (runs of one student, each "
+                   "with its own settings) into --out instead of running")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.kv_steps, args.facts_batch, args.kv_batch, args.entities, args.heldout = 3, 3, 4, 2, 8, 8
@@ -538,6 +585,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            raise SystemExit("--merge needs --out")
+        try:
+            results = [json.loads(Path(name).read_text()) for name in args.merge]
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--merge: cannot read a result file: {exc}") from exc
+        merged = merge_results(results, [Path(name).name for name in args.merge])
+        write(merged, args.out)
+        print(merged_markdown(merged))
+        return 0
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     if device == "cpu":

@@ -131,3 +131,35 @@ def test_key_first_replay_lists_are_the_probe_order_scored_on_the_answer(tokeniz
     assert {d[0][0] for d in lists}.isdisjoint(item.prompt for item in evaluation)
     item = kv_items(tokenizer, KVProbeConfig(pairs=10, samples=6, seed=7))[0]
     assert lists[0] == [(item.prompt, False), (item.choices[item.answer], True)]
+
+
+def test_merge_keeps_each_run_beside_the_start_of_its_own_file(tmp_path):
+    """--merge joins runs of one student made with different settings (here the committed facts run with prose
+    replay and the value-first run with key-first replay): each file stays a part with its own starting scores, the
+    summary has one row per run, and a file of another student or another version of a task is refused."""
+    results = BENCHMARKS / "results"
+    facts = results / "lora_learning-cpu-facts-replay-distilled.json"
+    kv = results / "lora_learning-cpu-kv-kvreplay-all.json"
+    out = tmp_path / "merged.json"
+    assert lora_learning.main(["--merge", str(facts), str(kv), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [p["file"] for p in merged["parts"]] == [facts.name, kv.name] and set(merged["tasks"]) == {"facts",
+                                                                                                   "reversed-kv"}
+    starts = [p["before"]["student"]["heldout_ppl"] for p in merged["parts"]]
+    assert starts[0] != starts[1]  # measured on other held-out windows: each run keeps its own
+    text = out.with_suffix(".md").read_text()
+    summary = [line for line in text.splitlines() if re.match(r"\| (facts|reversed-kv) \|", line)]
+    assert len(summary) == 2 * sum(len(p["runs"]) for p in merged["parts"])  # the summary and each part's table
+    assert f"{starts[1]:.2f} → " in text and "## Part 2: " + kv.name in text
+
+    other = json.loads(kv.read_text())
+    other["student"]["source"] = "/elsewhere"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another student"):
+        lora_learning.main(["--merge", str(kv), str(tmp_path / "other.json"), "--out", str(tmp_path / "x.json")])
+    changed = json.loads(kv.read_text())
+    changed["tasks"]["reversed-kv"]["heldout_items"] += 1
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="task reversed-kv"):
+        lora_learning.main(["--merge", str(kv), str(tmp_path / "changed.json"), "--out", str(tmp_path / "y.json")])
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
