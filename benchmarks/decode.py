@@ -19,7 +19,7 @@ Measured, per model:
 - the memory-bandwidth bound: bytes a step must read (weights + the cache: KV, and the recurrent states read and
   written) / HBM bandwidth measured by a device copy; ``efficiency`` = measured / bound tokens/s.
 
-Goals (issue 3): decode >= 2x the teacher at >= 8k context; cache <= 1/6 of the teacher's at 4k.
+Goals: decode >= 2x the teacher at >= 8k context; cache <= 1/6 of the teacher's at 4k.
 
     python benchmarks/decode.py                 # on one H100: the full table -> benchmarks/results/decode.{json,md}
     python benchmarks/decode.py --quick --out /tmp/decode-quick.json   # CPU smoke run (< 1 min): tiny, eager

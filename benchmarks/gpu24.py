@@ -1,4 +1,4 @@
-"""A Nanbeige4.1-3B-shaped teacher and its 13-head, state-8 hybrid on one GPU capped at 24 GiB (issue 7).
+"""A Nanbeige4.1-3B-shaped teacher and its 13-head, state-8 hybrid on one GPU capped at 24 GiB: does each stage fit?
 
 Every distillation stage at sequence 2048 and a LoRA fine-tune run with the strategy ``radistill plan`` chooses
 (random bf16 weights: memory and speed do not depend on their values); per stage the measured peak (CUDA
