@@ -213,3 +213,32 @@ def test_bf16_models_compare_in_fp32(tmp_path, flush_denormals):
     assert same.texts["heldout"]["all"].kl == 0.0 and same.texts["generated"]["all"].top1 == 1.0
     other = fidelity(teacher, tokenizer, student, tokenizer, str(text), config, batch_size=2)
     assert 0.0 < other.texts["heldout"]["all"].kl < float("inf")
+
+
+@pytest.mark.gpu
+@needs_teacher
+def test_cli_fidelity_on_cuda_for_a_built_hybrid(tmp_path, teacher):
+    """`radistill eval --tasks fidelity` on CUDA in bf16: the teacher against itself is exact (both compared in fp32),
+    and a hybrid built with the default mixer (its window heads and recurrences on the GPU) is scored like on CPU."""
+    from typer.testing import CliRunner
+
+    from radistill.cli import app
+    from radistill.hybrid.build import build_student
+
+    student = tmp_path / "student"
+    build_student(teacher[0], student, heads=[(0, 0), (3, 1), (5, 2), (8, 3)], tokenizer=teacher[1],
+                  mixer="window_recurrent", window=16, sink=4, state_size=8, calibration_tokens=1024)
+    settings = "windows=2,window=64,samples=2,prompt=12,generate=24,greedy_prompts=2,greedy_tokens=8"
+    for model, name in ((TEACHER, "self"), (student, "hybrid")):
+        out = tmp_path / f"{name}.json"
+        result = CliRunner().invoke(app, ["eval", str(model), "--teacher", str(TEACHER), "--tasks", "fidelity",
+                                          "--text", str(HELDOUT), "--fidelity", settings, "--out", str(out),
+                                          "--device", "cuda", "--dtype", "bf16"])
+        assert result.exit_code == 0, result.output
+        report = EvalReport.load(out)
+        kl, top1 = report.task("fidelity").value, report.task("fidelity_top1").value
+        if name == "self":
+            assert kl == 0.0 and top1 == 1.0
+        else:
+            assert 0.0 < kl < 5.0 and 0.2 < top1 < 1.0
+            assert report.task("fidelity_greedy") is not None
