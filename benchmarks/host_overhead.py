@@ -37,6 +37,7 @@ Measured for each model:
     python benchmarks/host_overhead.py                      # CPU -> benchmarks/results/host_overhead-cpu.{json,md}
     python benchmarks/host_overhead.py --device cuda        # one H200 -> benchmarks/results/host_overhead-h200.*
     python benchmarks/host_overhead.py --quick --out /tmp/host.json   # CPU smoke run (seconds)
+    python benchmarks/host_overhead.py --mixer window_recurrent    # the default student -> ...-window_recurrent.*
 """
 
 from __future__ import annotations
@@ -83,8 +84,14 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.get(label, Counter()).values())
 
 
-def make_models(shape: str, device: str, dtype: torch.dtype, state_size: int) -> dict[str, torch.nn.Module]:
+def make_models(shape: str, device: str, dtype: torch.dtype, state_size: int,
+                mixer: str = "discrete_mamba2") -> dict[str, torch.nn.Module]:
+    """The teacher and its hybrid with ``mixer`` in every replaced head (the build's defaults: a window mixer gets a
+    window of 16 and the build's attention sinks), labelled as benchmarks/generate.py labels them."""
     from transformers import AutoModelForCausalLM
+
+    from generate import model_label
+    from radistill.hybrid.memory import takes_window, with_build_defaults
 
     if shape == "quick":
         config = tiny_config("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=512,
@@ -100,8 +107,11 @@ def make_models(shape: str, device: str, dtype: torch.dtype, state_size: int) ->
     with torch.device(device):
         teacher = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).eval()
     kept = [sorted(h for l, h in heads if l == layer) for layer in range(config.num_hidden_layers)]
-    hybrid = convert(teacher, student_config(teacher, kept, "discrete_mamba2", {"state_size": state_size})).eval()
-    return {"teacher": teacher, f"hybrid K={len(heads)} N={state_size}": hybrid}
+    settings = with_build_defaults(mixer, {"state_size": state_size} | ({"window": 16} if takes_window(mixer) else {}))
+    hybrid = convert(teacher, student_config(teacher, kept, mixer, settings)).eval()
+    label = (f"hybrid K={len(heads)} N={state_size}" if mixer == "discrete_mamba2" else
+             model_label(mixer, len(heads), state_size, settings.get("window", 0), settings.get("sink", 0)))
+    return {"teacher": teacher, label: hybrid}
 
 
 def prompt(model, length: int, device: str) -> torch.Tensor:
@@ -372,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-prompt", type=int, default=None, help="default: 8192 on CUDA, 64 on CPU")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--state-size", type=int, default=8)
+    parser.add_argument("--mixer", default="discrete_mamba2",
+                        help="the replaced heads' mixer [discrete_mamba2; window_recurrent: window 16 + 4 sinks]")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: the quick shape, short prompts")
     parser.add_argument("--out", type=Path, default=None)
@@ -384,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens = 4 if args.quick else args.new_tokens
     repeat = 2 if args.quick else args.repeat
     dtype = torch.bfloat16 if cuda else torch.float32
-    out = args.out or RESULTS / ("host_overhead-h200.json" if cuda else "host_overhead-cpu.json")
+    suffix = "" if args.mixer == "discrete_mamba2" else f"-{args.mixer}"
+    out = args.out or RESULTS / (f"host_overhead-h200{suffix}.json" if cuda else f"host_overhead-cpu{suffix}.json")
     import transformers
 
     result = {"device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
               "transformers": transformers.__version__, "commit": args.code or git_commit(), "shape": shape,
               "prefill_tokens": prefill_tokens,
               "decode_prompt": decode_prompt, "new_tokens": new_tokens, "models": {}}
-    for name, model in make_models(shape, args.device, dtype, args.state_size).items():
+    for name, model in make_models(shape, args.device, dtype, args.state_size, args.mixer).items():
         row = {}
         ids = prompt(model, prefill_tokens, args.device)
         row["prefill_ops"] = prefill_ops(model, ids)

@@ -228,11 +228,16 @@ def test_fidelity_benchmark_quick_rows_and_merge(tmp_path):
         merge_runs([result, result])
 
 
-def test_host_overhead_benchmark_quick_counts_every_operator_once(tmp_path):
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
+def test_host_overhead_benchmark_quick_counts_every_operator_once(tmp_path, mixer):
     """benchmarks/host_overhead.py --quick: the prefill's operators split into outside-the-layers, per layer and
-    the scan add up to the total; the teacher has no scan; decode steps and generate's own work were counted."""
-    result = run_quick("host_overhead.py", tmp_path / "host.json")
+    the scan add up to the total; the teacher has no scan; decode steps and generate's own work were counted; with
+    --mixer window_recurrent the hybrid is the build's default student (window 16, 4 sinks), its recurrences
+    counted as the scan."""
+    result = run_quick("host_overhead.py", tmp_path / "host.json", "--mixer", mixer)
     teacher, hybrid = result["models"].values()
+    label = list(result["models"])[1]
+    assert (mixer in label and "W=16 S=4" in label) if mixer == "window_recurrent" else label == "hybrid K=4 N=8"
     for model in (teacher, hybrid):
         ops = model["prefill_ops"]
         parts = ops["outside_layers"] + ops["scan"] + sum(ops["per_layer"])
