@@ -333,7 +333,7 @@ def results_table(root: Path):
     its retrieval coverage (student ÷ teacher). None when nothing was evaluated."""
     from rich.table import Table
 
-    from radistill.eval.cli import _number
+    from radistill.eval.coverage import format_value
     from radistill.report.inputs import discover
 
     inputs = discover(root)
@@ -358,7 +358,7 @@ def results_table(root: Path):
             selection = student.selection or {}
             kept = str(len(student.kept_heads)) if student.config else str(selection.get("keep", "?"))
             cached = str((selection.get("kv_heads_cached") or {}).get("total", "?"))
-        values = [_number(report.task(n).value if report.task(n) else None, m) for n, m in tasks]
+        values = [format_value(report.task(n).value if report.task(n) else None, m) for n, m in tasks]
         coverage = report.coverage.get("retrieval") if student is not None else None
         table.add_row(name, kept, cached, *values, "—" if coverage is None else f"{100 * coverage:.1f}%")
     return table

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from radistill.eval.coverage import EvalReport, by_group
+from radistill.eval.coverage import EvalReport, by_group, format_value
 from radistill.utils.console import console
 from radistill.utils.errors import RadistillError
 
@@ -16,17 +16,6 @@ if TYPE_CHECKING:
     from radistill.eval.fidelity import FidelityConfig
 
 GROUP_TITLES = {"knowledge": "knowledge-focused", "retrieval": "retrieval-heavy", None: "other"}
-
-
-def _number(value: float | None, metric: str = "") -> str:
-    """Accuracies and agreements in %; perplexity, KL (nats per token) and token counts as they are."""
-    if value is None:
-        return "—"
-    if metric == "kl":
-        return f"{value:.3f}"
-    if metric == "tokens":
-        return f"{value:.1f}"
-    return f"{value:.2f}" if "perplexity" in metric else f"{100 * value:.1f}"
 
 
 def parse_fidelity(text: str | None) -> FidelityConfig:
@@ -62,12 +51,12 @@ def results_table(report: EvalReport) -> Table:
         table.add_section()
         table.add_row(f"[bold]{GROUP_TITLES[group]}[/]")
         for task in tasks:
-            row = [task.name, task.metric, _number(task.value, task.metric)]
+            row = [task.name, task.metric, format_value(task.value, task.metric)]
             if has_teacher:
-                row += [_number(task.teacher_value, task.metric), _number(task.ratio)]
+                row += [format_value(task.teacher_value, task.metric), format_value(task.ratio)]
             table.add_row(*row)
         if has_teacher and group is not None:
-            table.add_row(f"[bold]coverage ({group})[/]", "", "", "", f"[bold]{_number(coverage[group])}[/]")
+            table.add_row(f"[bold]coverage ({group})[/]", "", "", "", f"[bold]{format_value(coverage[group])}[/]")
     return table
 
 

@@ -41,6 +41,18 @@ def check_group(group: str | None, where: str) -> str | None:
     return group
 
 
+def format_value(value: float | None, metric: str = "") -> str:
+    """A task's number as tables show it: accuracies and agreements in %, perplexity and KL (nats per token) and token
+    counts as they are; "—" for none."""
+    if value is None:
+        return "—"
+    if metric == "kl":
+        return f"{value:.3f}"
+    if metric == "tokens":
+        return f"{value:.1f}"
+    return f"{value:.2f}" if "perplexity" in metric else f"{100 * value:.1f}"
+
+
 @dataclass
 class TaskResult:
     """One number for one task, with what it means: ``value`` in ``metric`` (e.g. acc 0.93, perplexity 21.4)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from radistill.eval.coverage import GROUPS, EvalReport, by_group
+from radistill.eval.coverage import GROUPS, EvalReport, by_group, format_value
 from radistill.report import html, plots
 from radistill.report.inputs import RunInputs, RunLayout, StudentRun, discover
 from radistill.report.memory import memory_curves, memory_table
@@ -29,16 +29,6 @@ def _figure(fig, path: Path, alt: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return html.image(path, alt)
-
-
-def _number(value: float | None, metric: str) -> str:
-    if value is None:
-        return "—"
-    if metric == "kl":
-        return f"{value:.3f}"
-    if metric == "tokens":
-        return f"{value:.1f}"
-    return f"{value:.2f}" if "perplexity" in metric else f"{100 * value:.1f}"
 
 
 def _is_fidelity(name: str) -> bool:
@@ -81,13 +71,13 @@ def headline(inputs: RunInputs, reports: dict[str, EvalReport]) -> list[str]:
                             ("ppl", "perplexity")):
             task = report.task(name)
             if task is not None:
-                parts.append(f"{label} {_number(task.value, task.metric)}"
-                             + (f" (teacher {_number(teacher[name], task.metric)})" if name in teacher else ""))
+                parts.append(f"{label} {format_value(task.value, task.metric)}"
+                             + (f" (teacher {format_value(teacher[name], task.metric)})" if name in teacher else ""))
         fidelity = [(name, label) for name, label in (("fidelity", "KL"), ("fidelity_top1", "top-1"),
                                                       ("fidelity_confident", "confident")) if report.task(name)]
         if fidelity:
             parts.append("fidelity to the teacher: " + ", ".join(
-                f"{label} {_number(report.task(name).value, report.task(name).metric)}"
+                f"{label} {format_value(report.task(name).value, report.task(name).metric)}"
                 + ("%" if report.task(name).metric == "agreement" else "") for name, label in fidelity))
         coverage = report.coverage
         parts += [f"{GROUP_TITLES[g]} coverage {_percent(coverage[g])}" for g in GROUPS if coverage[g] is not None]
@@ -142,10 +132,10 @@ def eval_section(inputs: RunInputs, reports: dict[str, EvalReport], out: Path) -
     for group, tasks in by_group([t for t in template.tasks if not _is_fidelity(t.name)]):
         rows.append(("group", [GROUP_TITLES[group]]))
         for task in tasks:
-            cells = [task.name, task.metric, _number(teacher.get(task.name), task.metric)]
+            cells = [task.name, task.metric, format_value(teacher.get(task.name), task.metric)]
             for report in reports.values():
                 mine = report.task(task.name)
-                cells.append("—" if mine is None else f"{_number(mine.value, mine.metric)} ({_percent(mine.ratio)})")
+                cells.append("—" if mine is None else f"{format_value(mine.value, mine.metric)} ({_percent(mine.ratio)})")
             rows.append(cells)
         if group is not None:
             rows.append(("coverage", [f"coverage ({GROUP_TITLES[group]})", "", ""]
@@ -180,8 +170,8 @@ def fidelity_section(reports: dict[str, EvalReport]) -> str:
         for kind, splits in result["texts"].items():
             for split, stats in splits.items():
                 rows.append([FIDELITY_TEXTS.get(kind, kind), split, f"{stats['positions']:,}",
-                             _number(stats["kl"], "kl"), _number(stats["top1"], "agreement"),
-                             _number(stats["confident"], "agreement"), f"{stats['confident_positions']:,}"])
+                             format_value(stats["kl"], "kl"), format_value(stats["top1"], "agreement"),
+                             format_value(stats["confident"], "agreement"), f"{stats['confident_positions']:,}"])
         greedy = result["greedy"]
         if greedy["tokens"]:
             rows.append(["greedy continuation", "", f"{len(greedy['tokens'])} prompts", "",
