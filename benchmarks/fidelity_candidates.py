@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_fidelity_rows(result: dict, path: Path | None) -> None:
+    """With ``--fidelity-out PATH``: :func:`fidelity_rows` to PATH and its table (fidelity.py's) beside it."""
     if path is not None:
         from fidelity import render
 
