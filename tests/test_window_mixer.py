@@ -332,3 +332,60 @@ def test_decode_steps_equal_the_full_forward_grouped_or_widened(kv_groups, group
     steps = [mixer(u[:, t : t + 1], state=state, position_embeddings=tuple(x[:, t : t + 1] for x in pe))[0]
              for t in range(9)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-12)
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+@pytest.mark.parametrize("length", [3, 9])
+def test_a_first_prefill_into_a_fresh_state_equals_the_general_path(sink, length):
+    """fresh=True (the cache made the state for this call) skips laying out the empty ring and sinks: the outputs,
+    every state tensor and the decode steps after it equal the general path's; shorter than max(W, S) tokens or
+    with a padding mask it takes the general path."""
+    torch.manual_seed(0)
+    mixer = WindowAttention(32, 4, 8, window=3, sink=sink, kv_groups=[0, 0, 1, 1]).double()
+    rope = LlamaRotaryEmbedding(tiny_config("llama", hidden_size=32, num_attention_heads=4, head_dim=8))
+    u = torch.randn(2, length + 2, 32, dtype=torch.float64)
+    pe = tuple(t.double() for t in rope(u, torch.arange(length + 2)[None]))
+    first = (u[:, :length], tuple(x[:, :length] for x in pe))
+    calls = []
+    original = mixer._first_prefill
+    mixer._first_prefill = lambda *a: calls.append(1) or original(*a)
+    runs = []
+    for fresh in (True, False):
+        state = mixer.empty_state(2, "cpu", torch.float64)
+        y, _ = mixer(first[0], state=state, position_embeddings=first[1], fresh=fresh)
+        steps = [mixer(u[:, t : t + 1], state=state, position_embeddings=tuple(x[:, t : t + 1] for x in pe))[0]
+                 for t in range(length, length + 2)]
+        runs.append((y, {k: v.clone() for k, v in state.items()}, torch.cat(steps, 1)))
+    assert len(calls) == (1 if length >= max(3, sink) else 0)
+    (y_fast, state_fast, steps_fast), (y_general, state_general, steps_general) = runs
+    torch.testing.assert_close(y_fast, y_general, rtol=0, atol=1e-12)
+    assert state_fast.keys() == state_general.keys()
+    for name in state_fast:
+        torch.testing.assert_close(state_fast[name], state_general[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(steps_fast, steps_general, rtol=0, atol=1e-12)
+    state = mixer.empty_state(2, "cpu", torch.float64)
+    mixer(first[0], attention_mask=torch.ones(2, length), state=state, position_embeddings=first[1], fresh=True)
+    assert len(calls) == (1 if length >= max(3, sink) else 0)  # a mask: the general path
+
+
+def test_the_hybrid_hands_fresh_only_to_the_call_that_made_the_state():
+    """Through the model: the first prefill into a new cache takes the window's fresh path in every window layer, a
+    second chunk into the same cache does not, and the pieces equal the full forward."""
+    torch.manual_seed(0)
+    teacher = make_teacher("llama", num_key_value_heads=2)
+    student = window_student(teacher, [[0], [], [1], []], 4, mixer="window_recurrent",
+                             settings={"window": 4, "sink": 2, **MAMBA})
+    calls = []
+    for layer in student.model.layers:
+        mixer = layer.self_attn.recurrent.window
+        mixer._first_prefill = (lambda original: lambda *a: calls.append(1) or original(*a))(mixer._first_prefill)
+    ids = torch.randint(1, student.config.vocab_size, (1, 14))
+    with torch.no_grad():
+        full = student(ids, use_cache=False).logits
+        assert not calls  # no cache, no state: nothing to be fresh
+        cache = HybridCache(student.config)
+        first = student(ids[:, :8], past_key_values=cache, use_cache=True).logits
+        assert len(calls) == len(student.model.layers)
+        second = student(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+    assert len(calls) == len(student.model.layers)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-4, atol=1e-5)

@@ -317,13 +317,14 @@ class HybridMixer(nn.Module):
             )  # [B, T, kept, hd]
             parts.append(attended)
         if self.recurrent is not None:
-            state = None
+            state, fresh = None, False
             if layer_cache is not None:
+                fresh = layer_cache.state is None  # made here for this call: nothing has written to it yet
                 state = layer_cache.mixer_state(
                     lambda: self.recurrent.empty_state(batch, hidden_states.device, hidden_states.dtype)
                 )
             recurrent, _ = self.recurrent(hidden_states, attention_mask=padding_mask, state=state,
-                                          **mixer_kwargs(self.recurrent, position_embeddings, document_reset))
+                                          **mixer_kwargs(self.recurrent, position_embeddings, document_reset, fresh))
             parts.append(self.normalizer(recurrent))
         if layer_cache is not None:
             layer_cache.advance(seq_len)

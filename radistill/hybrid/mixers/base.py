@@ -40,6 +40,9 @@ class RecurrentMixer(nn.Module, ABC):
       teacher's attention distance); otherwise the build leaves the mixer as ``from_attention`` made it.
     - ``calibrate_normalizer``: the build fits the static normaliser on this mixer's heads (a mixer whose fresh
       output already is the teacher head's, e.g. a windowed softmax, sets False and keeps the identity).
+    - ``knows_fresh_state``: ``forward`` also takes ``fresh=True`` when its state was made by ``empty_state`` for
+      this very call (the cache knows that without reading the device): nothing has been written to it, so a mixer
+      whose state is costly to lay out (the window's ring and sinks) may skip reading it.
 
     Optional methods for a normaliser on one *part* of the mixer (``window_recurrent``'s recurrence): with
     ``part_output(hidden_states, attention_mask, **keywords)`` -> [batch, seq, heads, head_dim] (that part alone)
@@ -52,6 +55,7 @@ class RecurrentMixer(nn.Module, ABC):
     shares_kv: bool = False
     has_half_lives: bool = False
     calibrate_normalizer: bool = True
+    knows_fresh_state: bool = False
 
     num_heads: int  # heads this mixer serves in this layer
     head_dim: int  # = teacher head_dim (their o_proj columns are kept)
@@ -127,10 +131,14 @@ class RecurrentMixer(nn.Module, ABC):
 
 def mixer_kwargs(
     mixer: nn.Module, position_embeddings: tuple[Tensor, Tensor] | None, reset: Tensor | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """The optional keywords a mixer's forward / mixing_matrix takes: ``position_embeddings`` if it needs them,
-    ``reset`` [B, T] bool when documents are packed (a mixer that cannot reset its state is refused then)."""
+    ``reset`` [B, T] bool when documents are packed (a mixer that cannot reset its state is refused then), ``fresh``
+    (forward only) when the state was just made and the mixer ``knows_fresh_state``."""
     kwargs = {"position_embeddings": position_embeddings} if getattr(mixer, "needs_positions", False) else {}
+    if fresh and getattr(mixer, "knows_fresh_state", False):
+        kwargs["fresh"] = True
     if reset is not None:
         if not getattr(mixer, "supports_reset", False):
             raise RadistillError(f"mixer {type(mixer).__name__} cannot restart at document starts "

@@ -58,6 +58,7 @@ class WindowAttention(RecurrentMixer):
     supports_reset = True  # packed documents: a window never reaches back across a document start
     shares_kv = True
     calibrate_normalizer = False  # its fresh output is the teacher head's over the window: nothing to correct
+    knows_fresh_state = True  # a first prefill skips the empty ring and sinks (_first_prefill)
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, bias: bool = False,
@@ -365,14 +366,19 @@ class WindowAttention(RecurrentMixer):
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
-        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None, fresh: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]), 1 = token; state from
         empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]; reset [B, T] bool (a packed document
-        starts there) or None. -> (y [B, T, H, P], state)."""
+        starts there) or None; fresh: ``state`` was made by empty_state() for this call (``knows_fresh_state``).
+        -> (y [B, T, H, P], state)."""
         q, k, v = self._qkv(hidden_states, position_embeddings)
-        if state is not None and reset is None and hidden_states.shape[1] == 1:
+        T = hidden_states.shape[1]
+        if state is not None and reset is None and T == 1:
             return self._step(q, k, v, attention_mask, state), state
+        if fresh and state is not None and attention_mask is None and reset is None and T >= max(self.window,
+                                                                                                 self.sink):
+            return self._first_prefill(q, k, v, state), state
         keys, values, valid, past = self._combined(k, v, attention_mask, state)
         documents = self._documents(reset, past)
         # padding only before each row's real tokens (always so for generate's left padding and the ring, whose
@@ -395,6 +401,24 @@ class WindowAttention(RecurrentMixer):
             if self.sink:
                 self._keep_sinks(keys, values, valid, documents, past, state)
         return y, state
+
+    def _first_prefill(self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """A prefill into a state empty_state() just made, every token real, at least max(W, S) of them: what the
+        general path computes, without laying out the empty ring and sink slots before the keys nor searching the
+        combined keys for what to keep (about a third of the window's operators in a prefill, each a host launch on
+        a GPU). The keys are the new tokens alone; the ring takes their last W in token order (the oldest in slot 0,
+        so ``next`` = W), the sinks their first S, ``seen`` = T. q [B, H, T, P]; k/v [B, G, T, P] -> y [B, T, H, P]."""
+        B, T, W = q.shape[0], q.shape[2], self.window
+        y = self._banded(q, k, v, torch.ones(B, T, dtype=torch.bool, device=q.device), 0, None).transpose(1, 2)
+        state["k"].copy_(k[:, :, T - W :])
+        state["v"].copy_(v[:, :, T - W :])
+        state["valid"].fill_(1)
+        state["next"].fill_(W)
+        if self.sink:
+            state["sink_k"].copy_(k[:, :, : self.sink])
+            state["sink_v"].copy_(v[:, :, : self.sink])
+            state["seen"].fill_(T)
+        return y
 
     def _keep_sinks(self, keys: Tensor, values: Tensor, valid: Tensor, documents: Tensor | None, past: int,
                     state: dict[str, Tensor]) -> None:

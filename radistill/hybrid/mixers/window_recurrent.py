@@ -67,6 +67,7 @@ class WindowRecurrent(RecurrentMixer):
     shares_kv = True  # the window part keeps the teacher's GQA sharing (the recurrence has its own rows per head)
     has_half_lives = True  # the recurrence's decays (the build sets them from the teacher's attention distance)
     calibrate_normalizer = False  # the layer's normaliser stays the identity: the start is the window head exactly
+    knows_fresh_state = True  # handed to the window part, whose ring and sinks a first prefill need not lay out
 
     def __init__(
         self, hidden_size: int, num_heads: int, head_dim: int, window: int = 16, sink: int = 0, bias: bool = False,
@@ -135,13 +136,13 @@ class WindowRecurrent(RecurrentMixer):
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None = None, state: dict[str, Tensor] | None = None,
-        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
+        position_embeddings: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None, fresh: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, T] (or [B, past + T]), 1 = token; state from
-        empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]; reset [B, T] bool or None.
-        -> (y [B, T, H, P] = window + gate * norm(recurrence), state)."""
+        empty_state() or None; position_embeddings (cos, sin) [B or 1, T, P]; reset [B, T] bool or None; fresh: the
+        state was just made (``knows_fresh_state``). -> (y [B, T, H, P] = window + gate * norm(recurrence), state)."""
         y, window_state = self.window(hidden_states, attention_mask, self._part(state, "window"),
-                                      position_embeddings=position_embeddings, reset=reset)
+                                      position_embeddings=position_embeddings, reset=reset, fresh=fresh)
         r, recurrence_state = self.recurrence(hidden_states, attention_mask, self._part(state, "recurrence"),
                                               reset=reset)
         if state is not None:  # the parts advance their tensors in place; kept in the flat dict either way
