@@ -17,9 +17,9 @@ Layout (``data.teacher_dir``, by default ``RUN/teacher_text/``; another run may 
 One shard per ``generate`` call, written whole (``atomic_path``) before the index lists it, and each call seeded from
 (seed, shard number): an interrupted generation continues after the last shard listed and ends with the files an
 uninterrupted one writes (on the same device and versions: sampling is not bitwise portable). The reader refuses an
-index made for other settings or a shard whose checksum or shape disagrees with it; a finished set made for more
-documents with every other setting the same serves a run that needs fewer (its first texts: a smaller budget asks
-for fewer: ``radistill.distill.recipe.with_recommended``).
+index made for other settings or a shard whose checksum or shape disagrees with it; a set made for more
+documents with every other setting the same serves a run that needs fewer once it holds that many (its first
+texts: a smaller budget asks for fewer: ``radistill.distill.recipe.with_recommended``).
 """
 
 from __future__ import annotations
@@ -81,11 +81,10 @@ def _load_index(root: Path, settings: dict | None) -> dict | None:
 
 
 def _serves(index: dict, wanted: int) -> bool:
-    """Whether texts made for more documents serve a run that needs ``wanted``: finished, and at least as many.
-    Its first ``wanted`` texts are then the run's (a run of a smaller budget asks for fewer texts; otherwise every
-    setting matches), rather than generating a second set."""
-    made_for = index["settings"]["teacher_documents"]
-    return made_for >= wanted and index["documents"] >= min(made_for, wanted)
+    """Whether texts made for at least ``wanted`` documents, and holding that many already, serve a run that needs
+    ``wanted``: their first ``wanted`` texts are then the run's (a run of a smaller budget asks for fewer texts;
+    otherwise every setting matches), rather than generating a second set."""
+    return index["settings"]["teacher_documents"] >= wanted and index["documents"] >= wanted
 
 
 def _prompts(tokenizer, data: DataConfig, skip: int):
@@ -111,7 +110,7 @@ def generate_texts(teacher: nn.Module, tokenizer, data: DataConfig, root: str | 
     root = Path(root)
     settings = text_settings(teacher, tokenizer, data, seed)
     index = _load_index(root, settings) or {"format": FORMAT, "settings": settings, "documents": 0, "shards": []}
-    total, done = data.teacher_documents, index["documents"]  # a larger finished set (_serves) has done >= total
+    total, done = data.teacher_documents, index["documents"]  # a larger set that serves (_serves): done >= total
     if done >= total:
         return 0
     console.print(f"generating {total - done:,} teacher texts ({data.teacher_new_tokens} tokens after "
