@@ -235,8 +235,9 @@ class WindowAttention(RecurrentMixer):
         # precedes real tokens on this path), so "among the query's last W real tokens" is "at most W - 1 positions
         # back": in the chunk layout query c sees band keys c .. c + W - 1, the same [C, S] pattern in every chunk.
         # The mask is then that band and which keys are real: a few operators instead of the rule's ~25 per group.
-        offset = torch.arange(S, device=device)[None, :] - torch.arange(C, device=device)[:, None]  # [C, S]
-        band = (offset >= 0) & (offset < W)
+        if documents is None:
+            offset = torch.arange(S, device=device)[None, :] - torch.arange(C, device=device)[:, None]  # [C, S]
+            band = (offset >= 0) & (offset < W)
         out = []
         for first in range(0, n, group):
             chunks = min(group, n - first)
