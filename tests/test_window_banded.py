@@ -80,3 +80,41 @@ def test_inner_padding_takes_the_reference_path(monkeypatch):
     mask[1, :3] = 0  # left padding only
     mixer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
     assert used == ["_blockwise", "_banded"]
+
+
+@pytest.mark.parametrize("sink", [0, 4])
+@pytest.mark.parametrize(("window", "kv_groups", "length"), [
+    (16, None, 100),  # one KV head per query head; T not a multiple of the chunk
+    (3, [0, 0, 1, 1], 37),  # GQA, adjacent and equally many: queries read their KV head's band without a copy
+    (1, [0, 1, 1, 0], 20),  # window 1; query heads not adjacent to their KV head: K/V widened by the index
+    (20, [0, 0, 0, 1], 50),  # KV heads with unequal numbers of query heads; a chunk (20) wider than 16
+    (5, [0, 0, 1, 1], 2),  # fewer tokens than the window and than the sinks
+])
+@pytest.mark.parametrize("budget", [1 << 28, 1])  # one group of chunks; one chunk per group (the mask's seams)
+def test_plain_band_equals_blockwise(window, kv_groups, length, sink, budget):
+    """Every token real, no past, no documents (a first prefill, an uncached forward): the plain band (unfolded
+    K/V, one fixed mask per shape) gives the reference's outputs and gradients."""
+    mixer = WindowAttention(32, 4, 8, window=window, sink=sink, kv_groups=kv_groups, block_size=7).double()
+    q, keys, values, valid = inputs(2, 4, mixer.num_kv_heads, length, 0, 8, [0, 0])
+    y_ref, g_ref = outputs_and_gradients(mixer._blockwise, q, keys, values, valid, 0, None)
+    y, g = outputs_and_gradients(lambda q, k, v, *_: mixer._plain_band(q, k, v, budget=budget), q, keys, values,
+                                 valid, 0, None)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_takes_the_plain_band_only_without_state_mask_or_documents(monkeypatch):
+    mixer = WindowAttention(32, 4, 8, window=4, sink=2, kv_groups=[0, 0, 1, 1]).double().eval()
+    hidden = torch.randn(2, 24, 32, dtype=torch.float64)
+    cos, sin = torch.ones(1, 24, 8, dtype=torch.float64), torch.zeros(1, 24, 8, dtype=torch.float64)
+    used = []
+    for name in ("_plain_band", "_banded"):
+        original = getattr(mixer, name)
+        monkeypatch.setattr(mixer, name, lambda *a, _o=original, _n=name, **k: used.append(_n) or _o(*a, **k))
+    plain, _ = mixer(hidden, position_embeddings=(cos, sin))
+    general, _ = mixer(hidden, attention_mask=torch.ones(2, 24), position_embeddings=(cos, sin))
+    reset = torch.zeros(2, 24, dtype=torch.bool)
+    mixer(hidden, position_embeddings=(cos, sin), reset=reset)
+    assert used == ["_plain_band", "_banded", "_banded"]
+    torch.testing.assert_close(plain, general, rtol=1e-5, atol=1e-6)

@@ -358,7 +358,8 @@ def test_a_first_prefill_into_a_fresh_state_equals_the_general_path(sink, length
         runs.append((y, {k: v.clone() for k, v in state.items()}, torch.cat(steps, 1)))
     assert len(calls) == (1 if length >= max(3, sink) else 0)
     (y_fast, state_fast, steps_fast), (y_general, state_general, steps_general) = runs
-    torch.testing.assert_close(y_fast, y_general, rtol=0, atol=1e-12)
+    # the fast path's plain band and the general band both take fp32 scores, in matmuls of other shapes
+    torch.testing.assert_close(y_fast, y_general, rtol=1e-5, atol=1e-6)
     assert state_fast.keys() == state_general.keys()
     for name in state_fast:
         torch.testing.assert_close(state_fast[name], state_general[name], rtol=0, atol=0, msg=name)

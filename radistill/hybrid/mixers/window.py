@@ -33,6 +33,8 @@ Shapes: B batch, T new tokens, H query heads, G distinct KV heads, P head_dim, W
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -44,6 +46,35 @@ from radistill.utils.errors import RadistillError
 # the sinks `radistill build` gives new window heads (StreamingLLM's choice). The class default stays 0 so that a
 # student saved before sinks existed (its config has no "sink") loads as it was built.
 DEFAULT_SINK = 4
+
+
+def _plain_mask(window: int, sink: int, first: int, chunks: int, device: torch.device) -> Tensor:
+    """[chunks, 1, C, S + sink] bool, True where :meth:`WindowAttention._plain_band` hides a score: chunks first ..
+    first + chunks - 1 of C = max(W, 16) queries, each against its band of S = C + W - 1 keys (from W - 1 before the
+    chunk) and the first ``sink`` tokens. Hidden: a band key outside the query's last W tokens or before the first
+    token, a sink within the query's window (the band has it). The same for every layer of a prefill, so it is made
+    once per shape and kept (a handful of small tensors; each new one is ~12 launches a layer would repeat),
+    except while compiling, where it is part of the graph."""
+    if torch.compiler.is_compiling():
+        return _make_plain_mask(window, sink, first, chunks, device)
+    # only the first chunk has keys before the first token, and only queries before W + sink - 1 have a sink in
+    # their window: from the chunk past both on, every chunk's pattern is the same
+    settled = max(1, -(-(window + sink - 1) // max(window, 16)))
+    return _cached_plain_mask(window, sink, min(first, settled), chunks, torch.device(device))
+
+
+def _make_plain_mask(window: int, sink: int, first: int, chunks: int, device: torch.device) -> Tensor:
+    C = max(window, 16)
+    S = C + window - 1
+    query = (first + torch.arange(chunks, device=device))[:, None, None] * C + torch.arange(C, device=device)[:, None]
+    key = query - torch.arange(C, device=device)[:, None] - (window - 1) + torch.arange(S, device=device)  # [n', C, S]
+    hidden = (key < 0) | (key > query) | (query - key >= window)
+    if sink:
+        hidden = torch.cat([hidden, query - torch.arange(sink, device=device) < window], dim=-1)
+    return hidden[:, None]
+
+
+_cached_plain_mask = functools.lru_cache(maxsize=32)(_make_plain_mask)
 
 
 class WindowAttention(RecurrentMixer):
@@ -277,6 +308,59 @@ class WindowAttention(RecurrentMixer):
             out.append(y.reshape(B, H, chunks * C, P)[:, :, : hi - lo])
         return torch.cat(out, dim=2)
 
+    def _plain_band(self, q: Tensor, k: Tensor, v: Tensor, budget: int = 1 << 28) -> Tensor:
+        """The window (and sinks) of a call where every token is real, with no past and no packed documents (a first
+        prefill, an uncached forward): :meth:`_banded`'s chunks without anything that call needs. With no padding
+        and no ring the band of chunk i is the W - 1 keys before it and its own, so K/V padded by W - 1 zero rows in
+        front are cut into the chunks' bands by ``unfold`` (a view, no gather), a KV head's query heads read its band
+        without a copy when they are adjacent and equally many (every layer of a built student), the mask is a fixed
+        pattern (the band, and no key before the first token) and the sinks are the first S keys: ~30 operators
+        per call against the general path's ~100 (each a host launch on a GPU, where a short prefill waits for the
+        host). Every query sees itself, so no row is empty (no NaN to clear). Same numbers as :meth:`_blockwise`
+        (fp32 scores, the same keys). q [B, H, T, P]; k/v [B, G, T, P] -> y [B, H, T, P]."""
+        W, sink = self.window, min(self.sink, k.shape[2])
+        B, H, T, P = q.shape
+        C = max(W, 16)
+        S = C + W - 1
+        n = -(-T // C)
+        device = q.device
+        # D heads of bands, r query heads on each: the KV heads (their query heads adjacent and equally many: every
+        # layer of a built student) or one per query head (K/V widened by an index)
+        D, r = (k.shape[1], self._group_size) if self._group_size else (H, 1)
+        if not self._group_size:
+            index = self._group_index(device)
+            k, v = k.index_select(1, index), v.index_select(1, index)
+        # K/V rows: W - 1 zeros, the T tokens, zeros to the last chunk's end; chunk i's band is rows iC .. iC + S - 1
+        k_rows = torch.nn.functional.pad(k, (0, 0, W - 1, n * C - T))
+        v_rows = torch.nn.functional.pad(v, (0, 0, W - 1, n * C - T))
+        # queries [B, D, n, r, C, P]: a chunk's r * C queries of one band in one matrix
+        q = torch.nn.functional.pad(q, (0, 0, 0, n * C - T)).reshape(B, D, r, n, C, P).transpose(2, 3)
+        if sink:
+            sink_k = k[:, :, :sink].float().transpose(-1, -2)  # [B, D, P, sink]
+            sink_v = v[:, :, None, :sink]  # [B, D, 1, sink, P]
+        per_chunk = B * H * (2 * C * (S + sink) * 4 + S * P * (4 + 2 * k.element_size()))
+        group = max(1, min(n, budget // per_chunk))
+        scale = self.head_dim**-0.5
+        out = []
+        for first in range(0, n, group):
+            chunks = min(group, n - first)
+            rows = slice(first * C, (first + chunks - 1) * C + S)
+            keys = k_rows[:, :, rows].unfold(2, S, C)  # [B, D, n', P, S]: a view
+            values = v_rows[:, :, rows].unfold(2, S, C).transpose(-1, -2)  # [B, D, n', S, P]
+            queries = q[:, :, first : first + chunks].reshape(B, D, chunks, r * C, P).float()
+            scores = torch.matmul(queries, keys.float())  # [B, D, n', r C, S]
+            if sink:  # the first S keys after the band: one softmax over both, one product with their values
+                sink_scores = torch.matmul(queries.view(B, D, chunks * r * C, P), sink_k)
+                scores = torch.cat([scores, sink_scores.view(B, D, chunks, r * C, sink)], dim=-1)
+                values = torch.cat([values, sink_v.expand(B, D, chunks, sink, P)], dim=-2)  # [B, D, n', S + sink, P]
+            hidden = _plain_mask(W, sink, first, chunks, device)  # [n', 1, C, S + sink]
+            scores = (scores * scale).view(B, D, chunks, r, C, S + sink).masked_fill(hidden, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).view(B, D, chunks, r * C, S + sink)
+            y = torch.matmul(probs.to(values.dtype), values)  # [B, D, n', r C, P]
+            out.append(y.view(B, D, chunks, r, C, P).transpose(2, 3).reshape(B, H, chunks * C, P))
+        y = out[0] if len(out) == 1 else torch.cat(out, dim=2)
+        return y[:, :, :T]
+
     def _sink_keys(self, qc: Tensor, keys: Tensor, values: Tensor, valid: Tensor, count: Tensor | None,
                    rank: Tensor | None, documents: Tensor | None, query_at: Tensor,
                    index: Tensor) -> tuple[Tensor, Tensor]:
@@ -380,6 +464,8 @@ class WindowAttention(RecurrentMixer):
         if fresh and state is not None and attention_mask is None and reset is None and T >= max(self.window,
                                                                                                  self.sink):
             return self._first_prefill(q, k, v, state), state
+        if state is None and attention_mask is None and reset is None:  # every token real, no past: the plain band
+            return self._plain_band(q, k, v).transpose(1, 2), None
         keys, values, valid, past = self._combined(k, v, attention_mask, state)
         documents = self._documents(reset, past)
         # padding only before each row's real tokens (always so for generate's left padding and the ring, whose
@@ -409,8 +495,8 @@ class WindowAttention(RecurrentMixer):
         combined keys for what to keep (about a third of the window's operators in a prefill, each a host launch on
         a GPU). The keys are the new tokens alone; the ring takes their last W in token order (the oldest in slot 0,
         so ``next`` = W), the sinks their first S, ``seen`` = T. q [B, H, T, P]; k/v [B, G, T, P] -> y [B, T, H, P]."""
-        B, T, W = q.shape[0], q.shape[2], self.window
-        y = self._banded(q, k, v, torch.ones(B, T, dtype=torch.bool, device=q.device), 0, None).transpose(1, 2)
+        T, W = q.shape[2], self.window
+        y = self._plain_band(q, k, v).transpose(1, 2)
         state["k"].copy_(k[:, :, T - W :])
         state["v"].copy_(v[:, :, T - W :])
         state["valid"].fill_(1)
