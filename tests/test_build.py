@@ -10,7 +10,7 @@ import pytest
 import torch
 import typer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from typer.testing import CliRunner
 
@@ -108,6 +108,15 @@ def test_build_writes_a_loadable_student_and_its_record(tmp_path, teacher, token
     assert not torch.allclose(student.model.layers[1].self_attn.normalizer.teacher_std, torch.ones(4, 16))
     ids = tokenizer("The value of the key is", return_tensors="pt").input_ids
     assert student.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    # its tokenizer pads on the left (the recurrent heads take no padding after a row's tokens), so a padded batch
+    # goes straight into generate(); the caller's tokenizer is left as it was
+    assert tokenizer.padding_side == "right"
+    student_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert student_tokenizer.padding_side == "left"
+    batch = student_tokenizer(["The value", "The value of the key is"], return_tensors="pt", padding=True)
+    alone = student.generate(ids, max_new_tokens=4, do_sample=False)
+    together = student.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert torch.equal(together[1], alone[0])
 
 
 def test_heads_by_hand_and_keeping_all_or_none(tmp_path, teacher, tokenizer, short_text):

@@ -522,6 +522,12 @@ def build_student(
         # calibrated in the compute dtype, saved in the teacher's: an fp32 CPU build is not twice a bf16 teacher
         student.to(save_dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # the student's recurrent heads take padding before a row's tokens only (a gap after them would enter the
+        # state), so its tokenizer pads on the left: tokenizer(batch, padding=True) then feeds generate() directly.
+        # Written into the saved file (transformers saves padding_side only from the tokenizer's init arguments),
+        # which leaves the caller's tokenizer alone.
+        settings = json.loads((tmp / "tokenizer_config.json").read_text())
+        write_json_atomic(tmp / "tokenizer_config.json", {**settings, "padding_side": "left"})
         write_json_atomic(tmp / "selection.json", record)
         write_model_card(tmp)
         _publish(tmp, out, overwrite)
