@@ -48,6 +48,7 @@ COMMAND_MODULES = (
     "radistill.memplan.cli",
     "radistill.finetune.cli",
     "radistill.bridge.cli",
+    "radistill.serve.cli",
 )
 
 

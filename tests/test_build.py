@@ -91,6 +91,8 @@ def write_scan(path, model, **changes) -> str:
 
 def test_build_writes_a_loadable_student_and_its_record(tmp_path, teacher, tokenizer):
     scan = write_scan(tmp_path / "scan.json", teacher)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # loaded from a folder, as a teacher's is
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer", local_files_only=True)
     out = build_student(teacher, tmp_path / "student", scan=scan, keep=3, state_size=8, tokenizer=tokenizer)
     assert {"config.json", "model.safetensors", "selection.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
@@ -113,6 +115,8 @@ def test_build_writes_a_loadable_student_and_its_record(tmp_path, teacher, token
     assert tokenizer.padding_side == "right"
     student_tokenizer = AutoTokenizer.from_pretrained(out)
     assert student_tokenizer.padding_side == "left"
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(saved)  # how the teacher's was loaded is not the student's
     batch = student_tokenizer(["The value", "The value of the key is"], return_tensors="pt", padding=True)
     alone = student.generate(ids, max_new_tokens=4, do_sample=False)
     together = student.generate(**batch, max_new_tokens=4, do_sample=False)

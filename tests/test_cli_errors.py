@@ -45,6 +45,8 @@ def _cases(tmp: Path) -> dict[str, dict[str, list[str]]]:
                      "bad": ["finetune", "s", "--out", out, "--steps", "ten"]},
         "bridge": {"missing": ["bridge", "s", "--out", out], "unknown": ["bridge", "s", "--out", out, "--src", "x@1"],
                    "bad": ["bridge", missing, "--out", out, "--source", "chunk-ae:4"]},
+        "serve": {"missing": ["serve"], "unknown": ["serve", "m", "--prot", "80"],
+                  "bad": ["serve", "m", "--port", "70000"]},
     }
 
 

@@ -525,8 +525,10 @@ def build_student(
         # the student's recurrent heads take padding before a row's tokens only (a gap after them would enter the
         # state), so its tokenizer pads on the left: tokenizer(batch, padding=True) then feeds generate() directly.
         # Written into the saved file (transformers saves padding_side only from the tokenizer's init arguments),
-        # which leaves the caller's tokenizer alone.
+        # which leaves the caller's tokenizer alone. transformers 5.25 also saves how the teacher's tokenizer was
+        # loaded ("is_local", and "local_files_only": true when offline), which says nothing about the student's.
         settings = json.loads((tmp / "tokenizer_config.json").read_text())
+        settings = {k: v for k, v in settings.items() if k not in ("is_local", "local_files_only")}
         write_json_atomic(tmp / "tokenizer_config.json", {**settings, "padding_side": "left"})
         write_json_atomic(tmp / "selection.json", record)
         write_model_card(tmp)
