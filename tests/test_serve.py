@@ -52,11 +52,11 @@ def call(url: str, path: str, body: dict | bytes | None = None) -> tuple[int, di
     return status, json.loads(text)
 
 
-def direct(generator: Generator, prompts: list[str], new: int) -> list[str]:
+def direct(generator: Generator, prompts: list[str], new: int, templated: bool = False) -> list[str]:
     """Greedy texts from model.generate() called directly (each prompt alone)."""
     texts = []
     for prompt in prompts:
-        ids = generator.tokenizer(prompt, return_tensors="pt").input_ids
+        ids = generator.tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated).input_ids
         with torch.no_grad():
             out = generator.model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=generator.pad,
                                            eos_token_id=sorted(generator.eos) or None)
@@ -116,7 +116,7 @@ def test_chat_renders_the_template_and_streams_a_role_first(served):
     url, generator = served
     messages = [{"role": "user", "content": "Where is the key?"}]
     prompt = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    (expected,) = direct(generator, [prompt], 10)
+    (expected,) = direct(generator, [prompt], 10, templated=True)
     status, body = call(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 10, "temperature": 0})
     assert status == 200 and body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
@@ -193,3 +193,14 @@ def test_cli_refuses_a_busy_port(tmp_path):
             make_server(None, port=first.server_address[1])
     finally:
         first.server_close()
+
+
+def test_a_stream_closed_early_stops_generate_and_frees_the_model(served):
+    _, generator = served
+    sampling = parse_completion({"prompt": "x", "max_tokens": 64, "temperature": 0, "stream": True}, "tiny")[1]
+    _, events = generator.stream("The key is", sampling)
+    next(events)
+    events.close()  # what the handler's frame does when the client went away mid-stream
+    assert generator.lock.acquire(blocking=False)
+    generator.lock.release()
+    assert not [t for t in threading.enumerate() if t.name == "radistill-serve-generate"]

@@ -53,14 +53,11 @@ class Generator:
         except Exception as exc:  # the template's own check of the roles / order
             raise RequestError(f"the chat template refused the messages: {exc}", param="messages") from exc
 
-    def _encode(self, prompts: list[str], sampling: Sampling) -> tuple[dict, int]:
-        """-> (generate's inputs, left-padded, on the model's device; the new-token budget)."""
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-        finally:
-            self.tokenizer.padding_side = side
+    def _encode(self, prompts: list[str], sampling: Sampling, templated: bool) -> tuple[dict, int]:
+        """-> (generate's inputs, left-padded, on the model's device; the new-token budget). ``templated``: the
+        prompts come from the chat template, which writes its own special tokens."""
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                               add_special_tokens=not templated)
         length = batch["input_ids"].shape[1]
         room = None if self.context is None else self.context - length
         if room is not None and room < 1:
@@ -102,9 +99,9 @@ class Generator:
 
     # ---- generation -----------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], sampling: Sampling) -> tuple[list[Choice], int]:
+    def generate(self, prompts: list[str], sampling: Sampling, templated: bool = False) -> tuple[list[Choice], int]:
         """-> (one choice per prompt, prompt tokens in all)."""
-        inputs, new_tokens = self._encode(prompts, sampling)
+        inputs, new_tokens = self._encode(prompts, sampling, templated)
         prompt_tokens = int(inputs["attention_mask"].sum())
         with self.lock, torch.inference_mode():
             if sampling.seed is not None:
@@ -116,13 +113,17 @@ class Generator:
         width = inputs["input_ids"].shape[1]
         return [self._choice(row[width:].tolist(), sampling.stop, new_tokens) for row in out.cpu()], prompt_tokens
 
-    def stream(self, prompt: str, sampling: Sampling) -> tuple[int, Iterator[tuple[str | None, str | None]]]:
-        """-> (prompt tokens, events): (text, None) pieces as they are generated, then (None, finish reason)."""
-        from transformers import TextIteratorStreamer
+    def stream(self, prompt: str, sampling: Sampling,
+               templated: bool = False) -> tuple[int, Iterator[tuple[str | None, str | None]]]:
+        """-> (prompt tokens, events): (text, None) pieces as they are generated, then (None, finish reason).
+        Closing the events early (a client that went away) stops generate() at its next step."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        inputs, new_tokens = self._encode([prompt], sampling)
+        inputs, new_tokens = self._encode([prompt], sampling, templated)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        kwargs = self._kwargs(inputs, new_tokens, sampling, streaming=True) | {"streamer": streamer}
+        cancelled = threading.Event()
+        kwargs = self._kwargs(inputs, new_tokens, sampling, streaming=True) | {
+            "streamer": streamer, "stopping_criteria": StoppingCriteriaList([_Cancelled(cancelled)])}
         result: dict = {}
 
         def run() -> None:
@@ -140,11 +141,14 @@ class Generator:
                 worker = threading.Thread(target=run, name="radistill-serve-generate", daemon=True)
                 worker.start()
                 trimmer = protocol.StopTrimmer(sampling.stop)
-                for piece in streamer:
-                    text = trimmer.feed(piece)
-                    if text:
-                        yield text, None
-                worker.join()
+                try:
+                    for piece in streamer:
+                        text = trimmer.feed(piece)
+                        if text:
+                            yield text, None
+                finally:  # also when the consumer stops early: the lock is held until generate() has returned
+                    cancelled.set()
+                    worker.join()
             error = result.get("error")
             if isinstance(error, RadistillError):  # the model refused the input
                 raise RequestError(str(error)) from error
@@ -158,6 +162,16 @@ class Generator:
             yield None, "stop" if trimmer.stopped else choice.finish_reason
 
         return int(inputs["attention_mask"].sum()), events()
+
+
+class _Cancelled:
+    """A stopping criterion that ends every row once ``event`` is set (a streaming client went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -227,9 +241,9 @@ class Handler(BaseHTTPRequestHandler):
         messages, sampling = protocol.parse_chat(body, generator.name)
         prompt = generator.chat_prompt(messages)
         if sampling.stream:
-            self._stream("chat", *generator.stream(prompt, sampling))
+            self._stream("chat", *generator.stream(prompt, sampling, templated=True))
             return
-        (choice,), prompt_tokens = generator.generate([prompt], sampling)
+        (choice,), prompt_tokens = generator.generate([prompt], sampling, templated=True)
         self._send_json(200, protocol.chat_body(generator.name, choice, prompt_tokens))
 
     def _stream(self, kind: str, prompt_tokens: int, events) -> None:
