@@ -159,11 +159,14 @@ def _loading_section() -> list[str]:
         "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        'batch = tokenizer(["first prompt", "second"], return_tensors="pt", padding=True)  # pads on the left',
+        'out = model.generate(**batch, max_new_tokens=64, cache_implementation="static")  # its fast path on CUDA',
         "```",
         "",
         "Without `import radistill`, `from_pretrained(path, trust_remote_code=True)` also works with radistill "
         f"installed: `{LOADER_MODULE}.py` in this folder only imports radistill and re-exports its classes (and "
-        "says `pip install radistill` when it is missing).",
+        "says `pip install radistill` when it is missing). `radistill serve path/to/this/folder` puts it behind an "
+        "OpenAI-compatible endpoint.",
         "",
     ]
 
