@@ -204,3 +204,64 @@ def test_a_stream_closed_early_stops_generate_and_frees_the_model(served):
     assert generator.lock.acquire(blocking=False)
     generator.lock.release()
     assert not [t for t in threading.enumerate() if t.name == "radistill-serve-generate"]
+
+
+def run_together(generator: Generator, requests: list[tuple[list[str], dict]]) -> list:
+    """Each (prompts, fields) submitted from its own thread at once -> each one's choices (or its error)."""
+    results = [None] * len(requests)
+
+    def one(i, prompts, fields):
+        try:
+            results[i] = generator.generate(prompts, parse_completion({"prompt": prompts, **fields}, "tiny")[1])[0]
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i, *r)) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_requests_that_generate_alike_share_one_generate_call(served):
+    _, generator = served
+    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=8, batch_wait=1.0)
+    prompts = ["The key is", "A much longer prompt about the values", "Short", "Another prompt"]
+    lengths = [12, 5, 20, 8]
+    results = run_together(batched, [([p], {"max_tokens": n, "temperature": 0}) for p, n in zip(prompts, lengths)])
+    assert batched.calls == 1  # one batch of four rows, each cut to its own max_tokens
+    for prompt, n, (choice,) in zip(prompts, lengths, results):
+        assert choice.text == direct(generator, [prompt], n)[0]
+        alone = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, batch_wait=0.0)
+        assert [choice] == alone.generate([prompt], parse_completion({"prompt": prompt, "max_tokens": n,
+                                                                      "temperature": 0}, "tiny")[1])[0]
+
+
+def test_requests_that_cannot_share_a_call_run_apart(served):
+    _, generator = served
+    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=2, batch_wait=1.0)
+    greedy = {"max_tokens": 4, "temperature": 0}
+    results = run_together(batched, [(["a b"], greedy), (["c d"], greedy), (["e f"], greedy)])
+    assert batched.calls == 2 and not any(isinstance(r, Exception) for r in results)  # max_batch rows per call
+    batched.calls = 0
+    seeded = {"max_tokens": 4, "temperature": 1.0, "seed": 3}
+    results = run_together(batched, [(["a b"], seeded), (["a b"], seeded), (["a b"], {**greedy, "stop": ["x"]})])
+    assert batched.calls == 3  # a seed fixes its own draws; other stop strings are another generate() call
+    assert results[0][0].text == results[1][0].text  # same seed, same text, batched or not
+
+
+def test_serve_benchmark_quick(tmp_path):
+    """benchmarks/serve.py runs: concurrent clients share generate() calls and get the sequential texts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "serve.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "serve.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["same_texts"] and row["generate_calls"] == {"sequential": 4, "concurrent": 1}
+    assert "| tiny-student |" in out.with_suffix(".md").read_text()

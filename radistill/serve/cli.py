@@ -23,17 +23,24 @@ def register(app: typer.Typer) -> None:
                                   "fp16 or fp32"),
         max_tokens: int = typer.Option(1024, "--max-tokens", help="the most new tokens one request may ask for "
                                        "(and a chat request's default)"),
+        max_batch: int = typer.Option(16, "--max-batch", help="rows one generate() call may serve: concurrent "
+                                      "requests that generate alike share a call"),
+        batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="how long a request waits for others to "
+                                            "share its call"),
     ) -> None:
-        """Serve a model at http://HOST:PORT/v1 (completions, chat completions, models), one request at a time."""
+        """Serve a model at http://HOST:PORT/v1 (completions, chat completions, models)."""
         if not 0 <= port <= 65535:
             raise RadistillError(f"--port {port}: give a port in 0..65535")
-        if max_tokens < 1:
-            raise RadistillError(f"--max-tokens {max_tokens}: give at least 1")
+        if max_tokens < 1 or max_batch < 1 or batch_wait_ms < 0:
+            raise RadistillError(f"--max-tokens {max_tokens}, --max-batch {max_batch}, --batch-wait-ms "
+                                 f"{batch_wait_ms}: give at least 1, 1 and 0")
         from radistill.models.access import load_model
         from radistill.serve.server import Generator, make_server
 
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-        server = make_server(Generator(loaded, tokenizer, name or model, max_tokens=max_tokens), host, port)
+        generator = Generator(loaded, tokenizer, name or model, max_tokens=max_tokens, max_batch=max_batch,
+                              batch_wait=batch_wait_ms / 1000)
+        server = make_server(generator, host, port)
         bound_host, bound_port = server.server_address[:2]
         weights = next(loaded.parameters())
         console.print(f"serving '{name or model}' at http://{bound_host}:{bound_port}/v1 ({weights.device}, "

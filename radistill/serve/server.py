@@ -1,5 +1,6 @@
-"""The model behind ``radistill serve``: :class:`Generator` runs ``model.generate()`` for one request at a time, and
-:func:`make_server` puts it behind an HTTP server (``http.server``, one thread per connection).
+"""The model behind ``radistill serve``: :class:`Generator` runs ``model.generate()`` for the requests, concurrent
+ones that generate alike as one batch, and :func:`make_server` puts it behind an HTTP server (``http.server``, one
+thread per connection).
 
 Which generate() call: greedy requests without streaming or stop strings pass ``cache_implementation="static"`` to
 a radistill hybrid, so on CUDA they take its captured decode loop (docs/hybrid.md, "Generation and serving": the
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -26,12 +29,41 @@ from radistill.utils.errors import RadistillError
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Job:
+    """One request waiting for the model: its prompts' token ids, its new-token budget and sampling; the worker
+    fills ``choices`` or ``error`` and sets ``done``."""
+
+    rows: list[list[int]]
+    new_tokens: int
+    sampling: Sampling
+    done: threading.Event = field(default_factory=threading.Event)
+    choices: list[Choice] | None = None
+    error: Exception | None = None
+
+    def key(self) -> tuple | None:
+        """Jobs with equal keys can share one generate() call (None: none can, its seed fixes its own draws)."""
+        s = self.sampling
+        if s.seed is not None:
+            return None
+        return ("greedy", tuple(s.stop)) if s.greedy else ("sample", s.temperature, s.top_p, tuple(s.stop))
+
+
 class Generator:
     """``model`` and ``tokenizer`` served as ``name``; ``max_tokens``: the most new tokens one request may ask for
-    (and a chat request's default)."""
+    (and a chat request's default).
 
-    def __init__(self, model, tokenizer, name: str, max_tokens: int = 1024):
+    Requests that generate alike (all greedy, or the same temperature and top-p; the same stop strings; no seed)
+    and arrive within ``batch_wait`` seconds of the first share one generate() call, up to ``max_batch`` rows:
+    a hybrid's decode step costs little more at batch 16 than at 1 (its recurrent state is constant), so concurrent
+    clients are served together rather than in turn. Static batching: a batch runs until its longest request ends;
+    a request's own rows are cut to its own ``max_tokens`` (greedy rows are what they would be alone: left padding
+    changes no row, tested). A streamed request runs alone."""
+
+    def __init__(self, model, tokenizer, name: str, max_tokens: int = 1024, max_batch: int = 16,
+                 batch_wait: float = 0.01):
         self.model, self.tokenizer, self.name, self.max_tokens = model, tokenizer, name, max_tokens
+        self.max_batch, self.batch_wait = max_batch, batch_wait
         self.lock = threading.Lock()  # one generate() at a time: the model, its caches and graphs are not shared
         self.created = int(time.time())
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -41,6 +73,11 @@ class Generator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
         self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
         self.hybrid = hasattr(model.config, "kept_heads")  # a radistill student: its generate() has the graph loop
+        self.device = next(model.parameters()).device
+        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._start = threading.Lock()
+        self.calls = 0  # generate() calls made (batches run): how many requests shared one shows in the log
 
     # ---- prompts --------------------------------------------------------------------------------------------------
 
@@ -53,25 +90,34 @@ class Generator:
         except Exception as exc:  # the template's own check of the roles / order
             raise RequestError(f"the chat template refused the messages: {exc}", param="messages") from exc
 
-    def _encode(self, prompts: list[str], sampling: Sampling, templated: bool) -> tuple[dict, int]:
-        """-> (generate's inputs, left-padded, on the model's device; the new-token budget). ``templated``: the
-        prompts come from the chat template, which writes its own special tokens."""
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                               add_special_tokens=not templated)
-        length = batch["input_ids"].shape[1]
-        room = None if self.context is None else self.context - length
+    def _prepare(self, prompts: list[str], sampling: Sampling, templated: bool) -> tuple[list[list[int]], int]:
+        """-> (each prompt's token ids, the new-token budget), refusing what the model or server cannot take.
+        ``templated``: the prompts come from the chat template, which writes its own special tokens."""
+        rows = self.tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
+        longest = max(len(r) for r in rows)
+        room = None if self.context is None else self.context - longest
         if room is not None and room < 1:
-            raise RequestError(f"the prompt is {length} tokens; '{self.name}' reads at most {self.context}",
+            raise RequestError(f"the prompt is {longest} tokens; '{self.name}' reads at most {self.context}",
                                param="prompt")
         wanted = self.max_tokens if sampling.max_tokens is None else sampling.max_tokens
         if wanted > self.max_tokens:
             raise RequestError(f"max_tokens {wanted} is more than this server allows ({self.max_tokens}; "
                                "`radistill serve --max-tokens`)", param="max_tokens")
         if room is not None and sampling.max_tokens is not None and wanted > room:
-            raise RequestError(f"the prompt ({length} tokens) and max_tokens ({wanted}) exceed the model's "
+            raise RequestError(f"the prompt ({longest} tokens) and max_tokens ({wanted}) exceed the model's "
                                f"{self.context} tokens", param="max_tokens")
-        device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}, min(wanted, room) if room is not None else wanted
+        return rows, min(wanted, room) if room is not None else wanted
+
+    def _inputs(self, rows: list[list[int]]) -> dict:
+        """Token rows -> generate's input_ids and attention_mask [rows, longest], left-padded, on the model's
+        device (the hybrid's recurrent heads take padding before a row's tokens only)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def _kwargs(self, inputs: dict, new_tokens: int, sampling: Sampling, streaming: bool) -> dict:
         kwargs = dict(**inputs, max_new_tokens=new_tokens, pad_token_id=self.pad,
@@ -87,7 +133,8 @@ class Generator:
         return kwargs
 
     def _choice(self, new: list[int], stop: list[str], new_tokens: int) -> Choice:
-        """A row's new tokens -> its text (before the first end token or stop string) and finish reason."""
+        """A row's new tokens (at most ``new_tokens``) -> its text (before the first end token or stop string) and
+        finish reason."""
         ends = [i for i, t in enumerate(new) if t in self.eos]
         if not ends and self.pad not in self.eos:  # a row stopped by a stop string is padded after it
             ends = [i for i, t in enumerate(new) if t == self.pad]
@@ -100,18 +147,61 @@ class Generator:
     # ---- generation -----------------------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str], sampling: Sampling, templated: bool = False) -> tuple[list[Choice], int]:
-        """-> (one choice per prompt, prompt tokens in all)."""
-        inputs, new_tokens = self._encode(prompts, sampling, templated)
-        prompt_tokens = int(inputs["attention_mask"].sum())
-        with self.lock, torch.inference_mode():
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            try:
-                out = self.model.generate(**self._kwargs(inputs, new_tokens, sampling, streaming=False))
-            except RadistillError as exc:
-                raise RequestError(str(exc)) from exc
-        width = inputs["input_ids"].shape[1]
-        return [self._choice(row[width:].tolist(), sampling.stop, new_tokens) for row in out.cpu()], prompt_tokens
+        """-> (one choice per prompt, prompt tokens in all); waits for the batch the request joins."""
+        rows, new_tokens = self._prepare(prompts, sampling, templated)
+        job = _Job(rows, new_tokens, sampling)
+        with self._start:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve_jobs, name="radistill-serve-batches", daemon=True)
+                self._worker.start()
+        self._jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.choices, sum(len(r) for r in rows)
+
+    def _serve_jobs(self) -> None:
+        """The worker: take the next job, gather the compatible ones that arrive within ``batch_wait`` (a job that
+        does not fit goes first next time), run them as one batch; forever."""
+        held: _Job | None = None
+        while True:
+            job, held = held or self._jobs.get(), None
+            batch, rows, key = [job], len(job.rows), job.key()
+            deadline = time.monotonic() + self.batch_wait
+            while key is not None and rows < self.max_batch:
+                try:
+                    other = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if other.key() != key or rows + len(other.rows) > self.max_batch:
+                    held = other
+                    break
+                batch.append(other)
+                rows += len(other.rows)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        sampling = batch[0].sampling
+        inputs = self._inputs([r for job in batch for r in job.rows])
+        new_tokens = max(job.new_tokens for job in batch)
+        try:
+            with self.lock, torch.inference_mode():
+                self.calls += 1
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                out = self.model.generate(**self._kwargs(inputs, new_tokens, sampling, streaming=False)).cpu()
+            width, at = inputs["input_ids"].shape[1], 0
+            for job in batch:
+                job.choices = [self._choice(out[at + i, width: width + job.new_tokens].tolist(), job.sampling.stop,
+                                            job.new_tokens) for i in range(len(job.rows))]
+                at += len(job.rows)
+        except Exception as exc:  # every job of the batch gets it; the worker goes on
+            error = RequestError(str(exc)) if isinstance(exc, RadistillError) else exc
+            for job in batch:
+                job.error = error
+        finally:
+            for job in batch:
+                job.done.set()
 
     def stream(self, prompt: str, sampling: Sampling,
                templated: bool = False) -> tuple[int, Iterator[tuple[str | None, str | None]]]:
@@ -119,7 +209,8 @@ class Generator:
         Closing the events early (a client that went away) stops generate() at its next step."""
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        inputs, new_tokens = self._encode([prompt], sampling, templated)
+        rows, new_tokens = self._prepare([prompt], sampling, templated)
+        inputs = self._inputs(rows)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         cancelled = threading.Event()
         kwargs = self._kwargs(inputs, new_tokens, sampling, streaming=True) | {
@@ -138,6 +229,7 @@ class Generator:
 
         def events() -> Iterator[tuple[str | None, str | None]]:
             with self.lock:
+                self.calls += 1
                 worker = threading.Thread(target=run, name="radistill-serve-generate", daemon=True)
                 worker.start()
                 trimmer = protocol.StopTrimmer(sampling.stop)
@@ -161,7 +253,7 @@ class Generator:
             choice = self._choice(result["out"][0, width:].tolist(), sampling.stop, new_tokens)
             yield None, "stop" if trimmer.stopped else choice.finish_reason
 
-        return int(inputs["attention_mask"].sum()), events()
+        return len(rows[0]), events()
 
 
 class _Cancelled:
