@@ -106,6 +106,11 @@ def test_build_writes_a_loadable_student_and_its_record(tmp_path, teacher, token
     assert [layer["kv_heads_cached"] for layer in record["layers"]] == [[0, 1], [], [0]]
     assert record["kv_heads_cached"] == {"total": 3, "teacher_total": 6}
     assert record["scan"] == scan and record["calibration"]["tokens"] > 500
+    assert record["parameters"] == {"student": sum(p.numel() for p in student.parameters()),
+                                    "teacher": sum(p.numel() for p in teacher.parameters())}
+    card = (out / "README.md").read_text()
+    ratio = record["parameters"]["student"] / record["parameters"]["teacher"]
+    assert f"- parameters: {record['parameters']['student'] / 1e6:.1f}M against" in card and f"({ratio:.2f}x)" in card
     # the normaliser was calibrated (not the identity any more)
     assert not torch.allclose(student.model.layers[1].self_attn.normalizer.teacher_std, torch.ones(4, 16))
     ids = tokenizer("The value of the key is", return_tensors="pt").input_ids

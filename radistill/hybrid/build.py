@@ -514,6 +514,10 @@ def build_student(
         teacher_id,
         weights_fingerprint(model),
         calibration={"source": str(calibration_data) if calibration_data else "builtin", **calibration.to_dict()},
+        # a mixer can carry more weights than the heads it replaces (window_recurrent: the teacher's Q/K/V for its
+        # window and the recurrence's projections): the card and the build say how many, against the teacher
+        parameters={"student": sum(p.numel() for p in student.parameters()),
+                    "teacher": sum(p.numel() for p in model.parameters())},
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,11 @@ def _heads_section(config: HybridConfig, selection: dict | None) -> list[str]:
     ]
     if "state_size" in config.mixer_settings:
         lines.append(f"- state size N: {config.mixer_settings['state_size']}")
+    params = (selection or {}).get("parameters")
+    if params:  # selection.json of a build before this record existed: no line
+        lines.append(f"- parameters: {params['student'] / 1e6:.1f}M against the teacher's "
+                     f"{params['teacher'] / 1e6:.1f}M ({params['student'] / params['teacher']:.2f}x); at short "
+                     "contexts a decode step mostly reads weights, so expect no more speed than that ratio allows")
     if selection is not None:
         how = (f"the top {selection.get('keep')} of the scan {selection.get('scan')} (metric "
                f"{selection.get('scan_metric')})" if selection.get("source") == "scan" else "given by hand (--heads)")

@@ -93,9 +93,11 @@ def register(app: typer.Typer) -> None:
             table.add_row(str(layer["layer"]), ",".join(map(str, layer["kept_heads"])) or "-",
                           ",".join(map(str, layer["kv_heads_cached"])) or "-", mixers or "-")
         console.print(table)
-        cached = record["kv_heads_cached"]
-        console.print(f"KV heads cached: {cached['total']} of the teacher's {cached['teacher_total']}; "
-                      f"wrote {path} (README.md is its model card; selection.json says why each head was kept)")
+        cached, params = record["kv_heads_cached"], record["parameters"]
+        console.print(f"KV heads cached: {cached['total']} of the teacher's {cached['teacher_total']}; parameters "
+                      f"{params['student'] / 1e6:.1f}M (the teacher's {params['teacher'] / 1e6:.1f}M, "
+                      f"{params['student'] / params['teacher']:.2f}x); wrote {path} (README.md is its model card; "
+                      "selection.json says why each head was kept)")
 
     @app.command("memory")
     def memory(
