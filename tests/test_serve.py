@@ -265,3 +265,28 @@ def test_serve_benchmark_quick(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["same_texts"] and row["generate_calls"] == {"sequential": 4, "concurrent": 1}
     assert "| tiny-student |" in out.with_suffix(".md").read_text()
+
+
+def test_compile_puts_every_request_on_the_static_cache_with_the_same_answers(served):
+    """--compile: sampled, streamed and stopped requests pass the static cache too (on CUDA transformers compiles
+    its step; here, on the CPU, it runs eagerly) and answer as without it."""
+    _, generator = served
+    compiled = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, batch_wait=0.0, compile=True)
+    seen = []
+    original = generator.model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return original(*args, **kwargs)
+
+    generator.model.generate = spy
+    try:
+        for fields in ({"temperature": 0.9, "seed": 5}, {"temperature": 0, "stop": ["e"]}):
+            sampling = parse_completion({"prompt": "The key", "max_tokens": 12, **fields}, "tiny")[1]
+            assert compiled.generate(["The key"], sampling) == generator.generate(["The key"], sampling)
+        sampling = parse_completion({"prompt": "x", "max_tokens": 12, "temperature": 0, "stream": True}, "tiny")[1]
+        streams = ["".join(t or "" for t, _ in g.stream("The key", sampling)[1]) for g in (compiled, generator)]
+        assert streams[0] == streams[1]
+    finally:
+        del generator.model.generate
+    assert seen == ["static", None, "static", None, "static", None]

@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
                                       "requests that generate alike share a call"),
         batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="how long a request waits for others to "
                                             "share its call"),
+        compile: bool = typer.Option(False, "--compile", help="sampled and streamed requests too on the static "
+                                     "cache, whose decode step transformers compiles on CUDA (the first request of "
+                                     "each batch size waits for it); greedy ones on a student take its captured "
+                                     "loop either way"),
     ) -> None:
         """Serve a model at http://HOST:PORT/v1 (completions, chat completions, models)."""
         if not 0 <= port <= 65535:
@@ -39,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)
         generator = Generator(loaded, tokenizer, name or model, max_tokens=max_tokens, max_batch=max_batch,
-                              batch_wait=batch_wait_ms / 1000)
+                              batch_wait=batch_wait_ms / 1000, compile=compile)
         server = make_server(generator, host, port)
         bound_host, bound_port = server.server_address[:2]
         weights = next(loaded.parameters())

@@ -5,8 +5,10 @@ thread per connection).
 Which generate() call: greedy requests without streaming or stop strings pass ``cache_implementation="static"`` to
 a radistill hybrid, so on CUDA they take its captured decode loop (docs/hybrid.md, "Generation and serving": the
 fastest measured path); everything else (sampling, streaming, stop strings, any other model) calls generate() with
-its defaults, so no request triggers a compile the user did not ask for. Prompts are left-padded into one batch
-(the hybrid's recurrent heads take padding before a row's tokens only).
+its defaults, so no request triggers a compile the user did not ask for. ``compile=True`` (``radistill serve
+--compile``) passes the static cache to every request, so on CUDA transformers compiles the decode step of the rest
+(its first request of each batch size waits for that compile). Prompts are left-padded into one batch (the hybrid's
+recurrent heads take padding before a row's tokens only).
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ class Generator:
     changes no row, tested). A streamed request runs alone."""
 
     def __init__(self, model, tokenizer, name: str, max_tokens: int = 1024, max_batch: int = 16,
-                 batch_wait: float = 0.01):
+                 batch_wait: float = 0.01, compile: bool = False):
         self.model, self.tokenizer, self.name, self.max_tokens = model, tokenizer, name, max_tokens
-        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self.max_batch, self.batch_wait, self.compile = max_batch, batch_wait, compile
         self.lock = threading.Lock()  # one generate() at a time: the model, its caches and graphs are not shared
         self.created = int(time.time())
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -122,10 +124,12 @@ class Generator:
     def _kwargs(self, inputs: dict, new_tokens: int, sampling: Sampling, streaming: bool) -> dict:
         kwargs = dict(**inputs, max_new_tokens=new_tokens, pad_token_id=self.pad,
                       eos_token_id=sorted(self.eos) or None)
+        if self.compile or (sampling.greedy and self.hybrid and not streaming and not sampling.stop):
+            # greedy, on a hybrid on CUDA: its captured decode loop; otherwise (--compile) transformers' loop with
+            # its compiled decode step on CUDA (a compile per new batch size); on the CPU the static cache, eagerly
+            kwargs["cache_implementation"] = "static"
         if sampling.greedy:
             kwargs["do_sample"] = False
-            if self.hybrid and not streaming and not sampling.stop:
-                kwargs["cache_implementation"] = "static"  # the captured decode loop on CUDA
         else:  # OpenAI's sampling: temperature and nucleus only (a model's own top-k would narrow it)
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
         if sampling.stop:
