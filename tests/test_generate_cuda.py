@@ -37,6 +37,31 @@ def test_compiled_static_generate_on_cuda_equals_the_eager_growing_cache(mixer):
     assert torch.equal(static, again), mixer  # the captured graph replays, not only its first run
 
 
+@pytest.mark.parametrize("stop_at", [None, 1, 2, 10])
+def test_graph_decode_loop_streams_on_cuda_as_transformers_loop(stop_at):
+    """A streamer through the captured loop: the warm-up steps' tokens, then one per replay, the same calls as
+    transformers' loop makes (an end token in the warm-up, after it, or none)."""
+    from test_graph_decode import Recorder
+
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        student = student_with("window_recurrent").to("cuda")
+        ids = torch.randint(1, 200, (1, 10), generator=torch.Generator().manual_seed(3)).cuda()
+        settings = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+        free = student.generate(input_ids=ids, graph_decode=False, eos_token_id=None, **settings)[0, 10:]
+        eos = None if stop_at is None else int(free[stop_at])
+        runs = []
+        for graph_decode in (False, None):
+            recorder = Recorder()
+            out = student.generate(input_ids=ids, graph_decode=graph_decode, eos_token_id=eos, streamer=recorder,
+                                   **settings)
+            runs.append((out, recorder.calls))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
 @pytest.mark.parametrize("loop", [None, "compiled"])
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
 def test_graph_decode_loop_on_cuda_equals_transformers_loop(mixer, loop):

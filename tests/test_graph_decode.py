@@ -60,11 +60,63 @@ def test_calls_that_need_transformers_loop_are_left_to_it(student):
     assert plan(requested=False) is None
     assert plan(do_sample=True) is None and plan(num_beams=2) is None
     assert plan(repetition_penalty=1.3) is None and plan(output_scores=True, return_dict_in_generate=True) is None
-    assert plan(logits_processor=[]) is None and plan(streamer=object()) is None
+    assert plan(logits_processor=[]) is None
+    assert plan(streamer=object()) is None  # two rows: transformers' streamers take one (its own error)
     assert plan(cache_implementation=None) is None  # the growing cache: transformers' loop
     sampled = student.generate(input_ids=ids, do_sample=True, top_k=5, max_new_tokens=3, graph_decode=True,
                                pad_token_id=0, cache_implementation="static")
     assert sampled.shape == (2, 9)  # went through transformers' sampling
+
+
+class Recorder:
+    """A transformers streamer that keeps what it is handed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+@pytest.mark.parametrize("stop", ["none", "first", "third", "last"])
+def test_a_streamer_gets_what_transformers_loop_hands_it(student, stop):
+    """One row with a streamer: the loop runs (each token read after its step) and the streamer is called as
+    transformers' loop calls it -- the prompt, each new token, end -- also when an end token stops it."""
+    ids = torch.randint(1, 200, (1, 9), generator=torch.Generator().manual_seed(2))
+    free = student.generate(input_ids=ids, graph_decode=False, max_new_tokens=6, eos_token_id=None, **STATIC)[0, 9:]
+    eos = {"none": None, "first": int(free[0]), "third": int(free[2]), "last": int(free[5])}[stop]
+    assert decode_plan(student, ids, {**STATIC, "max_new_tokens": 6, "streamer": Recorder()}, True) is not None
+    runs = []
+    for graph_decode in (False, True):
+        recorder = Recorder()
+        out = student.generate(input_ids=ids, graph_decode=graph_decode, max_new_tokens=6, eos_token_id=eos,
+                               streamer=recorder, **STATIC)
+        runs.append((out, recorder.calls))
+    (ref, ref_calls), (got, got_calls) = runs
+    assert torch.equal(ref, got) and got_calls == ref_calls
+    assert got_calls[0] == ids.tolist() and got_calls[-1] == "end" and len(got_calls) == 2 + got.shape[1] - 9
+
+
+def test_a_streamer_that_raises_stops_the_loop(student):
+    """An exception from the streamer ends generate() there, as in transformers' loop (how a server stops a
+    stream whose client has gone)."""
+    class Gone(Exception):
+        pass
+
+    class Leaving(Recorder):
+        def put(self, value):
+            if len(self.calls) == 3:
+                raise Gone
+            super().put(value)
+
+    streamer = Leaving()
+    with pytest.raises(Gone):
+        student.generate(input_ids=torch.randint(1, 200, (1, 5)), graph_decode=True, max_new_tokens=8,
+                         eos_token_id=None, streamer=streamer, **STATIC)
+    assert len(streamer.calls) == 3  # the prompt and two tokens, no end
 
 
 def test_padding_between_tokens_is_refused(student):

@@ -12,8 +12,10 @@ updated in place) and replayed per token; the host looks at the device only ever
 The result is the token sequence transformers' greedy search produces for the same call (tests/test_graph_decode.py
 compares them on CPU, where the same loop runs eagerly, and on CUDA): rows that reach an end-of-sequence token are
 filled with the pad token afterwards, and the output stops at the step where the last row finished or at
-``max_new_tokens``. Anything else -- sampling, beams, logits processors, stopping criteria, streamers, scores,
-``inputs_embeds`` -- goes to transformers' generate(), as does ``generate(..., graph_decode=False)``.
+``max_new_tokens``. A streamer (batch 1, as transformers allows) gets what transformers' loop hands it -- the prompt,
+then each new token as it is made -- so with one the host reads each token after its replay instead of every 16.
+Anything else -- sampling, beams, logits processors, stopping criteria, scores, ``inputs_embeds`` -- goes to
+transformers' generate(), as does ``generate(..., graph_decode=False)``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from radistill.hybrid.cache import HybridCache
 # Call arguments the loop honours; any other one means transformers' generate() handles the call.
 ARGUMENTS = {"input_ids", "attention_mask", "generation_config", "max_new_tokens", "max_length", "do_sample",
              "num_beams", "pad_token_id", "eos_token_id", "bos_token_id", "cache_implementation", "use_cache",
-             "temperature", "top_k", "top_p"}
+             "temperature", "top_k", "top_p", "streamer"}
 # Generation-config fields that may differ from transformers' defaults without changing greedy search (sampling
 # parameters are unused when do_sample is False).
 NEUTRAL_FIELDS = ARGUMENTS | {"transformers_version", "_from_model_config", "decoder_start_token_id",
@@ -53,6 +55,9 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         return None
+    streamer = kwargs.get("streamer")
+    if streamer is not None and input_ids.shape[0] != 1:  # transformers' streamers take one row: its error
+        return None
     config = GenerationConfig.from_dict((kwargs.get("generation_config") or model.generation_config).to_dict())
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "generation_config")})
     if set(config.to_diff_dict()) - NEUTRAL_FIELDS or any(getattr(config, name, False) for name in OUTPUTS):
@@ -73,7 +78,7 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask"), "max_new_tokens": new,
-            "eos_token_ids": eos, "pad_token_id": pad, "compile_step": requested == "compiled"}
+            "eos_token_ids": eos, "pad_token_id": pad, "compile_step": requested == "compiled", "streamer": streamer}
 
 
 def compiled_forward(model):
@@ -156,11 +161,17 @@ class GreedyLoop:
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     eos_token_ids: list[int], pad_token_id: int, check_every: int = 16,
-                    compile_step: bool = False) -> torch.Tensor:
+                    compile_step: bool = False, streamer=None) -> torch.Tensor:
     """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` greedy tokens, as
     transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA. ``compile_step``:
-    the step's forward compiled (``STEP_BACKEND``) before the capture; the prefill stays eager."""
+    the step's forward compiled (``STEP_BACKEND``) before the capture; the prefill stays eager. ``streamer``
+    (transformers' ``BaseStreamer``): ``put`` the prompt, then each new token [B] as it is made, ``end`` at the end,
+    as transformers' loop calls it (an exception it raises stops the generation, as there)."""
     from radistill.hybrid.modeling import refuse_inner_padding
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+        check_every = 1  # each token goes out as soon as it is made
 
     batch, prompt = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -176,16 +187,27 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                       pad_token_id, forward=compiled_forward(model) if compile_step else None)
     steps = max_new_tokens - 1
     taken = 0
-    if input_ids.is_cuda and steps > WARMUP_STEPS:
-        loop.warm_up_and_capture(WARMUP_STEPS)
+    if streamer is not None:
+        streamer.put(loop.out[:, 0].cpu())
+    finished = streamer is not None and bool(eos_token_ids) and bool(loop.done.all())
+    if input_ids.is_cuda and steps > WARMUP_STEPS and not finished:
+        loop.warm_up_and_capture(WARMUP_STEPS)  # WARMUP_STEPS real steps, then the capture
         taken = WARMUP_STEPS
-    while taken < steps:
+        for i in range(1, taken + 1) if streamer is not None else ():  # the warm-up's tokens, up to an end token
+            streamer.put(loop.out[:, i].cpu())
+            if eos_token_ids and bool(torch.isin(loop.out[:, i], loop.eos).all()):
+                finished = True
+                break
+    while taken < steps and not finished:
         burst = min(check_every, steps - taken)
         for _ in range(burst):
             loop.run()
+        if streamer is not None:  # burst is 1
+            streamer.put(loop.out[:, taken + 1].cpu())
         taken += burst
-        if eos_token_ids and bool(loop.done.all()):  # the one host read per burst
-            break
+        finished = bool(eos_token_ids) and bool(loop.done.all())  # the one host read per burst
+    if streamer is not None:
+        streamer.end()
     generated = loop.out[:, : taken + 1]
     if eos_token_ids:
         # transformers stops at the step where the last row finished: cut the burst's extra (pad-only) columns

@@ -2,9 +2,9 @@
 ones that generate alike as one batch, and :func:`make_server` puts it behind an HTTP server (``http.server``, one
 thread per connection).
 
-Which generate() call: greedy requests without streaming or stop strings pass ``cache_implementation="static"`` to
-a radistill hybrid, so on CUDA they take its captured decode loop (docs/hybrid.md, "Generation and serving": the
-fastest measured path); everything else (sampling, streaming, stop strings, any other model) calls generate() with
+Which generate() call: greedy requests without stop strings pass ``cache_implementation="static"`` to a radistill
+hybrid, so on CUDA they take its captured decode loop, streamed or not (docs/hybrid.md, "Generation and serving": the
+fastest measured path); everything else (sampling, stop strings, any other model) calls generate() with
 its defaults, so no request triggers a compile the user did not ask for. ``compile=True`` (``radistill serve
 --compile``) passes the static cache to every request, so on CUDA transformers compiles the decode step of the rest
 (its first request of each batch size waits for that compile). Prompts are left-padded into one batch (the hybrid's
@@ -121,12 +121,13 @@ class Generator:
             mask[i, width - len(row):] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
-    def _kwargs(self, inputs: dict, new_tokens: int, sampling: Sampling, streaming: bool) -> dict:
+    def _kwargs(self, inputs: dict, new_tokens: int, sampling: Sampling) -> dict:
         kwargs = dict(**inputs, max_new_tokens=new_tokens, pad_token_id=self.pad,
                       eos_token_id=sorted(self.eos) or None)
-        if self.compile or (sampling.greedy and self.hybrid and not streaming and not sampling.stop):
-            # greedy, on a hybrid on CUDA: its captured decode loop; otherwise (--compile) transformers' loop with
-            # its compiled decode step on CUDA (a compile per new batch size); on the CPU the static cache, eagerly
+        if self.compile or (sampling.greedy and self.hybrid and not sampling.stop):
+            # greedy, on a hybrid on CUDA: its captured decode loop (streamed too); otherwise (--compile)
+            # transformers' loop with its compiled decode step on CUDA (a compile per new batch size); on the CPU the
+            # static cache, eagerly
             kwargs["cache_implementation"] = "static"
         if sampling.greedy:
             kwargs["do_sample"] = False
@@ -193,7 +194,7 @@ class Generator:
                 self.calls += 1
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                out = self.model.generate(**self._kwargs(inputs, new_tokens, sampling, streaming=False)).cpu()
+                out = self.model.generate(**self._kwargs(inputs, new_tokens, sampling)).cpu()
             width, at = inputs["input_ids"].shape[1], 0
             for job in batch:
                 job.choices = [self._choice(out[at + i, width: width + job.new_tokens].tolist(), job.sampling.stop,
@@ -210,15 +211,14 @@ class Generator:
     def stream(self, prompt: str, sampling: Sampling,
                templated: bool = False) -> tuple[int, Iterator[tuple[str | None, str | None]]]:
         """-> (prompt tokens, events): (text, None) pieces as they are generated, then (None, finish reason).
-        Closing the events early (a client that went away) stops generate() at its next step."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
+        Closing the events early (a client that went away) stops generate() at its next token: the streamer raises
+        there (a stopping criterion would do it too, but would send a student's greedy stream to transformers' loop
+        instead of its captured one)."""
         rows, new_tokens = self._prepare([prompt], sampling, templated)
         inputs = self._inputs(rows)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         cancelled = threading.Event()
-        kwargs = self._kwargs(inputs, new_tokens, sampling, streaming=True) | {
-            "streamer": streamer, "stopping_criteria": StoppingCriteriaList([_Cancelled(cancelled)])}
+        streamer = _streamer(self.tokenizer, cancelled)
+        kwargs = self._kwargs(inputs, new_tokens, sampling) | {"streamer": streamer}
         result: dict = {}
 
         def run() -> None:
@@ -260,14 +260,22 @@ class Generator:
         return len(rows[0]), events()
 
 
-class _Cancelled:
-    """A stopping criterion that ends every row once ``event`` is set (a streaming client went away)."""
+class _Cancelled(Exception):
+    """Raised by a stream's streamer once its client has gone: generate() stops there."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+def _streamer(tokenizer, cancelled: threading.Event):
+    """transformers' TextIteratorStreamer (new text as it decodes, the prompt skipped) that raises
+    :class:`_Cancelled` on the next token once ``cancelled`` is set."""
+    from transformers import TextIteratorStreamer
+
+    class Streamer(TextIteratorStreamer):
+        def put(self, value):
+            if cancelled.is_set():
+                raise _Cancelled
+            super().put(value)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
 
 
 class Handler(BaseHTTPRequestHandler):
