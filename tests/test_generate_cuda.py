@@ -37,6 +37,32 @@ def test_compiled_static_generate_on_cuda_equals_the_eager_growing_cache(mixer):
     assert torch.equal(static, again), mixer  # the captured graph replays, not only its first run
 
 
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "window_recurrent"])
+def test_graph_decode_loop_samples_on_cuda(mixer):
+    """Sampling in the captured loop (graph_decode=True): top-k 1 is transformers' greedy search token for token,
+    and a seed gives the same draws again through the replayed graph (its random numbers advance per replay)."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        student = student_with(mixer).to("cuda")
+        ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+        ids, mask = ids.cuda(), mask.cuda()
+        settings = dict(attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=5,
+                        cache_implementation="static")
+        greedy = student.generate(input_ids=ids, graph_decode=False, do_sample=False, **settings)
+        top1 = student.generate(input_ids=ids, graph_decode=True, do_sample=True, top_k=1, **settings)
+        draws = []
+        for seed in (7, 7, 8):
+            torch.manual_seed(seed)
+            draws.append(student.generate(input_ids=ids, graph_decode=True, do_sample=True, temperature=1.5,
+                                          **{**settings, "eos_token_id": None}))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert torch.equal(greedy, top1)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert len({tuple(row) for row in draws[0][:, 10:].tolist()}) == 3  # the rows draw apart
+
+
 @pytest.mark.parametrize("stop_at", [None, 1, 2, 10])
 def test_graph_decode_loop_streams_on_cuda_as_transformers_loop(stop_at):
     """A streamer through the captured loop: the warm-up steps' tokens, then one per replay, the same calls as

@@ -58,14 +58,65 @@ def test_calls_that_need_transformers_loop_are_left_to_it(student):
     assert plan() is not None
     assert plan(requested=None) is None  # on CPU only when asked for
     assert plan(requested=False) is None
-    assert plan(do_sample=True) is None and plan(num_beams=2) is None
+    assert plan(num_beams=2) is None
+    assert plan(do_sample=True)["sampling"] == {"temperature": None, "top_k": None, "top_p": None}
+    assert plan(do_sample=True, min_p=0.1) is None  # a warper the loop does not reproduce
     assert plan(repetition_penalty=1.3) is None and plan(output_scores=True, return_dict_in_generate=True) is None
     assert plan(logits_processor=[]) is None
     assert plan(streamer=object()) is None  # two rows: transformers' streamers take one (its own error)
     assert plan(cache_implementation=None) is None  # the growing cache: transformers' loop
-    sampled = student.generate(input_ids=ids, do_sample=True, top_k=5, max_new_tokens=3, graph_decode=True,
+    sampled = student.generate(input_ids=ids, do_sample=True, top_k=5, max_new_tokens=3, graph_decode=False,
                                pad_token_id=0, cache_implementation="static")
     assert sampled.shape == (2, 9)  # went through transformers' sampling
+
+
+def test_sampling_with_top_k_1_is_the_greedy_search(student):
+    """The loop's draw after top-k 1 can only be the argmax: every token equals transformers' greedy search
+    (left padding, end tokens), which pins the warpers' order and the first token's draw."""
+    ids, mask, _ = left_padded(batch=3, length=10, pads=(0, 4, 7))
+    greedy = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, max_new_tokens=10,
+                              eos_token_id=5, **STATIC)
+    sampled = student.generate(input_ids=ids, attention_mask=mask, graph_decode=True, max_new_tokens=10,
+                               eos_token_id=5, **{**STATIC, "do_sample": True, "top_k": 1, "temperature": 0.7})
+    assert torch.equal(greedy, sampled)
+
+
+def test_sampling_follows_the_seed(student):
+    ids = torch.randint(1, 200, (2, 6), generator=torch.Generator().manual_seed(4))
+    settings = dict(input_ids=ids, graph_decode=True, max_new_tokens=12, eos_token_id=None,
+                    **{**STATIC, "do_sample": True, "temperature": 1.3})
+    runs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        runs.append(student.generate(**settings))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(None, None, None), (0.7, 4, None), (1.5, None, 0.8),
+                                                              (0.9, 6, 0.9)])
+def test_the_draw_follows_the_warped_distribution(temperature, top_k, top_p):
+    """The Picker's draws (argmax of p / Exp(1)) against the distribution written out from the warpers'
+    definitions (temperature, then the k largest, then the smallest set above top-p): 40,000 draws at once."""
+    from radistill.hybrid.graph_decode import Picker
+
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.3, 0.0, -0.5, -1.0, -3.0])
+    scaled = logits / (temperature or 1.0)
+    keep = torch.ones(8, dtype=torch.bool)
+    if top_k:
+        keep &= scaled >= scaled.topk(top_k).values[-1]
+    probs = scaled.masked_fill(~keep, float("-inf")).softmax(-1)
+    if top_p:
+        ordered, order = probs.sort(descending=True)
+        needed = (ordered.cumsum(0) - ordered) < top_p  # the tokens before the mass reaches top_p, and the one that does
+        keep &= torch.zeros(8, dtype=torch.bool).scatter(0, order, needed)
+        probs = scaled.masked_fill(~keep, float("-inf")).softmax(-1)
+    torch.manual_seed(0)
+    n = 40_000
+    draws = Picker({"temperature": temperature, "top_k": top_k, "top_p": top_p})(
+        logits.expand(n, 8), torch.zeros(n, 1, dtype=torch.long))
+    frequencies = torch.bincount(draws, minlength=8) / n
+    assert (frequencies[~keep] == 0).all()
+    assert (frequencies - probs).abs().max() < 0.012  # ~5 standard errors at the worst cell
 
 
 class Recorder:

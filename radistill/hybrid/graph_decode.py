@@ -1,5 +1,5 @@
-"""Greedy decoding with the whole token loop on the device: what ``generate(cache_implementation="static")`` runs
-for a hybrid on CUDA when nothing in the call needs transformers' own loop.
+"""Decoding with the whole token loop on the device: what ``generate(cache_implementation="static")`` runs for a
+hybrid on CUDA when a greedy call needs nothing of transformers' own loop.
 
 Why: transformers' generate() does ~50 small operators of host work per token outside the model (inputs, masks,
 stopping checks) and reads a device value every token to decide whether to stop, so the host and the device take
@@ -14,8 +14,10 @@ compares them on CPU, where the same loop runs eagerly, and on CUDA): rows that 
 filled with the pad token afterwards, and the output stops at the step where the last row finished or at
 ``max_new_tokens``. A streamer (batch 1, as transformers allows) gets what transformers' loop hands it -- the prompt,
 then each new token as it is made -- so with one the host reads each token after its replay instead of every 16.
-Anything else -- sampling, beams, logits processors, stopping criteria, scores, ``inputs_embeds`` -- goes to
-transformers' generate(), as does ``generate(..., graph_decode=False)``.
+Sampling (temperature, top-k, top-p) runs in the loop only when asked for by name (``graph_decode=True``): the draw
+is captured with the step (:class:`Picker`), and has not yet run on a GPU. Anything else -- other sampling
+settings, beams, logits processors, stopping criteria, scores, ``inputs_embeds`` -- goes to transformers'
+generate(), as does ``generate(..., graph_decode=False)``.
 """
 
 from __future__ import annotations
@@ -62,8 +64,17 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
     config.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "generation_config")})
     if set(config.to_diff_dict()) - NEUTRAL_FIELDS or any(getattr(config, name, False) for name in OUTPUTS):
         return None
-    if config.do_sample or (config.num_beams or 1) != 1:
+    if (config.num_beams or 1) != 1:
         return None
+    sampling = None
+    if config.do_sample:
+        # sampling in the loop only when asked for by name (graph_decode=True / "compiled"): its captured draw has
+        # not yet been run on a GPU; and only with the warpers it reproduces (temperature, top-k, top-p)
+        if requested is None or any(getattr(config, name, None) not in (None, default) for name, default in
+                                    (("min_p", None), ("typical_p", 1.0), ("epsilon_cutoff", 0.0),
+                                     ("eta_cutoff", 0.0), ("top_h", None))):
+            return None
+        sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
     if config.cache_implementation != "static" or config.use_cache is False:
         return None
     if requested is None and input_ids.device.type != "cuda":
@@ -78,7 +89,8 @@ def decode_plan(model, inputs: torch.Tensor | None, kwargs: dict, requested: boo
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask"), "max_new_tokens": new,
-            "eos_token_ids": eos, "pad_token_id": pad, "compile_step": requested == "compiled", "streamer": streamer}
+            "eos_token_ids": eos, "pad_token_id": pad, "compile_step": requested == "compiled", "streamer": streamer,
+            "sampling": sampling}
 
 
 def compiled_forward(model):
@@ -106,17 +118,46 @@ def capture_graph(step, warmup: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
+class Picker:
+    """The next token from the last position's logits [B, vocab] -> [B]: the argmax, or with ``sampling``
+    ({"temperature", "top_k", "top_p"}) a draw after transformers' own warpers for those settings, made as they are
+    made there (float32 logits; temperature, then top-k, then top-p). The draw is argmax(p / E) with E ~ Exp(1)
+    per token: a sample of p, as transformers' ``torch.multinomial`` is, but without the host read that makes
+    multinomial impossible to capture in a CUDA graph (it checks the probabilities on the host). The same
+    distribution, not the same stream of random numbers: a seed gives other tokens than transformers' loop."""
+
+    def __init__(self, sampling: dict | None):
+        from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        self.warpers = None
+        if sampling is not None:
+            temperature, top_k, top_p = sampling["temperature"], sampling["top_k"], sampling["top_p"]
+            self.warpers = LogitsProcessorList(
+                ([TemperatureLogitsWarper(temperature)] if temperature is not None and temperature != 1.0 else [])
+                + ([TopKLogitsWarper(top_k)] if top_k else [])
+                + ([TopPLogitsWarper(top_p)] if top_p is not None and top_p < 1.0 else []))
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """logits [B, vocab]; tokens [B, 1] the last tokens (what transformers' warpers are handed) -> [B]."""
+        if self.warpers is None:
+            return logits.argmax(-1)
+        probs = self.warpers(tokens, logits.float()).softmax(-1)
+        return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
 class GreedyLoop:
     """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``mask``
     [B, max_length] (1 = a real token in that slot), ``done`` [B], ``out`` [B, new] (the generated tokens) and
     ``count`` (how many are written, 0-d; the cache slot a step writes is ``count + prompt - 1``), all updated in
-    place."""
+    place. ``pick``: how a token is chosen (:class:`Picker`: greedy unless it samples)."""
 
     def __init__(self, model, cache: HybridCache, first: torch.Tensor, prompt_mask: torch.Tensor,
-                 positions: torch.Tensor, new: int, eos: list[int], pad: int, forward=None):
+                 positions: torch.Tensor, new: int, eos: list[int], pad: int, forward=None, pick=None):
         batch, prompt = prompt_mask.shape
         device = first.device
         self.model, self.cache = model, cache
+        self.pick = Picker(None) if pick is None else pick
         self.forward = model if forward is None else forward  # the model, or its compiled forward
         self.mask = torch.zeros(batch, cache.max_length, dtype=torch.bool, device=device)
         self.mask[:, :prompt] = prompt_mask.bool()
@@ -143,7 +184,7 @@ class GreedyLoop:
         # a prepared mask dict: kept heads get the 4D mask; the new token is never padding for the recurrent heads
         logits = self.forward(input_ids=self.token, position_ids=self.position, use_cache=True, logits_to_keep=1,
                               attention_mask={"attention": attention, "padding": None}, cache=self.cache).logits
-        token = torch.where(self.done, self.pad, logits[:, -1].argmax(-1))
+        token = torch.where(self.done, self.pad, self.pick(logits[:, -1], self.token))
         self.out.index_copy_(1, self.count.view(1), token[:, None])
         self.done |= (token[:, None] == self.eos).any(-1)
         self.token.copy_(token[:, None])
@@ -161,12 +202,13 @@ class GreedyLoop:
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     eos_token_ids: list[int], pad_token_id: int, check_every: int = 16,
-                    compile_step: bool = False, streamer=None) -> torch.Tensor:
+                    compile_step: bool = False, streamer=None, sampling: dict | None = None) -> torch.Tensor:
     """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` greedy tokens, as
     transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA. ``compile_step``:
     the step's forward compiled (``STEP_BACKEND``) before the capture; the prefill stays eager. ``streamer``
     (transformers' ``BaseStreamer``): ``put`` the prompt, then each new token [B] as it is made, ``end`` at the end,
-    as transformers' loop calls it (an exception it raises stops the generation, as there)."""
+    as transformers' loop calls it (an exception it raises stops the generation, as there). ``sampling``
+    ({"temperature", "top_k", "top_p"}): each token drawn (:class:`Picker`) instead of the argmax."""
     from radistill.hybrid.modeling import refuse_inner_padding
 
     if streamer is not None:
@@ -183,8 +225,9 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     cache = HybridCache(model.config, max_length=length)
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits
-    loop = GreedyLoop(model, cache, logits[:, -1].argmax(-1), mask, positions, max_new_tokens, eos_token_ids,
-                      pad_token_id, forward=compiled_forward(model) if compile_step else None)
+    pick = Picker(sampling)
+    loop = GreedyLoop(model, cache, pick(logits[:, -1], input_ids[:, -1:]), mask, positions, max_new_tokens,
+                      eos_token_ids, pad_token_id, forward=compiled_forward(model) if compile_step else None, pick=pick)
     steps = max_new_tokens - 1
     taken = 0
     if streamer is not None:

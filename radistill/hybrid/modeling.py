@@ -611,11 +611,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs: torch.Tensor | None = None, *args, graph_decode: bool | str | None = None, **kwargs):
         """transformers' generate(); with ``cache_implementation="static"`` on CUDA, a greedy call that needs nothing
-        else of transformers' loop (no sampling, beams, processors, streamer, scores) runs the same search with its
-        decode step replayed as a CUDA graph and no per-token host work (radistill/hybrid/graph_decode.py, same
-        tokens). ``graph_decode=False`` always takes transformers' loop; ``True`` also runs the loop on CPU;
-        ``"compiled"``: the loop with the step's forward compiled by inductor before the capture (a one-off compile
-        per shape; fused kernels in the replayed graph)."""
+        else of transformers' loop (no beams, processors, stopping criteria, scores; a streamer is served) runs the
+        same search with its decode step replayed as a CUDA graph and no per-token host work
+        (radistill/hybrid/graph_decode.py, same tokens). ``graph_decode=False`` always takes transformers' loop;
+        ``True`` also runs the loop on CPU, and samples in it (temperature, top-k, top-p); ``"compiled"``: as True,
+        with the step's forward compiled by inductor before the capture (a one-off compile per shape; fused kernels
+        in the replayed graph)."""
         if graph_decode not in (None, True, False, "compiled"):
             raise RadistillError(f"graph_decode must be None, True, False or 'compiled', got {graph_decode!r}")
         from radistill.hybrid.graph_decode import decode_plan, greedy_generate
