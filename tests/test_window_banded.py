@@ -118,3 +118,20 @@ def test_forward_takes_the_plain_band_only_without_state_mask_or_documents(monke
     mixer(hidden, position_embeddings=(cos, sin), reset=reset)
     assert used == ["_plain_band", "_banded", "_banded"]
     torch.testing.assert_close(plain, general, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_groups", [[0, 0, 1, 1], [0, 1, 1, 0]])
+def test_what_inference_mode_cached_serves_a_later_training_forward(kv_groups):
+    """The plain band's masks and the KV-group index are made once and kept; made first under inference mode (a
+    served or evaluated model), they must still serve a forward that autograd records: an inference tensor cannot
+    be saved for backward."""
+    mixer = WindowAttention(32, 4, 8, window=4, sink=2, kv_groups=kv_groups)
+    hidden = torch.randn(2, 40, 32)
+    rope = torch.ones(1, 40, 8), torch.zeros(1, 40, 8)
+    with torch.inference_mode():
+        mixer(hidden, position_embeddings=rope)
+        mixer(hidden, attention_mask=torch.ones(2, 40), position_embeddings=rope)
+    for mask in (None, torch.ones(2, 40)):
+        leaf = hidden.clone().requires_grad_()
+        mixer(leaf, attention_mask=mask, position_embeddings=rope)[0].sum().backward()
+        assert leaf.grad is not None and leaf.grad.abs().sum() > 0

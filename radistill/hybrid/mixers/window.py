@@ -63,6 +63,14 @@ def _plain_mask(window: int, sink: int, first: int, chunks: int, device: torch.d
     return _cached_plain_mask(window, sink, min(first, settled), chunks, torch.device(device))
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_plain_mask(window: int, sink: int, first: int, chunks: int, device: torch.device) -> Tensor:
+    # made outside inference mode even when first asked for inside it (a served or evaluated model): an inference
+    # tensor could not be saved for backward by a later training forward of the same shape
+    with torch.inference_mode(False):
+        return _make_plain_mask(window, sink, first, chunks, device)
+
+
 def _make_plain_mask(window: int, sink: int, first: int, chunks: int, device: torch.device) -> Tensor:
     C = max(window, 16)
     S = C + window - 1
@@ -73,8 +81,6 @@ def _make_plain_mask(window: int, sink: int, first: int, chunks: int, device: to
         hidden = torch.cat([hidden, query - torch.arange(sink, device=device) < window], dim=-1)
     return hidden[:, None]
 
-
-_cached_plain_mask = functools.lru_cache(maxsize=32)(_make_plain_mask)
 
 
 class WindowAttention(RecurrentMixer):
@@ -407,7 +413,8 @@ class WindowAttention(RecurrentMixer):
         device = torch.device(device)
         cached = self._group_indices.get(device)
         if cached is None:
-            cached = self._group_indices[device] = torch.as_tensor(self.kv_groups, device=device)
+            with torch.inference_mode(False):  # a later training forward saves it for backward (see _cached_plain_mask)
+                cached = self._group_indices[device] = torch.as_tensor(self.kv_groups, device=device)
         return cached
 
     def _per_head(self, kv: Tensor) -> Tensor:
