@@ -187,9 +187,9 @@ class Generator:
 
     def _run(self, batch: list[_Job]) -> None:
         sampling = batch[0].sampling
-        inputs = self._inputs([r for job in batch for r in job.rows])
         new_tokens = max(job.new_tokens for job in batch)
         try:
+            inputs = self._inputs([r for job in batch for r in job.rows])
             with self.lock, torch.inference_mode():
                 self.calls += 1
                 if sampling.seed is not None:
