@@ -230,3 +230,21 @@ def test_the_inductor_compiled_step_gives_the_same_tokens(student):
     ref = student.generate(input_ids=ids, attention_mask=mask, graph_decode=False, max_new_tokens=12, **STATIC)
     got = student.generate(input_ids=ids, attention_mask=mask, graph_decode="compiled", max_new_tokens=12, **STATIC)
     assert torch.equal(ref, got)
+
+
+def test_sampling_benchmark_quick(tmp_path):
+    """benchmarks/sampling.py runs on CPU: every row (the teacher; each hybrid through transformers' loop and its
+    captured loop, which the script checks each row takes) gets a rate in every cell."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sampling.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "sampling.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["loop"] for r in result["rows"]] == ["transformers"] + ["transformers", "captured"] * 2
+    assert all(c["tokens_per_s"] > 0 for r in result["rows"] for c in r["cells"].values())
+    assert "| captured |" in out.with_suffix(".md").read_text()
