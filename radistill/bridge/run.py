@@ -81,7 +81,7 @@ def load_source(config: BridgeRunConfig, tokenizer, train_items, eval_items, dev
 
     kind, model_id, value = parse_source(config.source)
     if kind == "model":
-        from radistill.models.access import load_model, load_tokenizer
+        from radistill.models.access import load_model
 
         source_model, source_tokenizer = load_model(model_id, dtype=torch.float32, device=str(device))
         if source_tokenizer.get_vocab() != tokenizer.get_vocab():
