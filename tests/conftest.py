@@ -27,6 +27,19 @@ def _deterministic():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_dynamo_after_compiling():
+    """After a test that compiled, dynamo's caches are emptied: tests compile the same code objects (the hybrid's
+    forward, its mixers) for other models, and in one pytest-xdist worker those add up to dynamo's recompile limit
+    (8 per code object), past which a fullgraph compile fails -- in whichever test the worker's order reaches it."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    yield
+    if counters["stats"]["unique_graphs"] != before:
+        torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread per test process: the test models are tiny, pytest-xdist runs one process per core,
     and OpenMP's spinning threads make tiny models many times slower on a shared 2-core machine."""
