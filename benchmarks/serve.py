@@ -5,8 +5,9 @@
 
 For each model (a teacher and its student side by side, or any model radistill loads) a server runs in this process
 on a free port, as `radistill serve` starts it. Each client sends one greedy completion request over HTTP (a prose
-opening as its prompt, ``--max-tokens`` new tokens); "sequential" sends them in turn, "concurrent" from one thread
-per client at once, which the server batches (up to ``--max-batch`` rows per generate() call). Both orders must
+opening as its prompt, ``--max-tokens`` new tokens); "sequential" sends them in turn (the server waiting for no
+companions, as one without batching), "concurrent" from one thread per client at once, which the server batches
+(up to ``--max-batch`` rows per generate() call, waiting ``--batch-wait-ms`` for them). Both orders must
 return the same texts (checked). Prints a table; writes JSON (device, versions, per-model times, generate() calls) to
 benchmarks/results/serve-<device>.json.
 """
@@ -69,12 +70,14 @@ def measure(model, tokenizer, name: str, clients: int, max_tokens: int, max_batc
     bodies = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
               for i in range(clients)]
     try:
+        # requests in turn, as a server without batching serves them: no wait for companions that never come
+        generator.batch_wait = 0.0
         post(url, {**bodies[0], "max_tokens": 2})  # first-use work (allocations, kernels) out of the timing
         generator.calls = 0
         start = time.perf_counter()
         sequential = [post(url, body) for body in bodies]
         sequential_s = time.perf_counter() - start
-        sequential_calls, generator.calls = generator.calls, 0
+        sequential_calls, generator.calls, generator.batch_wait = generator.calls, 0, batch_wait
         concurrent: list = [None] * clients
 
         def client(i: int) -> None:
@@ -129,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON path [benchmarks/results/serve-<device>.json]")
     args = parser.parse_args(argv)
     if args.quick:
-        # a long wait: the smoke run checks that the four requests share one call, even on a loaded machine
-        args.clients, args.max_tokens, args.device, args.batch_wait_ms = 4, 8, "cpu", 300.0
+        # the smoke run checks that the four requests share one call, even on a loaded machine: a long wait, which
+        # the batch leaves as soon as it holds all four (--max-batch 4)
+        args.clients, args.max_tokens, args.device, args.batch_wait_ms, args.max_batch = 4, 8, "cpu", 5000.0, 4
         loaded = [("tiny-student", *quick_model())]
     else:
         if not args.models:

@@ -226,7 +226,8 @@ def run_together(generator: Generator, requests: list[tuple[list[str], dict]]) -
 
 def test_concurrent_requests_that_generate_alike_share_one_generate_call(served):
     _, generator = served
-    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=8, batch_wait=1.0)
+    # a wait long enough for four threads on a loaded machine; the batch leaves as soon as it holds all four
+    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=4, batch_wait=5.0)
     prompts = ["The key is", "A much longer prompt about the values", "Short", "Another prompt"]
     lengths = [12, 5, 20, 8]
     results = run_together(batched, [([p], {"max_tokens": n, "temperature": 0}) for p, n in zip(prompts, lengths)])
@@ -240,7 +241,7 @@ def test_concurrent_requests_that_generate_alike_share_one_generate_call(served)
 
 def test_requests_that_cannot_share_a_call_run_apart(served):
     _, generator = served
-    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=2, batch_wait=1.0)
+    batched = Generator(generator.model, generator.tokenizer, "tiny", max_tokens=64, max_batch=2, batch_wait=3.0)
     greedy = {"max_tokens": 4, "temperature": 0}
     results = run_together(batched, [(["a b"], greedy), (["c d"], greedy), (["e f"], greedy)])
     assert batched.calls == 2 and not any(isinstance(r, Exception) for r in results)  # max_batch rows per call
