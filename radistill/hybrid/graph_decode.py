@@ -146,7 +146,7 @@ class Picker:
         return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
-class GreedyLoop:
+class DecodeLoop:
     """The decode step on static buffers: ``token`` [B, 1], ``position`` [B, 1] (RoPE positions), ``mask``
     [B, max_length] (1 = a real token in that slot), ``done`` [B], ``out`` [B, new] (the generated tokens) and
     ``count`` (how many are written, 0-d; the cache slot a step writes is ``count + prompt - 1``), all updated in
@@ -200,11 +200,11 @@ class GreedyLoop:
 
 
 @torch.no_grad()
-def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-                    eos_token_ids: list[int], pad_token_id: int, check_every: int = 16,
-                    compile_step: bool = False, streamer=None, sampling: dict | None = None) -> torch.Tensor:
-    """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` greedy tokens, as
-    transformers' greedy search returns them; the decode step replays as a CUDA graph on CUDA. ``compile_step``:
+def loop_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                  eos_token_ids: list[int], pad_token_id: int, check_every: int = 16,
+                  compile_step: bool = False, streamer=None, sampling: dict | None = None) -> torch.Tensor:
+    """``input_ids`` [B, T] (left padding allowed) -> [B, T + n] with n <= ``max_new_tokens`` new tokens, as
+    transformers' greedy search (or sampling) returns them; the decode step replays as a CUDA graph on CUDA. ``compile_step``:
     the step's forward compiled (``STEP_BACKEND``) before the capture; the prefill stays eager. ``streamer``
     (transformers' ``BaseStreamer``): ``put`` the prompt, then each new token [B] as it is made, ``end`` at the end,
     as transformers' loop calls it (an exception it raises stops the generation, as there). ``sampling``
@@ -226,27 +226,28 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    logits_to_keep=1).logits
     pick = Picker(sampling)
-    loop = GreedyLoop(model, cache, pick(logits[:, -1], input_ids[:, -1:]), mask, positions, max_new_tokens,
+    loop = DecodeLoop(model, cache, pick(logits[:, -1], input_ids[:, -1:]), mask, positions, max_new_tokens,
                       eos_token_ids, pad_token_id, forward=compiled_forward(model) if compile_step else None, pick=pick)
     steps = max_new_tokens - 1
     taken = 0
-    if streamer is not None:
-        streamer.put(loop.out[:, 0].cpu())
-    finished = streamer is not None and bool(eos_token_ids) and bool(loop.done.all())
+
+    def hand_out(i: int) -> bool:
+        """Generated token i to the streamer (one row); whether it ends the generation."""
+        streamer.put(loop.out[:, i].cpu())
+        return bool(eos_token_ids) and bool(torch.isin(loop.out[:, i], loop.eos).all())
+
+    finished = streamer is not None and hand_out(0)
     if input_ids.is_cuda and steps > WARMUP_STEPS and not finished:
         loop.warm_up_and_capture(WARMUP_STEPS)  # WARMUP_STEPS real steps, then the capture
         taken = WARMUP_STEPS
-        for i in range(1, taken + 1) if streamer is not None else ():  # the warm-up's tokens, up to an end token
-            streamer.put(loop.out[:, i].cpu())
-            if eos_token_ids and bool(torch.isin(loop.out[:, i], loop.eos).all()):
-                finished = True
-                break
+        # the warm-up's tokens, up to an end token (any() stops at it: the steps after it made padding)
+        finished = streamer is not None and any(hand_out(i) for i in range(1, taken + 1))
     while taken < steps and not finished:
         burst = min(check_every, steps - taken)
         for _ in range(burst):
             loop.run()
         if streamer is not None:  # burst is 1
-            streamer.put(loop.out[:, taken + 1].cpu())
+            hand_out(taken + 1)
         taken += burst
         finished = bool(eos_token_ids) and bool(loop.done.all())  # the one host read per burst
     if streamer is not None:

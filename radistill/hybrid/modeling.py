@@ -619,12 +619,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         in the replayed graph)."""
         if graph_decode not in (None, True, False, "compiled"):
             raise RadistillError(f"graph_decode must be None, True, False or 'compiled', got {graph_decode!r}")
-        from radistill.hybrid.graph_decode import decode_plan, greedy_generate
+        from radistill.hybrid.graph_decode import decode_plan, loop_generate
 
         plan = None if args else decode_plan(self, inputs, kwargs, graph_decode)
         if plan is None:
             return super().generate(inputs, *args, **kwargs)
-        return greedy_generate(self, **plan)
+        return loop_generate(self, **plan)
 
     def __init__(self, config: HybridConfig):
         super().__init__(config)

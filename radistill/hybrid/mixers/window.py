@@ -82,7 +82,6 @@ def _make_plain_mask(window: int, sink: int, first: int, chunks: int, device: to
     return hidden[:, None]
 
 
-
 class WindowAttention(RecurrentMixer):
     """num_heads softmax heads over a sliding window of ``window`` tokens (module docstring).
 
