@@ -185,25 +185,33 @@ class Generator:
                 rows += len(other.rows)
             self._run(batch)
 
+    def _call(self, kwargs: dict, seed: int | None) -> torch.Tensor:
+        """``model.generate(**kwargs)`` under inference mode, seeded when the request asks; the model's refusal of
+        the input (a RadistillError) becomes the request's error. The caller holds ``lock``."""
+        self.calls += 1
+        with torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                return self.model.generate(**kwargs)
+            except RadistillError as exc:
+                raise RequestError(str(exc)) from exc
+
     def _run(self, batch: list[_Job]) -> None:
         sampling = batch[0].sampling
         new_tokens = max(job.new_tokens for job in batch)
         try:
             inputs = self._inputs([r for job in batch for r in job.rows])
-            with self.lock, torch.inference_mode():
-                self.calls += 1
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                out = self.model.generate(**self._kwargs(inputs, new_tokens, sampling)).cpu()
+            with self.lock:
+                out = self._call(self._kwargs(inputs, new_tokens, sampling), sampling.seed).cpu()
             width, at = inputs["input_ids"].shape[1], 0
             for job in batch:
                 job.choices = [self._choice(out[at + i, width: width + job.new_tokens].tolist(), job.sampling.stop,
                                             job.new_tokens) for i in range(len(job.rows))]
                 at += len(job.rows)
         except Exception as exc:  # every job of the batch gets it; the worker goes on
-            error = RequestError(str(exc)) if isinstance(exc, RadistillError) else exc
             for job in batch:
-                job.error = error
+                job.error = exc
         finally:
             for job in batch:
                 job.done.set()
@@ -223,17 +231,13 @@ class Generator:
 
         def run() -> None:
             try:
-                with torch.inference_mode():
-                    if sampling.seed is not None:
-                        torch.manual_seed(sampling.seed)
-                    result["out"] = self.model.generate(**kwargs)
+                result["out"] = self._call(kwargs, sampling.seed)
             except BaseException as exc:  # reported after the stream: the thread must end the streamer
                 result["error"] = exc
                 streamer.end()
 
         def events() -> Iterator[tuple[str | None, str | None]]:
             with self.lock:
-                self.calls += 1
                 worker = threading.Thread(target=run, name="radistill-serve-generate", daemon=True)
                 worker.start()
                 trimmer = protocol.StopTrimmer(sampling.stop)
@@ -245,11 +249,8 @@ class Generator:
                 finally:  # also when the consumer stops early: the lock is held until generate() has returned
                     cancelled.set()
                     worker.join()
-            error = result.get("error")
-            if isinstance(error, RadistillError):  # the model refused the input
-                raise RequestError(str(error)) from error
-            if error is not None:
-                raise error
+            if "error" in result:
+                raise result["error"]
             rest = trimmer.finish()
             if rest:
                 yield rest, None
