@@ -225,45 +225,48 @@ def decode_cell(model, ids, new_tokens, compile_config, cache_length) -> dict:
             "step_input_layouts": len(inputs.layouts)}
 
 
-def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int = 3, compiled: bool = False) -> dict:
-    """A decode cell through the hybrid's own greedy loop: ``generate(cache_implementation="static")`` as a user
-    calls it on CUDA, whose decode step replays as a CUDA graph (radistill/hybrid/graph_decode.py). Each call
-    captures its graph anew, as a user's call does. ``force``: the loop on CPU too (no graph there; the quick run's
-    check of this path). ``compiled``: ``graph_decode="compiled"``, the step's forward compiled before the capture
-    (its compilation falls in the untimed warm-up calls).
-
-    Tokens/s = batch x (new - short) / (time(new) - time(short)), ``short`` = new / 4 tokens: both calls prefill and
-    capture alike, so the difference is ``new - short`` replayed steps. (Against a 1-token call, which captures
-    nothing and allocates a cache of another length, the difference also held the capture and an allocation: the
-    first H200 run read 100% of the bandwidth bound at 8k batch 1.) Every length runs once untimed first (its
-    cache's allocation), then the median of ``repeat`` calls each; ``first_token_s``: a 1-token call (prefill)."""
-    from radistill.hybrid.graph_decode import decode_plan
-
-    batch = ids.shape[0]
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0,
-                  cache_implementation="static")
-    mode = "compiled" if compiled else True if force else None
-    if decode_plan(model, ids, {**kwargs, "max_new_tokens": new_tokens}, mode) is None:
-        raise RuntimeError("this call would not take the graph loop (CPU, or a setting it leaves to transformers)")
-
+def difference_rate(model, ids, new_tokens: int, kwargs: dict, repeat: int = 3, first_token: bool = True) -> dict:
+    """Decode tokens/s of ``model.generate(input_ids=ids, max_new_tokens=n, **kwargs)`` (every call must make exactly
+    n tokens: no end token): batch x (new - short) / (time(new) - time(short)), ``short`` = new / 4 tokens. Both
+    calls prefill (and capture) alike, so the difference is ``new - short`` decode steps. (Against a 1-token call,
+    which captures nothing and allocates a cache of another length, the difference also held the capture and an
+    allocation: the first H200 run read 100% of the bandwidth bound at 8k batch 1.) Every length runs once untimed
+    first (first-use kernels, cuBLAS handles, its cache's allocation), then the median of ``repeat`` calls each;
+    with ``first_token`` also a 1-token call (the prefill and first token), ``first_token_s``."""
     def timed(n: int) -> float:
         sync(str(ids.device))
         start = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=n, graph_decode=mode, **kwargs)
+        out = model.generate(input_ids=ids, max_new_tokens=n, **kwargs)
         sync(str(ids.device))
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
 
     short = max(2, new_tokens // 4)
-    lengths = (1, short, new_tokens)
-    for n in lengths:  # warm-up: first-use kernels, cuBLAS handles, each length's cache allocation
+    lengths = ((1,) if first_token else ()) + (short, new_tokens)
+    for n in lengths:
         timed(n)
-    first, at_short, total = (statistics.median(timed(n) for _ in range(repeat)) for n in lengths)
+    times = dict(zip(lengths, (statistics.median(timed(n) for _ in range(repeat)) for n in lengths)))
+    at_short, total = times[short], times[new_tokens]
     # a prefill whose run-to-run spread exceeds the decode's time leaves no difference to read: not measured
-    rate = batch * (new_tokens - short) / (total - at_short) if total > at_short else None
-    return {"tokens_per_s": rate, "generate_s": total,
-            "first_token_s": first, "short_tokens": short, "short_generate_s": at_short, "repeat": repeat,
+    rate = ids.shape[0] * (new_tokens - short) / (total - at_short) if total > at_short else None
+    return {"tokens_per_s": rate, "generate_s": total, **({"first_token_s": times[1]} if first_token else {}),
+            "short_tokens": short, "short_generate_s": at_short, "repeat": repeat}
+
+
+def graph_decode_cell(model, ids, new_tokens, force: bool = False, repeat: int = 3, compiled: bool = False) -> dict:
+    """A decode cell through the hybrid's own greedy loop: ``generate(cache_implementation="static")`` as a user
+    calls it on CUDA, whose decode step replays as a CUDA graph (radistill/hybrid/graph_decode.py). Each call
+    captures its graph anew, as a user's call does. ``force``: the loop on CPU too (no graph there; the quick run's
+    check of this path). ``compiled``: ``graph_decode="compiled"``, the step's forward compiled before the capture
+    (its compilation falls in the untimed warm-up calls). Tokens/s by :func:`difference_rate`."""
+    from radistill.hybrid.graph_decode import decode_plan
+
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
+                  cache_implementation="static")
+    mode = "compiled" if compiled else True if force else None
+    if decode_plan(model, ids, {**kwargs, "max_new_tokens": new_tokens}, mode) is None:
+        raise RuntimeError("this call would not take the graph loop (CPU, or a setting it leaves to transformers)")
+    return {**difference_rate(model, ids, new_tokens, {**kwargs, "graph_decode": mode}, repeat),
             "loop": "radistill graph loop"}
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,9 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode import sync  # noqa: E402
 from environment import device_label, versions  # noqa: E402
-from generate import make_generate_models, prompt  # noqa: E402
+from generate import difference_rate, make_generate_models, prompt  # noqa: E402
 
 from radistill.hybrid.graph_decode import decode_plan  # noqa: E402
 from radistill.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
@@ -43,22 +40,7 @@ def rate(model, ids: torch.Tensor, new_tokens: int, **extra) -> dict:
     """Decode tokens/s of sampled generate() calls (module docstring), ``extra`` added to the call."""
     kwargs = dict(attention_mask=torch.ones_like(ids), eos_token_id=None, pad_token_id=0,
                   cache_implementation="static", **SAMPLING, **extra)
-    device = str(ids.device)
-
-    def timed(n: int) -> float:
-        sync(device)
-        start = time.perf_counter()
-        out = model.generate(input_ids=ids, max_new_tokens=n, **kwargs)
-        sync(device)
-        assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - start
-
-    short = max(2, new_tokens // 4)
-    for n in (short, new_tokens):  # first-use work: compiles, allocations
-        timed(n)
-    at_short, total = (statistics.median(timed(n) for _ in range(3)) for n in (short, new_tokens))
-    tokens_per_s = ids.shape[0] * (new_tokens - short) / (total - at_short) if total > at_short else None
-    return {"tokens_per_s": tokens_per_s, "generate_s": total, "short_generate_s": at_short, "short_tokens": short}
+    return difference_rate(model, ids, new_tokens, kwargs, first_token=False)
 
 
 def table(result: dict) -> str:
